@@ -1,0 +1,48 @@
+"""Exact evaluation: ordered data, the last partial batch padded and masked.
+
+Nothing is dropped: a split of n examples yields exactly n rows of logits, in
+order, whatever the batch size; accuracies are computed on those rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from soup import mesh as mesh_lib
+
+PyTree = Any
+
+
+class Evaluator:
+  """Computes logits of a params tree on an in-memory split, in order."""
+
+  def __init__(self, apply_fn: Callable[[PyTree, jax.Array], jax.Array], mesh: Mesh,
+               batch_size: int):
+    devices = mesh.shape[mesh_lib.DATA_AXIS]
+    if batch_size % devices:
+      raise ValueError(f"eval batch size {batch_size} must be a multiple of the {devices} devices.")
+    self.mesh, self.batch_size = mesh, batch_size
+    self._logits = jax.jit(apply_fn, out_shardings=mesh_lib.replicated(mesh))
+
+  def logits(self, params: PyTree, images: np.ndarray) -> np.ndarray:
+    n = len(images)
+    params = jax.device_put(params, mesh_lib.replicated(self.mesh))
+    out = []
+    for start in range(0, n, self.batch_size):
+      batch = images[start:start + self.batch_size]
+      valid = len(batch)
+      if valid < self.batch_size:  # Pad the last batch; its padding rows are cut below.
+        pad = np.zeros((self.batch_size - valid, *batch.shape[1:]), batch.dtype)
+        batch = np.concatenate([batch, pad])
+      logits = self._logits(params, mesh_lib.global_batch(self.mesh, batch))
+      out.append(np.asarray(logits)[:valid])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+  def accuracy(self, params: PyTree, images: np.ndarray, labels: np.ndarray,
+               class_mask: Optional[np.ndarray] = None) -> float:
+    from soup.soups.ensemble import accuracy
+    return accuracy(self.logits(params, images), labels, class_mask)

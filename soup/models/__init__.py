@@ -1,0 +1,20 @@
+"""Model construction from `config.model`."""
+
+from __future__ import annotations
+
+
+def build(model_config, num_classes: int):
+  """Returns a flax module mapping preprocessed images to logits.
+
+  Every model supports `apply(..., return_features=True)` for the pooled
+  representation (the linear probe's input) and names its classifier `head`.
+  """
+  cfg = dict(model_config)
+  name = cfg.pop("name")
+  if name == "vit":
+    from soup.models.vit import ViT
+    return ViT(num_classes=num_classes, **cfg)
+  if name == "clip":
+    from soup.models import clip
+    return clip.CLIPImageClassifier.from_config(num_classes=num_classes, **cfg)
+  raise ValueError(f"Unknown model name {name!r}: use 'vit' or 'clip'.")

@@ -1,0 +1,101 @@
+"""Vision Transformer with big_vision's parameter names.
+
+Parameter tree (as in big_vision/models/vit.py, so its .npz checkpoints load):
+  embedding/{kernel,bias}, cls, pos_embedding,
+  Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0,
+  LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}}, Transformer/encoder_norm,
+  pre_logits (optional), head.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                 bias_init=nn.initializers.normal(stddev=1e-6))(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                    bias_init=nn.initializers.normal(stddev=1e-6))(x)
+
+
+class Encoder1DBlock(nn.Module):
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform())(y, y)
+    x = x + y
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    return x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
+
+
+class Encoder(nn.Module):
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.depth):
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{i}")(x)
+    return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
+
+
+class ViT(nn.Module):
+  """ViT classifier. `num_classes=0` returns the pooled representation."""
+
+  num_classes: int
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  mlp_dim: Optional[int] = None
+  num_heads: int = 12
+  pool_type: str = "tok"  # "tok" (class token) or "gap".
+  representation_size: Optional[int] = None
+  head_zeroinit: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image, *, return_features: bool = False):
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="embedding",
+                dtype=self.dtype)(image)
+    n, h, w, c = x.shape
+    x = jnp.reshape(x, [n, h * w, c])
+    if self.pool_type == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
+      x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(x.dtype), x], axis=1)
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / c**0.5),
+                     (1, x.shape[1], c), jnp.float32)
+    x = x + pos.astype(x.dtype)
+    x = Encoder(self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.dtype,
+                name="Transformer")(x)
+    x = x[:, 0] if self.pool_type == "tok" else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, name="pre_logits", dtype=self.dtype)(x))
+    if return_features or not self.num_classes:
+      return x
+    init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+    return nn.Dense(self.num_classes, name="head", kernel_init=init, dtype=self.dtype)(x)
+
+
+def features(model: ViT, params, images):
+  """The pooled representation (input of the head) for a batch of images."""
+  return model.apply({"params": params}, images, return_features=True)

@@ -1,0 +1,445 @@
+"""The Table 1 analog and the Figure 1 scatter, from results.jsonl lines.
+
+    python -m soup.report --results=a.jsonl [--results=b.jsonl ...] --out=DIR
+
+reads one or more results files (concatenated; the paper's released results are
+split across four), writes DIR/report.md and DIR/figure.png atomically and
+prints the table and the two paths. Nothing is recomputed but the table: no
+model code, no jax.
+
+Table rows follow the paper's Table 1 (RECIPES order in soup/results.py):
+the initialization, the best individual model (chosen by HELD-OUT accuracy
+among `individual` lines, unless a `best_individual` line exists), the soups,
+WiSE-FT (the best alpha by held-out accuracy) and the ensembles. Where a recipe
+has several lines, the one with the best held-out accuracy is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from soup import results as R
+
+METHOD_NAMES = {
+    "initialization": "Initialization",
+    "best_individual": "Best individual model",
+    "uniform_soup": "Uniform soup",
+    "greedy_soup": "Greedy soup",
+    "learned_soup": "Learned soup",
+    "learned_soup_by_layer": "Learned soup (by layer)",
+    "model_stock": "Model stock",
+    "wise_ft": "WiSE-FT",
+    "ensemble": "Ensemble",
+    "greedy_ensemble": "Greedy ensemble",
+}
+ENSEMBLE_RECIPES = ("ensemble", "greedy_ensemble")
+# Recipes whose ingredients are, by definition, every individual model and the
+# initialization (the paper's uniform soup and ensemble of all 72 models).
+ALL_MODEL_RECIPES = ("uniform_soup", "ensemble")
+DASH = "—"
+
+
+# ----------------------------------------------------------------------------
+# Rows and the report dict.
+# ----------------------------------------------------------------------------
+
+
+def _prepare(rows: Sequence[dict], columns: R.Columns | None) -> tuple[list[dict], R.Columns]:
+  """Copies rows, infers missing recipes, recomputes avg_shifts from the shifts."""
+  if not rows:
+    raise ValueError("No results rows.")
+  columns = columns or R.detect_columns(rows)
+  out = []
+  for row in rows:
+    row = dict(row)
+    if not row.get("recipe"):
+      row["recipe"] = R.infer_recipe(row["model_name"])
+    if all(_num(row.get(c)) is not None for c in columns.shifts):
+      row["avg_shifts"] = R.avg_shifts(row, columns)
+    else:
+      row["avg_shifts"] = None
+    out.append(row)
+  return out, columns
+
+
+def _num(value: Any) -> float | None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  return None if math.isnan(value) else float(value)
+
+
+def _best(rows: Sequence[dict], key: str) -> dict | None:
+  """The row with the highest `key` (first one on ties); rows lacking it last."""
+  if not rows:
+    return None
+  return max(rows, key=lambda r: (_num(r.get(key)) is not None, _num(r.get(key)) or 0.0))
+
+
+def _cost_str(n: int | None) -> str:
+  if n is None:
+    return DASH
+  return f"{n} model" if n == 1 else f"{n} models"
+
+
+def _ingredients_count(row: dict, recipe: str, n_models: int) -> int | None:
+  ingredients = row.get("ingredients")
+  if isinstance(ingredients, (list, tuple, dict)):
+    return len(ingredients)
+  if isinstance(ingredients, int) and not isinstance(ingredients, bool):
+    return ingredients
+  if recipe in ("initialization", "individual", "best_individual"):
+    return 1
+  if recipe in ALL_MODEL_RECIPES and n_models:
+    return n_models
+  return None  # e.g. the official greedy soup: which models it took is not recorded.
+
+
+def _inference_cost(row: dict, recipe: str, ingredients: int | None) -> int | None:
+  cost = row.get("inference_cost")
+  if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+    return int(cost)
+  if recipe in ENSEMBLE_RECIPES:
+    return ingredients
+  return 1
+
+
+def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict:
+  """Derives the Table 1 analog from results lines.
+
+  Returns a dict with
+    columns: {"held_out", "test", "shifts"} column names;
+    rows: one dict per table row, in RECIPES order: recipe, method (display
+      name), model_name, held_out, test, shifts ({column: accuracy}), avg_shifts
+      (fractions in [0, 1] or None), ingredients (int or None), inference_cost
+      (forward passes per image or None), cells (the formatted table cells),
+      line (the results line shown);
+    best_individual: model_name and how it was chosen (selected_by, source);
+    wise_ft_curve: the wise_ft lines ordered by alpha;
+    n_models: number of individual + initialization models;
+    notes: list of markdown strings.
+  """
+  rows, columns = _prepare(rows, columns)
+  by_recipe: dict[str, list[dict]] = {}
+  for row in rows:
+    by_recipe.setdefault(row["recipe"], []).append(row)
+  n_models = len({r["model_name"] for r in rows if r["recipe"] in ("individual", "initialization")})
+
+  chosen: dict[str, dict] = {}
+  notes: list[str] = []
+  multi: list[str] = []
+  best_info: dict[str, Any] | None = None
+  for recipe in [r for r in R.RECIPES if r != "individual"] + sorted(set(by_recipe) - set(R.RECIPES)):
+    if recipe == "best_individual":
+      if by_recipe.get("best_individual"):
+        row = _best(by_recipe["best_individual"], columns.held_out)
+        source = "given"
+      elif by_recipe.get("individual"):
+        row = _best(by_recipe["individual"], columns.held_out)
+        source = "selected"
+      else:
+        continue
+      best_info = {"model_name": row["model_name"], "selected_by": columns.held_out, "source": source}
+      chosen[recipe] = row
+      continue
+    candidates = by_recipe.get(recipe)
+    if not candidates:
+      continue
+    if recipe == "initialization":
+      named = [r for r in candidates if r["model_name"] == "model_0"]
+      candidates = named or candidates
+    if len(candidates) > 1 and recipe != "wise_ft":
+      multi.append(recipe)
+    chosen[recipe] = _best(candidates, columns.held_out)
+
+  table = []
+  for recipe, row in chosen.items():
+    method = METHOD_NAMES.get(recipe, recipe)
+    if recipe == "wise_ft" and _num(row.get("alpha")) is not None:
+      method = f"WiSE-FT (α={row['alpha']:g})"
+    if recipe == "best_individual":
+      method = f"{method} ({row['model_name']})"
+    ingredients = _ingredients_count(row, recipe, n_models)
+    cost = _inference_cost(row, recipe, ingredients)
+    entry = {
+        "recipe": recipe,
+        "method": method,
+        "model_name": row["model_name"],
+        "held_out": _num(row.get(columns.held_out)),
+        "test": _num(row.get(columns.test)),
+        "shifts": {c: _num(row.get(c)) for c in columns.shifts},
+        "avg_shifts": row["avg_shifts"],
+        "ingredients": ingredients,
+        "inference_cost": cost,
+        "line": row,
+    }
+    entry["cells"] = [method, _pct(entry["held_out"]), _pct(entry["test"]),
+                      *(_pct(entry["shifts"][c]) for c in columns.shifts),
+                      _pct(entry["avg_shifts"]),
+                      DASH if ingredients is None else str(ingredients), _cost_str(cost)]
+    table.append(entry)
+
+  curve = sorted((r for r in by_recipe.get("wise_ft", []) if _num(r.get("alpha")) is not None),
+                 key=lambda r: r["alpha"])
+
+  # Notes.
+  if best_info is not None:
+    if best_info["source"] == "selected":
+      notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by held-out "
+                   f"accuracy (`{columns.held_out}`) among the "
+                   f"{len(by_recipe.get('individual', []))} individual models, never by the test "
+                   f"split (`{columns.test}`).")
+    else:
+      notes.append(f"The best individual model, `{best_info['model_name']}`, is the results' own "
+                   f"`best_individual` line.")
+  greedy = chosen.get("greedy_soup")
+  if greedy is not None:
+    text = (f"The greedy soup adds models in decreasing order of held-out accuracy "
+            f"(`{greedy.get('held_out_column', columns.held_out)}`) and keeps one only if held-out "
+            f"accuracy does not drop.")
+    names = _names(greedy.get("ingredients"))
+    if names:
+      text += f" Ingredients ({len(names)}): " + ", ".join(f"`{n}`" for n in names) + "."
+    else:
+      text += " Its ingredients are not recorded in these results."
+    notes.append(text)
+  greedy_ens = chosen.get("greedy_ensemble")
+  if greedy_ens is not None:
+    names = _names(greedy_ens.get("ingredients"))
+    if names:
+      notes.append(f"Greedy ensemble members ({len(names)}): "
+                   + ", ".join(f"`{n}`" for n in names) + ".")
+  for recipe in ("learned_soup", "learned_soup_by_layer", "model_stock"):
+    row = chosen.get(recipe)
+    if row is not None and row.get("weights") is not None:
+      notes.append(f"{METHOD_NAMES[recipe]} weights: "
+                   + _weights_str(row["weights"], _names(row.get("ingredients"))) + ".")
+  if curve:
+    pts = ", ".join(f"α={r['alpha']:g}: {_pct(_num(r.get(columns.held_out)))}" for r in curve)
+    notes.append(f"WiSE-FT held-out accuracy (`{columns.held_out}`) by α: {pts}; the table shows "
+                 f"the best.")
+  if multi:
+    notes.append("Several lines for " + ", ".join(f"`{m}`" for m in multi)
+                 + ": the table shows the one with the best held-out accuracy.")
+  notes.append(f"Avg. shifts is the plain mean of {', '.join(f'`{c}`' for c in columns.shifts)}. "
+               f"Ingredients of the uniform soup and the ensemble: all {n_models} individual and "
+               f"initialization models unless recorded.")
+
+  return {
+      "columns": {"held_out": columns.held_out, "test": columns.test,
+                  "shifts": list(columns.shifts)},
+      "rows": table,
+      "best_individual": best_info,
+      "wise_ft_curve": [{"alpha": r["alpha"], "held_out": _num(r.get(columns.held_out)),
+                         "test": _num(r.get(columns.test)), "avg_shifts": r["avg_shifts"]}
+                        for r in curve],
+      "n_models": n_models,
+      "notes": notes,
+  }
+
+
+def _pct(x: float | None) -> str:
+  return DASH if x is None else f"{100 * x:.2f}"
+
+
+def _names(ingredients: Any) -> list[str]:
+  if isinstance(ingredients, dict):
+    return [str(k) for k in ingredients]
+  if isinstance(ingredients, (list, tuple)):
+    return [str(i) for i in ingredients]
+  return []
+
+
+def _flat(x: Any) -> list[float]:
+  if isinstance(x, dict):
+    return [v for value in x.values() for v in _flat(value)]
+  if isinstance(x, (list, tuple)):
+    return [v for value in x for v in _flat(value)]
+  v = _num(x)
+  return [] if v is None else [v]
+
+
+def _weights_str(weights: Any, names: list[str], limit: int = 12) -> str:
+  """Compact: name=w pairs for a flat vector; a shape and summary otherwise."""
+  if isinstance(weights, dict) and all(_num(v) is not None for v in weights.values()):
+    pairs = list(weights.items())
+  elif isinstance(weights, (list, tuple)) and all(_num(v) is not None for v in weights):
+    keys = names if len(names) == len(weights) else [f"#{i}" for i in range(len(weights))]
+    pairs = list(zip(keys, weights))
+  else:
+    values = _flat(weights)
+    if not values:
+      return "(none)"
+    groups = len(weights) if isinstance(weights, (list, tuple, dict)) else 1
+    return (f"{groups} groups (layers) × {len(values) // max(groups, 1)} weights, "
+            f"min {min(values):.3f}, mean {sum(values) / len(values):.3f}, max {max(values):.3f}")
+  shown = ", ".join(f"{k}={float(v):.3f}" for k, v in pairs[:limit])
+  if len(pairs) > limit:
+    shown += f", … ({len(pairs) - limit} more)"
+  return shown
+
+
+# ----------------------------------------------------------------------------
+# Markdown.
+# ----------------------------------------------------------------------------
+
+
+def markdown_table(report: dict) -> str:
+  cols = report["columns"]
+  header = ["Method", f"{cols['held_out']} (held-out)", f"{cols['test']} (test)", *cols["shifts"],
+            "Avg. shifts", "Ingredients", "Inference cost"]
+  lines = ["| " + " | ".join(header) + " |",
+           "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+  for row in report["rows"]:
+    lines.append("| " + " | ".join(row["cells"]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def render_markdown(report: dict) -> str:
+  cols = report["columns"]
+  text = ["# Model soups: Table 1 analog", "",
+          f"Accuracy (%) on `{cols['held_out']}` (held-out, used for every selection), "
+          f"`{cols['test']}` (test) and {len(cols['shifts'])} distribution shifts.", "",
+          markdown_table(report), "## Notes", ""]
+  text += [f"- {note}" for note in report["notes"]]
+  return "\n".join(text) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# Figure.
+# ----------------------------------------------------------------------------
+
+# recipe: (label, marker, color, size) for the single-point recipes, drawn on top
+# of the individual models; legend lists them in this order.
+_MARKERS = {
+    "greedy_soup": ("Greedy Soup", "*", "C4", 500),
+    "uniform_soup": ("Uniform Soup", "o", "C0", 220),
+    "learned_soup": ("Learned Soup", "P", "C1", 220),
+    "learned_soup_by_layer": ("Learned Soup (by layer)", "X", "C8", 220),
+    "model_stock": ("Model Stock", "^", "C6", 220),
+    "ensemble": ("Ensemble", "s", "C3", 150),
+    "greedy_ensemble": ("Greedy Ensemble", "D", "C5", 130),
+}
+# Ensembles sit under the soups where they overlap (as the official ones do).
+_ZORDER = {"ensemble": 4, "greedy_ensemble": 4}
+
+
+def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.PathLike) -> None:
+  """Figure 1 analog: test accuracy (x) against avg. shifts accuracy (y), in %."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows, columns = _prepare(rows, columns)
+  report = build_report(rows, columns)
+
+  def xy(r):
+    x, y = _num(r.get(columns.test)), r.get("avg_shifts")
+    return None if x is None or y is None else (100 * x, 100 * y)
+
+  fig, ax = plt.subplots(figsize=(9.6, 7.2))
+  handles = {}
+
+  individuals = [p for p in (xy(r) for r in rows if r["recipe"] == "individual") if p]
+  if not individuals and report["best_individual"]:
+    best = next(r["line"] for r in report["rows"] if r["recipe"] == "best_individual")
+    individuals = [p for p in [xy(best)] if p]
+  if individuals:
+    handles["individual"] = ax.scatter(*zip(*individuals), marker="d", s=150, color="C2",
+                                       label="Various hyperparameters", zorder=2)
+
+  init = next((r["line"] for r in report["rows"] if r["recipe"] == "initialization"), None)
+  if init is not None and xy(init):
+    label = "Initialization (LP)" if columns == R.IMAGENET else "Initialization"
+    handles["initialization"] = ax.scatter(*xy(init), marker="h", s=200, color="slategray",
+                                           label=label, zorder=3)
+
+  curve = [p for p in (xy(r) for r in sorted(
+      (r for r in rows if r["recipe"] == "wise_ft" and _num(r.get("alpha")) is not None),
+      key=lambda r: r["alpha"])) if p]
+  if curve:
+    (handles["wise_ft"],) = ax.plot(*zip(*curve), "-o", color="C9", markersize=5, linewidth=2,
+                                    label="WiSE-FT (varying α)", zorder=3)
+  else:
+    wise = next((r["line"] for r in report["rows"] if r["recipe"] == "wise_ft"), None)
+    if wise is not None and xy(wise):
+      handles["wise_ft"] = ax.scatter(*xy(wise), marker="v", s=200, color="C9", label="WiSE-FT",
+                                      zorder=4)
+
+  for recipe, (label, marker, color, size) in _MARKERS.items():
+    row = next((r["line"] for r in report["rows"] if r["recipe"] == recipe), None)
+    if row is not None and xy(row):
+      handles[recipe] = ax.scatter(*xy(row), marker=marker, s=size, color=color, label=label,
+                                   zorder=_ZORDER.get(recipe, 5))
+
+  if columns == R.IMAGENET:
+    ax.set_xlabel("ImageNet Accuracy (top-1%)", fontsize=16)
+    ax.set_ylabel("Avg. accuracy on 5 distribution shifts", fontsize=16)
+  else:
+    ax.set_xlabel(f"{columns.test} accuracy (%)", fontsize=16)
+    ax.set_ylabel(f"Avg. accuracy on {len(columns.shifts)} shifts (%)", fontsize=16)
+    ax.set_title("Shifts: " + ", ".join(columns.shifts), fontsize=9)
+  ax.grid(True)
+  order = [*_MARKERS, "wise_ft", "initialization", "individual"]
+  shown = [handles[k] for k in order if k in handles]
+  # The paper's legend sits lower right; with many entries let matplotlib avoid the points.
+  if len(shown) <= 5:
+    ax.legend(handles=shown, fontsize=13, loc="lower right")
+  else:
+    ax.legend(handles=shown, fontsize=10, loc="best", framealpha=0.8)
+  fig.tight_layout()
+
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      fig.savefig(f, format="png", dpi=100)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  finally:
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# CLI.
+# ----------------------------------------------------------------------------
+
+_COLUMN_PRESETS = {"imagenet": R.IMAGENET, "fashion_mnist": R.FASHION_MNIST}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m soup.report", description=__doc__.split("\n")[0])
+  parser.add_argument("--results", action="append", required=True,
+                      help="results jsonl; repeat to concatenate several files")
+  parser.add_argument("--out", required=True, help="directory for report.md and figure.png")
+  parser.add_argument("--columns", choices=sorted(_COLUMN_PRESETS),
+                      help="column preset (default: detected from the first line)")
+  args = parser.parse_args(argv)
+
+  rows: list[dict] = []
+  for path in args.results:
+    rows += R.read(path)
+  columns = _COLUMN_PRESETS[args.columns] if args.columns else R.detect_columns(rows)
+  report = build_report(rows, columns)
+  out = Path(args.out)
+  md_path, fig_path = out / "report.md", out / "figure.png"
+  R.atomic_write_text(md_path, render_markdown(report))
+  plot_figure(rows, columns, fig_path)
+  print(markdown_table(report))
+  print(f"wrote {md_path}")
+  print(f"wrote {fig_path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,103 @@
+"""results.jsonl: one line per model, soup or baseline, and its atomic writing.
+
+Accuracies are fractions in [0, 1] under the dataset's column names, as in the
+paper's released files (`model_name`, `ImageNet2p`, `ImageNet`, the shifts).
+Our lines add: `recipe`, `ingredients`, `inference_cost` (forward passes per
+image), `avg_shifts` (plain mean of the shift columns) and recipe details
+(`hparams`, `alpha`, `weights`, ...). Lines without `recipe` (the official
+files) get one inferred from `model_name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+  """Which accuracy columns are the held-out, test and shift splits."""
+
+  held_out: str
+  test: str
+  shifts: tuple[str, ...]
+
+  @property
+  def all(self) -> tuple[str, ...]:
+    return (self.held_out, self.test, *self.shifts)
+
+
+IMAGENET = Columns("ImageNet2p", "ImageNet",
+                   ("ImageNetV2", "ImageNetSketch", "ImageNetR", "ObjectNet", "ImageNetA"))
+FASHION_MNIST = Columns("FashionMNISTHeldOut", "FashionMNIST",
+                        ("FashionMNISTV2", "FashionMNISTSketch", "FashionMNISTR",
+                         "FashionMNISTObjectNet", "FashionMNISTA"))
+KNOWN_COLUMNS = (IMAGENET, FASHION_MNIST)
+
+# Recipes, in the order the paper's Table 1 lists them.
+RECIPES = (
+    "initialization", "individual", "best_individual", "uniform_soup", "greedy_soup",
+    "learned_soup", "learned_soup_by_layer", "model_stock", "wise_ft", "ensemble",
+    "greedy_ensemble",
+)
+
+
+def infer_recipe(model_name: str) -> str:
+  """Official names: model_0 is the initialization, model_<k> the fine-tunes."""
+  if model_name == "model_0":
+    return "initialization"
+  if re.fullmatch(r"model_\d+", model_name):
+    return "individual"
+  for recipe in sorted(RECIPES, key=len, reverse=True):
+    if model_name.startswith(recipe):
+      return recipe
+  raise ValueError(f"Cannot tell the recipe of {model_name!r}; add a 'recipe' field.")
+
+
+def detect_columns(rows: Sequence[dict]) -> Columns:
+  for columns in KNOWN_COLUMNS:
+    if all(c in rows[0] for c in columns.all):
+      return columns
+  raise ValueError(f"Unknown result columns {sorted(rows[0])}; expected one of "
+                   f"{[c.all for c in KNOWN_COLUMNS]}.")
+
+
+def avg_shifts(row: dict, columns: Columns) -> float:
+  return sum(row[c] for c in columns.shifts) / len(columns.shifts)
+
+
+def read(path: str | os.PathLike) -> list[dict]:
+  """Reads results; fills `recipe` and `avg_shifts` where missing."""
+  rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+  if not rows:
+    raise ValueError(f"{path} holds no results.")
+  columns = detect_columns(rows)
+  for row in rows:
+    row.setdefault("recipe", infer_recipe(row["model_name"]))
+    row.setdefault("avg_shifts", avg_shifts(row, columns))
+  return rows
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes via a temporary file and rename: a kill never leaves half a file."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def write(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+  atomic_write_text(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows))

@@ -1,0 +1,197 @@
+"""Weight averaging: in memory, streamed from checkpoints, or device-sharded.
+
+All three share one float32 update, the running weighted mean
+    mean_k = mean_{k-1} + (w_k / W_k) * (x_k - mean_{k-1}),   W_k = w_1 + ... + w_k,
+so they agree to the bit on one machine, memory stays flat in N (one
+ingredient plus the running mean), and a soup of identical models is exactly
+that model (x - mean = 0 at every step).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from soup import checkpoints
+
+PyTree = Any
+Source = Any  # A param pytree, or the path of an ingredient checkpoint.
+
+
+class IngredientMismatchError(ValueError):
+  """Two ingredients differ in tree structure, shape or dtype."""
+
+
+def load(source: Source, verify: bool = True) -> PyTree:
+  if isinstance(source, (str, os.PathLike)):
+    return checkpoints.load_ingredient(source, verify=verify)
+  return source
+
+
+def _name(source: Source, index: int) -> str:
+  return str(source) if isinstance(source, (str, os.PathLike)) else f"ingredient #{index}"
+
+
+def check_compatible(reference: PyTree, other: PyTree, reference_name: str = "reference",
+                     other_name: str = "other") -> None:
+  """Raises IngredientMismatchError naming the first differing key path."""
+  ref = checkpoints.flatten_with_names(reference)
+  oth = checkpoints.flatten_with_names(other)
+  missing, extra = sorted(ref.keys() - oth.keys()), sorted(oth.keys() - ref.keys())
+  if missing or extra:
+    raise IngredientMismatchError(
+        f"{other_name} has another tree structure than {reference_name}: "
+        f"missing {missing[:5]}, unexpected {extra[:5]}. Ingredients must be fine-tunes of "
+        "the same architecture.")
+  for key, a in ref.items():
+    b = oth[key]
+    if tuple(a.shape) != tuple(b.shape):
+      raise IngredientMismatchError(
+          f"{key}: shape {tuple(b.shape)} in {other_name} but {tuple(a.shape)} in "
+          f"{reference_name}.")
+    if np.dtype(a.dtype) != np.dtype(b.dtype):
+      raise IngredientMismatchError(f"{key}: dtype {b.dtype} in {other_name} but {a.dtype} "
+                                    f"in {reference_name}.")
+
+
+def check_finite(params: PyTree, name: str) -> None:
+  bad = [k for k, v in checkpoints.flatten_with_names(params).items()
+         if not np.all(np.isfinite(np.asarray(v, np.float32)))]
+  if bad:
+    raise FloatingPointError(f"{name} has non-finite values in {bad[:5]} (a diverged run).")
+
+
+@jax.jit
+def _to_float32(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+@jax.jit
+def _running_update(mean, x, coef):
+  return jax.tree.map(lambda m, v: m + coef * (v.astype(jnp.float32) - m), mean, x)
+
+
+_running_update_donated = jax.jit(_running_update.__wrapped__, donate_argnums=0)
+
+
+def _cast_like(mean: PyTree, reference: PyTree) -> PyTree:
+  return jax.tree.map(lambda m, r: np.asarray(m).astype(np.dtype(r.dtype)), mean, reference)
+
+
+def _weights(n: int, weights: Optional[Sequence[float]]) -> np.ndarray:
+  w = np.ones(n, np.float64) if weights is None else np.asarray(weights, np.float64)
+  if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
+    raise ValueError(f"Need {n} non-negative weights with a positive sum, got {weights}.")
+  return w
+
+
+def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]] = None,
+                   verify: bool = True, on_loaded: Optional[Callable[[int], None]] = None
+                   ) -> PyTree:
+  """Weighted mean of N ingredients holding one of them at a time (float32).
+
+  Weights are normalised. Each ingredient is checked against the first for
+  structure, shapes and dtypes before it is added.
+  """
+  if not sources:
+    raise ValueError("Cannot average zero ingredients.")
+  w = _weights(len(sources), weights)
+  reference = mean = None
+  total = 0.0
+  for i, source in enumerate(sources):
+    params = load(source, verify)
+    if reference is None:
+      reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+      mean = _to_float32(params)
+    else:
+      check_compatible(reference, params, _name(sources[0], 0), _name(source, i))
+    total += w[i]
+    if i > 0 and w[i] > 0:
+      mean = _running_update_donated(mean, params, np.float32(w[i] / total))
+    elif i == 0 and w[0] == 0:
+      mean = jax.tree.map(jnp.zeros_like, mean)  # Leading zero weight: start empty.
+    del params
+    if on_loaded:
+      on_loaded(i)
+  return _cast_like(mean, reference)
+
+
+def weighted_average(trees: Sequence[PyTree], weights: Optional[Sequence[float]] = None) -> PyTree:
+  """In-memory weighted mean; the same arithmetic as stream_average."""
+  return stream_average(list(trees), weights)
+
+
+def mean(trees: Sequence[Source]) -> PyTree:
+  """Uniform soup."""
+  return stream_average(list(trees))
+
+
+# --- Device-sharded averaging ---------------------------------------------
+
+
+def flat_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+  return NamedSharding(mesh, P(axis))
+
+
+def padded_size(size: int, num_shards: int) -> int:
+  return -(-size // num_shards) * num_shards
+
+
+def shard_flat(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+  """Each leaf flattened, zero-padded to a multiple of the axis size and split
+  over it, so each device holds ceil(size / D) values of every parameter.
+
+  Built with make_array_from_callback: in a multi-process run each process
+  only transfers the slices its own devices hold.
+  """
+  sharding = flat_sharding(mesh, axis)
+  d = mesh.shape[axis]
+
+  def put(x):
+    flat = np.asarray(x).reshape(-1)
+    flat = np.pad(flat, (0, padded_size(flat.size, d) - flat.size))
+    return jax.make_array_from_callback(flat.shape, sharding, lambda idx: flat[idx])
+
+  return jax.tree.map(put, tree)
+
+
+def unshard_flat(tree: PyTree, reference: PyTree) -> PyTree:
+  """Gathers sharded flat leaves back into the reference shapes and dtypes."""
+  from jax.experimental import multihost_utils
+  if jax.process_count() > 1:
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(
+      lambda x, r: np.asarray(x)[: int(np.prod(r.shape))].reshape(r.shape).astype(np.dtype(r.dtype)),
+      tree, reference)
+
+
+def sharded_average(sources: Sequence[Source], mesh: Mesh, weights: Optional[Sequence[float]] = None,
+                    axis: str = "data", verify: bool = True) -> PyTree:
+  """stream_average with every parameter split over the mesh axis: each device
+  reduces its own slice, holding 1/D of the running mean and of the ingredient.
+  """
+  if not sources:
+    raise ValueError("Cannot average zero ingredients.")
+  w = _weights(len(sources), weights)
+  reference = mean = None
+  total = 0.0
+  for i, source in enumerate(sources):
+    params = load(source, verify)
+    if reference is None:
+      reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+      mean = _to_float32(shard_flat(params, mesh, axis))
+      if w[0] == 0:
+        mean = jax.tree.map(jnp.zeros_like, mean)
+    else:
+      check_compatible(reference, params, _name(sources[0], 0), _name(source, i))
+    total += w[i]
+    if i > 0 and w[i] > 0:
+      mean = _running_update_donated(mean, shard_flat(params, mesh, axis), np.float32(w[i] / total))
+    del params
+  return unshard_flat(mean, reference)

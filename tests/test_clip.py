@@ -1,0 +1,371 @@
+"""CLIP in Flax against an independent NumPy port of OpenAI's PyTorch forward pass.
+
+Weights are random and tiny, written with OpenAI's state-dict names and layouts
+(torch Linear [out, in], Conv [out, in, kh, kw], fused in_proj), so the comparison
+checks the converter's transposes and the model's math together.
+"""
+
+import gzip
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+import safetensors.numpy
+
+from soup.models import clip, convert, zeroshot
+
+TINY = dict(width=32, layers=2, heads=2, patch=8, image=32, embed=16, text_width=32,
+            text_layers=2, text_heads=2, context=16, vocab=100)
+HEAD_WIDTH = 16  # TINY's 32-wide towers with 2 heads.
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _block_weights(rng, prefix, width, mlp):
+  n = lambda *s, std=0.05: (std * rng.standard_normal(s)).astype(np.float32)
+  return {
+      f"{prefix}.ln_1.weight": 1 + n(width, std=0.1), f"{prefix}.ln_1.bias": n(width),
+      f"{prefix}.attn.in_proj_weight": n(3 * width, width, std=0.2),
+      f"{prefix}.attn.in_proj_bias": n(3 * width),
+      f"{prefix}.attn.out_proj.weight": n(width, width, std=0.2),
+      f"{prefix}.attn.out_proj.bias": n(width),
+      f"{prefix}.ln_2.weight": 1 + n(width, std=0.1), f"{prefix}.ln_2.bias": n(width),
+      f"{prefix}.mlp.c_fc.weight": n(mlp, width, std=0.2), f"{prefix}.mlp.c_fc.bias": n(mlp),
+      f"{prefix}.mlp.c_proj.weight": n(width, mlp, std=0.1),
+      f"{prefix}.mlp.c_proj.bias": n(width),
+  }
+
+
+def make_state_dict(seed=0, **overrides):
+  """A random CLIP ViT state dict with OpenAI's key names and tensor layouts."""
+  c = {**TINY, **overrides}
+  rng = np.random.default_rng(seed)
+  n = lambda *s, std=0.05: (std * rng.standard_normal(s)).astype(np.float32)
+  w, tw, grid = c["width"], c["text_width"], c["image"] // c["patch"]
+  sd = {
+      "visual.conv1.weight": n(w, 3, c["patch"], c["patch"], std=0.1),
+      "visual.class_embedding": n(w, std=0.5),
+      "visual.positional_embedding": n(grid * grid + 1, w, std=0.5),
+      "visual.ln_pre.weight": 1 + n(w, std=0.1), "visual.ln_pre.bias": n(w),
+      "visual.ln_post.weight": 1 + n(w, std=0.1), "visual.ln_post.bias": n(w),
+      "visual.proj": n(w, c["embed"], std=0.2),
+      "token_embedding.weight": n(c["vocab"], tw, std=0.5),
+      "positional_embedding": n(c["context"], tw, std=0.1),
+      "ln_final.weight": 1 + n(tw, std=0.1), "ln_final.bias": n(tw),
+      "text_projection": n(tw, c["embed"], std=0.2),
+      "logit_scale": np.array(math.log(1 / 0.07), np.float32),
+  }
+  for i in range(c["layers"]):
+    sd.update(_block_weights(rng, f"visual.transformer.resblocks.{i}", w, 4 * w))
+  for i in range(c["text_layers"]):
+    sd.update(_block_weights(rng, f"transformer.resblocks.{i}", tw, 4 * tw))
+  return sd
+
+
+def make_inputs(seed=1, batch=3):
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((batch, TINY["image"], TINY["image"], 3)).astype(np.float32)
+  # Like clip.tokenize output: SOT, a few ids, EOT (the largest id), zero padding.
+  sot, eot = TINY["vocab"] - 2, TINY["vocab"] - 1
+  text = np.zeros((batch, TINY["context"]), np.int32)
+  for row, length in enumerate([5, 9, TINY["context"] - 2][:batch]):
+    text[row, 0] = sot
+    text[row, 1:1 + length] = rng.integers(1, sot, length)
+    text[row, 1 + length] = eot
+  return images, text
+
+
+# --------------------------------------------------------------------------- NumPy reference
+# A transcription of OpenAI's clip/model.py forward in float64, written independently
+# of soup.models.clip (token-major [batch, seq, width] instead of torch's [seq, batch]).
+
+
+def ref_layer_norm(x, sd, prefix):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-5) * sd[prefix + ".weight"] + sd[prefix + ".bias"]
+
+
+def ref_linear(x, sd, prefix):
+  return x @ sd[prefix + ".weight"].T + sd[prefix + ".bias"]
+
+
+def ref_attention(x, sd, prefix, heads, causal):
+  b, t, w = x.shape
+  qkv = x @ sd[prefix + ".in_proj_weight"].T + sd[prefix + ".in_proj_bias"]
+  q, k, v = (y.reshape(b, t, heads, w // heads).transpose(0, 2, 1, 3)
+             for y in np.split(qkv, 3, axis=-1))
+  scores = (q * (w // heads) ** -0.5) @ k.transpose(0, 1, 3, 2)
+  if causal:  # OpenAI's build_attention_mask: -inf strictly above the diagonal.
+    scores = scores + np.triu(np.full((t, t), -np.inf), 1)
+  scores = np.exp(scores - scores.max(-1, keepdims=True))
+  attn = scores / scores.sum(-1, keepdims=True)
+  out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, t, w)
+  return ref_linear(out, sd, prefix + ".out_proj")
+
+
+def ref_act(x, act):
+  if act == "quick_gelu":
+    return x / (1 + np.exp(-1.702 * x))
+  return 0.5 * x * (1 + scipy.special.erf(x / np.sqrt(2)))
+
+
+def ref_transformer(x, sd, prefix, heads, causal, act):
+  i = 0
+  while f"{prefix}.resblocks.{i}.ln_1.weight" in sd:
+    p = f"{prefix}.resblocks.{i}"
+    x = x + ref_attention(ref_layer_norm(x, sd, p + ".ln_1"), sd, p + ".attn", heads, causal)
+    h = ref_act(ref_linear(ref_layer_norm(x, sd, p + ".ln_2"), sd, p + ".mlp.c_fc"), act)
+    x = x + ref_linear(h, sd, p + ".mlp.c_proj")
+    i += 1
+  return x
+
+
+def ref_encode_image(sd, images, heads=TINY["heads"], act="quick_gelu"):
+  sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+  conv = sd["visual.conv1.weight"]  # [width, 3, p, p]
+  width, _, p, _ = conv.shape
+  x = np.asarray(images, np.float64).transpose(0, 3, 1, 2)  # NCHW, as torch.
+  b, _, h, w = x.shape
+  # A stride-p, kernel-p conv is a matmul on non-overlapping patches (c, kh, kw order).
+  patches = x.reshape(b, 3, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
+  patches = patches.reshape(b, (h // p) * (w // p), 3 * p * p)
+  x = patches @ conv.reshape(width, -1).T
+  cls = np.broadcast_to(sd["visual.class_embedding"], (b, 1, width))
+  x = np.concatenate([cls, x], axis=1) + sd["visual.positional_embedding"]
+  x = ref_layer_norm(x, sd, "visual.ln_pre")
+  x = ref_transformer(x, sd, "visual.transformer", heads, causal=False, act=act)
+  return ref_layer_norm(x[:, 0], sd, "visual.ln_post") @ sd["visual.proj"]
+
+
+def ref_encode_text(sd, text, heads=TINY["text_heads"], act="quick_gelu"):
+  sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+  x = sd["token_embedding.weight"][text] + sd["positional_embedding"][:text.shape[1]]
+  x = ref_transformer(x, sd, "transformer", heads, causal=True, act=act)
+  x = ref_layer_norm(x, sd, "ln_final")
+  return x[np.arange(len(text)), text.argmax(-1)] @ sd["text_projection"]
+
+
+def ref_normalize(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def assert_close(actual, expected):
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def converted():
+  sd = make_state_dict()
+  cfg, params = convert.clip_from_state_dict(sd, head_width=HEAD_WIDTH)
+  return sd, cfg, params
+
+
+def test_config_inferred_from_shapes(converted):
+  _, cfg, _ = converted
+  assert cfg == clip.get_config("tiny").replace(vision_mlp_dim=128, text_mlp_dim=128)
+
+
+def test_image_text_features_and_logits_match_reference(converted):
+  sd, cfg, params = converted
+  model = clip.CLIP(cfg)
+  images, text = make_inputs()
+  image_ref, text_ref = ref_encode_image(sd, images), ref_encode_text(sd, text)
+  assert_close(clip.encode_image(model, params, images), image_ref)
+  assert_close(clip.encode_text(model, params, text), text_ref)
+
+  logits_per_image, logits_per_text = model.apply({"params": params}, images, text)
+  logits_ref = 100.0 / 7 * ref_normalize(image_ref) @ ref_normalize(text_ref).T
+  np.testing.assert_allclose(np.exp(float(sd["logit_scale"])), 100 / 7, rtol=1e-6)
+  assert_close(logits_per_image, logits_ref)
+  assert_close(logits_per_text, logits_ref.T)
+
+
+def test_safetensors_round_trip(converted, tmp_path):
+  sd, cfg, params = converted
+  path = tmp_path / "clip.safetensors"
+  safetensors.numpy.save_file(sd, str(path))
+  cfg2, params2 = convert.clip_from_state_dict(convert.load_state_dict(path),
+                                               head_width=HEAD_WIDTH)
+  assert cfg2 == cfg
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  images, _ = make_inputs()
+  assert_close(clip.encode_image(clip.CLIP(cfg2), params2, images), ref_encode_image(sd, images))
+
+
+def test_gelu_variant_matches_reference():
+  sd = make_state_dict(seed=3)
+  cfg, params = convert.clip_from_state_dict(sd, act="gelu", head_width=HEAD_WIDTH)
+  model = clip.CLIP(cfg)
+  images, text = make_inputs()
+  assert_close(clip.encode_image(model, params, images), ref_encode_image(sd, images, act="gelu"))
+  assert_close(clip.encode_text(model, params, text), ref_encode_text(sd, text, act="gelu"))
+
+
+def test_short_text_equals_padded_text(converted):
+  # The causal mask makes the EOT feature independent of what follows it.
+  _, cfg, params = converted
+  model = clip.CLIP(cfg)
+  _, text = make_inputs(batch=2)  # Longest row ends at index 10.
+  np.testing.assert_allclose(clip.encode_text(model, params, text[:, :11]),
+                             clip.encode_text(model, params, text), rtol=1e-6, atol=1e-6)
+
+
+def test_image_classifier(converted):
+  sd, cfg, params = converted
+  rng = np.random.default_rng(5)
+  kernel = rng.standard_normal((cfg.embed_dim, 7)).astype(np.float32)
+  bias = rng.standard_normal(7).astype(np.float32)
+  model = clip.CLIPImageClassifier(cfg, num_classes=7)
+  cls_params = clip.classifier_params(params, kernel, bias)
+  # Same tree structure as a fresh init, so the trainer can use either.
+  init = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  assert (jax.tree.structure(init["params"]) == jax.tree.structure(cls_params))
+  images, _ = make_inputs()
+  features_ref = ref_normalize(ref_encode_image(sd, images))
+  assert_close(model.apply({"params": cls_params}, images, return_features=True), features_ref)
+  assert_close(model.apply({"params": cls_params}, images), features_ref @ kernel + bias)
+  with pytest.raises(ValueError, match="input features"):
+    clip.classifier_params(params, kernel[:5])
+
+
+def test_bfloat16_compute_is_close(converted):
+  _, cfg, params = converted
+  images, text = make_inputs()
+  full = clip.encode_image(clip.CLIP(cfg), params, images)
+  half = clip.encode_image(clip.CLIP(cfg, dtype=jnp.bfloat16), params, images)
+  np.testing.assert_allclose(np.asarray(half, np.float32), full, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("name,params_count", [("ViT-B/32", 151_277_313),
+                                               ("ViT-B/16", 149_620_737),
+                                               ("ViT-L/14", 427_616_513)])
+def test_named_configs_have_openai_parameter_counts(name, params_count):
+  cfg = clip.get_config(name)
+  shapes = jax.eval_shape(clip.CLIP(cfg).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == params_count
+
+
+def test_get_config_accepts_open_clip_names():
+  assert clip.get_config("ViT-B-16") == clip.get_config("ViT-B/16")
+  with pytest.raises(KeyError, match="unknown CLIP config"):
+    clip.get_config("ViT-H/14")
+
+
+def test_wrong_image_size_is_rejected(converted):
+  _, cfg, params = converted
+  with pytest.raises(ValueError, match="32x32"):
+    clip.encode_image(clip.CLIP(cfg), params, np.zeros((1, 40, 40, 3), np.float32))
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+
+def test_templates():
+  assert len(zeroshot.IMAGENET_TEMPLATES) == 80
+  assert len(set(zeroshot.IMAGENET_TEMPLATES)) == 80
+  assert all(t.count("{}") == 1 for t in zeroshot.IMAGENET_TEMPLATES)
+  assert zeroshot.IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
+  assert zeroshot.IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+
+
+def test_zeroshot_head_matches_numpy():
+  rng = np.random.default_rng(0)
+  num_templates, num_classes, length, dim = 4, 5, 6, 8
+  ids = rng.integers(0, 50, (num_templates, num_classes, length))
+  table = rng.standard_normal((50, dim))
+  encode = lambda t: table[np.asarray(t)].sum(1)  # Any deterministic text encoder.
+  kernel, bias = zeroshot.zeroshot_head(encode, ids, logit_scale=np.log(100.0))
+
+  emb = ref_normalize(table[ids].sum(2))  # [templates, classes, dim]
+  expected = 100.0 * ref_normalize(emb.mean(0))
+  assert kernel.shape == (dim, num_classes) and kernel.dtype == np.float32
+  np.testing.assert_allclose(kernel, expected.T, rtol=1e-6)
+  np.testing.assert_array_equal(bias, np.zeros(num_classes))
+
+  calls = []
+  def counting_encode(t):
+    calls.append(len(t))
+    return encode(t)
+  batched, _ = zeroshot.zeroshot_head(counting_encode, ids, logit_scale=np.log(100.0),
+                                      batch_size=2)
+  np.testing.assert_allclose(batched, kernel, rtol=1e-6)
+  assert set(calls) == {2}  # The last chunk of 1 is padded: one shape to compile.
+
+
+def test_zeroshot_head_with_clip_text_tower(converted):
+  sd, cfg, params = converted
+  model = clip.CLIP(cfg)
+  _, text = make_inputs()
+  ids = np.stack([text, np.roll(text, 1, axis=0)])  # 2 "templates" x 3 "classes".
+  kernel, _ = zeroshot.zeroshot_head(jax.jit(lambda t: clip.encode_text(model, params, t)),
+                                     ids, logit_scale=float(params["logit_scale"]))
+  per_template = np.stack([ref_normalize(ref_encode_text(sd, t)) for t in ids])
+  expected = 100 / 7 * ref_normalize(per_template.mean(0))
+  assert_close(kernel, expected.T)
+
+
+def test_zeroshot_head_rejects_bad_shapes():
+  with pytest.raises(ValueError, match="num_templates"):
+    zeroshot.zeroshot_head(lambda t: t, np.zeros((3, 4)), logit_scale=0.0)
+  with pytest.raises(ValueError, match="encode_text_fn returned"):
+    zeroshot.zeroshot_head(lambda t: np.zeros((1, 2)), np.zeros((1, 3, 4), int),
+                           logit_scale=0.0)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture()
+def bpe_file(tmp_path):
+  # Header line, then merges in rank order (OpenAI's file format, gzipped).
+  merges = ["c a", "ca t</w>", "o f</w>", "p h", "ph o", "t o</w>", "pho to</w>"]
+  path = tmp_path / "bpe.txt.gz"
+  path.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(merges) + "\n").encode()))
+  return path
+
+
+def test_tokenizer_encodes_with_merges(bpe_file):
+  tok = zeroshot.SimpleTokenizer(bpe_file)
+  assert tok.vocab_size == 512 + 7 + 2
+  sot, eot = tok.sot_token, tok.eot_token
+  assert (sot, eot) == (519, 520)
+  byte = lambda ch: tok.encoder[ch]
+  word_end = lambda ch: tok.encoder[ch + "</w>"]
+  # "a" is a whole word: its only unit carries the end-of-word mark.
+  expected = [word_end("a"), tok.encoder["photo</w>"], tok.encoder["of</w>"], word_end("a"),
+              tok.encoder["cat</w>"], word_end(".")]
+  assert tok.encode("  A   photo of a CAT. ") == expected
+  assert tok.encode("cats") == [tok.encoder["ca"], byte("t"), word_end("s")]
+  assert tok.decode(expected) == "a photo of a cat ."
+
+  ids = zeroshot.tokenize(["a photo of a cat.", "cat"], bpe_path=bpe_file, context_length=8)
+  assert ids.dtype == np.int32 and ids.shape == (2, 8)
+  np.testing.assert_array_equal(ids[0], [sot, *expected, eot])
+  np.testing.assert_array_equal(ids[1], [sot, tok.encoder["cat</w>"], eot, 0, 0, 0, 0, 0])
+
+
+def test_tokenizer_length_and_missing_file(bpe_file, tmp_path):
+  with pytest.raises(ValueError, match="more than context_length"):
+    zeroshot.tokenize("a photo of a cat.", bpe_path=bpe_file, context_length=4)
+  ids = zeroshot.tokenize("a photo of a cat.", bpe_path=bpe_file, context_length=4,
+                          truncate=True)
+  assert ids[0, -1] == zeroshot._tokenizer(str(bpe_file)).eot_token
+  with pytest.raises(FileNotFoundError, match="bpe_simple_vocab_16e6"):
+    zeroshot.tokenize("cat", bpe_path=tmp_path / "missing.txt.gz")
+
+
+def test_tokenize_prompts_layout(bpe_file):
+  ids = zeroshot.tokenize_prompts(["cat", "of"], ["a {}.", "photo {}"], bpe_path=bpe_file,
+                                  context_length=6)
+  assert ids.shape == (2, 2, 6)
+  np.testing.assert_array_equal(
+      ids[1, 0], zeroshot.tokenize("photo cat", bpe_path=bpe_file, context_length=6)[0])

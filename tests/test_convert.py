@@ -1,0 +1,241 @@
+"""Checkpoint loading: file formats, big_vision ViT .npz, and error messages."""
+
+import importlib.util
+import os
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from soup.models import convert
+from soup.models.vit import ViT
+
+# Shared with test_clip.py; the path makes this independent of pytest's import mode.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_clip import HEAD_WIDTH, make_state_dict  # noqa: E402
+
+VIT_KW = dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
+
+
+def vit_params(seed=0, image=32, **kw):
+  model = ViT(**{**VIT_KW, "num_classes": 10, **kw})
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image, image, 3)))["params"]
+  # Randomize everything (zero-init cls/head would hide mix-ups between them).
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  leaves = [np.asarray(jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)]
+  return model, jax.tree.unflatten(treedef, leaves)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+# --------------------------------------------------------------------------- CLIP errors
+
+
+def test_missing_key_is_named():
+  sd = make_state_dict()
+  del sd["visual.transformer.resblocks.1.mlp.c_proj.bias"]
+  with pytest.raises(KeyError, match=r"visual\.transformer\.resblocks\.1\.mlp\.c_proj\.bias"):
+    convert.clip_from_state_dict(sd, head_width=HEAD_WIDTH)
+
+
+def test_bad_shape_is_named():
+  sd = make_state_dict()
+  sd["transformer.resblocks.0.attn.in_proj_weight"] = np.zeros((96, 31), np.float32)
+  with pytest.raises(ValueError, match=r"transformer\.resblocks\.0\.attn\.in_proj_weight.*"
+                                       r"\(96, 31\).*\(96, 32\)"):
+    convert.clip_from_state_dict(sd, head_width=HEAD_WIDTH)
+
+
+def test_unexpected_keys_are_rejected_but_metadata_ignored():
+  sd = make_state_dict()
+  sd.update(input_resolution=np.array(32), context_length=np.array(16),
+            vocab_size=np.array(100))
+  convert.clip_from_state_dict(sd, head_width=HEAD_WIDTH)  # OpenAI JIT metadata: fine.
+  sd["visual.transformer.resblocks.0.ls_1.gamma"] = np.ones(32, np.float32)
+  with pytest.raises(ValueError, match=r"unexpected key.*ls_1\.gamma"):
+    convert.clip_from_state_dict(sd, head_width=HEAD_WIDTH)
+
+
+def test_gap_in_block_numbers_is_named():
+  sd = {k: v for k, v in make_state_dict(layers=3).items()
+        if not k.startswith("visual.transformer.resblocks.1.")}
+  with pytest.raises(KeyError, match=r"block\(s\) \[1\] missing under 'visual"):
+    convert.clip_from_state_dict(sd, head_width=HEAD_WIDTH)
+
+
+def test_head_width_must_divide_width():
+  with pytest.raises(ValueError, match="head_width=64"):
+    convert.clip_from_state_dict(make_state_dict())  # Tiny towers are only 32 wide.
+
+
+def test_resnet_clip_is_rejected():
+  sd = make_state_dict()
+  sd["visual.layer1.0.conv1.weight"] = np.zeros((1,), np.float32)
+  with pytest.raises(ValueError, match="ResNet"):
+    convert.clip_from_state_dict(sd, head_width=HEAD_WIDTH)
+
+
+def test_config_reads_openai_shapes():
+  # Shapes only (zeros), at ViT-B/32 scale but with 2 layers to stay fast.
+  sd = make_state_dict(width=768, patch=32, image=224, embed=512, text_width=512,
+                       context=77, vocab=49408, layers=1, text_layers=1)
+  cfg = convert.clip_config_from_state_dict(sd)
+  assert (cfg.vision_width, cfg.vision_heads, cfg.patch_size, cfg.image_size) == (768, 12, 32, 224)
+  assert (cfg.text_width, cfg.text_heads, cfg.context_length, cfg.vocab_size) == (512, 8, 77, 49408)
+  assert (cfg.embed_dim, cfg.vision_mlp_dim, cfg.text_mlp_dim) == (512, 3072, 2048)
+
+
+# --------------------------------------------------------------------------- file formats
+
+
+def test_load_npz_and_unknown_suffix(tmp_path):
+  sd = make_state_dict()
+  np.savez(tmp_path / "clip.npz", **sd)
+  loaded = convert.load_state_dict(tmp_path / "clip.npz")
+  assert loaded.keys() == sd.keys()
+  np.testing.assert_array_equal(loaded["visual.proj"], sd["visual.proj"])
+  (tmp_path / "clip.ckpt").write_bytes(b"")
+  with pytest.raises(ValueError, match="unsupported checkpoint format '.ckpt'"):
+    convert.load_state_dict(tmp_path / "clip.ckpt")
+  with pytest.raises(FileNotFoundError):
+    convert.load_state_dict(tmp_path / "absent.safetensors")
+
+
+def test_torchscript_archive_gets_a_clear_error(tmp_path):
+  path = tmp_path / "ViT-B-32.pt"
+  with zipfile.ZipFile(path, "w") as zf:  # The layout torch.jit.save writes.
+    zf.writestr("ViT-B-32/data.pkl", b"")
+    zf.writestr("ViT-B-32/constants.pkl", b"")
+    zf.writestr("ViT-B-32/code/__torch__/model.py", b"")
+  with pytest.raises(ValueError, match="TorchScript.*safetensors"):
+    convert.load_state_dict(path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch installed")
+def test_torch_file_without_torch(tmp_path):
+  path = tmp_path / "model.bin"
+  path.write_bytes(b"not a zip")
+  with pytest.raises(ImportError, match="needs PyTorch"):
+    convert.load_state_dict(path)
+
+
+# --------------------------------------------------------------------------- big_vision ViT
+
+
+def test_vit_npz_round_trip(tmp_path):
+  model, params = vit_params(representation_size=24)
+  np.savez(tmp_path / "vit.npz", **convert.flatten_params(params))
+  loaded = convert.vit_from_big_vision_npz(tmp_path / "vit.npz")
+  assert_trees_equal(loaded, params)
+  images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(model.apply({"params": loaded}, images),
+                                model.apply({"params": params}, images))
+
+
+def test_vit_npz_prefixes_and_reference_check():
+  model, params = vit_params()
+  flat = {f"params/{k}": v for k, v in convert.flatten_params(params).items()}
+  reference = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  loaded = convert.vit_from_big_vision_npz(flat, reference_params=reference["params"])
+  assert_trees_equal(loaded, params)
+
+
+def test_vit_drop_head():
+  model, params = vit_params(representation_size=24)
+  loaded = convert.vit_from_big_vision_npz(convert.flatten_params(params), drop_head=True)
+  assert "head" not in loaded and "pre_logits" not in loaded
+  kept = convert.vit_from_big_vision_npz(convert.flatten_params(params), drop_head=True,
+                                         drop_pre_logits=False)
+  assert "head" not in kept and "pre_logits" in kept
+  # The headless tree fits a model with another label set once a head is added.
+  new_model = ViT(**VIT_KW, num_classes=3, representation_size=24)
+  new_head = new_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]["head"]
+  logits = new_model.apply({"params": {**kept, "head": new_head}}, np.zeros((1, 32, 32, 3)))
+  assert logits.shape == (1, 3)
+
+
+def test_vit_pos_embedding_resize():
+  _, params = vit_params()
+  flat = convert.flatten_params(params)
+  same = convert.vit_from_big_vision_npz(flat, image_size=32)
+  np.testing.assert_array_equal(same["pos_embedding"], params["pos_embedding"])
+
+  bigger = convert.vit_from_big_vision_npz(flat, image_size=48)  # 4x4 -> 6x6 patches.
+  assert bigger["pos_embedding"].shape == (1, 6 * 6 + 1, 32)
+  np.testing.assert_array_equal(bigger["pos_embedding"][:, 0], params["pos_embedding"][:, 0])
+  model = ViT(**VIT_KW, num_classes=10)
+  assert model.apply({"params": bigger}, np.zeros((2, 48, 48, 3))).shape == (2, 10)
+
+
+def test_resize_is_bilinear():
+  # Bilinear resampling that maps corners to corners keeps a linear ramp linear.
+  old, new = 4, 7
+  i, j = np.meshgrid(np.arange(old), np.arange(old), indexing="ij")
+  ramp = np.stack([i, j, 2 * i - j + 1], -1).reshape(1, old * old, 3).astype(np.float64)
+  cls = np.full((1, 1, 3), 9.0)
+  out = convert.resize_pos_embedding(np.concatenate([cls, ramp], 1), new, num_prefix_tokens=1)
+  ni, nj = np.meshgrid(np.arange(new), np.arange(new), indexing="ij")
+  si, sj = ni * (old - 1) / (new - 1), nj * (old - 1) / (new - 1)
+  expected = np.stack([si, sj, 2 * si - sj + 1], -1).reshape(1, new * new, 3)
+  np.testing.assert_allclose(out[:, 1:], expected, atol=1e-12)
+  np.testing.assert_array_equal(out[:, :1], cls)
+  assert convert.resize_pos_embedding(ramp, (2, 3)).shape == (1, 6, 3)
+
+
+def test_big_vision_layout_without_cls_row():
+  # big_vision adds position embeddings before prepending [cls]: a zero row for [cls]
+  # makes this repo's ViT compute the same thing.
+  _, params = vit_params()
+  flat = convert.flatten_params(params)
+  flat["pos_embedding"] = flat["pos_embedding"][:, 1:]
+  loaded = convert.vit_from_big_vision_npz(flat)
+  np.testing.assert_array_equal(loaded["pos_embedding"][:, 0], 0)
+  np.testing.assert_array_equal(loaded["pos_embedding"][:, 1:], flat["pos_embedding"])
+  # And the other way: fold the [cls] row into cls, as big_vision does.
+  folded = convert.vit_from_big_vision_npz(convert.flatten_params(params),
+                                           cls_in_pos_embedding=False)
+  assert folded["pos_embedding"].shape == (1, 16, 32)
+  np.testing.assert_allclose(folded["cls"], params["cls"] + params["pos_embedding"][:, :1])
+
+
+def test_original_vision_transformer_names():
+  # google-research/vision_transformer .npz files: pre-linen module numbers and
+  # Transformer/posembed_input/pos_embedding.
+  _, params = vit_params()
+  renames = {"/LayerNorm_1/": "/LayerNorm_2/",
+             "/MultiHeadDotProductAttention_0/": "/MultiHeadDotProductAttention_1/",
+             "/MlpBlock_0/": "/MlpBlock_3/"}
+  old = {}
+  for key, value in convert.flatten_params(params).items():
+    for new_name, old_name in renames.items():
+      key = key.replace(new_name, old_name)
+    old["Transformer/posembed_input/pos_embedding" if key == "pos_embedding" else key] = value
+  assert_trees_equal(convert.vit_from_big_vision_npz(old), params)
+
+
+def test_vit_errors_name_the_key():
+  model, params = vit_params()
+  flat = convert.flatten_params(params)
+  reference = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                             jnp.zeros((1, 32, 32, 3)))["params"]
+  missing = {k: v for k, v in flat.items() if k != "Transformer/encoder_norm/scale"}
+  with pytest.raises(KeyError, match="Transformer/encoder_norm/scale"):
+    convert.vit_from_big_vision_npz(missing, reference_params=reference)
+  bad = {**flat, "head/kernel": np.zeros((32, 11), np.float32)}
+  with pytest.raises(ValueError, match=r"'head/kernel' has shape \(32, 11\), expected \(32, 10\)"):
+    convert.vit_from_big_vision_npz(bad, reference_params=reference)
+  extra = {**flat, "Transformer/encoderblock_9/LayerNorm_0/scale": np.zeros(32)}
+  with pytest.raises(ValueError, match="unexpected key.*encoderblock_9"):
+    convert.vit_from_big_vision_npz(extra, reference_params=reference)
+  no_embedding = {k: v for k, v in flat.items() if not k.startswith("embedding/")}
+  with pytest.raises(KeyError, match="'embedding'"):
+    convert.vit_from_big_vision_npz(no_embedding)
+  with pytest.raises(ValueError, match="not a multiple of the patch size"):
+    convert.vit_from_big_vision_npz(flat, image_size=36)
