@@ -46,10 +46,12 @@ def get_config(arg: str = ""):
   )
   c.model = dict(name="vit", patch_size=7, width=64, depth=4, num_heads=4, mlp_dim=256)
 
-  # Upstream pretraining (coarse labels) and the linear probe.
+  # The shared initialization: pretrained here, upstream (coarse labels), then a linear probe.
+  c.init = dict(source="upstream", path="")
   c.upstream = dict(epochs=3, batch_size=128, lr=1e-3, weight_decay=1e-4, warmup_steps=100,
                     aug_strength=0.5)
-  c.probe = dict(epochs=30, batch_size=256, lr=1e-2, weight_decay=0.0)
+  c.probe = dict(kind="linear_probe", examples=0, epochs=30, batch_size=256, lr=1e-2,
+                 weight_decay=0.0)  # examples=0: the whole fine-tuning split.
 
   # Fine-tuning: shared settings; the sweep varies the rest.
   c.finetune = dict(batch_size=128, warmup_steps=50, grad_clip=1.0, checkpoint_every_steps=100,

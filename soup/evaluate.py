@@ -6,7 +6,7 @@ order, whatever the batch size; accuracies are computed on those rows.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import numpy as np
@@ -29,12 +29,18 @@ class Evaluator:
     self._logits = jax.jit(apply_fn, out_shardings=mesh_lib.replicated(mesh))
 
   def logits(self, params: PyTree, images: np.ndarray) -> np.ndarray:
-    n = len(images)
+    """Logits of in-memory images, in order."""
+    return self.logits_of_batches(
+        params, (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size)))
+
+  def logits_of_batches(self, params: PyTree, batches: Iterable[np.ndarray]) -> np.ndarray:
+    """Logits of a stream of ordered batches of at most batch_size images."""
     params = jax.device_put(params, mesh_lib.replicated(self.mesh))
     out = []
-    for start in range(0, n, self.batch_size):
-      batch = images[start:start + self.batch_size]
+    for batch in batches:
       valid = len(batch)
+      if valid > self.batch_size:
+        raise ValueError(f"batch of {valid} > eval batch size {self.batch_size}.")
       if valid < self.batch_size:  # Pad the last batch; its padding rows are cut below.
         pad = np.zeros((self.batch_size - valid, *batch.shape[1:]), batch.dtype)
         batch = np.concatenate([batch, pad])

@@ -28,7 +28,6 @@ import optax
 from soup import checkpoints, evaluate, mesh as mesh_lib, results, train
 from soup import soups as soup_lib
 from soup.data import pipeline
-from soup.soups.ensemble import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -82,37 +81,44 @@ class Experiment:
     self.workdir.mkdir(parents=True, exist_ok=True)
     check_workdir(config, self.workdir)
     self.mesh = mesh_lib.make_mesh()
-    self.columns = results.FASHION_MNIST
-    self._data = None
+    self._task = None
     self._evaluator = None
 
   # --- Data and model ---------------------------------------------------
 
   @property
-  def data(self) -> dict:
-    if self._data is None:
-      from soup.data import fashion_mnist
+  def task(self):
+    """The dataset behind the experiment (see soup/data/task.py), built on first use."""
+    if self._task is None:
       t = time.time()
-      self._data = fashion_mnist.experiment_splits(self.config.data)
-      log.info("data ready in %.1fs: %s", time.time() - t,
-                   {k: len(v) for k, v in self._data.items() if k != "shifts"})
-    return self._data
+      self._task = make_task(self.config.data)
+      log.info("data ready in %.1fs", time.time() - t)
+    return self._task
 
-  def eval_splits(self) -> dict[str, pipeline.Split]:
-    """Column name -> split, in the results' column order."""
-    d, c = self.data, self.columns
-    splits = {c.held_out: d["held_out"], c.test: d["test"]}
-    for column in c.shifts:
-      splits[column] = d["shifts"][column.removeprefix("FashionMNIST")]
-    return splits
+  @property
+  def columns(self) -> results.Columns:
+    return task_columns(self.config.data)
+
+  @property
+  def num_classes(self) -> int:
+    return self.task.num_classes
+
+  def eval_splits(self):
+    """Column name -> EvalSplit, in the results' column order."""
+    return self.task.eval_splits()
 
   def model(self, num_classes: int):
     from soup import models
     return models.build(self.config.model, num_classes)
 
-  def apply_fn(self, num_classes: int = 10) -> Callable:
-    model = self.model(num_classes)
-    return lambda params, images: model.apply({"params": params}, pipeline.normalize(images))
+  def apply_fn(self, num_classes: Optional[int] = None) -> Callable:
+    model = self.model(num_classes or self.num_classes)
+    preprocess = self.task.preprocess
+    return lambda params, images: model.apply({"params": params}, preprocess(images))
+
+  def held_out_accuracy(self, params: PyTree) -> float:
+    split = self.eval_splits()[self.columns.held_out]
+    return split.accuracy(self.evaluator.logits_of_batches(params, split.iterate(self.config.eval.batch_size)))
 
   @property
   def evaluator(self) -> evaluate.Evaluator:
@@ -126,13 +132,20 @@ class Experiment:
   # --- Stage 1: upstream pretraining ------------------------------------
 
   def pretrain(self) -> PyTree:
+    """The shared pretrained backbone: trained upstream here, or imported weights."""
     out = self.workdir / "upstream"
     if checkpoints.is_ingredient(out / "ingredient"):
       return checkpoints.load_ingredient(out / "ingredient")
-    cfg, split = self.config.upstream, self.data["upstream"]
+    if self.config.init.source == "pretrained":
+      from soup.models import pretrained
+      params = pretrained.load_pretrained(self.config)
+      checkpoints.save_ingredient(out / "ingredient", params, {"source": self.config.init.path})
+      return params
+    cfg, split = self.config.upstream, self.task.upstream
     num_classes = int(split.labels.max()) + 1
     model = self.model(num_classes)
-    params = model.init(jax.random.key(self.config.seed), split.images[:2].astype(np.float32))["params"]
+    params = model.init(jax.random.key(self.config.seed),
+                        self.task.preprocess(jnp.asarray(split.images[:2])))["params"]
     steps = cfg.epochs * pipeline.steps_per_epoch(len(split), cfg.batch_size)
     hyper = train.Hyper(lr=cfg.lr, weight_decay=cfg.weight_decay, aug_strength=cfg.aug_strength,
                         total_steps=steps, warmup_steps=cfg.warmup_steps)
@@ -140,6 +153,7 @@ class Experiment:
         apply_fn=lambda p, x: model.apply({"params": p}, x), params=params, hyper=hyper,
         num_classes=num_classes, mesh=self.mesh, workdir=out, seed=self.config.seed,
         batch_fn=lambda s: pipeline.train_batch(split, cfg.batch_size, self.config.seed, s),
+        augment_fn=self.task.augment, preprocess_fn=self.task.preprocess,
         checkpoint_every=self.config.finetune.checkpoint_every_steps, description="upstream")
     if outcome.diverged:
       raise train.TrainingDiverged("Upstream pretraining diverged; lower config.upstream.lr.")
@@ -153,17 +167,24 @@ class Experiment:
     if checkpoints.is_ingredient(path):
       return checkpoints.load_ingredient(path)
     upstream = self.pretrain()
-    cfg, split = self.config.probe, self.data["finetune"]
-    model = self.model(10)
+    cfg = self.config.probe
     backbone = {k: v for k, v in upstream.items() if k != "head"}
-    feature_fn = jax.jit(lambda p, x: model.apply({"params": p}, pipeline.normalize(x),
-                                                  return_features=True))
-    feats = np.concatenate([np.asarray(feature_fn(backbone, split.images[i:i + 1000]))
-                            for i in range(0, len(split), 1000)])
-    head = fit_linear_probe(feats, split.labels, 10, cfg.epochs, cfg.batch_size, cfg.lr,
-                            cfg.weight_decay, self.config.seed)
+    if cfg.kind == "zeroshot":
+      from soup.models import pretrained
+      head = pretrained.zeroshot_head(self.config)
+    elif cfg.kind == "linear_probe":
+      model, preprocess = self.model(self.num_classes), self.task.preprocess
+      feature_fn = jax.jit(lambda p, x: model.apply({"params": p}, preprocess(x), return_features=True))
+      images, labels = self.task.finetune_examples(cfg.examples or self.task.finetune_size())
+      bs = self.config.eval.batch_size
+      feats = np.concatenate([np.asarray(feature_fn(backbone, images[i:i + bs]))
+                              for i in range(0, len(images), bs)])
+      head = fit_linear_probe(feats, labels, self.num_classes, cfg.epochs, cfg.batch_size, cfg.lr,
+                              cfg.weight_decay, self.config.seed)
+    else:
+      raise ValueError(f"config.probe.kind must be 'linear_probe' or 'zeroshot', got {cfg.kind!r}.")
     params = {**backbone, "head": head}
-    checkpoints.save_ingredient(path, params, {"recipe": "initialization", "info": "LP initialization"})
+    checkpoints.save_ingredient(path, params, {"recipe": "initialization", "info": f"{cfg.kind} initialization"})
     return params
 
   # --- Stage 3: the fine-tuning sweep -----------------------------------
@@ -194,13 +215,13 @@ class Experiment:
     if not todo:
       return
     init = self.probe()
-    split, cfg = self.data["finetune"], self.config.finetune
-    model = self.model(10)
+    cfg, task = self.config.finetune, self.task
+    model = self.model(self.num_classes)
     apply_fn = lambda p, x: model.apply({"params": p}, x)
-    init_state, step_fn = train.make_train_step(apply_fn, 10, pipeline.augment, pipeline.normalize,
-                                                cfg.grad_clip)
+    init_state, step_fn = train.make_train_step(apply_fn, self.num_classes, task.augment,
+                                                task.preprocess, cfg.grad_clip)
     step_jit = jax.jit(step_fn, donate_argnums=0)  # One compile for every member.
-    per_epoch = pipeline.steps_per_epoch(len(split), cfg.batch_size)
+    per_epoch = pipeline.steps_per_epoch(task.finetune_size(), cfg.batch_size)
     for n, i in enumerate(todo):
       hp, name = members[i], f"model_{i + 1}"
       hyper = train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"],
@@ -209,9 +230,9 @@ class Experiment:
                           warmup_steps=min(cfg.warmup_steps, hp["epochs"] * per_epoch // 2))
       log.info("sweep %d/%d: %s %s", n + 1, len(todo), name, hp)
       outcome = train.train(
-          apply_fn=apply_fn, params=init, hyper=hyper, num_classes=10, mesh=self.mesh,
+          apply_fn=apply_fn, params=init, hyper=hyper, num_classes=self.num_classes, mesh=self.mesh,
           workdir=self.workdir / "models" / name, seed=hp["seed"], compiled_step=step_jit,
-          batch_fn=lambda s, seed=hp["seed"]: pipeline.train_batch(split, cfg.batch_size, seed, s),
+          batch_fn=lambda s, hp=hp: task.finetune_batch(cfg.batch_size, hp["seed"], s, hp),
           checkpoint_every=cfg.checkpoint_every_steps, log_every=cfg.log_every_steps,
           grad_clip=cfg.grad_clip, description=f"{name} ({n + 1}/{len(todo)})")
       checkpoints.save_ingredient(self.ingredient_dir(name), outcome.params,
@@ -256,12 +277,13 @@ class Experiment:
     return params
 
   def evaluate_params(self, params: PyTree) -> dict[str, np.ndarray]:
-    return {col: self.evaluator.logits(params, split.images)
+    bs = self.config.eval.batch_size
+    return {col: self.evaluator.logits_of_batches(params, split.iterate(bs))
             for col, split in self.eval_splits().items()}
 
   def accuracies(self, logits: dict[str, np.ndarray]) -> dict[str, float]:
     splits = self.eval_splits()
-    acc = {col: accuracy(logits[col], splits[col].labels) for col in splits}
+    acc = {col: splits[col].accuracy(logits[col]) for col in splits}
     acc["avg_shifts"] = float(np.mean([acc[c] for c in self.columns.shifts]))
     return acc
 
@@ -301,8 +323,8 @@ class Experiment:
     names, excluded = self.usable_ingredients()
     if not cfg.include_initialization:
       names = [n for n in names if n != "model_0"]
-    held = self.columns.held_out
-    scores = {n: accuracy(self.model_logits(n)[held], self.eval_splits()[held].labels) for n in names}
+    held = self.eval_splits()[self.columns.held_out]
+    scores = {n: held.accuracy(self.model_logits(n)[self.columns.held_out]) for n in names}
     rows = []
     for recipe in cfg.recipes:
       path = self.workdir / "soups" / f"{recipe}.json"
@@ -339,10 +361,8 @@ class Experiment:
     return [self._soup_row("uniform_soup", "uniform_soup", params, names)]
 
   def _recipe_greedy_soup(self, names, scores):
-    held = self.eval_splits()[self.columns.held_out]
     result = soup_lib.greedy_soup(
-        {n: self.ingredient_dir(n) for n in names}, scores,
-        lambda p: self.evaluator.accuracy(p, held.images, held.labels),
+        {n: self.ingredient_dir(n) for n in names}, scores, self.held_out_accuracy,
         comparison=self.config.soups.greedy_comparison,
         verify=self.config.soups.verify_checksums)
     checkpoints.save_ingredient(self.workdir / "soups" / "greedy_soup", result.result,
@@ -353,8 +373,13 @@ class Experiment:
   def _learned(self, names, by_layer):
     cfg = self.config.soups.learned
     held = self.eval_splits()[self.columns.held_out]
+    images = held.images if held.images is not None else np.concatenate(list(held.iterate(1024)))
     ingredients = [self.load_model(n) for n in names]
-    result = soup_lib.learned_soup(ingredients, self.apply_fn(), held.images, held.labels,
+    apply_fn = self.apply_fn()
+    if held.logits_map is not None:  # Train on the scored label space.
+      raw_apply, mapping = apply_fn, held.logits_map
+      apply_fn = lambda p, x: mapping(raw_apply(p, x))
+    result = soup_lib.learned_soup(ingredients, apply_fn, images, held.labels,
                                 by_layer=by_layer, epochs=cfg.epochs, learning_rate=cfg.lr,
                                 batch_size=cfg.batch_size, seed=self.config.seed, mesh=self.mesh)
     weights = (dict(zip(names, result.weights)) if not by_layer else
@@ -375,10 +400,10 @@ class Experiment:
     return [self.row("ensemble", "ensemble", logits, names, len(names))]
 
   def _recipe_greedy_ensemble(self, names, scores):
-    held = self.columns.held_out
-    result = soup_lib.greedy_ensemble({n: self.model_logits(n)[held] for n in names},
-                                   self.eval_splits()[held].labels, scores,
-                                   self.config.soups.greedy_comparison)
+    held = self.eval_splits()[self.columns.held_out]
+    result = soup_lib.greedy_ensemble(
+        {n: held.scored_logits(self.model_logits(n)[self.columns.held_out]) for n in names},
+        held.labels, scores, self.config.soups.greedy_comparison)
     logits = {col: soup_lib.logit_ensemble([self.model_logits(n)[col] for n in result.ingredients])
               for col in self.eval_splits()}
     return [self.row("greedy_ensemble", "greedy_ensemble", logits, result.ingredients,
@@ -438,7 +463,22 @@ class Experiment:
     return built
 
 
-# --- Linear probe ---------------------------------------------------------
+# --- Tasks and the linear probe ------------------------------------------
+
+
+def make_task(data_config):
+  if data_config.name == "fashion_mnist":
+    from soup.data.fashion_mnist import FashionMNISTTask
+    return FashionMNISTTask(data_config)
+  if data_config.name == "imagenet":
+    from soup.data.imagenet import ImageNetTask
+    return ImageNetTask(data_config)
+  raise ValueError(f"Unknown config.data.name {data_config.name!r}: use fashion_mnist or imagenet.")
+
+
+def task_columns(data_config) -> results.Columns:
+  return {"fashion_mnist": results.FASHION_MNIST, "imagenet": results.IMAGENET}[data_config.name]
+
 
 
 def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int,

@@ -16,6 +16,7 @@ import scipy.special
 import safetensors.numpy
 
 from soup.models import clip, convert, zeroshot
+from soup.models.imagenet_classnames import IMAGENET_CLASSNAMES
 
 TINY = dict(width=32, layers=2, heads=2, patch=8, image=32, embed=16, text_width=32,
             text_layers=2, text_heads=2, context=16, vocab=100)
@@ -227,7 +228,7 @@ def test_image_classifier(converted):
   cls_params = clip.classifier_params(params, kernel, bias)
   # Same tree structure as a fresh init, so the trainer can use either.
   init = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  assert (jax.tree.structure(init["params"]) == jax.tree.structure(cls_params))
+  assert jax.tree.structure(init["params"]) == jax.tree.structure(cls_params)
   images, _ = make_inputs()
   features_ref = ref_normalize(ref_encode_image(sd, images))
   assert_close(model.apply({"params": cls_params}, images, return_features=True), features_ref)
@@ -369,3 +370,19 @@ def test_tokenize_prompts_layout(bpe_file):
   assert ids.shape == (2, 2, 6)
   np.testing.assert_array_equal(
       ids[1, 0], zeroshot.tokenize("photo cat", bpe_path=bpe_file, context_length=6)[0])
+
+
+def test_pre_tokenizer_pattern():
+  # OpenAI's pattern: letters runs, single digits, runs of other symbols, contractions.
+  assert zeroshot._TOKEN_PATTERN.findall("it's a 3d-printed cat_toy!! 2024") == [
+      "it", "'s", "a", "3", "d", "-", "printed", "cat", "_", "toy", "!!", "2", "0", "2", "4"]
+
+
+def test_imagenet_classnames():
+  assert len(IMAGENET_CLASSNAMES) == 1000
+  # Spot checks at well-known ImageNet-1k label indices.
+  anchors = {0: "tench", 104: "wallaby", 151: "Chihuahua", 281: "tabby cat", 340: "zebra",
+             388: "giant panda", 398: "abacus", 657: "missile", 744: "missile",
+             836: "sunglasses", 837: "sunglasses", 916: "website", 999: "toilet paper"}
+  assert {i: IMAGENET_CLASSNAMES[i] for i in anchors} == anchors
+  assert all(name == name.strip() and name for name in IMAGENET_CLASSNAMES)

@@ -21,13 +21,14 @@ VIT_KW = dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
 
 
 def vit_params(seed=0, image=32, **kw):
+  """A ViT and random params for it (eval_shape + numpy: no compilation, fast)."""
   model = ViT(**{**VIT_KW, "num_classes": 10, **kw})
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image, image, 3)))["params"]
-  # Randomize everything (zero-init cls/head would hide mix-ups between them).
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  leaves = [np.asarray(jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)]
-  return model, jax.tree.unflatten(treedef, leaves)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, image, image, 3)))["params"]
+  # Random everywhere: ViT's zero-initialized cls and head would hide mix-ups.
+  rng = np.random.default_rng(seed)
+  return model, jax.tree.map(
+      lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
 def assert_trees_equal(a, b):
@@ -135,8 +136,9 @@ def test_vit_npz_round_trip(tmp_path):
   loaded = convert.vit_from_big_vision_npz(tmp_path / "vit.npz")
   assert_trees_equal(loaded, params)
   images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
-  np.testing.assert_array_equal(model.apply({"params": loaded}, images),
-                                model.apply({"params": params}, images))
+  apply = jax.jit(model.apply)
+  np.testing.assert_array_equal(apply({"params": loaded}, images),
+                                apply({"params": params}, images))
 
 
 def test_vit_npz_prefixes_and_reference_check():
@@ -156,8 +158,9 @@ def test_vit_drop_head():
   assert "head" not in kept and "pre_logits" in kept
   # The headless tree fits a model with another label set once a head is added.
   new_model = ViT(**VIT_KW, num_classes=3, representation_size=24)
-  new_head = new_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]["head"]
-  logits = new_model.apply({"params": {**kept, "head": new_head}}, np.zeros((1, 32, 32, 3)))
+  new_head = {"kernel": np.zeros((24, 3), np.float32), "bias": np.zeros(3, np.float32)}
+  logits = jax.jit(new_model.apply)({"params": {**kept, "head": new_head}},
+                                    np.zeros((1, 32, 32, 3)))
   assert logits.shape == (1, 3)
 
 
@@ -171,7 +174,7 @@ def test_vit_pos_embedding_resize():
   assert bigger["pos_embedding"].shape == (1, 6 * 6 + 1, 32)
   np.testing.assert_array_equal(bigger["pos_embedding"][:, 0], params["pos_embedding"][:, 0])
   model = ViT(**VIT_KW, num_classes=10)
-  assert model.apply({"params": bigger}, np.zeros((2, 48, 48, 3))).shape == (2, 10)
+  assert jax.jit(model.apply)({"params": bigger}, np.zeros((2, 48, 48, 3))).shape == (2, 10)
 
 
 def test_resize_is_bilinear():

@@ -191,3 +191,41 @@ def experiment_splits(data_config) -> dict:
 def _is_prepared(data_dir: str | None) -> bool:
   cls = _builder_class()
   return cls(data_dir=data_dir or default_data_dir(), file_format="array_record").is_prepared()
+
+
+class FashionMNISTTask:
+  """The embedded default: every split in memory, augmentation on device."""
+
+  from soup.results import FASHION_MNIST as columns
+  num_classes = 10
+
+  def __init__(self, data_config):
+    from soup.data.task import EvalSplit
+    self.splits = experiment_splits(data_config)
+    self.upstream = self.splits["upstream"]
+    c = self.columns
+    evals = {c.held_out: self.splits["held_out"], c.test: self.splits["test"]}
+    evals.update({col: self.splits["shifts"][col.removeprefix("FashionMNIST")] for col in c.shifts})
+    self._eval = {col: EvalSplit(labels=s.labels, images=s.images) for col, s in evals.items()}
+
+  def finetune_size(self) -> int:
+    return len(self.splits["finetune"])
+
+  def finetune_batch(self, batch_size, seed, step, hparams=None):
+    from soup.data import pipeline
+    return pipeline.train_batch(self.splits["finetune"], batch_size, seed, step)
+
+  def finetune_examples(self, count):
+    split = self.splits["finetune"]
+    return split.images[:count], split.labels[:count]
+
+  def eval_splits(self):
+    return self._eval
+
+  def preprocess(self, images):
+    from soup.data import pipeline
+    return pipeline.normalize(images)
+
+  def augment(self, rng, images, strength):
+    from soup.data import pipeline
+    return pipeline.augment(rng, images, strength)

@@ -394,9 +394,13 @@ def vit_from_big_vision_npz(
   for prefix in ("params/", "opt/target/"):
     if flat and all(k.startswith(prefix) for k in flat):
       flat = {k[len(prefix):]: v for k, v in flat.items()}
-  tree = _renumber_pre_linen(_unflatten(flat))
+  tree = _unflatten(flat)
   encoder = tree.get("Transformer", {})
-  if "posembed_input" in encoder:  # Original vision_transformer checkpoints.
+  if "posembed_input" in encoder:
+    # Original vision_transformer checkpoint. Only these get renumbered: on other trees
+    # renumbering would also paper over a missing block (encoderblock_0, _2 -> _0, _1).
+    tree = _renumber_pre_linen(tree)
+    encoder = tree["Transformer"]
     tree["pos_embedding"] = encoder.pop("posembed_input")["pos_embedding"]
   elif "pos_embedding" in encoder:
     tree["pos_embedding"] = encoder.pop("pos_embedding")

@@ -4,7 +4,8 @@ Model soups starts every fine-tuning run from CLIP with a linear head whose rows
 the zero-shot class embeddings: for each class, the text embeddings of 80 prompts
 ("a bad photo of a {}." ...) are L2-normalized, averaged, normalized again and scaled
 by the model's temperature ``exp(logit_scale)``; the bias is zero. That is
-``get_zeroshot_classifier`` in the paper's code, reproduced by ``zeroshot_head``.
+``zeroshot_classifier`` in the paper's zeroshot.py (which hard-codes the scale as 100,
+``exp(logit_scale)`` of OpenAI's models), reproduced by ``zeroshot_head``.
 
 The tokenizer needs OpenAI's merges file ``bpe_simple_vocab_16e6.txt.gz`` (it ships
 inside the ``clip`` and ``open_clip`` Python packages); it cannot be downloaded here, so

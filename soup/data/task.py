@@ -1,0 +1,82 @@
+"""What the experiment needs from a dataset, whatever its scale.
+
+A Task supplies fine-tuning batches, the evaluation splits under their result
+column names, and the jit-side preprocessing and augmentation. Fashion-MNIST
+holds everything in memory; ImageNet streams from TFDS. The experiment, the
+trainer and the soups see only this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+
+from soup import results
+
+
+@dataclasses.dataclass
+class EvalSplit:
+  """One evaluation split: images in memory or a stream of ordered batches.
+
+  `batches(batch_size)` yields image batches in order (the last one may be
+  short); the evaluator pads and masks it. `logits_map` turns the model's
+  logits into the split's label space before scoring (ImageNet-R/A keep their
+  200 classes, ObjectNet maps ImageNet classes to its 113).
+  """
+
+  labels: np.ndarray
+  images: Optional[np.ndarray] = None
+  batches: Optional[Callable[[int], Iterator[np.ndarray]]] = None
+  logits_map: Optional[Callable[[np.ndarray], np.ndarray]] = None
+
+  def __post_init__(self):
+    if (self.images is None) == (self.batches is None):
+      raise ValueError("An EvalSplit needs exactly one of images or batches.")
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def iterate(self, batch_size: int) -> Iterator[np.ndarray]:
+    if self.images is not None:
+      for start in range(0, len(self.images), batch_size):
+        yield self.images[start:start + batch_size]
+    else:
+      yield from self.batches(batch_size)
+
+  def scored_logits(self, logits: np.ndarray) -> np.ndarray:
+    return logits if self.logits_map is None else self.logits_map(logits)
+
+  def accuracy(self, logits: np.ndarray) -> float:
+    scored = self.scored_logits(np.asarray(logits, np.float32))
+    return float(np.mean(np.argmax(scored, axis=-1) == self.labels))
+
+
+class Task:
+  """Interface; see FashionMNISTTask and ImageNetTask."""
+
+  columns: results.Columns
+  num_classes: int
+
+  def finetune_size(self) -> int:
+    raise NotImplementedError
+
+  def finetune_batch(self, batch_size: int, seed: int, step: int,
+                     hparams: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The global batch of `step` for a member with these hyperparameters."""
+    raise NotImplementedError
+
+  def finetune_examples(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` fine-tuning examples in a fixed order (linear probe)."""
+    raise NotImplementedError
+
+  def eval_splits(self) -> dict[str, EvalSplit]:
+    raise NotImplementedError
+
+  def preprocess(self, images: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def augment(self, rng: jax.Array, images: jax.Array, strength: jax.Array) -> jax.Array:
+    return images
