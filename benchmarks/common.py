@@ -115,3 +115,21 @@ def rss_mib() -> tuple[float, float]:
       elif line.startswith("VmHWM:"):
         peak = int(line.split()[1]) / 1024
   return cur, peak
+
+
+def vit_forward_flops(batch: int, image: tuple[int, int, int], patch: int, width: int, depth: int,
+                      mlp: int, num_classes: int, cls_token: bool = True) -> dict:
+  """Analytic matmul FLOPs (2 per multiply-add) of one ViT forward pass.
+
+  Counts the patch embedding, q/k/v/out projections, the two attention
+  products, the MLP and the head (class token only); not norms, softmax,
+  GELU or elementwise ops. A train step is counted as 3x forward (the usual
+  MFU convention: backward = 2x forward).
+  """
+  h, w, c = image
+  patches = (h // patch) * (w // patch)
+  t = patches + (1 if cls_token else 0)
+  per_block = 2 * t * width * 3 * width + 2 * 2 * t * t * width + 2 * t * width * width \
+      + 2 * 2 * t * width * mlp
+  per_image = 2 * patches * patch * patch * c * width + depth * per_block + 2 * width * num_classes
+  return {"forward": batch * per_image, "train_step": 3 * batch * per_image, "tokens": t}

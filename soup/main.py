@@ -26,6 +26,9 @@ log = std_logging.getLogger("soup.main")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fashion_mnist.py[:smoke].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every output of the experiment goes.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU VMs, multi-node "
+    "GPU): every host runs the same command; the mesh then spans all hosts' devices.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,6 +42,9 @@ def load_config_module(path: str):
 
 def main(argv):
   del argv
+  import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()  # Coordinator, process ids from the TPU/SLURM/env runtime.
   from soup.experiment import Experiment  # After XLA_FLAGS is set.
 
   config = _CONFIG.value
@@ -52,7 +58,6 @@ def main(argv):
   std_logging.getLogger("soup").setLevel(std_logging.INFO)
   cache = os.environ.get("SOUP_COMPILATION_CACHE", str(Path.home() / ".cache" / "soup_jax"))
   if cache:
-    import jax
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   config_path = flags.FLAGS["config"].config_filename.split(":")[0]

@@ -42,20 +42,24 @@ def _block_weights(rng, prefix, width, mlp):
 
 
 def make_state_dict(seed=0, **overrides):
-  """A random CLIP ViT state dict with OpenAI's key names and tensor layouts."""
+  """A random CLIP ViT state dict with OpenAI's key names and tensor layouts.
+
+  Embedding scales are CLIP-like (small), so LayerNorm inputs have small variance and
+  a wrong LayerNorm epsilon (flax's 1e-6 instead of torch's 1e-5) shows up.
+  """
   c = {**TINY, **overrides}
   rng = np.random.default_rng(seed)
   n = lambda *s, std=0.05: (std * rng.standard_normal(s)).astype(np.float32)
   w, tw, grid = c["width"], c["text_width"], c["image"] // c["patch"]
   sd = {
-      "visual.conv1.weight": n(w, 3, c["patch"], c["patch"], std=0.1),
-      "visual.class_embedding": n(w, std=0.5),
-      "visual.positional_embedding": n(grid * grid + 1, w, std=0.5),
+      "visual.conv1.weight": n(w, 3, c["patch"], c["patch"], std=0.02),
+      "visual.class_embedding": n(w, std=0.05),
+      "visual.positional_embedding": n(grid * grid + 1, w, std=0.05),
       "visual.ln_pre.weight": 1 + n(w, std=0.1), "visual.ln_pre.bias": n(w),
       "visual.ln_post.weight": 1 + n(w, std=0.1), "visual.ln_post.bias": n(w),
       "visual.proj": n(w, c["embed"], std=0.2),
-      "token_embedding.weight": n(c["vocab"], tw, std=0.5),
-      "positional_embedding": n(c["context"], tw, std=0.1),
+      "token_embedding.weight": n(c["vocab"], tw, std=0.02),
+      "positional_embedding": n(c["context"], tw, std=0.01),
       "ln_final.weight": 1 + n(tw, std=0.1), "ln_final.bias": n(tw),
       "text_projection": n(tw, c["embed"], std=0.2),
       "logit_scale": np.array(math.log(1 / 0.07), np.float32),

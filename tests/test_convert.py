@@ -144,6 +144,7 @@ def test_vit_npz_round_trip(tmp_path):
 def test_vit_npz_prefixes_and_reference_check():
   model, params = vit_params()
   flat = {f"params/{k}": v for k, v in convert.flatten_params(params).items()}
+  flat["opt/mu/head/kernel"] = np.zeros(3)  # Optimizer state in a train checkpoint.
   reference = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   loaded = convert.vit_from_big_vision_npz(flat, reference_params=reference["params"])
   assert_trees_equal(loaded, params)
@@ -171,8 +172,10 @@ def test_vit_pos_embedding_resize():
   np.testing.assert_array_equal(same["pos_embedding"], params["pos_embedding"])
 
   bigger = convert.vit_from_big_vision_npz(flat, image_size=48)  # 4x4 -> 6x6 patches.
-  assert bigger["pos_embedding"].shape == (1, 6 * 6 + 1, 32)
+  assert bigger["pos_embedding"].shape == (1, 6 * 6, 32)
+  # Align-corners bilinear: the grid's corner rows are kept.
   np.testing.assert_array_equal(bigger["pos_embedding"][:, 0], params["pos_embedding"][:, 0])
+  np.testing.assert_array_equal(bigger["pos_embedding"][:, -1], params["pos_embedding"][:, -1])
   model = ViT(**VIT_KW, num_classes=10)
   assert jax.jit(model.apply)({"params": bigger}, np.zeros((2, 48, 48, 3))).shape == (2, 10)
 
@@ -192,20 +195,23 @@ def test_resize_is_bilinear():
   assert convert.resize_pos_embedding(ramp, (2, 3)).shape == (1, 6, 3)
 
 
-def test_big_vision_layout_without_cls_row():
-  # big_vision adds position embeddings before prepending [cls]: a zero row for [cls]
-  # makes this repo's ViT compute the same thing.
+def test_class_token_row_layouts():
+  # This repo's ViT follows big_vision: position embeddings for the patches only,
+  # then [cls]. A checkpoint with a [cls] row (original vision_transformer layout)
+  # has that row folded into cls, which computes the same thing.
   _, params = vit_params()
   flat = convert.flatten_params(params)
-  flat["pos_embedding"] = flat["pos_embedding"][:, 1:]
-  loaded = convert.vit_from_big_vision_npz(flat)
-  np.testing.assert_array_equal(loaded["pos_embedding"][:, 0], 0)
-  np.testing.assert_array_equal(loaded["pos_embedding"][:, 1:], flat["pos_embedding"])
-  # And the other way: fold the [cls] row into cls, as big_vision does.
-  folded = convert.vit_from_big_vision_npz(convert.flatten_params(params),
-                                           cls_in_pos_embedding=False)
-  assert folded["pos_embedding"].shape == (1, 16, 32)
-  np.testing.assert_allclose(folded["cls"], params["cls"] + params["pos_embedding"][:, :1])
+  assert flat["pos_embedding"].shape == (1, 16, 32)
+  cls_row = np.random.default_rng(0).normal(size=(1, 1, 32)).astype(np.float32)
+  with_row = {**flat, "pos_embedding": np.concatenate([cls_row, flat["pos_embedding"]], 1)}
+  folded = convert.vit_from_big_vision_npz(with_row)
+  np.testing.assert_array_equal(folded["pos_embedding"], params["pos_embedding"])
+  np.testing.assert_allclose(folded["cls"], params["cls"] + cls_row)
+  # And the other way, for a model that adds them after [cls]: a zero row.
+  padded = convert.vit_from_big_vision_npz(flat, cls_in_pos_embedding=True)
+  assert padded["pos_embedding"].shape == (1, 17, 32)
+  np.testing.assert_array_equal(padded["pos_embedding"][:, 0], 0)
+  np.testing.assert_array_equal(padded["pos_embedding"][:, 1:], flat["pos_embedding"])
 
 
 def test_original_vision_transformer_names():

@@ -15,6 +15,8 @@ def build(model_config, num_classes: int):
     from soup.models.vit import ViT
     return ViT(num_classes=num_classes, **cfg)
   if name == "clip":
+    # config.model: variant ("ViT-B/32", "ViT-B/16", "ViT-L/14", "tiny") + CLIPConfig overrides.
     from soup.models import clip
-    return clip.CLIPImageClassifier.from_config(num_classes=num_classes, **cfg)
+    variant = cfg.pop("variant")
+    return clip.CLIPImageClassifier(config=clip.get_config(variant, **cfg), num_classes=num_classes)
   raise ValueError(f"Unknown model name {name!r}: use 'vit' or 'clip'.")

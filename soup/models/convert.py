@@ -364,7 +364,7 @@ def vit_from_big_vision_npz(
     drop_head: bool = False,
     drop_pre_logits: Optional[bool] = None,
     image_size: Optional[Union[int, tuple[int, int]]] = None,
-    cls_in_pos_embedding: bool = True,
+    cls_in_pos_embedding: bool = False,
     reference_params: Optional[Mapping[str, Any]] = None,
 ) -> dict:
   """Param tree for ``soup.models.vit.ViT`` from a big_vision-style ViT ``.npz``.
@@ -379,9 +379,9 @@ def vit_from_big_vision_npz(
     image_size: resize ``pos_embedding`` for this input size (int or (h, w)); the
       patch size is read from ``embedding/kernel``.
     cls_in_pos_embedding: whether the target model adds position embeddings *after*
-      prepending the class token (so ``pos_embedding`` has a row for it). This repo's
-      ``ViT`` does; big_vision adds them before, so its ``pos_embedding`` has no such
-      row. Converting between the two is exact: a zero row is prepended, or the class
+      prepending the class token (so ``pos_embedding`` has a row for it), as the original
+      vision_transformer code does. This repo's ``ViT`` follows big_vision, which adds
+      them before, so its ``pos_embedding`` has no such row (the default). Converting between the two is exact: a zero row is prepended, or the class
       row is folded into ``cls`` (what big_vision does with old checkpoints).
     reference_params: optional tree (arrays or ``jax.ShapeDtypeStruct``, e.g. from
       ``jax.eval_shape(model.init, ...)['params']``) the result must match key-for-key
@@ -391,9 +391,13 @@ def vit_from_big_vision_npz(
     flat = dict(path_or_dict)
   else:
     flat = load_state_dict(path_or_dict)
-  for prefix in ("params/", "opt/target/"):
-    if flat and all(k.startswith(prefix) for k in flat):
-      flat = {k[len(prefix):]: v for k, v in flat.items()}
+  if not any(k.startswith("embedding/") for k in flat):
+    # A whole train state: keep only the model parameters, drop optimizer state.
+    for prefix in ("params/", "opt/target/"):
+      selected = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+      if selected:
+        flat = selected
+        break
   tree = _unflatten(flat)
   encoder = tree.get("Transformer", {})
   if "posembed_input" in encoder:

@@ -79,12 +79,13 @@ class ViT(nn.Module):
                 dtype=self.dtype)(image)
     n, h, w, c = x.shape
     x = jnp.reshape(x, [n, h * w, c])
+    # As big_vision: position embeddings for the patches only, then the class token.
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / c**0.5),
+                     (1, h * w, c), jnp.float32)
+    x = x + pos.astype(x.dtype)
     if self.pool_type == "tok":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(x.dtype), x], axis=1)
-    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / c**0.5),
-                     (1, x.shape[1], c), jnp.float32)
-    x = x + pos.astype(x.dtype)
     x = Encoder(self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.dtype,
                 name="Transformer")(x)
     x = x[:, 0] if self.pool_type == "tok" else jnp.mean(x, axis=1)

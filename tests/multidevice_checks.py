@@ -1,0 +1,101 @@
+"""Checks that need several (simulated) devices; run by tests/test_sharding.py.
+
+`python tests/multidevice_checks.py single` runs under
+XLA_FLAGS=--xla_force_host_platform_device_count=8 in one process;
+`python tests/multidevice_checks.py multiprocess RANK PORT OUT` is one of two
+jax.distributed CPU processes. Exits non-zero on a failed assertion.
+"""
+
+import sys
+
+import numpy as np
+
+
+def _trees(n, seed=0):
+  rng = np.random.default_rng(seed)
+  # Odd sizes on purpose: flat shards need padding to a multiple of 8.
+  return [{"a": {"kernel": rng.normal(size=(13, 7)).astype(np.float32)},
+           "b": rng.normal(size=(5,)).astype(np.float32),
+           "c": rng.normal(size=(16, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def single():
+  import jax
+  from soup import checkpoints, mesh as mesh_lib, soups
+  from soup.soups import average, learned
+  assert jax.device_count() == 8, jax.devices()
+  mesh = mesh_lib.make_mesh()
+  trees = _trees(5)
+
+  # Sharded average == streamed average, to the bit (same float32 update).
+  sharded = soups.sharded_average(trees, mesh)
+  streamed = soups.stream_average(trees)
+  for k, v in checkpoints.flatten_with_names(streamed).items():
+    np.testing.assert_array_equal(checkpoints.flatten_with_names(sharded)[k], v, err_msg=k)
+
+  # Each device holds ceil(size / 8) values of every parameter.
+  flat = average.shard_flat(trees[0], mesh)
+  for name, leaf in checkpoints.flatten_with_names(flat).items():
+    size = checkpoints.flatten_with_names(trees[0])[name].size
+    shards = leaf.addressable_shards
+    assert len(shards) == 8
+    assert all(s.data.shape == (-(-size // 8),) for s in shards), (name, [s.data.shape for s in shards])
+
+  # Learned soup: the N=16 stack is split so each device holds N*P/D of it.
+  stack_trees = _trees(16, seed=1)
+  stacked = learned.stack_ingredients(stack_trees, mesh)
+  total = sum(x.size * 4 for x in jax.tree.leaves(stacked))
+  per_device = {}
+  for leaf in jax.tree.leaves(stacked):
+    assert leaf.shape[0] == 16
+    for s in leaf.addressable_shards:
+      per_device[s.device] = per_device.get(s.device, 0) + s.data.nbytes
+      assert s.data.shape[0] == 2, s.data.shape  # 16 ingredients over 8 devices.
+  assert len(per_device) == 8 and all(b == total // 8 for b in per_device.values()), per_device
+
+  # The learned soup on the mesh equals the unsharded one to float32 rounding.
+  import jax.numpy as jnp
+  # (A bias shared by every class would get pure-noise gradients that Adam amplifies.)
+  apply_fn = lambda p, x: jnp.asarray(x, jnp.float32) @ p["a"]["kernel"] + jnp.pad(p["b"], (0, 2))
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(64, 13)).astype(np.float32)
+  y = rng.integers(0, 7, 64).astype(np.int32)
+  ingredients = _trees(8, seed=3)
+  on_mesh = soups.learned_soup(ingredients, apply_fn, x, y, epochs=2, batch_size=16, mesh=mesh, by_layer=True)
+  plain = soups.learned_soup(ingredients, apply_fn, x, y, epochs=2, batch_size=16, by_layer=True)
+  for k in on_mesh.weights:
+    np.testing.assert_allclose(on_mesh.weights[k], plain.weights[k], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(on_mesh.params["a"]["kernel"], plain.params["a"]["kernel"], rtol=1e-5, atol=1e-6)
+
+  # Exact evaluation on 8 devices: same logits as one device, nothing dropped.
+  from soup.evaluate import Evaluator
+  w = rng.normal(size=(13, 4)).astype(np.float32)
+  images = rng.normal(size=(101, 13)).astype(np.float32)
+  ev = Evaluator(lambda p, x: x @ p, mesh, batch_size=16)
+  logits = ev.logits(w, images)
+  assert logits.shape == (101, 4)
+  np.testing.assert_allclose(logits, images @ w, rtol=1e-5, atol=1e-5)
+  print("single: ok")
+
+
+def multiprocess(rank: int, port: int, out: str):
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+  from soup import mesh as mesh_lib, soups
+  assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.devices())
+  mesh = mesh_lib.make_mesh()
+  trees = _trees(5)
+  result = soups.sharded_average(trees, mesh)
+  if rank == 0:
+    from soup import checkpoints
+    np.savez(out, **checkpoints.flatten_with_names(result))
+  jax.distributed.shutdown()
+  print(f"multiprocess {rank}: ok")
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "single":
+    single()
+  else:
+    multiprocess(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
