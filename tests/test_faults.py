@@ -207,9 +207,11 @@ def metrics_steps(workdir: Path, name: str) -> list[int]:
 
 
 def smoke_config():
-  sys.path.insert(0, str(REPO / "configs"))
-  from soup.main import load_config_module
-  return load_config_module(str(REPO / "configs" / "fashion_mnist.py")).get_config("smoke")
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("fashion_mnist_config", REPO / "configs" / "fashion_mnist.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("smoke")
 
 
 @pytest.fixture(scope="module")
@@ -350,8 +352,11 @@ def test_ingredient_of_another_architecture(baseline, tmp_path):
   config = smoke_config().copy_and_resolve_references()
   with config.unlocked():
     config.model.width = 48
-  wide = models.build(config.model, 10).init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
-  wide = jax.tree.map(np.asarray, wide["params"])
+  # A width-48 ViT's param tree (shapes from eval_shape: no slow eager init), random values.
+  shapes = jax.eval_shape(models.build(config.model, 10).init, jax.random.key(0),
+                          np.zeros((1, 28, 28, 1), np.float32))["params"]
+  rng = np.random.default_rng(0)
+  wide = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(s.dtype), shapes)
   target = workdir / "models" / "model_2" / "ingredient"
   checkpoints.save_ingredient(target, wide, {"recipe": "individual"})
   narrow = checkpoints.ingredient_shapes(workdir / "models" / "model_0" / "ingredient")
@@ -398,6 +403,26 @@ def test_diverged_member(baseline, tmp_path):
   text = expect_failed(run_cli(workdir, *args, "--config.soups.on_bad_ingredient=error",
                                config=f"{config}:smoke"))
   assert "model_2 diverged" in text, text[-3000:]
+
+
+def test_nan_ingredient_not_flagged_diverged(baseline, tmp_path):
+  """NaN params whose metadata says diverged=False (e.g. the last update overflowed after
+  the last finite loss): caught by their values, never averaged into a soup."""
+  from soup import checkpoints
+  workdir = bad_workdir(baseline, tmp_path / "run")
+  target = workdir / "models" / "model_2" / "ingredient"
+  params = checkpoints.load_ingredient(target)
+  params["head"]["kernel"] = np.full_like(params["head"]["kernel"], np.nan)
+  meta = checkpoints.ingredient_metadata(target)["metadata"]
+  assert meta["diverged"] is False
+  checkpoints.save_ingredient(target, params, meta)
+
+  text = expect_failed(run_cli(workdir, EVAL_SOUPS, "--config.soups.on_bad_ingredient=error"))
+  assert "model_2 has non-finite values" in text and "head/kernel" in text, text[-3000:]
+  assert not (workdir / "results.jsonl").exists()
+
+  expect_ok(run_cli(workdir, EVAL_SOUPS, "--config.soups.on_bad_ingredient=exclude"))
+  check_excluded(workdir, baseline, "model_2", "non-finite")
 
 
 # --- 6. Config and environment errors --------------------------------------

@@ -237,7 +237,7 @@ def train_transform(img: Image.Image, size: int, rng: np.random.Generator,
 
 def _cache_dir(config_dir: str) -> Path:
   if config_dir:
-    return Path(config_dir)
+    return Path(config_dir).expanduser()
   base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
   return Path(base) / "soup" / "labels"
 
@@ -261,7 +261,7 @@ class ImageNetTask(Task):
   def __init__(self, data_config):
     d = data_config
     self.config = d
-    self.data_dir = d.data_dir or default_data_dir()
+    self.data_dir = os.path.expanduser(d.data_dir or default_data_dir())
     self.image_size = int(d.image_size)
     if d.normalization not in NORMALIZATIONS:
       raise ValueError(f"config.data.normalization must be one of {sorted(NORMALIZATIONS)}, "
@@ -273,7 +273,7 @@ class ImageNetTask(Task):
     self._prefetch = concurrent.futures.ThreadPoolExecutor(1)
 
     self.train_builder, self.train_source = open_tfds("ImageNet2p", self.data_dir)
-    self.heldout = imagenet_heldout.load(d.heldout_file or None)
+    self.heldout = imagenet_heldout.load(os.path.expanduser(d.heldout_file) if d.heldout_file else None)
     imagenet_heldout.verify(self.heldout, num_train=len(self.train_source),
                             per_class=d.heldout_per_class, num_classes=NUM_CLASSES,
                             tfds_version=str(self.train_builder.version))

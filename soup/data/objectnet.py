@@ -87,7 +87,7 @@ def images_dir(objectnet_dir: str | os.PathLike) -> Path:
   """``objectnet-1.0`` or its ``images`` subfolder -> the folder of class folders."""
   if not str(objectnet_dir):
     raise ObjectNetMissingError("config.data.objectnet_dir is not set. " + INSTALL_HINT)
-  root = Path(objectnet_dir)
+  root = Path(objectnet_dir).expanduser()
   for candidate in (root / "images", root):
     if candidate.is_dir() and any((candidate / f).is_dir() for f in load_mapping().folders):
       return candidate
