@@ -17,8 +17,8 @@ hparam_info.json (71 members; model_0 is the LP):
   weight decay  log-uniform [7e-5, 0.6]: the file spans 8.2e-5 to 0.527 (3.81
                 decades; 4 values below 1e-4 and 3 above 0.5, so not the
                 "about [1e-4, 0.5]" of the README); the unbiased range estimate
-                for 71 uniform draws adds span/70 = 0.054 decades at each end
-                (KS p = 0.75).
+                for 71 uniform draws adds span/70 = 0.054 decades at each end,
+                [7.2e-5, 0.60], rounded outwards (KS p = 0.75).
   epochs        uniform integer 4..16: all 13 values occur (2 to 8 times each).
   smoothing     0 with probability 0.5 (39 of 71 are 0), else U(0, 0.23): the 32
                 non-zero values reach 0.225; U(0, 0.25) would keep all 32 below

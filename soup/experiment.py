@@ -325,19 +325,23 @@ class Experiment:
       names = [n for n in names if n != "model_0"]
     held = self.eval_splits()[self.columns.held_out]
     scores = {n: held.accuracy(self.model_logits(n)[self.columns.held_out]) for n in names}
+    # A cached row is reused only if made from the same ingredients and soup settings.
+    settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "recipes"}
     rows = []
     for recipe in cfg.recipes:
       path = self.workdir / "soups" / f"{recipe}.json"
       if path.exists():
         cached = json.loads(path.read_text())
-        if cached and cached[0].get("ingredients_considered") == names:
+        if cached and all(r.get("ingredients_considered") == names and r.get("soup_settings") == settings
+                          for r in cached):
           rows.extend(cached)
           continue
       log.info("soup recipe: %s over %d ingredients", recipe, len(names))
       t = time.time()
       new = getattr(self, f"_recipe_{recipe}")(names, scores)
       for r in new:
-        r.update(ingredients_considered=names, excluded=excluded, seconds=round(time.time() - t, 2))
+        r.update(ingredients_considered=names, excluded=excluded, soup_settings=settings,
+                 seconds=round(time.time() - t, 2))
       path.parent.mkdir(parents=True, exist_ok=True)
       results.atomic_write_text(path, json.dumps(new))
       rows.extend(new)
@@ -356,7 +360,9 @@ class Experiment:
                      selected=best)]
 
   def _recipe_uniform_soup(self, names, scores):
-    params = soup_lib.stream_average(self._paths(names), verify=self.config.soups.verify_checksums)
+    # Each device of the mesh reduces its own slice of every parameter.
+    params = soup_lib.sharded_average(self._paths(names), self.mesh,
+                                      verify=self.config.soups.verify_checksums)
     checkpoints.save_ingredient(self.workdir / "soups" / "uniform_soup", params, {"ingredients": names})
     return [self._soup_row("uniform_soup", "uniform_soup", params, names)]
 

@@ -83,7 +83,10 @@ def test_shifts_are_deterministic_and_change_the_images():
   for name in ("V2", "Sketch", "R", "ObjectNet"):
     diff = np.abs(a[name][0].astype(int) - originals.astype(int)).mean()
     assert diff > 5, (name, diff)
-  np.testing.assert_array_equal(shifts.rendition(np.array([[[[0]], [[255]]]], np.uint8)).ravel(), [255, 0])
+  flat = np.zeros((1, 9, 9, 1), np.uint8)
+  flat[0, 2:7, 2:7] = 200  # A square: filled at 110 inside, edges at 255 on its border.
+  r = shifts.rendition(flat)[0, ..., 0]
+  assert r[4, 4] == 110 and r.max() == 255 and r[0, 0] == 0
 
 
 def test_hard_split_holds_exactly_the_nearest_centroid_errors():

@@ -37,11 +37,6 @@ SOUP_NAMES = ("uniform_soup", "greedy_soup")
 # Smoke fine-tunes: 1024 examples / batch 128 = 8 steps, a train state every 4.
 STEPS, CKPT_EVERY = 8, 4
 
-pytestmark = pytest.mark.skipif(
-    not (Path(default_data_dir()) / "fashion_mnist").is_dir(),
-    reason=f"TFDS fashion_mnist is not prepared in {default_data_dir()}: run scripts/setup.sh "
-           "(or `python -m soup.data.prepare`).")
-
 # Runs soup.main with one fault armed, described by $SOUP_FAULT (JSON):
 #   {"kind": "step", "member": "model_2", "call": 7}: SIGKILL before that member's
 #       7th train step (host batch -> device), i.e. mid-training.
@@ -104,7 +99,6 @@ elif kind == "write":
 
   results.atomic_write_text = atomic_write_text
 elif kind == "replace":
-  real_replace = os.replace
   os.replace = lambda src, dst: die(f"os.replace({src}, {dst})")
 
 if kind == "replace":
@@ -217,6 +211,9 @@ def smoke_config():
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
   """One uninterrupted smoke run (every stage), shared by every test."""
+  if not (Path(default_data_dir()) / "fashion_mnist").is_dir():
+    pytest.skip(f"TFDS fashion_mnist is not prepared in {default_data_dir()}: run "
+                "scripts/setup.sh (or `python -m soup.data.prepare`).")
   workdir = tmp_path_factory.mktemp("baseline") / "run"
   expect_ok(run_cli(workdir))
   for name in SOUP_NAMES:
@@ -269,6 +266,7 @@ def test_kill_mid_checkpoint_writes(baseline, tmp_path):
   assert not (member / "train_state" / str(CKPT_EVERY)).exists()
   assert list((member / "train_state").iterdir()), "expected a torn, uncommitted save"
   assert not (member / "ingredient").exists()
+  assert metrics_steps(workdir, "model_1") == [2, CKPT_EVERY]  # Logged, then killed saving.
 
   # (b) The ingredient save: Orbax params committed, ingredient.json not written.
   killed = run_cli(workdir, "--config.stages=('sweep',)",
@@ -277,10 +275,14 @@ def test_kill_mid_checkpoint_writes(baseline, tmp_path):
   assert (member / "ingredient" / "params" / "commit_success.txt").exists()
   assert not (member / "ingredient" / "ingredient.json").exists()
   # The torn train state of (a) was discarded: model_1 started over from step 0.
-  assert "model_1 (1/3): resuming" not in (workdir / "log.txt").read_text()
+  assert "resuming" not in (workdir / "log.txt").read_text()
+  assert metrics_steps(workdir, "model_1") == [2, 4] + [2, 4, 6, 8]
   assert (member / "train_state" / str(CKPT_EVERY)).is_dir()
 
+  # (c) The rerun resumes model_1 from its step-4 state and retrains nothing else twice.
   expect_ok(run_cli(workdir, ALL_AFTER_PROBE))
+  assert f"resuming at step {CKPT_EVERY} of {STEPS}" in (workdir / "log.txt").read_text()
+  assert metrics_steps(workdir, "model_1") == [2, 4] + [2, 4, 6, 8] + [6, 8]
   assert (member / "ingredient" / "ingredient.json").exists()
   assert_same_soups(workdir, baseline)
 

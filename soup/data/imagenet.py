@@ -314,15 +314,19 @@ class ImageNetTask(Task):
     return (np.stack(images) if images else np.zeros(shape, np.uint8),
             np.asarray([r["label"] for r in records], np.int32))
 
-  def finetune_batch(self, batch_size: int, seed: int, step: int,
-                     hparams: Optional[Mapping[str, Any]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """The global batch of `step`: epoch-wise permutations seeded by (seed, epoch),
-    as pipeline.train_batch; rows sorted by index (faster reads), augmented per
-    hparams["aug"]. Only this process's rows are decoded (see the module docstring)."""
+  def batch_positions(self, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Positions in the fine-tuning split of step's batch, sorted (faster reads); each
+    epoch is a permutation seeded by (seed, epoch), the last partial batch dropped."""
     from soup.data import pipeline
     per_epoch = pipeline.steps_per_epoch(self.finetune_size(), batch_size)
     epoch, index = divmod(int(step), per_epoch)
-    positions = np.sort(self._epoch_order(int(seed), epoch)[index * batch_size:(index + 1) * batch_size])
+    return np.sort(self._epoch_order(int(seed), epoch)[index * batch_size:(index + 1) * batch_size])
+
+  def finetune_batch(self, batch_size: int, seed: int, step: int,
+                     hparams: Optional[Mapping[str, Any]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """The global batch of `step` (batch_positions, as pipeline.train_batch), augmented
+    per hparams["aug"]. Only this process's rows are decoded (see the module docstring)."""
+    positions = self.batch_positions(batch_size, seed, step)
     rows = self._local_rows(batch_size)
     augment = randaugment.from_string((hparams or {}).get("aug"), self.fill)
     size = self.image_size

@@ -51,6 +51,7 @@ def _prepare(name: str, data_dir: Path, split_labels: dict[str, np.ndarray], see
   """Prepares catalog dataset `name` in data_dir with random images of the given labels."""
   import tensorflow_datasets as tfds
 
+  tfds.disable_progress_bar()
   base = tfds.builder_cls(name)
 
   class Mock(base, skip_registration=True):

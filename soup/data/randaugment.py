@@ -102,7 +102,9 @@ def apply_op(img: Image.Image, name: str, magnitude: float, rng: np.random.Gener
   if name == "Rotate":
     return img.rotate(_signed(30.0 * level, rng), resample=resample, fillcolor=fill)
   if name == "Posterize":
-    bits = int(4 * level)  # timm: keep 0..4 most significant bits; 0 bits is black.
+    bits = int(4 * level)  # timm: keep the 0..4 most significant bits.
+    if bits <= 0:  # What older Pillow (timm's) did for 0 bits; Pillow >= 12 refuses it.
+      return Image.new(img.mode, img.size)
     return img if bits >= 8 else ImageOps.posterize(img, bits)
   if name == "Solarize":
     return ImageOps.solarize(img, int(256 * level))

@@ -84,15 +84,16 @@ def _load_clip(config):
       variant=variant, open_clip_name=variant.replace("/", "-"),
       path=f"{variant.replace('/', '-')}-openai.safetensors"))
   state_dict = convert.load_state_dict(path)
-  # Head counts are not in the weights; the configured model says how wide a head is.
-  got, params = convert.clip_from_state_dict(
-      state_dict, act=want.act, head_width=want.vision_width // want.vision_heads)
-  vision = ("image_size", "patch_size", "vision_width", "vision_layers", "embed_dim")
-  differ = {k: (getattr(got, k), getattr(want, k)) for k in vision if getattr(got, k) != getattr(want, k)}
+  # Compare the telling shapes first: a wrong variant then gets a message about variants.
+  found = _clip_vision_shapes(state_dict)
+  differ = {k: (v, getattr(want, k)) for k, v in found.items() if v != getattr(want, k)}
   if differ:
     details = ", ".join(f"{k}={a} in the file, {b} in config.model" for k, (a, b) in differ.items())
     raise ValueError(f"{path} is not a CLIP {variant} image tower ({details}); set "
                      "config.model.variant to the file's model or load the matching file.")
+  # Head counts are not in the weights; the configured model says how wide a head is.
+  got, params = convert.clip_from_state_dict(
+      state_dict, act=want.act, head_width=want.vision_width // want.vision_heads)
   return got, params
 
 
@@ -101,6 +102,21 @@ def _check_against_model(params: dict, model, image_size: int, what: str) -> Non
                           jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
   shapes = {k: v for k, v in shapes.items() if k != "head"}
   convert.check_params_match(params, shapes, what=what)
+
+
+def _clip_vision_shapes(state_dict) -> dict:
+  """image_size, patch_size, vision_width, embed_dim of an OpenAI-layout state dict
+  (only those present; convert names any missing key later)."""
+  out = {}
+  if "visual.conv1.weight" in state_dict:
+    width, _, patch, _ = np.shape(state_dict["visual.conv1.weight"])
+    out.update(patch_size=int(patch), vision_width=int(width))
+    if "visual.positional_embedding" in state_dict:
+      tokens = np.shape(state_dict["visual.positional_embedding"])[0]
+      out["image_size"] = int(round((tokens - 1) ** 0.5)) * int(patch)
+  if "visual.proj" in state_dict:
+    out["embed_dim"] = int(np.shape(state_dict["visual.proj"])[1])
+  return out
 
 
 def load_clip_image_tower(config) -> dict:

@@ -1,0 +1,345 @@
+"""The paper-scale configs: the sweep fitted to hparam_info.json, every config builds, is
+locked and trains one step (ImageNet ones on mock data and tiny weights in the real
+file formats), the pretrained loaders, and the sweep launcher's plans."""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import stat
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from soup import models, train
+from soup.data import imagenet_mock, randaugment
+from soup.models import convert, pretrained, zeroshot
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+PAPER = json.loads((ROOT / "tests" / "data" / "paper" / "hparam_info.json").read_text())
+MEMBERS = [v for k, v in PAPER.items() if k != "model_0"]
+N = len(MEMBERS)  # 71
+SWEEP_KEYS = {"lr", "weight_decay", "epochs", "label_smoothing", "mixup", "aug_strength", "aug", "seed"}
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+CLIP = load(ROOT / "configs" / "clip_vit_b32_imagenet.py")
+
+
+# --- The sweep against the paper's 71 sampled members ------------------------------
+
+
+def test_paper_file_is_the_71_members_plus_lp_init():
+  assert N == 71 and PAPER["model_0"] == {"info": "LP initialization"}
+
+
+def _check_log_range(values, lo, hi):
+  """All values inside [lo, hi], log-uniformity on it not rejected, and neither end too far.
+
+  For n log-uniform draws on a range of width W (in log), the chance that an end
+  is at least g from the nearest draw is (1 - g/W)^n; a range reaching much
+  further than the draws (p < 0.05) would not be what the file was drawn from.
+  """
+  logs = np.log(values)
+  width = math.log(hi) - math.log(lo)
+  assert lo <= values.min() and values.max() <= hi
+  for gap in (logs.min() - math.log(lo), math.log(hi) - logs.max()):
+    assert (1 - gap / width) ** len(values) > 0.05
+  u = (logs - math.log(lo)) / width
+  assert stats.kstest(u, "uniform").pvalue > 0.05
+
+
+def test_lr_and_weight_decay_ranges_fit_the_file():
+  s = CLIP.get_config().sweep
+  _check_log_range(np.array([m["lr"] for m in MEMBERS]), *s.lr)
+  _check_log_range(np.array([m["wd"] for m in MEMBERS]), *s.weight_decay)
+  for too_narrow in ((1e-4, 0.5), (7e-5, 0.5)):  # README's rounded range misses 7 of the 71.
+    with pytest.raises(AssertionError):
+      _check_log_range(np.array([m["wd"] for m in MEMBERS]), *too_narrow)
+  with pytest.raises(AssertionError):  # Too wide: the draws would not stop so far from 1e-6.
+    _check_log_range(np.array([m["wd"] for m in MEMBERS]), 1e-6, 0.6)
+
+
+def test_epochs_and_nonzero_ranges_fit_the_file():
+  s = CLIP.get_config().sweep
+  epochs = [m["epochs"] for m in MEMBERS]
+  assert (min(epochs), max(epochs)) == tuple(s.epochs) == (4, 16)
+  assert set(epochs) == set(range(4, 17))
+  for key, ours in (("mix", s.mixup), ("smoothing", s.label_smoothing)):
+    nonzero = np.array([m[key] for m in MEMBERS if m[key]])
+    assert ours[0] == 0 and nonzero.max() <= ours[1] <= nonzero.max() * (1 + 2 / len(nonzero))
+  ms = [randaugment.parse(m["aug"]).magnitude for m in MEMBERS if m["aug"]]
+  assert (min(ms), max(ms)) == tuple(s.randaug_m) == (1, 20)
+
+
+@pytest.fixture(scope="module")
+def big_sweep():
+  """20,000 draws of the sampler: its probabilities, to within about +-0.01."""
+  config = CLIP.get_config()
+  with config.unlocked():
+    config.sweep.num_members = 20_000
+  return CLIP.get_sweep(config)
+
+
+def _within_3_se(file_count, n, p):
+  """The file's share (n draws) is within 3 binomial standard errors of our probability p.
+
+  With 71 (or 44) draws the file's shares are themselves noisy (SE 0.06 at p = 0.5);
+  3 SE is a 0.3% false alarm rate per check, while still rejecting e.g. a p of 0.25
+  for zero mixup (39/71 observed).
+  """
+  return abs(file_count / n - p) <= 3 * math.sqrt(p * (1 - p) / n)
+
+
+def test_shares_of_zero_and_none_match_the_file(big_sweep):
+  share = lambda pred: np.mean([pred(m) for m in big_sweep])
+  checks = {
+      "zero mixup": (sum(m["mix"] == 0 for m in MEMBERS), share(lambda m: m["mixup"] == 0)),
+      "zero smoothing": (sum(m["smoothing"] == 0 for m in MEMBERS),
+                         share(lambda m: m["label_smoothing"] == 0)),
+      "aug None": (sum(m["aug"] is None for m in MEMBERS), share(lambda m: m["aug"] is None)),
+  }
+  assert [c for c, _ in checks.values()] == [39, 39, 27]
+  for name, (count, p) in checks.items():
+    assert _within_3_se(count, N, p), (name, count, p)
+  assert not _within_3_se(39, N, 0.25)  # The tolerance has teeth.
+  # RandAugment's N among augmented members: 21, 18, 5 of 44 in the file.
+  augmented = [randaugment.parse(m["aug"]).num_layers for m in big_sweep if m["aug"]]
+  file_n = [randaugment.parse(m["aug"]).num_layers for m in MEMBERS if m["aug"]]
+  for n in (0, 1, 2):
+    assert _within_3_se(file_n.count(n), len(file_n), np.mean(np.array(augmented) == n))
+
+
+def test_the_71_member_sweep():
+  config = CLIP.get_config()
+  members = CLIP.get_sweep(config)
+  s = config.sweep
+  assert len(members) == 71 and all(set(m) == SWEEP_KEYS for m in members)
+  assert len({m["seed"] for m in members}) == 71
+  for m in members:
+    assert s.lr[0] <= m["lr"] <= s.lr[1] and s.weight_decay[0] <= m["weight_decay"] <= s.weight_decay[1]
+    assert 4 <= m["epochs"] <= 16 and m["aug_strength"] == 0.0
+    assert 0 <= m["label_smoothing"] <= 0.23 and 0 <= m["mixup"] <= 0.9
+    assert m["aug"] is None or re.fullmatch(r"rand-m([1-9]|1\d|20)-n[012]", m["aug"])
+  assert CLIP.get_sweep(config) == members  # Seeded.
+  with config.unlocked():
+    config.sweep.num_members = 80
+  assert CLIP.get_sweep(config)[:71] == members  # Growing the sweep keeps the first members.
+
+
+# --- Every config builds, is locked, and trains one step -------------------------
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_and_is_locked(path):
+  module = load(path)
+  for arg in ("", "smoke"):
+    config = module.get_config(arg) if arg else module.get_config()
+    for key in ("data", "model", "init", "upstream", "probe", "finetune", "sweep", "eval", "soups",
+                "stages", "seed", "experiment"):
+      assert key in config, key
+    with pytest.raises(AttributeError, match="Did you mean"):
+      config.finetune.batchsize = 3
+    with pytest.raises(AttributeError):
+      config.data.imgae_size = 3
+    members = module.get_sweep(config)
+    assert len(members) == config.sweep.num_members
+    assert {"lr", "weight_decay", "epochs", "label_smoothing", "mixup", "aug_strength", "seed"} <= set(members[0])
+  with pytest.raises(ValueError, match="smoke"):
+    module.get_config("smok")
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mock")
+  out = imagenet_mock.write_all(root)
+  out["cache_dir"] = str(root / "cache")
+  return out
+
+
+def smoke_config(path, mock):
+  config = load(path).get_config("smoke")
+  if config.data.name == "imagenet":  # Point the smoke config at this test's mock files.
+    config.data.data_dir = mock["data_dir"]
+    config.data.objectnet_dir = mock["objectnet_dir"]
+    config.data.heldout_file = mock["heldout_file"]
+    config.data.cache_dir = mock["cache_dir"]
+    config.init.path = mock["clip_path"] if config.model.name == "clip" else mock["vit_path"]
+    if config.model.name == "clip":
+      config.init.bpe_path = mock["bpe_path"]
+  return config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_smoke_config_trains_one_step(path, mock, request):
+  from soup.experiment import make_task
+  module = load(path)
+  config = smoke_config(path, mock)
+  if config.data.name == "fashion_mnist":
+    request.getfixturevalue("fashion_mnist_ready")
+  task = make_task(config.data)
+  model = models.build(config.model, task.num_classes)
+  size = config.data.get("image_size", 28)
+  channels = 3 if config.data.name == "imagenet" else 1
+  # One compiled init (eager flax init dispatches op by op: 10x slower on CPU).
+  init = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, size, size, channels), np.float32))["params"]
+  if config.init.source == "pretrained":
+    backbone = pretrained.load_pretrained(config)
+    convert.check_params_match(backbone, {k: v for k, v in init.items() if k != "head"})
+    params = {**backbone, "head": jax.tree.map(np.zeros_like, init["head"])}
+  else:
+    params = init
+  hp = module.get_sweep(config)[0]
+  images, labels = task.finetune_batch(config.finetune.batch_size, hp["seed"], 0, hp)
+  assert images.dtype == np.uint8 and len(images) == config.finetune.batch_size
+  init_state, step_fn = train.make_train_step(lambda p, x: model.apply({"params": p}, x),
+                                              task.num_classes, task.augment, task.preprocess,
+                                              config.finetune.grad_clip)
+  hyper = train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"],
+                      label_smoothing=hp["label_smoothing"], mixup=hp["mixup"],
+                      aug_strength=hp["aug_strength"], total_steps=10, warmup_steps=2)
+  state, metrics = jax.jit(step_fn)(init_state(params), images, labels, hyper.as_arrays(), hp["seed"])
+  # A zero head gives uniform logits: the loss is ln(classes) whatever smoothing or mixup.
+  assert float(metrics["loss"]) == pytest.approx(math.log(task.num_classes), rel=1e-4)
+  assert int(state["step"]) == 1 and np.abs(np.asarray(state["params"]["head"]["kernel"])).max() > 0
+
+
+# --- Pretrained weights in the expected formats ----------------------------------------
+
+
+def test_clip_image_tower_loads_without_head(mock):
+  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock)
+  params = pretrained.load_pretrained(config)
+  assert set(params) == {"visual"}
+  _, full = convert.clip_from_state_dict(convert.load_state_dict(mock["clip_path"]), head_width=16)
+  jax.tree.map(np.testing.assert_array_equal, params["visual"], full["visual"])
+
+
+def test_clip_errors_say_what_to_do(mock, tmp_path):
+  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock)
+  config.init.path = str(tmp_path / "absent.safetensors")
+  with pytest.raises(pretrained.WeightsMissingError, match="open_clip.*--config.init.path"):
+    pretrained.load_pretrained(config)
+  config.init.path = mock["clip_path"]
+  config.model.variant = "ViT-B/32"
+  with pytest.raises(ValueError, match="image_size=32 in the file, 224 in config.model"):
+    pretrained.load_pretrained(config)
+  config.model.variant = "tiny"
+  config.init.bpe_path = str(tmp_path / "absent.txt.gz")
+  with pytest.raises(pretrained.WeightsMissingError, match="bpe_simple_vocab_16e6"):
+    pretrained.zeroshot_head(config)
+
+
+def test_zeroshot_head_from_the_text_tower(mock):
+  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock)
+  templates = zeroshot.IMAGENET_TEMPLATES[:2]  # All 80 take minutes on 2 CPU cores.
+  head = pretrained.zeroshot_head(config, templates=templates)
+  assert head["kernel"].shape == (16, 1000) and not head["bias"].any()
+  np.testing.assert_allclose(np.linalg.norm(head["kernel"], axis=0), 1 / 0.07, rtol=1e-5)
+  from soup.models import clip
+  from soup.models.imagenet_classnames import IMAGENET_CLASSNAMES
+  cfg, params = convert.clip_from_state_dict(convert.load_state_dict(mock["clip_path"]), head_width=16)
+  kernel, _ = zeroshot.build_zeroshot_head(clip.CLIP(cfg), params, IMAGENET_CLASSNAMES, templates,
+                                           bpe_path=mock["bpe_path"])
+  np.testing.assert_allclose(head["kernel"], kernel, rtol=1e-6)
+  vit = smoke_config(ROOT / "configs" / "vit_b16_imagenet.py", mock)
+  with pytest.raises(ValueError, match="linear_probe"):
+    pretrained.zeroshot_head(vit)
+
+
+def test_vit_checkpoint_drops_head_and_resizes_positions(mock):
+  config = smoke_config(ROOT / "configs" / "vit_b16_imagenet.py", mock)
+  params = pretrained.load_pretrained(config)
+  raw = dict(np.load(mock["vit_path"]))
+  assert "head/kernel" in raw and "head" not in params
+  assert raw["pos_embedding"].shape[1] == 36 and params["pos_embedding"].shape[1] == 16  # 6x6 -> 4x4
+  np.testing.assert_allclose(params["pos_embedding"],
+                             convert.resize_pos_embedding(raw["pos_embedding"], 4), rtol=1e-6)
+  np.testing.assert_array_equal(params["embedding"]["kernel"], raw["embedding/kernel"])
+
+
+# --- The sweep launcher ---------------------------------------------------------
+
+
+def launcher():
+  return load(ROOT / "scripts" / "launch_sweep.py")
+
+
+def test_launcher_print_mode_and_skips_done_members(tmp_path, capsys):
+  launch = launcher()
+  workdir = tmp_path / "w"
+  done = workdir / "models" / "model_3" / "ingredient"
+  done.mkdir(parents=True)
+  (done / "ingredient.json").write_text("{}")
+  assert launch.main([f"--config=configs/clip_vit_b32_imagenet.py", f"--workdir={workdir}",
+                      "--mode=print", "--", "--config.eval.batch_size=256"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 1 + 70 + 1
+  assert "--config.stages=pretrain,probe " in lines[0] + " "
+  members = [int(re.search(r"--config.sweep.only=(\d+)", l).group(1)) for l in lines[1:-1]]
+  assert members == [k for k in range(1, 72) if k != 3]
+  assert all("--config.stages=pretrain,probe,sweep" in l for l in lines[1:-1])
+  assert "--config.stages=evaluate,soups,report" in lines[-1]
+  assert all(l.endswith("--config.eval.batch_size=256") for l in lines)
+
+
+def test_launcher_tpu_commands(tmp_path, capsys):
+  launch = launcher()
+  assert launch.main(["--config=configs/clip_vit_b32_imagenet.py", f"--workdir={tmp_path}",
+                      "--mode=tpu", "--tpu_prefix=soup", "--zone=us-central2-b",
+                      "--accelerator=v4-8", "--print_only", "--create", "--members=2,5"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[:2] == [f"gcloud compute tpus tpu-vm create soup-{k} --zone=us-central2-b "
+                       "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base" for k in (2, 5)]
+  runs = lines[2:]
+  assert len(runs) == 4 and all(l.startswith("gcloud compute tpus tpu-vm ssh soup-") for l in runs)
+  assert all("--worker=all" in l and "--distributed" in l for l in runs)
+  assert "ssh soup-5 " in runs[2] and "--config.sweep.only=5" in runs[2]
+  assert runs[0].endswith("--config.stages=pretrain,probe'") and "evaluate,soups,report" in runs[-1]
+
+
+def test_launcher_gpu_slots():
+  launch = launcher()
+  assert launch.gpu_slots("0,1,2,3", 2) == ["0,2", "1,3"]
+  assert launch.gpu_slots("0,1,2,3", 4) == ["0", "1", "2", "3"]
+  assert launch.gpu_slots("", 3) == [None, None, None]
+  with pytest.raises(SystemExit):
+    launch.gpu_slots("0,1", 3)
+
+
+def test_launcher_local_parallel_runs_each_member_once(tmp_path):
+  """local mode with a stand-in interpreter that records its calls and 'trains' a member."""
+  log = tmp_path / "calls.log"
+  fake = tmp_path / "fake_python"
+  fake.write_text(f"""#!/bin/bash
+echo "$CUDA_VISIBLE_DEVICES|$*" >> {log}
+for a in "$@"; do case $a in --config.sweep.only=*) k=${{a#*=}};; --workdir=*) w=${{a#*=}};; esac; done
+if [ -n "$k" ]; then mkdir -p "$w/models/model_$k/ingredient"; echo {{}} > "$w/models/model_$k/ingredient/ingredient.json"; fi
+""")
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  workdir = tmp_path / "w"
+  argv = ["--config=configs/clip_vit_b32_imagenet.py:smoke", f"--workdir={workdir}", "--mode=local",
+          "--parallel=2", "--gpus=0,1", f"--python={fake}", "--", "--config.sweep.num_members=4"]
+  assert launcher().main(argv) == 0
+  calls = log.read_text().splitlines()
+  assert len(calls) == 6 and "--config.stages=pretrain,probe --" in calls[0]
+  assert "evaluate,soups,report" in calls[-1]
+  members = sorted(int(re.search(r"sweep.only=(\d+)", c).group(1)) for c in calls[1:-1])
+  assert members == [1, 2, 3, 4]
+  assert {c.split("|")[0] for c in calls[1:-1]} == {"0", "1"}  # Each slot on its own GPU.
+  assert all((workdir / "models" / f"model_{k}" / "ingredient" / "ingredient.json").exists()
+             for k in range(1, 5))
+  log.unlink()
+  assert launcher().main(argv) == 0  # Everything done: only setup and final run again.
+  assert len(log.read_text().splitlines()) == 2
