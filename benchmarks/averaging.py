@@ -190,19 +190,24 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None)
           "params": nparams, "model_bytes": 4 * nparams}
 
 
-def child(mode: str, args: dict) -> dict:
-  out = common.run_json([sys.executable, __file__, "--worker", mode, "--args", json.dumps(args)])
+QUIET = {"wait_s": 300.0, "retries": 2}
+
+
+def _monitored(cmd: list[str]) -> dict:
+  out, other = common.quiet_call(lambda: common.run_json(cmd), QUIET["wait_s"], QUIET["retries"])
   if "error" in out:
     raise OSError(out["error"])
+  out["other_frac"] = other
   return out
+
+
+def child(mode: str, args: dict) -> dict:
+  return _monitored([sys.executable, __file__, "--worker", mode, "--args", json.dumps(args)])
 
 
 def torch_child(torch_python: str, args: dict) -> dict:
-  out = common.run_json([torch_python, str(Path(__file__).parent / "_torch_soup.py"), "soup",
-                         json.dumps(args)])
-  if "error" in out:
-    raise OSError(out["error"])
-  return out
+  return _monitored([torch_python, str(Path(__file__).parent / "_torch_soup.py"), "soup",
+                     json.dumps(args)])
 
 
 def find_torch_python(explicit: str | None) -> tuple[str | None, str]:
@@ -241,7 +246,9 @@ def bench_size(size: str, ns, repeats: int, cold_repeats: int, workdir: Path,
            "stream_verify_peak_over_warm_mib": sv["peak_mib"] - sv["rss_warm_mib"],
            "stream_rss_base_mib": sv["rss_base_mib"], "stream_peak_abs_mib": sv["peak_mib"],
            "raw": {"floor": floor["times"], "stream_verify": sv["times"],
-                   "stream_noverify": sn["times"]}}
+                   "stream_noverify": sn["times"]},
+           "other_cpu_frac": max(floor["other_frac"], sv["other_frac"], sn["other_frac"],
+                                 add["other_frac"])}
     row["floor_plus_adds_s"] = row["floor_s"] + n * add_s
     if torch_python:
       tc = torch_child(torch_python, {"paths": pts, "repeats": repeats})
@@ -250,6 +257,7 @@ def bench_size(size: str, ns, repeats: int, cold_repeats: int, workdir: Path,
                  official_rel_checksum_diff=abs(tc["checksum"] - sv["checksum"]) /
                  max(abs(sv["checksum"]), 1e-30))
       row["raw"]["official"] = tc["times"]
+      row["other_cpu_frac"] = max(row["other_cpu_frac"], tc["other_frac"])
     print(f"[{size}] N={n}: floor {row['floor_s']:.3f}s stream(verify) {row['stream_verify_s']:.3f}s "
           f"stream(no verify) {row['stream_noverify_s']:.3f}s official {row.get('official_s', 'n/a')}",
           file=sys.stderr)
@@ -261,24 +269,26 @@ def bench_size(size: str, ns, repeats: int, cold_repeats: int, workdir: Path,
     else:
       for n in ns:
         paths, pts = data["ingredients"][:n], data["pt"][:n]
-        r = {"size": size, "n": n,
-             "floor_s": common.median(child("floor", {"paths": paths, "repeats": cold_repeats,
-                                                      "cold": True})["times"]),
-             "stream_verify_s": common.median(child("stream", {
-                 "paths": paths, "verify": True, "repeats": cold_repeats, "cold": True})["times"])}
+        fl = child("floor", {"paths": paths, "repeats": cold_repeats, "cold": True})
+        sv = child("stream", {"paths": paths, "verify": True, "repeats": cold_repeats, "cold": True})
+        r = {"size": size, "n": n, "floor_s": common.median(fl["times"]),
+             "stream_verify_s": common.median(sv["times"]),
+             "other_cpu_frac": max(fl["other_frac"], sv["other_frac"])}
         if torch_python:
-          r["official_s"] = common.median(torch_child(torch_python, {
-              "paths": pts, "repeats": cold_repeats, "cold": True})["times"])
+          tc = torch_child(torch_python, {"paths": pts, "repeats": cold_repeats, "cold": True})
+          r["official_s"] = common.median(tc["times"])
+          r["other_cpu_frac"] = max(r["other_cpu_frac"], tc["other_frac"])
         cold_rows.append(r)
       read_all(files_under(data["ingredients"] + data["pt"]))  # Leave the cache warm again.
   return {"rows": rows, "cold_rows": cold_rows, "cold_note": cold_note, "add_pass": add}
 
 
 def report(all_rows, cold_rows) -> str:
-  out = ["Warm page cache, medians; times in seconds.", ""]
+  out = ["Warm page cache, medians; times in seconds. others' CPU: share of the CPUs other "
+         "processes used during the row's measurements (the largest of its subprocesses).", ""]
   headers = ["model", "N", "floor (read)", "floor+adds", "stream verify", "stream no-verify",
              "official (torch)", "verify / floor+adds", "no-verify / floor+adds",
-             "official / stream verify", "official / stream no-verify"]
+             "official / stream verify", "official / stream no-verify", "others' CPU"]
   rows = []
   for r in all_rows:
     off = r.get("official_s")
@@ -287,7 +297,8 @@ def report(all_rows, cold_rows) -> str:
                  r["stream_verify_s"] / r["floor_plus_adds_s"],
                  r["stream_noverify_s"] / r["floor_plus_adds_s"],
                  off / r["stream_verify_s"] if off else "n/a",
-                 off / r["stream_noverify_s"] if off else "n/a"])
+                 off / r["stream_noverify_s"] if off else "n/a",
+                 f"{100 * r['other_cpu_frac']:.0f}%"])
   out.append(common.table(headers, rows))
   out += ["", "Peak RSS during the call above the worker's RSS after imports (MiB), and as a "
           "multiple of one model's float32 size; 'after warm-up' subtracts instead the RSS after "
@@ -308,11 +319,12 @@ def report(all_rows, cold_rows) -> str:
   if cold_rows:
     out += ["", "Cold page cache (drop_caches before each call); seconds.", ""]
     headers = ["model", "N", "floor (read)", "stream verify", "official (torch)",
-               "verify / floor", "official / stream verify"]
+               "verify / floor", "official / stream verify", "others' CPU"]
     out.append(common.table(headers, [
         [r["size"], r["n"], r["floor_s"], r["stream_verify_s"], r.get("official_s", "n/a"),
          r["stream_verify_s"] / r["floor_s"],
-         r["official_s"] / r["stream_verify_s"] if "official_s" in r else "n/a"]
+         r["official_s"] / r["stream_verify_s"] if "official_s" in r else "n/a",
+         f"{100 * r['other_cpu_frac']:.0f}%"]
         for r in cold_rows]))
   return "\n".join(out)
 
@@ -332,7 +344,10 @@ def main():
   ap.add_argument("--workdir", default="/tmp/soup_bench_averaging")
   ap.add_argument("--keep", action="store_true", help="keep the ingredients for a rerun")
   ap.add_argument("--quick", action="store_true", help="smoke: tiny, N=2,4, 1 repeat, no cold")
-  ap.add_argument("--wait-s", type=float, default=0, help="wait this long for soup.main to finish")
+  ap.add_argument("--quiet-wait-s", type=float, default=300, help="before each measurement, wait "
+                  "up to this long for no soup.main / pytest process")
+  ap.add_argument("--retries", type=int, default=2, help="reruns of a measurement during which "
+                  "other processes used > 5%% of the CPUs")
   ap.add_argument("--out", default="averaging")
   a = ap.parse_args()
   if a.worker:
@@ -340,7 +355,8 @@ def main():
     return
   if a.quick:
     a.sizes, a.tiny_n, a.repeats, a.no_cold = "tiny", "2,4", 1, True
-  busy = common.wait_until_quiet(timeout_s=a.wait_s)
+  QUIET.update(wait_s=a.quiet_wait_s, retries=a.retries)
+  busy = common.busy_processes()
   torch_python, torch_info = find_torch_python(a.torch_python)
   print(f"official baseline: {torch_python or 'skipped'} ({torch_info})", file=sys.stderr)
   workdir = Path(a.workdir)

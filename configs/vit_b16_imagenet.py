@@ -33,7 +33,6 @@ uniform soup better on the shifts than on ImageNet relative to the individuals.
 import importlib.util
 from pathlib import Path
 
-import ml_collections as mlc
 
 _SPEC = importlib.util.spec_from_file_location(
     "clip_vit_b32_imagenet", Path(__file__).with_name("clip_vit_b32_imagenet.py"))

@@ -24,7 +24,8 @@ from soup.data import imagenet, imagenet_heldout  # noqa: E402
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
   parser.add_argument("--data_dir", default=None,
-                      help="TFDS data_dir holding imagenet2012 (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+                      help="TFDS data_dir holding imagenet2012 "
+                           "(default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   parser.add_argument("--out", default=str(imagenet_heldout.DEFAULT_FILE))
   parser.add_argument("--per_class", type=int, default=imagenet_heldout.PER_CLASS)
   parser.add_argument("--seed", type=int, default=imagenet_heldout.SEED)
@@ -34,7 +35,11 @@ def main(argv=None) -> int:
   out = Path(args.out)
   previous = imagenet_heldout.load(out) if out.exists() else None
   tmp = out.with_name(out.name + ".new.npz")
-  held = imagenet_heldout.make_from_tfds(data_dir, tmp, args.per_class, args.seed)
+  try:
+    held = imagenet_heldout.make_from_tfds(data_dir, tmp, args.per_class, args.seed)
+  except (imagenet.DatasetMissingError, imagenet_heldout.HeldOutError) as e:
+    print(e, file=sys.stderr)
+    return 1
   if previous is not None and not args.force and not (
       previous.indices.shape == held.indices.shape and (previous.indices == held.indices).all()):
     tmp.unlink()

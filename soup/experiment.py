@@ -83,6 +83,7 @@ class Experiment:
     self.mesh = mesh_lib.make_mesh()
     self._task = None
     self._evaluator = None
+    self._verified: set[str] = set()  # Ingredients whose data passed load_model.
 
   # --- Data and model ---------------------------------------------------
 
@@ -251,7 +252,7 @@ class Experiment:
     error or a logged exclusion, per config.soups.on_bad_ingredient.
     """
     names, excluded = [], {}
-    reference = None
+    reference = self.expected_param_shapes()
     for name in self.all_model_names():
       path = self.ingredient_dir(name)
       try:
@@ -259,9 +260,17 @@ class Experiment:
         if meta.get("diverged"):
           raise FloatingPointError(f"{name} diverged (loss {meta.get('final_loss')}).")
         shapes = checkpoints.ingredient_shapes(path)
-        if reference is None:
-          reference = shapes
-        soup_lib.check_compatible(reference, shapes, "model_0", name)
+        try:
+          soup_lib.check_compatible(reference, shapes, "the config's model", name)
+        except soup_lib.IngredientMismatchError as e:
+          if name == "model_0":  # Every member would fail: the model code or config changed.
+            raise soup_lib.IngredientMismatchError(
+                f"{e} The workdir's models do not fit the current model definition; use a new "
+                "workdir (or the code version that made this one).") from e
+          raise
+        if name not in self._verified:  # Bytes and finiteness too, once per process:
+          self.load_model(name)         # a corrupted file is excluded here, not a crash later.
+          self._verified.add(name)
       except (checkpoints.CheckpointError, FloatingPointError, soup_lib.IngredientMismatchError) as e:
         if self.config.soups.on_bad_ingredient == "error":
           raise
@@ -270,6 +279,13 @@ class Experiment:
         continue
       names.append(name)
     return names, excluded
+
+  def expected_param_shapes(self) -> PyTree:
+    """Param shapes and dtypes the config's model has (no computation)."""
+    sample = next(iter(self.eval_splits()[self.columns.held_out].iterate(1)))
+    model = self.model(self.num_classes)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), self.task.preprocess(x)),
+                          jnp.asarray(sample))["params"]
 
   def load_model(self, name: str) -> PyTree:
     params = checkpoints.load_ingredient(self.ingredient_dir(name), self.config.soups.verify_checksums)

@@ -65,7 +65,9 @@ def main(argv):
   if not hasattr(module, "get_sweep"):
     raise SystemExit(f"{config_path} has no get_sweep(config) function defining the sweep.")
   start = time.time()
-  stages = config.stages if not isinstance(config.stages, str) else tuple(config.stages.split(","))
+  # --config.stages=sweep,evaluate arrives as ("sweep,evaluate",): split every item.
+  items = (config.stages,) if isinstance(config.stages, str) else tuple(config.stages)
+  stages = tuple(s.strip() for item in items for s in item.split(",") if s.strip())
   built = Experiment(config, workdir, module.get_sweep).run(stages)
   if built is not None:
     from soup import report

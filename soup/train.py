@@ -165,4 +165,8 @@ def train(*, apply_fn: Callable, params: PyTree, hyper: Hyper, num_classes: int,
   manager.wait_until_finished()
   manager.close()
   final = jax.device_get(state["params"])
+  if not diverged and not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final)):
+    diverged = True  # The last update alone can blow up after the last finite loss.
+    log.warning("%s: parameters are not finite after training; marking the run diverged.",
+                description)
   return Outcome(final, diverged, int(jax.device_get(state["step"])), loss)

@@ -22,8 +22,8 @@ def mock(tmp_path_factory):
 def data_config(mock, **overrides):
   d = dict(name="imagenet", data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
            imagenet_v2_variant="matched-frequency", heldout_file=mock["heldout_file"],
-           heldout_per_class=1, split_seed=0, image_size=32, normalization="clip", num_workers=2,
-           cache_dir=mock["cache_dir"])
+           heldout_per_class=1, heldout_in_memory=True, split_seed=0, image_size=32,
+           normalization="clip", num_workers=2, cache_dir=mock["cache_dir"])
   d.update(overrides)
   return mlc.ConfigDict(d)
 
@@ -98,6 +98,14 @@ def test_heldout_file_round_trip_and_task_split(mock, task):
   assert task.finetune_size() == 1000
   assert not np.intersect1d(task.finetune_idx, held.indices).size
   np.testing.assert_array_equal(task.eval_splits()["ImageNet2p"].labels, held.labels)
+
+
+def test_heldout_in_memory_equals_the_stream(mock, task):
+  in_memory = task.eval_splits()["ImageNet2p"]
+  streamed = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False)).eval_splits()["ImageNet2p"]
+  assert in_memory.images is not None and streamed.images is None
+  np.testing.assert_array_equal(in_memory.images, np.concatenate(list(streamed.iterate(300))))
+  np.testing.assert_array_equal(in_memory.labels, streamed.labels)
 
 
 def test_task_refuses_a_list_made_for_other_data(mock, tmp_path):

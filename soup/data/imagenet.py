@@ -1,7 +1,8 @@
 """ImageNet and its five distribution shifts, streamed from TFDS without TensorFlow.
 
 Splits (result column: source):
-  ImageNet2p      imagenet2012 train, the 26,000 held-out images (imagenet_heldout.py)
+  ImageNet2p      imagenet2012 train, the 26,000 held-out images (imagenet_heldout.py),
+                  decoded once and kept in memory (config.data.heldout_in_memory)
   ImageNet        imagenet2012 validation (50,000), the test set
   ImageNetV2      imagenet_v2/matched-frequency test (10,000)
   ImageNetSketch  imagenet_sketch test (50,889)
@@ -270,7 +271,9 @@ class ImageNetTask(Task):
     self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     self.fill = tuple(min(255, round(255 * m)) for m in mean)  # timm's img_mean.
     self.pool = concurrent.futures.ThreadPoolExecutor(d.num_workers or os.cpu_count() or 1)
-    self._prefetch = concurrent.futures.ThreadPoolExecutor(1)
+    self._prefetch = concurrent.futures.ThreadPoolExecutor(1)      # Next eval batch.
+    self._train_ahead = concurrent.futures.ThreadPoolExecutor(1)   # Next training batch.
+    self._ahead = None  # (key, future) of the training batch decoded ahead.
 
     self.train_builder, self.train_source = open_tfds("ImageNet2p", self.data_dir)
     self.heldout = imagenet_heldout.load(os.path.expanduser(d.heldout_file) if d.heldout_file else None)
@@ -325,10 +328,31 @@ class ImageNetTask(Task):
   def finetune_batch(self, batch_size: int, seed: int, step: int,
                      hparams: Optional[Mapping[str, Any]] = None) -> tuple[np.ndarray, np.ndarray]:
     """The global batch of `step` (batch_positions, as pipeline.train_batch), augmented
-    per hparams["aug"]. Only this process's rows are decoded (see the module docstring)."""
+    per hparams["aug"]. Only this process's rows are decoded (see the module docstring).
+
+    The trainer asks for steps in order, so the next step's batch is decoded in the
+    background while the device runs this one; a different request just waits for it
+    and decodes its own (the result is the same either way: batches are pure functions
+    of their arguments).
+    """
+    aug = (hparams or {}).get("aug")
+    key = (int(batch_size), int(seed), int(step), aug)
+    pending, self._ahead = self._ahead, None
+    if pending is not None and pending[0] == key:
+      batch = pending[1].result()
+    else:
+      if pending is not None:  # Let it finish (unused) rather than race it for the pool.
+        concurrent.futures.wait([pending[1]])
+      batch = self._finetune_batch(*key)
+    next_key = (key[0], key[1], key[2] + 1, aug)
+    self._ahead = (next_key, self._train_ahead.submit(self._finetune_batch, *next_key))
+    return batch
+
+  def _finetune_batch(self, batch_size: int, seed: int, step: int,
+                      aug: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
     positions = self.batch_positions(batch_size, seed, step)
     rows = self._local_rows(batch_size)
-    augment = randaugment.from_string((hparams or {}).get("aug"), self.fill)
+    augment = randaugment.from_string(aug, self.fill)
     size = self.image_size
 
     def transform(k, img):  # Row rows[k]'s randomness depends on (seed, step, row) only.
@@ -430,7 +454,14 @@ class ImageNetTask(Task):
       raise imagenet_heldout.HeldOutError(
           "The held-out list's labels differ from the dataset's at its indices: it was made from "
           f"another preparation of imagenet2012. Remake it with `{imagenet_heldout.MAKE_COMMAND}`.")
-    return self._tfds_split("ImageNet2p", self.train_builder, self.train_source, self.heldout.indices)
+    split = self._tfds_split("ImageNet2p", self.train_builder, self.train_source, self.heldout.indices)
+    if not self.config.heldout_in_memory:
+      return split
+    # Selection reads the held-out set once per candidate (greedy soup: 72 times) and the
+    # learned soups need it whole: decode its 26,000 images once (3.9 GB at 224 px).
+    log.info("decoding the %d held-out images into memory", len(split))
+    images = np.concatenate(list(split.iterate(1024)))
+    return EvalSplit(labels=split.labels, images=images)
 
   def eval_splits(self) -> dict[str, EvalSplit]:
     """Column -> EvalSplit in results.IMAGENET order; all missing datasets are reported at once."""
