@@ -35,7 +35,8 @@ PyTree = Any
 STAGES = ("pretrain", "probe", "sweep", "evaluate", "soups", "report")
 # Keys a rerun may change without invalidating what the workdir holds.
 MUTABLE_KEYS = ("stages", "sweep.only", "sweep.num_members", "soups", "data.data_dir",
-                "data.idx_dir", "eval.batch_size")
+                "data.idx_dir", "eval.batch_size", "data.objectnet_dir", "data.num_workers",
+                "data.cache_dir", "data.heldout_in_memory", "init.bpe_path")
 
 
 class WorkdirMismatchError(ValueError):

@@ -91,14 +91,10 @@ def _weights(n: int, weights: Optional[Sequence[float]]) -> np.ndarray:
   return w
 
 
-def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]] = None,
-                   verify: bool = True, on_loaded: Optional[Callable[[int], None]] = None
-                   ) -> PyTree:
-  """Weighted mean of N ingredients holding one of them at a time (float32).
-
-  Weights are normalised. Each ingredient is checked against the first for
-  structure, shapes and dtypes before it is added.
-  """
+def _running_mean(sources: Sequence[Source], weights: Optional[Sequence[float]], verify: bool,
+                  place: Callable[[PyTree], PyTree], finish: Callable[[PyTree, PyTree], PyTree],
+                  on_loaded: Optional[Callable[[int], None]] = None) -> PyTree:
+  """The one averaging loop: load, check, place (on host or sharded), update."""
   if not sources:
     raise ValueError("Cannot average zero ingredients.")
   w = _weights(len(sources), weights)
@@ -108,18 +104,29 @@ def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]]
     params = load(source, verify)
     if reference is None:
       reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-      mean = _to_float32(params)
+      mean = _to_float32(place(params))
+      if w[0] == 0:
+        mean = jax.tree.map(jnp.zeros_like, mean)  # Leading zero weight: start empty.
     else:
       check_compatible(reference, params, _name(sources[0], 0), _name(source, i))
     total += w[i]
     if i > 0 and w[i] > 0:
-      mean = _running_update_donated(mean, params, np.float32(w[i] / total))
-    elif i == 0 and w[0] == 0:
-      mean = jax.tree.map(jnp.zeros_like, mean)  # Leading zero weight: start empty.
+      mean = _running_update_donated(mean, place(params), np.float32(w[i] / total))
     del params
     if on_loaded:
       on_loaded(i)
-  return _cast_like(mean, reference)
+  return finish(mean, reference)
+
+
+def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]] = None,
+                   verify: bool = True, on_loaded: Optional[Callable[[int], None]] = None
+                   ) -> PyTree:
+  """Weighted mean of N ingredients holding one of them at a time (float32).
+
+  Weights are normalised. Each ingredient is checked against the first for
+  structure, shapes and dtypes before it is added.
+  """
+  return _running_mean(sources, weights, verify, lambda t: t, _cast_like, on_loaded)
 
 
 def weighted_average(trees: Sequence[PyTree], weights: Optional[Sequence[float]] = None) -> PyTree:
@@ -176,22 +183,4 @@ def sharded_average(sources: Sequence[Source], mesh: Mesh, weights: Optional[Seq
   """stream_average with every parameter split over the mesh axis: each device
   reduces its own slice, holding 1/D of the running mean and of the ingredient.
   """
-  if not sources:
-    raise ValueError("Cannot average zero ingredients.")
-  w = _weights(len(sources), weights)
-  reference = mean = None
-  total = 0.0
-  for i, source in enumerate(sources):
-    params = load(source, verify)
-    if reference is None:
-      reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-      mean = _to_float32(shard_flat(params, mesh, axis))
-      if w[0] == 0:
-        mean = jax.tree.map(jnp.zeros_like, mean)
-    else:
-      check_compatible(reference, params, _name(sources[0], 0), _name(source, i))
-    total += w[i]
-    if i > 0 and w[i] > 0:
-      mean = _running_update_donated(mean, shard_flat(params, mesh, axis), np.float32(w[i] / total))
-    del params
-  return unshard_flat(mean, reference)
+  return _running_mean(sources, weights, verify, lambda t: shard_flat(t, mesh, axis), unshard_flat)
