@@ -14,7 +14,9 @@ For each model size and N, each in a fresh subprocess (page cache warm unless
   peak        peak RSS of the worker during the call above its RSS after imports, vs one
               model's float32 bytes (VmHWM reset through /proc/self/clear_refs)
 Cold page cache: `echo 3 > /proc/sys/vm/drop_caches` before each cold call (skipped,
-and said so, where refused).
+and said so, where refused). Each subprocess waits for no soup.main / pytest process and
+is rerun if other processes took > 5% of the CPUs meanwhile (common.quiet_call); the
+share left is reported per row.
 
 Targets (issue): stream within 1.5x of floor+adds; >= 3x faster than the official loop;
 peak <= 3x one model for any N. Results: benchmarks/results/averaging.json.

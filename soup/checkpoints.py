@@ -63,7 +63,7 @@ def is_ingredient(path: str | os.PathLike) -> bool:
 
 def save_ingredient(path: str | os.PathLike, params: PyTree, metadata: Mapping | None = None) -> None:
   """Saves params only, then the fingerprint file that marks it complete."""
-  path = Path(path)
+  path = Path(path).absolute()  # Orbax wants absolute paths.
   if path.exists():
     shutil.rmtree(path)  # A leftover from an interrupted write.
   path.mkdir(parents=True)
@@ -88,7 +88,7 @@ def ingredient_metadata(path: str | os.PathLike) -> dict:
 def ingredient_shapes(path: str | os.PathLike) -> PyTree:
   """Shapes and dtypes of an ingredient, read from Orbax metadata (no array I/O)."""
   ingredient_metadata(path)
-  meta = ocp.StandardCheckpointer().metadata(Path(path) / "params")
+  meta = ocp.StandardCheckpointer().metadata(Path(path).absolute() / "params")
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree)
@@ -96,7 +96,7 @@ def ingredient_shapes(path: str | os.PathLike) -> PyTree:
 
 def load_ingredient(path: str | os.PathLike, verify: bool = True) -> PyTree:
   """Restores an ingredient as numpy arrays, checking its fingerprints."""
-  path = Path(path)
+  path = Path(path).absolute()
   info = ingredient_metadata(path)
   try:
     params = ocp.StandardCheckpointer().restore(path / "params")

@@ -77,7 +77,7 @@ class Experiment:
 
   def __init__(self, config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]]):
     self.config = config
-    self.workdir = Path(workdir)
+    self.workdir = Path(workdir).absolute()
     self.sweep_fn = sweep_fn
     self.workdir.mkdir(parents=True, exist_ok=True)
     check_workdir(config, self.workdir)

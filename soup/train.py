@@ -159,8 +159,9 @@ def train(*, apply_fn: Callable, params: PyTree, hyper: Hyper, num_classes: int,
           log.warning("%s: loss is %s at step %d; stopping this run as diverged.",
                           description, loss, step + 1)
           break
-      if (step + 1) % checkpoint_every == 0 and not last:
-        manager.save(step + 1, args=checkpoints.ocp.args.StandardSave(state))
+      # The last step is saved too: a crash before the ingredient is written loses nothing.
+      if (step + 1) % checkpoint_every == 0 or last:
+        manager.save(step + 1, args=checkpoints.ocp.args.StandardSave(state), force=last)
     bar.close()
   manager.wait_until_finished()
   manager.close()

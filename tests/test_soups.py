@@ -34,6 +34,14 @@ def test_soup_of_identical_checkpoints_is_that_checkpoint(tmp_path):
   _assert_trees_equal(soups.weighted_average([params] * 3, [0.2, 0.5, 0.3]), params)
 
 
+def test_ingredients_save_and_load_with_relative_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  params = _tree(np.random.default_rng(10))
+  checkpoints.save_ingredient("rel/model", params, {"note": "relative"})
+  _assert_trees_equal(checkpoints.load_ingredient("rel/model"), params)
+  assert checkpoints.ingredient_metadata("rel/model")["metadata"] == {"note": "relative"}
+
+
 def test_uniform_soup_equals_numpy_mean_of_restored_ingredients(tmp_path):
   rng = np.random.default_rng(1)
   paths = []
