@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -394,18 +393,8 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
     ax.legend(handles=shown, fontsize=10, loc="best", framealpha=0.8)
   fig.tight_layout()
 
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=100)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+    R.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
   finally:
     plt.close(fig)
 

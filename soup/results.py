@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import IO, Callable, Iterable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +83,24 @@ def read(path: str | os.PathLike) -> list[dict]:
   return rows
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], None], binary: bool = False) -> None:
   """Writes via a temporary file and rename: a kill never leaves half a file."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb" if binary else "w") as f:
+      write_fn(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  atomic_write(path, lambda f: f.write(text))
 
 
 def write(path: str | os.PathLike, rows: Iterable[dict]) -> None:
