@@ -7,12 +7,14 @@ the fine-tuning split gives model_0, the shared initialization; a random
 search of full fine-tunes starts from it; then every soup and baseline is
 evaluated on held-out, test and five shifts.
 
-Run (from a prepared dataset, ~6 min on 2 CPU cores):
+Run (from a prepared dataset, ~8.5 min on 2 CPU cores):
   python -m soup.main --config=configs/fashion_mnist.py --workdir=workdirs/fashion_mnist
 Smoke (same code path, under a minute):
   python -m soup.main --config=configs/fashion_mnist.py:smoke --workdir=/tmp/soup_smoke
-Expected (default run, 2 CPU cores): greedy soup >= best individual on
-held-out by construction; see docs/results.md for the measured table.
+Expected (measured on 2 CPU cores, experiments/README.md): 507 s; test accuracy
+best individual 79.53, uniform soup 76.53, greedy soup 79.62 (4 of 13 ingredients),
+learned soup 79.80, greedy ensemble 80.35; the greedy soup never loses held-out
+accuracy to the best individual.
 Overrides: --config.sweep.num_members=24 --config.soups.greedy_comparison='>='.
 """
 
