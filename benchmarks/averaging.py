@@ -13,6 +13,8 @@ For each model size and N, each in a fresh subprocess (page cache warm unless
               separate venv with torch (--torch-python); .pt files hold the same weights
   peak        peak RSS of the worker during the call above its RSS after imports, vs one
               model's float32 bytes (VmHWM reset through /proc/self/clear_refs)
+  uncompressed  stream_average on the same weights saved without Orbax's zstd compression
+              (a proposed change to soup.checkpoints.save_ingredient; --no-uncompressed skips)
 Cold page cache: `echo 3 > /proc/sys/vm/drop_caches` before each cold call (skipped,
 and said so, where refused). Each subprocess waits for no soup.main / pytest process and
 is rerun if other processes took > 5% of the CPUs meanwhile (common.quiet_call); the
@@ -157,12 +159,34 @@ def unflatten(flat: dict) -> dict:
   return tree
 
 
-def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None) -> dict:
+def save_uncompressed(path: Path, params, metadata: dict) -> None:
+  """soup.checkpoints.save_ingredient with Orbax's zstd compression off (the proposed fix).
+
+  The same layout (OCDBT, zarr) and ingredient.json, so load_ingredient reads it unchanged.
+  """
+  import orbax.checkpoint as ocp
+  from soup import checkpoints, results
+  path = Path(path).absolute()
+  if path.exists():
+    shutil.rmtree(path)
+  path.mkdir(parents=True)
+  ckpt = ocp.PyTreeCheckpointer(use_compression=False)
+  ckpt.save(path / "params", args=ocp.args.PyTreeSave(params))
+  ckpt.close()
+  info = {"fingerprints": checkpoints.fingerprint(params), "metadata": metadata}
+  results.atomic_write_text(path / checkpoints.INGREDIENT_FILE, json.dumps(info, indent=1))
+
+
+def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
+                     uncompressed: bool) -> dict:
   """Writes n ingredients (Orbax) and, with torch, the same weights as .pt files."""
   import numpy as np
   from soup import checkpoints
   manifest = workdir / "manifest.json"
-  want = {"size": size, "n": n, "torch": bool(torch_python), "version": 1}
+  # The fingerprint format lives in soup/checkpoints.py: a change there means rewriting.
+  want = {"size": size, "n": n, "torch": bool(torch_python), "version": 1,
+          "uncompressed": uncompressed,
+          "checkpoints.py": common.code_version()["soup/checkpoints.py"]}
   if manifest.exists() and json.loads(manifest.read_text()) == want:
     print(f"[{size}] reusing {n} ingredients in {workdir}", file=sys.stderr)
   else:
@@ -178,6 +202,8 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None)
     for i in range(n):
       flat = {k: base[k] + np.float32(1e-3 * (i + 1)) * noise[k] for k in shapes}
       checkpoints.save_ingredient(workdir / f"ing_{i:03d}", unflatten(flat), {"index": i})
+      if uncompressed:
+        save_uncompressed(workdir / f"unc_{i:03d}", unflatten(flat), {"index": i})
       if torch_python:
         np.savez(workdir / f"sd_{i:03d}.npz", **flat)
         pairs.append([str(workdir / f"sd_{i:03d}.npz"), str(workdir / f"sd_{i:03d}.pt")])
@@ -189,6 +215,7 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None)
   nparams = sum(int(np.prod(s)) for s in param_shapes(size).values())
   return {"ingredients": [str(workdir / f"ing_{i:03d}") for i in range(n)],
           "pt": [str(workdir / f"sd_{i:03d}.pt") for i in range(n)] if torch_python else [],
+          "uncompressed": [str(workdir / f"unc_{i:03d}") for i in range(n)] if uncompressed else [],
           "params": nparams, "model_bytes": 4 * nparams}
 
 
@@ -225,19 +252,26 @@ def find_torch_python(explicit: str | None) -> tuple[str | None, str]:
                 "/tmp/torchvenv/bin/pip install torch==2.13.0 numpy)")
 
 
+def warm(paths) -> None:
+  """Reads the files a measurement is about to read, so they are in the page cache."""
+  read_all(files_under(paths))
+
+
 def bench_size(size: str, ns, repeats: int, cold_repeats: int, workdir: Path,
-               torch_python: str | None, cold: bool) -> dict:
-  data = make_ingredients(size, max(ns), workdir / size, torch_python)
+               torch_python: str | None, cold: bool, uncompressed: bool) -> dict:
+  data = make_ingredients(size, max(ns), workdir / size, torch_python, uncompressed)
   mb = data["model_bytes"] / 2**20
-  # Warm the page cache with every file any measurement reads.
-  read_all(files_under(data["ingredients"] + data["pt"]))
+  warm(data["ingredients"][:1])
   add = child("add", {"path": data["ingredients"][0], "repeats": max(5, repeats)})
   add_s = common.median(add["times"])
   rows = []
   for n in ns:
     paths, pts = data["ingredients"][:n], data["pt"][:n]
+    warm(paths)
     floor = child("floor", {"paths": paths, "repeats": repeats})
+    warm(paths)
     sv = child("stream", {"paths": paths, "verify": True, "repeats": repeats})
+    warm(paths)
     sn = child("stream", {"paths": paths, "verify": False, "repeats": repeats})
     row = {"size": size, "n": n, "params": data["params"], "model_mib": mb,
            "floor_s": common.median(floor["times"]), "floor_bytes": floor["bytes"],
@@ -252,7 +286,25 @@ def bench_size(size: str, ns, repeats: int, cold_repeats: int, workdir: Path,
            "other_cpu_frac": max(floor["other_frac"], sv["other_frac"], sn["other_frac"],
                                  add["other_frac"])}
     row["floor_plus_adds_s"] = row["floor_s"] + n * add_s
+    if uncompressed:
+      unc = data["uncompressed"][:n]
+      warm(unc)
+      uf = child("floor", {"paths": unc, "repeats": repeats})
+      warm(unc)
+      uv = child("stream", {"paths": unc, "verify": True, "repeats": repeats})
+      warm(unc)
+      un = child("stream", {"paths": unc, "verify": False, "repeats": repeats})
+      row.update(unc_floor_s=common.median(uf["times"]), unc_floor_bytes=uf["bytes"],
+                 unc_stream_verify_s=common.median(uv["times"]),
+                 unc_stream_noverify_s=common.median(un["times"]),
+                 unc_stream_verify_peak_mib=uv["peak_mib"] - uv["rss_base_mib"])
+      row["unc_floor_plus_adds_s"] = row["unc_floor_s"] + n * add_s
+      row["raw"].update(unc_floor=uf["times"], unc_stream_verify=uv["times"],
+                        unc_stream_noverify=un["times"])
+      row["other_cpu_frac"] = max(row["other_cpu_frac"], uf["other_frac"], uv["other_frac"],
+                                  un["other_frac"])
     if torch_python:
+      warm(pts)
       tc = torch_child(torch_python, {"paths": pts, "repeats": repeats})
       row.update(official_s=common.median(tc["times"]),
                  official_peak_mib=tc["peak_mib"] - tc["rss_base_mib"],
@@ -281,7 +333,6 @@ def bench_size(size: str, ns, repeats: int, cold_repeats: int, workdir: Path,
           r["official_s"] = common.median(tc["times"])
           r["other_cpu_frac"] = max(r["other_cpu_frac"], tc["other_frac"])
         cold_rows.append(r)
-      read_all(files_under(data["ingredients"] + data["pt"]))  # Leave the cache warm again.
   return {"rows": rows, "cold_rows": cold_rows, "cold_note": cold_note, "add_pass": add}
 
 
@@ -318,6 +369,20 @@ def report(all_rows, cold_rows) -> str:
                  op if op is not None else "n/a", op / m if op is not None else "n/a",
                  r["stream_rss_base_mib"]])
   out.append(common.table(headers, rows))
+  unc = [r for r in all_rows if "unc_stream_verify_s" in r]
+  if unc:
+    out += ["", "Proposed fix, measured: the same ingredients saved without Orbax's zstd "
+            "compression (PyTreeCheckpointer(use_compression=False)); warm cache, seconds.", ""]
+    headers = ["model", "N", "floor (read)", "floor+adds", "stream verify", "stream no-verify",
+               "verify / floor+adds", "no-verify / floor+adds", "official / stream verify",
+               "peak x model (verify)", "compressed-stream verify / this"]
+    out.append(common.table(headers, [
+        [r["size"], r["n"], r["unc_floor_s"], r["unc_floor_plus_adds_s"], r["unc_stream_verify_s"],
+         r["unc_stream_noverify_s"], r["unc_stream_verify_s"] / r["unc_floor_plus_adds_s"],
+         r["unc_stream_noverify_s"] / r["unc_floor_plus_adds_s"],
+         r["official_s"] / r["unc_stream_verify_s"] if "official_s" in r else "n/a",
+         r["unc_stream_verify_peak_mib"] / r["model_mib"],
+         r["stream_verify_s"] / r["unc_stream_verify_s"]] for r in unc]))
   if cold_rows:
     out += ["", "Cold page cache (drop_caches before each call); seconds.", ""]
     headers = ["model", "N", "floor (read)", "stream verify", "official (torch)",
@@ -341,6 +406,8 @@ def main():
   ap.add_argument("--repeats", type=int, default=0, help="0: 5 for tiny, 3 for vitb32")
   ap.add_argument("--cold-repeats", type=int, default=1)
   ap.add_argument("--no-cold", action="store_true")
+  ap.add_argument("--no-uncompressed", action="store_true", help="skip the proposed-fix variant "
+                  "(ingredients saved without zstd compression)")
   ap.add_argument("--torch-python", default=None, help="python of a venv with torch "
                   "(default /tmp/torchvenv/bin/python); the official baseline is skipped without one")
   ap.add_argument("--workdir", default="/tmp/soup_bench_averaging")
@@ -363,8 +430,8 @@ def main():
   print(f"official baseline: {torch_python or 'skipped'} ({torch_info})", file=sys.stderr)
   workdir = Path(a.workdir)
   sizes = a.sizes.split(",")
-  # Orbax ingredients + .pt copies (+ one .npz while converting), float32.
-  need = sum(SIZES[s]["approx_params"] * 4 * 2.1 * max(int(x) for x in
+  # Orbax ingredients, uncompressed copies, .pt copies (+ one .npz while converting), float32.
+  need = sum(SIZES[s]["approx_params"] * 4 * 3.1 * max(int(x) for x in
              getattr(a, f"{s}_n").split(",")) for s in sizes)
   free = shutil.disk_usage(workdir.parent).free
   if need > 0.8 * free:
@@ -379,7 +446,8 @@ def main():
       ns = [int(x) for x in getattr(a, f"{s}_n").split(",")]
       repeats = a.repeats or SIZES[s]["repeats"]
       t = time.perf_counter()
-      r = bench_size(s, ns, repeats, a.cold_repeats, workdir, torch_python, not a.no_cold)
+      r = bench_size(s, ns, repeats, a.cold_repeats, workdir, torch_python, not a.no_cold,
+                     not a.no_uncompressed)
       r["wall_s"] = time.perf_counter() - t
       results["sizes"][s] = r
       all_rows += r["rows"]

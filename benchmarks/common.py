@@ -125,10 +125,27 @@ def quiet_call(fn, wait_s: float = 300, retries: int = 2):
   return best
 
 
+CODE_FILES = ("soup/checkpoints.py", "soup/soups/average.py", "soup/soups/greedy.py",
+              "soup/soups/learned.py", "soup/train.py", "soup/evaluate.py", "soup/models/vit.py")
+
+
+def code_version() -> dict:
+  """sha256 (12 hex) of the files the benchmarks measure: ties results to a code version."""
+  import hashlib
+  out = {}
+  for f in CODE_FILES:
+    try:
+      out[f] = hashlib.sha256((ROOT / f).read_bytes()).hexdigest()[:12]
+    except OSError:
+      out[f] = None
+  return out
+
+
 def write_results(name: str, payload: dict) -> Path:
   RESULTS.mkdir(parents=True, exist_ok=True)
   payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "machine": machine(), "busy_processes": busy_processes(), **payload}
+             "machine": machine(), "code": code_version(), "busy_processes": busy_processes(),
+             **payload}
   path = RESULTS / f"{name}.json"
   path.write_text(json.dumps(payload, indent=1, default=float))
   return path

@@ -12,6 +12,7 @@ truncated or corrupted file that would otherwise restore silently wrong values.
 from __future__ import annotations
 
 import json
+import zlib
 import os
 import shutil
 from pathlib import Path
@@ -40,20 +41,16 @@ def flatten_with_names(tree: PyTree) -> dict[str, Any]:
 
 
 def fingerprint(tree: PyTree) -> dict[str, str]:
-  """Per leaf: dtype, shape and two 64-bit sums of its 32-bit words.
+  """Per leaf: dtype, shape and the CRC-32 of its bytes.
 
-  A plain and a position-weighted word sum catch any changed, truncated or
-  swapped bytes at numpy speed (several GB/s); a cryptographic hash would cost
-  more than the averaging itself on ViT-B/32-sized ingredients.
+  Catches any changed, truncated or swapped bytes at ~3 GB/s with no copy; a
+  cryptographic hash would cost more than the averaging itself on
+  ViT-B/32-sized ingredients.
   """
   out = {}
   for name, leaf in flatten_with_names(tree).items():
     a = np.ascontiguousarray(np.asarray(leaf))
-    raw = a.reshape(-1).view(np.uint8)
-    raw = np.pad(raw, (0, -raw.size % 4)).view(np.uint32).astype(np.uint64)
-    plain = int(raw.sum(dtype=np.uint64))
-    weighted = int((raw * (np.arange(raw.size, dtype=np.uint64) % 65521 + 1)).sum(dtype=np.uint64))
-    out[name] = f"{a.dtype}{list(a.shape)}:{plain:016x}:{weighted:016x}"
+    out[name] = f"{a.dtype}{list(a.shape)}:{zlib.crc32(a.reshape(-1).view(np.uint8)):08x}"
   return out
 
 
@@ -88,7 +85,8 @@ def ingredient_metadata(path: str | os.PathLike) -> dict:
 def ingredient_shapes(path: str | os.PathLike) -> PyTree:
   """Shapes and dtypes of an ingredient, read from Orbax metadata (no array I/O)."""
   ingredient_metadata(path)
-  meta = ocp.StandardCheckpointer().metadata(Path(path).absolute() / "params")
+  with ocp.StandardCheckpointer() as checkpointer:
+    meta = checkpointer.metadata(Path(path).absolute() / "params")
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree)
@@ -99,7 +97,8 @@ def load_ingredient(path: str | os.PathLike, verify: bool = True) -> PyTree:
   path = Path(path).absolute()
   info = ingredient_metadata(path)
   try:
-    params = ocp.StandardCheckpointer().restore(path / "params")
+    with ocp.StandardCheckpointer() as checkpointer:  # Closing it frees its threads and buffers.
+      params = checkpointer.restore(path / "params")
   except Exception as e:  # Orbax/tensorstore raise many types for broken files.
     raise CheckpointError(f"Cannot restore ingredient {path}: {type(e).__name__}: {e}. "
                           "The checkpoint is corrupted or truncated; delete it and rerun "

@@ -22,7 +22,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_process_jax_distributed_average_equals_streamed(tmp_path):
+def test_two_process_jax_distributed_average_equals_streamed_to_float32_rounding(tmp_path):
   from soup import checkpoints, soups
   sys.path.insert(0, str(ROOT / "tests"))
   from multidevice_checks import _trees
@@ -39,4 +39,4 @@ def test_two_process_jax_distributed_average_equals_streamed(tmp_path):
   with np.load(out) as got:
     assert set(got.files) == set(expected)
     for k, v in expected.items():
-      np.testing.assert_array_equal(got[k], v, err_msg=k)
+      np.testing.assert_allclose(got[k], v, rtol=2e-6, atol=1e-7, err_msg=k)

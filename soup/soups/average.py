@@ -9,6 +9,7 @@ that model (x - mean = 0 at every step).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -91,27 +92,68 @@ def _weights(n: int, weights: Optional[Sequence[float]]) -> np.ndarray:
   return w
 
 
+def _host_start(params: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: np.array(x, np.float32), params)
+
+
+def _host_update(mean: PyTree, params: PyTree, coef: np.float32, owned: bool) -> PyTree:
+  """mean += coef * (x - mean) in place: no temporaries beyond x itself.
+
+  `owned` ingredients (restored from disk here) are used as scratch space;
+  a caller's arrays are copied first.
+  """
+  def update(m, x):
+    x = np.asarray(x)
+    scratch = x.astype(np.float32, copy=not (owned and x.flags.writeable))
+    np.subtract(scratch, m, out=scratch)
+    scratch *= coef
+    m += scratch
+    return m
+  return jax.tree.map(update, mean, params)
+
+
+def _prefetched(sources: Sequence[Source], verify: bool, prefetch: bool):
+  """Yields (source, params); with prefetch, restores the next ingredient in a
+  thread while the caller adds the current one (Orbax/tensorstore release the
+  GIL), at the cost of holding one more ingredient.
+  """
+  if not prefetch:
+    for source in sources:
+      yield source, load(source, verify)
+    return
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    future = pool.submit(load, sources[0], verify)
+    for i, source in enumerate(sources):
+      params = future.result()
+      if i + 1 < len(sources):
+        future = pool.submit(load, sources[i + 1], verify)
+      yield source, params
+      del params
+
+
 def _running_mean(sources: Sequence[Source], weights: Optional[Sequence[float]], verify: bool,
-                  place: Callable[[PyTree], PyTree], finish: Callable[[PyTree, PyTree], PyTree],
-                  on_loaded: Optional[Callable[[int], None]] = None) -> PyTree:
-  """The one averaging loop: load, check, place (on host or sharded), update."""
+                  start: Callable[[PyTree], PyTree], update: Callable[..., PyTree],
+                  finish: Callable[[PyTree, PyTree], PyTree],
+                  on_loaded: Optional[Callable[[int], None]] = None,
+                  prefetch: bool = False) -> PyTree:
+  """The one averaging loop: load, check, then start or update the running mean."""
   if not sources:
     raise ValueError("Cannot average zero ingredients.")
   w = _weights(len(sources), weights)
   reference = mean = None
   total = 0.0
-  for i, source in enumerate(sources):
-    params = load(source, verify)
+  for i, (source, params) in enumerate(_prefetched(sources, verify, prefetch)):
     if reference is None:
       reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-      mean = _to_float32(place(params))
+      mean = start(params)
       if w[0] == 0:
-        mean = jax.tree.map(jnp.zeros_like, mean)  # Leading zero weight: start empty.
+        mean = jax.tree.map(lambda m: m * 0, mean)  # Leading zero weight: start empty.
     else:
       check_compatible(reference, params, _name(sources[0], 0), _name(source, i))
     total += w[i]
     if i > 0 and w[i] > 0:
-      mean = _running_update_donated(mean, place(params), np.float32(w[i] / total))
+      mean = update(mean, params, np.float32(w[i] / total),
+                    owned=isinstance(source, (str, os.PathLike)))
     del params
     if on_loaded:
       on_loaded(i)
@@ -119,14 +161,17 @@ def _running_mean(sources: Sequence[Source], weights: Optional[Sequence[float]],
 
 
 def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]] = None,
-                   verify: bool = True, on_loaded: Optional[Callable[[int], None]] = None
-                   ) -> PyTree:
+                   verify: bool = True, on_loaded: Optional[Callable[[int], None]] = None,
+                   prefetch: bool = True) -> PyTree:
   """Weighted mean of N ingredients holding one of them at a time (float32).
 
   Weights are normalised. Each ingredient is checked against the first for
-  structure, shapes and dtypes before it is added.
+  structure, shapes and dtypes before it is added. On the host, in place:
+  peak memory is the running mean plus one ingredient (two with prefetch,
+  which overlaps reading the next checkpoint with adding the current one).
   """
-  return _running_mean(sources, weights, verify, lambda t: t, _cast_like, on_loaded)
+  return _running_mean(sources, weights, verify, _host_start, _host_update, _cast_like, on_loaded,
+                       prefetch)
 
 
 def weighted_average(trees: Sequence[PyTree], weights: Optional[Sequence[float]] = None) -> PyTree:
@@ -183,4 +228,10 @@ def sharded_average(sources: Sequence[Source], mesh: Mesh, weights: Optional[Seq
   """stream_average with every parameter split over the mesh axis: each device
   reduces its own slice, holding 1/D of the running mean and of the ingredient.
   """
-  return _running_mean(sources, weights, verify, lambda t: shard_flat(t, mesh, axis), unshard_flat)
+  def start(params):
+    return _to_float32(shard_flat(params, mesh, axis))
+
+  def update(mean, params, coef, owned):
+    return _running_update_donated(mean, shard_flat(params, mesh, axis), coef)
+
+  return _running_mean(sources, weights, verify, start, update, unshard_flat)
