@@ -198,9 +198,11 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
                    f"`best_individual` line.")
   greedy = chosen.get("greedy_soup")
   if greedy is not None:
+    comparison = (greedy.get("soup_settings") or {}).get("greedy_comparison", ">")
+    rule = "does not drop (`>=`)" if comparison == ">=" else "improves (strict `>`, as the official code)"
     text = (f"The greedy soup adds models in decreasing order of held-out accuracy "
             f"(`{greedy.get('held_out_column', columns.held_out)}`) and keeps one only if held-out "
-            f"accuracy does not drop.")
+            f"accuracy {rule}.")
     names = _names(greedy.get("ingredients"))
     if names:
       text += f" Ingredients ({len(names)}): " + ", ".join(f"`{n}`" for n in names) + "."
