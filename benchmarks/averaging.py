@@ -220,10 +220,12 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
 
 
 QUIET = {"wait_s": 300.0, "retries": 2}
+WORKER_ENV: dict = {}  # e.g. {"MALLOC_ARENA_MAX": "1"} for the stream workers (--malloc-arena-max).
 
 
-def _monitored(cmd: list[str]) -> dict:
-  out, other = common.quiet_call(lambda: common.run_json(cmd), QUIET["wait_s"], QUIET["retries"])
+def _monitored(cmd: list[str], env: dict | None = None) -> dict:
+  out, other = common.quiet_call(lambda: common.run_json(cmd, env=env), QUIET["wait_s"],
+                                 QUIET["retries"])
   if "error" in out:
     raise OSError(out["error"])
   out["other_frac"] = other
@@ -231,7 +233,8 @@ def _monitored(cmd: list[str]) -> dict:
 
 
 def child(mode: str, args: dict) -> dict:
-  return _monitored([sys.executable, __file__, "--worker", mode, "--args", json.dumps(args)])
+  return _monitored([sys.executable, __file__, "--worker", mode, "--args", json.dumps(args)],
+                    WORKER_ENV if mode == "stream" else None)
 
 
 def torch_child(torch_python: str, args: dict) -> dict:
@@ -412,6 +415,8 @@ def main():
                   "(default /tmp/torchvenv/bin/python); the official baseline is skipped without one")
   ap.add_argument("--workdir", default="/tmp/soup_bench_averaging")
   ap.add_argument("--keep", action="store_true", help="keep the ingredients for a rerun")
+  ap.add_argument("--malloc-arena-max", type=int, default=0, help="run the stream_average workers "
+                  "with MALLOC_ARENA_MAX set (glibc; 0: unset)")
   ap.add_argument("--quick", action="store_true", help="smoke: tiny, N=2,4, 1 repeat, no cold")
   ap.add_argument("--quiet-wait-s", type=float, default=300, help="before each measurement, wait "
                   "up to this long for no soup.main / pytest process")
@@ -425,6 +430,8 @@ def main():
   if a.quick:
     a.sizes, a.tiny_n, a.repeats, a.no_cold = "tiny", "2,4", 1, True
   QUIET.update(wait_s=a.quiet_wait_s, retries=a.retries)
+  if a.malloc_arena_max:
+    WORKER_ENV["MALLOC_ARENA_MAX"] = str(a.malloc_arena_max)
   busy = common.busy_processes()
   torch_python, torch_info = find_torch_python(a.torch_python)
   print(f"official baseline: {torch_python or 'skipped'} ({torch_info})", file=sys.stderr)
@@ -439,7 +446,8 @@ def main():
              f"{free / 2**30:.1f} GiB free.")
   results = {"targets": {"stream_vs_floor_plus_adds_max": 1.5, "official_over_stream_min": 3.0,
                          "peak_over_model_max": 3.0},
-             "torch": torch_info if torch_python else None, "busy_at_start": busy, "sizes": {}}
+             "torch": torch_info if torch_python else None, "busy_at_start": busy,
+             "stream_worker_env": dict(WORKER_ENV), "sizes": {}}
   all_rows, all_cold = [], []
   try:
     for s in sizes:
@@ -458,6 +466,8 @@ def main():
     if not a.keep:
       shutil.rmtree(workdir, ignore_errors=True)
   text = report(all_rows, all_cold)
+  if WORKER_ENV:
+    text = f"stream_average workers ran with {WORKER_ENV}.\n\n" + text
   notes = [r["cold_note"] for r in results["sizes"].values() if r["cold_note"]]
   if notes:
     text += "\n\n" + "\n".join(notes)
