@@ -16,9 +16,10 @@ are reported beside it.
 
 Averaging: --avg-n ingredients of the same model (random float32 params) saved with
 soup.checkpoints.save_ingredient under a temp dir (page cache warm), then
-soup.soups.average.stream_average(paths, verify=True/False): GB/s of ingredient bytes
-averaged; and the on-device update alone (the jitted running-mean update on arrays already on
-the device), in GB/s of ingredient bytes.
+soup.soups.average.stream_average(paths, verify=True/False) (restore and running mean on the
+host), soup.soups.average.sharded_average(paths, mesh) (running mean on the devices): GB/s of
+ingredient bytes averaged; and the on-device update alone (the jitted running-mean update on
+arrays already on the device), in GB/s of ingredient bytes.
 Results: benchmarks/results/gpu.json (gpu_tiny.json with --tiny).
 """
 
@@ -150,6 +151,13 @@ def bench_average(cfg: dict, n: int, repeats: int, workdir: str | None) -> dict:
       ts = timeit(lambda: average.stream_average(paths, verify=verify), repeats)
       out[f"stream_verify_{verify}_s"] = common.median(ts)
       out[f"stream_verify_{verify}_gb_per_s"] = n * model_bytes / common.median(ts) / 1e9
+    # sharded_average: the running mean on the devices (split over all of them).
+    from soup import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh()
+    average.sharded_average(paths[:2], mesh)
+    ts = timeit(lambda: average.sharded_average(paths, mesh), repeats)
+    out["sharded_s"] = common.median(ts)
+    out["sharded_gb_per_s"] = n * model_bytes / common.median(ts) / 1e9
     # The update alone, device-resident.
     mean = average._to_float32(params)
     x = jax.device_put(params)
@@ -213,10 +221,11 @@ def main():
     print(f"\nstream_average of {av['n']} {name} ingredients ({av['model_bytes'] / 2**20:.1f} MiB "
           f"each), backend {av['backend']}, page cache warm\n")
     print(common.table(
-        ["stream verify s", "GB/s", "stream no-verify s", "GB/s", "device update ms", "GB/s"],
+        ["stream verify s", "GB/s", "stream no-verify s", "GB/s", "sharded_average (verify) s",
+         "GB/s", "device update ms", "GB/s"],
         [[av["stream_verify_True_s"], av["stream_verify_True_gb_per_s"], av["stream_verify_False_s"],
-          av["stream_verify_False_gb_per_s"], av["device_update_s"] * 1e3,
-          av["device_update_gb_per_s"]]]))
+          av["stream_verify_False_gb_per_s"], av["sharded_s"], av["sharded_gb_per_s"],
+          av["device_update_s"] * 1e3, av["device_update_gb_per_s"]]]))
   print("wrote", common.write_results("gpu_tiny" if a.tiny else "gpu", results), file=sys.stderr)
 
 
