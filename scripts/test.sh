@@ -1,6 +1,19 @@
 #!/usr/bin/env bash
-# Set-up (as scripts/demo.sh), then the test suite. Extra args go to pytest.
+# Set-up (as scripts/demo.sh), the test-only requirements, lint, then the test
+# suite. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Test-only dependencies (reference libraries, linters, the sweep launcher's
+# client), each file re-installed only when its hash changes.
+for req in requirements-test.txt requirements-launch.txt; do
+  [ -f "$req" ] || continue
+  stamp=.venv/.${req%.txt}.sha256
+  want=$(sha256sum "$req" | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[test] installing $req"
+    .venv/bin/python -m pip install -q -r "$req"
+    echo "$want" > "$stamp"
+  fi
+done
 exec .venv/bin/python -m pytest -q "$@"
