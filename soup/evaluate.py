@@ -35,7 +35,10 @@ class Evaluator:
 
   def logits_of_batches(self, params: PyTree, batches: Iterable[np.ndarray]) -> np.ndarray:
     """Logits of a stream of ordered batches of at most batch_size images."""
-    params = jax.device_put(params, mesh_lib.replicated(self.mesh))
+    # Params already laid out on this mesh (e.g. FSDP-sharded soups) stay as they are.
+    params = jax.tree.map(lambda x: x if getattr(getattr(x, "sharding", None), "mesh", None)
+                          == self.mesh else jax.device_put(x, mesh_lib.replicated(self.mesh)),
+                          params)
     out = []
     for batch in batches:
       valid = len(batch)

@@ -2,7 +2,8 @@
 
 Per-run hyperparameters (lr, weight decay, label smoothing, mixup, augmentation
 strength, schedule lengths) are traced arguments of the jitted step, so one
-compilation serves the whole sweep. The train state is replicated on the mesh,
+compilation serves the whole sweep. The train state is laid out on the mesh by
+`sharding_rules` (soup/sharding.py: replicated by default, FSDP for giant models),
 the batch split over its data axis, and the state donated to the step.
 """
 
@@ -12,7 +13,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from soup import checkpoints
 from soup import mesh as mesh_lib
+from soup import sharding
 from soup.data import pipeline
 from soup.metrics import MetricWriter
 
@@ -71,6 +73,10 @@ def learning_rate(step, hp):
   return jnp.where(step < hp["warmup_steps"], warm, cosine)
 
 
+def _all_finite(tree: PyTree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def decay_mask(params: PyTree) -> PyTree:
   """Weight decay on matrices and kernels only, not on biases, norms or embeddings of rank 1."""
   return jax.tree.map(lambda p: float(p.ndim > 1), params)
@@ -110,6 +116,22 @@ def make_train_step(apply_fn: Callable, num_classes: int, augment_fn: Callable,
   return init_state, step_fn
 
 
+def jit_step(step_fn: Callable, mesh: Mesh, state_sharding: PyTree) -> Callable:
+  """The step compiled for one state layout: every run with that layout (the whole sweep)
+  reuses it. The state keeps its layout from step to step and is donated; under FSDP
+  the compiler gathers each param where it is used and reduce-scatters its gradient.
+  """
+  replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  return jax.jit(step_fn, in_shardings=(state_sharding, batch, batch, replicated, replicated),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def state_sharding_for(init_state: Callable, params: PyTree, mesh: Mesh,
+                       sharding_rules: Sequence = sharding.REPLICATED) -> PyTree:
+  """Shardings of the train state that init_state(params) builds (shapes only)."""
+  return sharding.state_shardings(jax.eval_shape(init_state, params), mesh, sharding_rules)
+
+
 # --- The loop: resume, train, checkpoint, log -----------------------------
 
 
@@ -118,21 +140,27 @@ def train(*, apply_fn: Callable, params: PyTree, hyper: Hyper, num_classes: int,
           workdir: str | Path, seed: int, augment_fn: Callable = pipeline.augment,
           preprocess_fn: Callable = pipeline.normalize, grad_clip: float = 1.0,
           checkpoint_every: int = 200, log_every: int = 20, description: str = "train",
-          compiled_step: Optional[Callable] = None) -> Outcome:
+          compiled_step: Optional[Callable] = None,
+          sharding_rules: Sequence = sharding.REPLICATED) -> Outcome:
   """Trains params for hyper.total_steps steps, resuming from workdir/train_state.
 
   `batch_fn(step)` returns the global batch of that step (host arrays). A
   non-finite loss stops the run and returns diverged=True with the last params.
+  `sharding_rules` lay out the state (soup/sharding.py); a `compiled_step` shared
+  by several runs must come from `jit_step` with the same layout.
   """
   workdir = Path(workdir)
   init_state, step_fn = make_train_step(apply_fn, num_classes, augment_fn, preprocess_fn, grad_clip)
-  step_jit = compiled_step or jax.jit(step_fn, donate_argnums=0)
+  state_sharding = state_sharding_for(init_state, params, mesh, sharding_rules)
+  step_jit = compiled_step or jit_step(step_fn, mesh, state_sharding)
   replicated = mesh_lib.replicated(mesh)
 
-  # Setup: fresh state, or the latest checkpoint of an interrupted run.
-  state = jax.device_put(init_state(jax.tree.map(jnp.asarray, params)), replicated)
+  # Setup: fresh state, or the latest checkpoint of an interrupted run. Each process
+  # puts only its own slices; Orbax restores each process's shards straight into place.
+  params = sharding.put(params, state_sharding["params"])
+  state = jax.jit(init_state, out_shardings=state_sharding)(params)
   manager = checkpoints.train_state_manager(workdir / "train_state", checkpoint_every)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+  abstract = sharding.abstract(state, state_sharding)
   start, restored = checkpoints.restore_train_state(manager, abstract)
   if restored is not None:
     state = restored
@@ -165,8 +193,11 @@ def train(*, apply_fn: Callable, params: PyTree, hyper: Hyper, num_classes: int,
     bar.close()
   manager.wait_until_finished()
   manager.close()
-  final = jax.device_get(state["params"])
-  if not diverged and not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final)):
+  final = state["params"]
+  finite = bool(jax.jit(_all_finite, out_shardings=replicated)(final))
+  if all(x.is_fully_addressable for x in jax.tree.leaves(final)):
+    final = jax.device_get(final)  # Else stays sharded: no host can hold a giant model.
+  if not diverged and not finite:
     diverged = True  # The last update alone can blow up after the last finite loss.
     log.warning("%s: parameters are not finite after training; marking the run diverged.",
                 description)

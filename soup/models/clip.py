@@ -95,10 +95,38 @@ def _openai_config(embed_dim, patch_size, vision_width, vision_layers, text_widt
       text_width=text_width, text_layers=12, text_heads=text_width // 64)
 
 
+def _open_clip_config(embed_dim, vision: dict, text: dict, act: str = "gelu"):
+  """A CLIPConfig from the numbers of an open_clip model_configs/*.json.
+
+  open_clip sizes heads by head_width (image) or heads (text), and the MLP as
+  int(width * mlp_ratio) (open_clip/transformer.py, ResidualAttentionBlock).
+  """
+  return CLIPConfig(
+      embed_dim=embed_dim, image_size=vision["image_size"], patch_size=vision["patch_size"],
+      vision_width=vision["width"], vision_layers=vision["layers"],
+      vision_heads=vision["width"] // vision["head_width"],
+      vision_mlp_dim=int(vision["width"] * vision["mlp_ratio"]),
+      context_length=text["context_length"], vocab_size=text["vocab_size"],
+      text_width=text["width"], text_layers=text["layers"], text_heads=text["heads"],
+      text_mlp_dim=int(text["width"] * text.get("mlp_ratio", 4.0)), act=act)
+
+
+# The giants, vendored from open_clip src/open_clip/model_configs/ViT-bigG-14.json and
+# ViT-g-14.json (commit 89fb801). Trained by LAION with nn.GELU (no -quickgelu suffix).
+OPEN_CLIP_GIANTS = {
+    "ViT-bigG/14": (1280, dict(image_size=224, layers=48, width=1664, head_width=104,
+                               mlp_ratio=4.9231, patch_size=14),
+                    dict(context_length=77, vocab_size=49408, width=1280, heads=20, layers=32)),
+    "ViT-g/14": (1024, dict(image_size=224, layers=40, width=1408, head_width=88,
+                            mlp_ratio=4.3637, patch_size=14),
+                 dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24)),
+}
+
 CONFIGS = {
     "ViT-B/32": _openai_config(512, 32, 768, 12, 512),
     "ViT-B/16": _openai_config(512, 16, 768, 12, 512),
     "ViT-L/14": _openai_config(768, 14, 1024, 24, 768),
+    **{name: _open_clip_config(*numbers) for name, numbers in OPEN_CLIP_GIANTS.items()},
     # For tests: runs in milliseconds on a CPU.
     "tiny": CLIPConfig(
         embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2,
@@ -108,7 +136,8 @@ CONFIGS = {
 
 
 def get_config(name: str, **overrides) -> CLIPConfig:
-  """A named config ("ViT-B/32", "ViT-B-32", "ViT-B/16", "ViT-L/14", "tiny")."""
+  """A named config ("ViT-B/32" or "ViT-B-32", "ViT-B/16", "ViT-L/14", "ViT-g/14",
+  "ViT-bigG/14", "tiny")."""
   key = name
   if key not in CONFIGS and key.count("-") == 2:  # open_clip spelling: "ViT-B-32".
     head, _, tail = key.rpartition("-")

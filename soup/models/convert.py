@@ -186,11 +186,14 @@ def _heads(width: int, head_width: int, tower: str) -> int:
 
 
 def clip_config_from_state_dict(state_dict: Mapping[str, Any], *, act: str = "quick_gelu",
-                                head_width: int = 64) -> CLIPConfig:
+                                head_width: int = 64,
+                                text_head_width: Optional[int] = None) -> CLIPConfig:
   """Infers a ``CLIPConfig`` from the shapes in an OpenAI / open_clip ViT state dict.
 
-  The number of attention heads is not visible in the weights; OpenAI and open_clip
-  ViTs all use 64-dim heads, hence ``heads = width // head_width``.
+  The number of attention heads is not visible in the weights, hence
+  ``heads = width // head_width``. OpenAI's towers all use 64-dim heads; open_clip's
+  giants do not in the image tower (ViT-bigG-14: 104, ViT-g-14: 88) while their text
+  towers keep 64: pass ``text_head_width`` when it differs (default: ``head_width``).
   """
   r = _StateDictReader(state_dict, "CLIP state dict")
   if "visual.layer1.0.conv1.weight" in r or "visual.attnpool.c_proj.weight" in r:
@@ -224,7 +227,7 @@ def clip_config_from_state_dict(state_dict: Mapping[str, Any], *, act: str = "qu
       vocab_size=r.shape("token_embedding.weight")[0],
       text_width=text_width,
       text_layers=text_layers,
-      text_heads=_heads(text_width, head_width, "text"),
+      text_heads=_heads(text_width, text_head_width or head_width, "text"),
       vision_mlp_dim=r.shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
       text_mlp_dim=r.shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
       act=act,
@@ -232,16 +235,18 @@ def clip_config_from_state_dict(state_dict: Mapping[str, Any], *, act: str = "qu
 
 
 def clip_from_state_dict(state_dict: Mapping[str, Any], *, act: str = "quick_gelu",
-                         head_width: int = 64) -> tuple[CLIPConfig, dict]:
+                         head_width: int = 64,
+                         text_head_width: Optional[int] = None) -> tuple[CLIPConfig, dict]:
   """Converts an OpenAI / open_clip ViT CLIP state dict to ``(config, params)``.
 
   ``params`` fits ``soup.models.clip.CLIP(config)``; its ``'visual'`` subtree also fits
   ``CLIPImageClassifier``. ``act`` must match how the weights were trained (see
-  ``CLIPConfig``). Every weight must be consumed: leftover keys mean an architecture
+  ``CLIPConfig``; open_clip's LAION giants use ``"gelu"``). Every weight must be consumed: leftover keys mean an architecture
   variant (layer scale, attention pooling, ...) this model does not implement, and
   silently ignoring them would give wrong features, so they raise.
   """
-  cfg = clip_config_from_state_dict(state_dict, act=act, head_width=head_width)
+  cfg = clip_config_from_state_dict(state_dict, act=act, head_width=head_width,
+                                    text_head_width=text_head_width)
   r = _StateDictReader(state_dict, "CLIP state dict")
   vw, tw, p = cfg.vision_width, cfg.text_width, cfg.patch_size
   visual = {

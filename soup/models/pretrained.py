@@ -93,7 +93,8 @@ def _load_clip(config):
                      "config.model.variant to the file's model or load the matching file.")
   # Head counts are not in the weights; the configured model says how wide a head is.
   got, params = convert.clip_from_state_dict(
-      state_dict, act=want.act, head_width=want.vision_width // want.vision_heads)
+      state_dict, act=want.act, head_width=want.vision_width // want.vision_heads,
+      text_head_width=want.text_width // want.text_heads)
   return got, params
 
 
