@@ -3,9 +3,10 @@
   python tests/fsdp_checks.py layout            per-device bytes, FSDP == replicated, one compile
   python tests/fsdp_checks.py killed WORKDIR K  FSDP training that SIGKILLs itself before step K
   python tests/fsdp_checks.py resume WORKDIR    resumes it, compares with an uninterrupted run
+  python tests/fsdp_checks.py smoke ROOT       the bigG config's smoke argument on mock data
   python tests/fsdp_checks.py soups RANK PORT DIR OUT   one of 2 processes x 4 devices
 
-The first three need XLA_FLAGS=--xla_force_host_platform_device_count=8. Each mode
+All but soups need XLA_FLAGS=--xla_force_host_platform_device_count=8. Each mode
 prints "<mode>: ok" and exits non-zero on a failed assertion.
 """
 
@@ -252,6 +253,62 @@ def _rchar():
   raise RuntimeError("no rchar in /proc/self/io")
 
 
+# --- The giant config's smoke argument ---------------------------------------
+
+
+def smoke(root):
+  """configs/clip_vit_bigg14_imagenet.py:smoke trains on mock ImageNet with its FSDP rules."""
+  import importlib.util
+  import math
+  import jax
+  from soup import mesh as mesh_lib, models, sharding, train
+  from soup.data import imagenet_mock
+  from soup.data.imagenet import ImageNetTask
+  from soup.models import pretrained
+  assert jax.device_count() == 8, jax.devices()
+  path = Path(__file__).resolve().parents[1] / "configs" / "clip_vit_bigg14_imagenet.py"
+  spec = importlib.util.spec_from_file_location("bigg_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  mock = imagenet_mock.write_all(root)
+  with config.unlocked():
+    config.data.update(data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
+                       heldout_file=mock["heldout_file"], cache_dir=f"{root}/cache")
+    config.init.update(path=mock["clip_path"], bpe_path=mock["bpe_path"])
+  assert config.sharding_rules == sharding.FSDP and config.model.act == "gelu"
+
+  task = ImageNetTask(config.data)
+  model = models.build(config.model, task.num_classes)
+  backbone = pretrained.load_pretrained(config)
+  embed = backbone["visual"]["proj"].shape[1]
+  params = {**backbone, "head": {"kernel": np.zeros((embed, task.num_classes), np.float32),
+                                 "bias": np.zeros((task.num_classes,), np.float32)}}
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  mesh = mesh_lib.make_mesh()
+  init_state, _ = train.make_train_step(apply_fn, task.num_classes, task.augment, task.preprocess,
+                                        config.finetune.grad_clip)
+  layout = train.state_sharding_for(init_state, params, mesh, config.sharding_rules)
+  counts = sharding.describe(layout["params"])
+  assert counts["split"] > 0.9 * (counts["split"] + counts["replicated"]), counts
+  hp = module.get_sweep(config)[0]
+  bs = config.finetune.batch_size
+  outcome = train.train(
+      apply_fn=apply_fn, params=params, num_classes=task.num_classes, mesh=mesh, seed=hp["seed"],
+      hyper=train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"], total_steps=3,
+                        label_smoothing=hp["label_smoothing"], mixup=hp["mixup"]),
+      batch_fn=lambda s: task.finetune_batch(bs, hp["seed"], s, hp), workdir=f"{root}/run",
+      augment_fn=task.augment, preprocess_fn=task.preprocess, log_every=1,
+      sharding_rules=config.sharding_rules)
+  first = losses(f"{root}/run")[1]
+  # A zero head gives uniform logits: the first loss is ln(classes) whatever smoothing or mixup.
+  assert abs(first - math.log(task.num_classes)) < 1e-4 * first, first
+  assert outcome.steps == 3 and not outcome.diverged
+  assert np.abs(outcome.params["head"]["kernel"]).max() > 0
+  print(f"smoke: {counts}, losses {losses(f'{root}/run')}")
+  print("smoke: ok")
+
+
 if __name__ == "__main__":
   mode = sys.argv[1]
   if mode == "layout":
@@ -260,6 +317,8 @@ if __name__ == "__main__":
     killed(sys.argv[2], int(sys.argv[3]))
   elif mode == "resume":
     resume(sys.argv[2])
+  elif mode == "smoke":
+    smoke(sys.argv[2])
   elif mode == "soups":
     soups(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
   else:
