@@ -24,23 +24,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from soup import results as R
+from soup.recipes import REGISTRY
 
-METHOD_NAMES = {
-    "initialization": "Initialization",
-    "best_individual": "Best individual model",
-    "uniform_soup": "Uniform soup",
-    "greedy_soup": "Greedy soup",
-    "learned_soup": "Learned soup",
-    "learned_soup_by_layer": "Learned soup (by layer)",
-    "model_stock": "Model stock",
-    "wise_ft": "WiSE-FT",
-    "ensemble": "Ensemble",
-    "greedy_ensemble": "Greedy ensemble",
-}
-ENSEMBLE_RECIPES = ("ensemble", "greedy_ensemble")
+# Labels, markers and costs are declared once, in the recipe registry.
+METHOD_NAMES = {name: r.label for name, r in REGISTRY.items() if name != "individual"}
+ENSEMBLE_RECIPES = tuple(n for n, r in REGISTRY.items() if r.inference_cost == "per_ingredient")
 # Recipes whose ingredients are, by definition, every individual model and the
 # initialization (the paper's uniform soup and ensemble of all 72 models).
-ALL_MODEL_RECIPES = ("uniform_soup", "ensemble")
+ALL_MODEL_RECIPES = tuple(n for n, r in REGISTRY.items() if r.every_model)
 DASH = "—"
 
 
@@ -315,19 +306,9 @@ def render_markdown(report: dict) -> str:
 # Figure.
 # ----------------------------------------------------------------------------
 
-# recipe: (label, marker, color, size) for the single-point recipes, drawn on top
-# of the individual models; legend lists them in this order.
-_MARKERS = {
-    "greedy_soup": ("Greedy Soup", "*", "C4", 500),
-    "uniform_soup": ("Uniform Soup", "o", "C0", 220),
-    "learned_soup": ("Learned Soup", "P", "C1", 220),
-    "learned_soup_by_layer": ("Learned Soup (by layer)", "X", "C8", 220),
-    "model_stock": ("Model Stock", "^", "C6", 220),
-    "ensemble": ("Ensemble", "s", "C3", 150),
-    "greedy_ensemble": ("Greedy Ensemble", "D", "C5", 130),
-}
-# Ensembles sit under the soups where they overlap (as the official ones do).
-_ZORDER = {"ensemble": 4, "greedy_ensemble": 4}
+# The single-point recipes' markers, drawn on top of the individual models; the
+# legend lists them in registry (Table 1) order.
+_MARKERS = {name: r.marker for name, r in REGISTRY.items() if r.marker is not None}
 
 
 def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.PathLike) -> None:
@@ -372,11 +353,11 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
       handles["wise_ft"] = ax.scatter(*xy(wise), marker="v", s=200, color="C9", label="WiSE-FT",
                                       zorder=4)
 
-  for recipe, (label, marker, color, size) in _MARKERS.items():
+  for recipe, m in _MARKERS.items():
     row = next((r["line"] for r in report["rows"] if r["recipe"] == recipe), None)
     if row is not None and xy(row):
-      handles[recipe] = ax.scatter(*xy(row), marker=marker, s=size, color=color, label=label,
-                                   zorder=_ZORDER.get(recipe, 5))
+      handles[recipe] = ax.scatter(*xy(row), marker=m.symbol, s=m.size, color=m.color,
+                                   label=m.label, zorder=m.zorder)
 
   if columns == R.IMAGENET:
     ax.set_xlabel("ImageNet Accuracy (top-1%)", fontsize=16)

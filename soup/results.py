@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterable, Sequence
 
+from soup import recipes
+
 
 @dataclasses.dataclass(frozen=True)
 class Columns:
@@ -39,12 +41,8 @@ FASHION_MNIST = Columns("FashionMNISTHeldOut", "FashionMNIST",
                          "FashionMNISTObjectNet", "FashionMNISTA"))
 KNOWN_COLUMNS = (IMAGENET, FASHION_MNIST)
 
-# Recipes, in the order the paper's Table 1 lists them.
-RECIPES = (
-    "initialization", "individual", "best_individual", "uniform_soup", "greedy_soup",
-    "learned_soup", "learned_soup_by_layer", "model_stock", "wise_ft", "ensemble",
-    "greedy_ensemble",
-)
+# Recipes, in the order the paper's Table 1 lists them (declared in soup/recipes.py).
+RECIPES = tuple(recipes.REGISTRY)
 
 
 def infer_recipe(model_name: str) -> str:
