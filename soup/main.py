@@ -17,19 +17,17 @@ import os
 # 13-26% faster (docs/benchmarks.md); a user's XLA_FLAGS wins.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
-import importlib  # noqa: E402
 import logging as std_logging  # noqa: E402
-import runpy  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import configs  # noqa: E402
+
 log = std_logging.getLogger("soup.main")
-REPO = Path(__file__).resolve().parents[1]
 USAGE_ERROR = 2  # Exit status of a user error (as argparse's).
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,20 +37,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU VMs, multi-node "
     "GPU): every host runs the same command; the mesh then spans all hosts' devices.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def config_module(path: str):
-  """The config file's module, for its sweep function (`get_sweep`).
-
-  A file of the configs package is imported by name; a config elsewhere (a
-  user's variant) is run from its path.
-  """
-  file = Path(path).resolve()
-  if file.parent == REPO / "configs":
-    if str(REPO) not in sys.path:
-      sys.path.insert(0, str(REPO))
-    return importlib.import_module(f"configs.{file.stem}")
-  return types.SimpleNamespace(**runpy.run_path(str(file)))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -99,7 +83,7 @@ def main(argv):
   config = _CONFIG.value
   config_path = flags.FLAGS["config"].config_filename.split(":")[0]
   try:
-    module = config_module(config_path)
+    module = configs.module_of(config_path)
     if not hasattr(module, "get_sweep"):
       raise validate.ConfigError(f"{config_path} has no get_sweep(config) function defining the "
                                  "sweep; add one (see configs/fashion_mnist.py).")

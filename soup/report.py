@@ -192,7 +192,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
     comparison = (greedy.get("soup_settings") or {}).get("greedy_comparison", ">")
     rule = "does not drop (`>=`)" if comparison == ">=" else "improves (strict `>`, as the official code)"
     text = (f"The greedy soup adds models in decreasing order of held-out accuracy "
-            f"(`{greedy.get('held_out_column', columns.held_out)}`) and keeps one only if held-out "
+            f"(`{columns.held_out}`) and keeps one only if held-out "
             f"accuracy {rule}.")
     names = _names(greedy.get("ingredients"))
     if names:
@@ -206,11 +206,17 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
     if names:
       notes.append(f"Greedy ensemble members ({len(names)}): "
                    + ", ".join(f"`{n}`" for n in names) + ".")
-  for recipe in ("learned_soup", "learned_soup_by_layer", "model_stock"):
+  for recipe in ("learned_soup", "learned_soup_by_layer"):
     row = chosen.get(recipe)
     if row is not None and row.get("weights") is not None:
       notes.append(f"{METHOD_NAMES[recipe]} weights: "
                    + _weights_str(row["weights"], _names(row.get("ingredients"))) + ".")
+  stock = chosen.get("model_stock")
+  ratios = _flat(stock.get("ratios")) if stock is not None else []
+  if ratios:  # Model Stock records its interpolation ratio t per parameter leaf.
+    notes.append(f"Model stock's ratio t (0: the initialization, 1: the members' mean) over "
+                 f"{len(ratios)} parameter leaves: min {min(ratios):.3f}, mean "
+                 f"{sum(ratios) / len(ratios):.3f}, max {max(ratios):.3f}.")
   if curve:
     pts = ", ".join(f"α={r['alpha']:g}: {_pct(_num(r.get(columns.held_out)))}" for r in curve)
     notes.append(f"WiSE-FT held-out accuracy (`{columns.held_out}`) by α: {pts}; the table shows "
@@ -400,7 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   rows: list[dict] = []
   for path in args.results:
-    rows += R.read(path)
+    try:
+      rows += R.read(path)
+    except (R.ResultsError, OSError) as e:  # A bad file: one line naming it, not a traceback.
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   columns = _COLUMN_PRESETS[args.columns] if args.columns else R.detect_columns(rows)
   report = build_report(rows, columns)
   out = Path(args.out)

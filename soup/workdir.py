@@ -22,7 +22,6 @@ cache and is recomputed; nothing is reused on the model's name alone.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -141,11 +140,9 @@ class Workdir:
       return {k: z[k] for k in z.files if k != _KEY_ENTRY}
 
   def write_logits(self, name: str, key: str, logits: dict[str, np.ndarray]) -> None:
-    def write(f):
-      buffer = io.BytesIO()
-      np.savez(buffer, **logits, **{_KEY_ENTRY: np.asarray(key)})
-      f.write(buffer.getvalue())
-    results.atomic_write(self.root / "eval" / f"{name}.npz", write, binary=True)
+    arrays = {**logits, _KEY_ENTRY: np.asarray(key)}
+    results.atomic_write(self.root / "eval" / f"{name}.npz", lambda f: np.savez(f, **arrays),
+                         binary=True)
 
   def read_rows(self, recipe: str, key: str) -> Optional[list[dict]]:
     """soups/<recipe>.json's rows if they were made from these inputs, else None."""

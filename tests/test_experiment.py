@@ -1,6 +1,8 @@
 """The smoke experiment end to end through the CLI, and its resumption."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +76,58 @@ def test_single_stage_and_unknown_key(smoke_workdir, tmp_path):
   assert "Uniform soup" in proc.stdout
   bad = run_python([*SMOKE, f"--workdir={tmp_path}", "--config.sweep.num_memberz=2"], check=False)
   assert bad.returncode != 0 and "num_memberz" in bad.stderr
+
+
+CHEAP_SOUPS = ["--config.stages=('evaluate','soups','report')",
+               "--config.soups.recipes=('best_individual','uniform_soup','ensemble')"]
+
+
+def _untimed(rows):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def _mtimes(paths):
+  return {p.name: p.stat().st_mtime_ns for p in paths}
+
+
+def test_changed_data_setting_recomputes_logits_and_rows(smoke_workdir, tmp_path):
+  """Another data_dir (here: the same data behind a symlink) misses every cache."""
+  from soup.data.fashion_mnist import default_data_dir
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_workdir[0], workdir)
+  run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])
+  before = _mtimes((workdir / "eval").glob("*.npz"))
+  rows_before = _untimed(results.read(workdir / "results.jsonl"))
+  proc = run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])
+  assert "soup recipe" not in proc.stderr and _mtimes((workdir / "eval").glob("*.npz")) == before
+
+  tfds = tmp_path / "tfds"
+  tfds.mkdir()
+  (tfds / "fashion_mnist").symlink_to(Path(default_data_dir()) / "fashion_mnist")
+  proc = run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS, f"--config.data.data_dir={tfds}"])
+  after = _mtimes((workdir / "eval").glob("*.npz"))
+  assert all(after[name] != before[name] for name in before)  # Every model re-evaluated.
+  for recipe in ("best_individual", "uniform_soup", "ensemble"):
+    assert f"soup recipe: {recipe} " in proc.stderr
+  # The same data: the same numbers.
+  assert _untimed(results.read(workdir / "results.jsonl")) == rows_before
+
+
+def test_retrained_member_recomputes_its_logits_and_the_soups(smoke_workdir, tmp_path):
+  """A member whose bytes changed (retrained) is re-evaluated; the others are not."""
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_workdir[0], workdir)
+  run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])
+  before = _mtimes((workdir / "eval").glob("*.npz"))
+  # "Retrain" model_2 into model_1's weights: its row must become model_1's.
+  shutil.rmtree(workdir / "models" / "model_2" / "ingredient")
+  shutil.copytree(workdir / "models" / "model_1" / "ingredient",
+                  workdir / "models" / "model_2" / "ingredient")
+  proc = run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])
+  after = _mtimes((workdir / "eval").glob("*.npz"))
+  assert [n for n in before if after[n] != before[n]] == ["model_2.npz"]
+  for recipe in ("best_individual", "uniform_soup", "ensemble"):
+    assert f"soup recipe: {recipe} " in proc.stderr
+  rows = {r["model_name"]: r for r in results.read(workdir / "results.jsonl")}
+  for column in results.FASHION_MNIST.all:
+    assert rows["model_2"][column] == rows["model_1"][column]

@@ -201,11 +201,8 @@ def metrics_steps(workdir: Path, name: str) -> list[int]:
 
 
 def smoke_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("fashion_mnist_config", REPO / "configs" / "fashion_mnist.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("smoke")
+  from configs import fashion_mnist
+  return fashion_mnist.get_config("smoke")
 
 
 @pytest.fixture(scope="module")
@@ -379,10 +376,8 @@ def test_ingredient_of_another_architecture(baseline, tmp_path):
 
 
 DIVERGING_CONFIG = """
-import importlib.util
-_spec = importlib.util.spec_from_file_location("fashion_mnist_base", {path!r})
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from configs import fashion_mnist as _base
+
 get_config = _base.get_config
 
 
@@ -396,7 +391,7 @@ def get_sweep(config):
 def test_diverged_member(baseline, tmp_path):
   workdir = copy_workdir(baseline, tmp_path / "run", ("model_0", "model_1", "model_3"))
   config = tmp_path / "diverging.py"
-  config.write_text(DIVERGING_CONFIG.format(path=str(REPO / "configs" / "fashion_mnist.py")))
+  config.write_text(DIVERGING_CONFIG)
   args = [ALL_AFTER_PROBE]
   # The member really trains and diverges; exclude mode soups the rest.
   expect_ok(run_cli(workdir, *args, "--config.soups.on_bad_ingredient=exclude",
