@@ -138,7 +138,8 @@ def get_config(arg: str = ""):
                   heldout_file=f"{SMOKE_ROOT}/imagenet2012_heldout.npz", heldout_per_class=1,
                   image_size=32, num_workers=2, cache_dir=f"{SMOKE_ROOT}/label_cache")
     c.model.update(variant="tiny")
-    c.init.update(path=f"{SMOKE_ROOT}/tiny_clip.safetensors", bpe_path=f"{SMOKE_ROOT}/tiny_bpe.txt.gz")
+    c.init.update(path=f"{SMOKE_ROOT}/tiny_clip.safetensors",
+                  bpe_path=f"{SMOKE_ROOT}/tiny_bpe.txt.gz")
     c.probe.update(examples=64, epochs=2, batch_size=32)
     c.finetune.update(batch_size=32, warmup_steps=2, checkpoint_every_steps=8, log_every_steps=4)
     c.sweep.update(num_members=2, epochs=(1, 1))

@@ -13,9 +13,9 @@ silently wrong values.
 from __future__ import annotations
 
 import json
-import zlib
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 

@@ -74,23 +74,25 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  import jax
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()  # Coordinator, process ids from the TPU/SLURM/env runtime.
-  from soup import experiment, validate  # After XLA_FLAGS is set.
+  from soup import validate  # Light: no jax, so a user error stops within seconds.
 
   start = time.time()
-  config = _CONFIG.value
   config_path = flags.FLAGS["config"].config_filename.split(":")[0]
   try:
+    config = _CONFIG.value
     module = configs.module_of(config_path)
     if not hasattr(module, "get_sweep"):
       raise validate.ConfigError(f"{config_path} has no get_sweep(config) function defining the "
                                  "sweep; add one (see configs/fashion_mnist.py).")
     stages = validate.parse_stages(config.stages)
     validate.check(config, module.get_sweep, stages)
-  except user_errors() as e:
+  except validate.ConfigError as e:
     fail(e)
+
+  import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()  # Coordinator, process ids from the TPU/SLURM/env runtime.
+  from soup import experiment  # After XLA_FLAGS is set.
 
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)

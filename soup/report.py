@@ -7,7 +7,7 @@ split across four), writes DIR/report.md and DIR/figure.png atomically and
 prints the table and the two paths. Nothing is recomputed but the table: no
 model code, no jax.
 
-Table rows follow the paper's Table 1 (RECIPES order in soup/results.py):
+Table rows follow the paper's Table 1 (the registry's order, soup/recipes.py):
 the initialization, the best individual model (chosen by HELD-OUT accuracy
 among `individual` lines, unless a `best_individual` line exists), the soups,
 WiSE-FT (the best alpha by held-out accuracy) and the ensembles. Where a recipe
@@ -26,13 +26,12 @@ from typing import Any, Sequence
 from soup import results as R
 from soup.recipes import REGISTRY
 
-# Labels, markers and costs are declared once, in the recipe registry.
-METHOD_NAMES = {name: r.label for name, r in REGISTRY.items() if name != "individual"}
-ENSEMBLE_RECIPES = tuple(n for n, r in REGISTRY.items() if r.inference_cost == "per_ingredient")
-# Recipes whose ingredients are, by definition, every individual model and the
-# initialization (the paper's uniform soup and ensemble of all 72 models).
-ALL_MODEL_RECIPES = tuple(n for n, r in REGISTRY.items() if r.every_model)
 DASH = "—"
+
+
+def _method(recipe: str) -> str:
+  """The table's name of a recipe: declared once, in the recipe registry."""
+  return REGISTRY[recipe].label if recipe in REGISTRY else recipe
 
 
 # ----------------------------------------------------------------------------
@@ -85,7 +84,9 @@ def _ingredients_count(row: dict, recipe: str, n_models: int) -> int | None:
     return ingredients
   if recipe in ("initialization", "individual", "best_individual"):
     return 1
-  if recipe in ALL_MODEL_RECIPES and n_models:
+  # Recipes whose ingredients are, by definition, every individual model and the
+  # initialization (the paper's uniform soup and ensemble of all 72 models).
+  if recipe in REGISTRY and REGISTRY[recipe].every_model and n_models:
     return n_models
   return None  # e.g. the official greedy soup: which models it took is not recorded.
 
@@ -94,7 +95,7 @@ def _inference_cost(row: dict, recipe: str, ingredients: int | None) -> int | No
   cost = row.get("inference_cost")
   if isinstance(cost, (int, float)) and not isinstance(cost, bool):
     return int(cost)
-  if recipe in ENSEMBLE_RECIPES:
+  if recipe in REGISTRY and REGISTRY[recipe].inference_cost == "per_ingredient":
     return ingredients
   return 1
 
@@ -124,7 +125,8 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   notes: list[str] = []
   multi: list[str] = []
   best_info: dict[str, Any] | None = None
-  for recipe in [r for r in R.RECIPES if r != "individual"] + sorted(set(by_recipe) - set(R.RECIPES)):
+  known = [r for r in REGISTRY if r != "individual"]
+  for recipe in known + sorted(set(by_recipe) - set(REGISTRY)):
     if recipe == "best_individual":
       if by_recipe.get("best_individual"):
         row = _best(by_recipe["best_individual"], columns.held_out)
@@ -134,7 +136,8 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
         source = "selected"
       else:
         continue
-      best_info = {"model_name": row["model_name"], "selected_by": columns.held_out, "source": source}
+      best_info = {"model_name": row["model_name"], "selected_by": columns.held_out,
+                   "source": source}
       chosen[recipe] = row
       continue
     candidates = by_recipe.get(recipe)
@@ -149,7 +152,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
 
   table = []
   for recipe, row in chosen.items():
-    method = METHOD_NAMES.get(recipe, recipe)
+    method = _method(recipe)
     if recipe == "wise_ft" and _num(row.get("alpha")) is not None:
       method = f"WiSE-FT (α={row['alpha']:g})"
     if recipe == "best_individual":
@@ -180,8 +183,8 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   # Notes.
   if best_info is not None:
     if best_info["source"] == "selected":
-      notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by held-out "
-                   f"accuracy (`{columns.held_out}`) among the "
+      notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by "
+                   f"held-out accuracy (`{columns.held_out}`) among the "
                    f"{len(by_recipe.get('individual', []))} individual models, never by the test "
                    f"split (`{columns.test}`).")
     else:
@@ -190,7 +193,8 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   greedy = chosen.get("greedy_soup")
   if greedy is not None:
     comparison = (greedy.get("soup_settings") or {}).get("greedy_comparison", ">")
-    rule = "does not drop (`>=`)" if comparison == ">=" else "improves (strict `>`, as the official code)"
+    rule = ("does not drop (`>=`)" if comparison == ">="
+            else "improves (strict `>`, as the official code)")
     text = (f"The greedy soup adds models in decreasing order of held-out accuracy "
             f"(`{columns.held_out}`) and keeps one only if held-out "
             f"accuracy {rule}.")
@@ -209,7 +213,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   for recipe in ("learned_soup", "learned_soup_by_layer"):
     row = chosen.get(recipe)
     if row is not None and row.get("weights") is not None:
-      notes.append(f"{METHOD_NAMES[recipe]} weights: "
+      notes.append(f"{_method(recipe)} weights: "
                    + _weights_str(row["weights"], _names(row.get("ingredients"))) + ".")
   stock = chosen.get("model_stock")
   ratios = _flat(stock.get("ratios")) if stock is not None else []
@@ -312,9 +316,10 @@ def render_markdown(report: dict) -> str:
 # Figure.
 # ----------------------------------------------------------------------------
 
-# The single-point recipes' markers, drawn on top of the individual models; the
-# legend lists them in registry (Table 1) order.
-_MARKERS = {name: r.marker for name, r in REGISTRY.items() if r.marker is not None}
+
+def _markers() -> dict:
+  """The single-point recipes' markers (registry order), drawn over the individual models."""
+  return {name: r.marker for name, r in REGISTRY.items() if r.marker is not None}
 
 
 def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.PathLike) -> None:
@@ -359,7 +364,7 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
       handles["wise_ft"] = ax.scatter(*xy(wise), marker="v", s=200, color="C9", label="WiSE-FT",
                                       zorder=4)
 
-  for recipe, m in _MARKERS.items():
+  for recipe, m in _markers().items():
     row = next((r["line"] for r in report["rows"] if r["recipe"] == recipe), None)
     if row is not None and xy(row):
       handles[recipe] = ax.scatter(*xy(row), marker=m.symbol, s=m.size, color=m.color,
@@ -373,7 +378,7 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
     ax.set_ylabel(f"Avg. accuracy on {len(columns.shifts)} shifts (%)", fontsize=16)
     ax.set_title("Shifts: " + ", ".join(columns.shifts), fontsize=9)
   ax.grid(True)
-  order = [*_MARKERS, "wise_ft", "initialization", "individual"]
+  order = [*_markers(), "wise_ft", "initialization", "individual"]
   shown = [handles[k] for k in order if k in handles]
   # The paper's legend sits lower right; with many entries let matplotlib avoid the points.
   if len(shown) <= 5:

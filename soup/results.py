@@ -51,7 +51,7 @@ def infer_recipe(model_name: str) -> str:
     return "initialization"
   if re.fullmatch(r"model_\d+", model_name):
     return "individual"
-  for recipe in sorted(RECIPES, key=len, reverse=True):
+  for recipe in sorted(recipes.REGISTRY, key=len, reverse=True):
     if model_name.startswith(recipe):
       return recipe
   raise ValueError(f"Cannot tell the recipe of {model_name!r}; add a 'recipe' field.")

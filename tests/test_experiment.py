@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_python
+
 from soup import results
 
 SMOKE = ["-m", "soup.main", "--config=configs/fashion_mnist.py:smoke"]
@@ -28,7 +28,8 @@ def test_smoke_results_have_every_column(smoke_workdir):
           "greedy_soup", "learned_soup", "learned_soup_by_layer", "ensemble", "greedy_ensemble",
           "model_stock", "wise_ft_alpha_0", "wise_ft_alpha_0.5", "wise_ft_alpha_1"} <= names
   for row in rows:
-    for col in (*columns.all, "avg_shifts", "model_name", "recipe", "ingredients", "inference_cost"):
+    for col in (*columns.all, "avg_shifts", "model_name", "recipe", "ingredients",
+                "inference_cost"):
       assert col in row, (row["model_name"], col)
     for col in columns.all:
       assert 0.0 <= row[col] <= 1.0
@@ -53,7 +54,7 @@ def test_smoke_results_have_every_column(smoke_workdir):
 def test_training_writes_jsonl_and_tensorboard_metrics(smoke_workdir):
   workdir, _ = smoke_workdir
   logs = workdir / "models" / "model_1" / "logs"
-  lines = [json.loads(l) for l in (logs / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
   assert lines and {"step", "train/loss", "train/lr"} <= set(lines[-1])
   assert list(logs.glob("events.out.tfevents.*"))
 
@@ -104,7 +105,8 @@ def test_changed_data_setting_recomputes_logits_and_rows(smoke_workdir, tmp_path
   tfds = tmp_path / "tfds"
   tfds.mkdir()
   (tfds / "fashion_mnist").symlink_to(Path(default_data_dir()) / "fashion_mnist")
-  proc = run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS, f"--config.data.data_dir={tfds}"])
+  proc = run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS,
+                     f"--config.data.data_dir={tfds}"])
   after = _mtimes((workdir / "eval").glob("*.npz"))
   assert all(after[name] != before[name] for name in before)  # Every model re-evaluated.
   for recipe in ("best_individual", "uniform_soup", "ensemble"):

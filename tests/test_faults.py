@@ -310,7 +310,8 @@ def check_excluded(workdir: Path, baseline: Path, bad: str, reason: str) -> None
   assert set(soups) == set(SOUP_NAMES)
   rest = [n for n in ("model_0", "model_1", "model_2", "model_3") if n != bad]
   for row in soups.values():
-    assert bad in row["excluded"] and reason.lower() in row["excluded"][bad].lower(), row["excluded"]
+    excluded = row["excluded"]
+    assert bad in excluded and reason.lower() in excluded[bad].lower(), excluded
     assert bad not in row["ingredients"] and row["ingredients_considered"] == rest
   from soup import mesh as mesh_lib, soups as soup_lib
   paths = {n: baseline / "models" / n / "ingredient" for n in rest}
@@ -350,6 +351,7 @@ def test_corrupted_ingredient(baseline, tmp_path, damage):
 
 def test_ingredient_of_another_architecture(baseline, tmp_path):
   import jax
+
   from soup import checkpoints, models
   workdir = bad_workdir(baseline, tmp_path / "run")
   config = smoke_config().copy_and_resolve_references()

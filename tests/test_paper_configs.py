@@ -274,7 +274,8 @@ def test_vit_checkpoint_drops_head_and_resizes_positions(mock):
 
 
 def launcher():
-  spec = importlib.util.spec_from_file_location("launch_sweep", ROOT / "scripts" / "launch_sweep.py")
+  path = ROOT / "scripts" / "launch_sweep.py"
+  spec = importlib.util.spec_from_file_location("launch_sweep", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)  # A script, not a package module.
   return module
@@ -286,7 +287,7 @@ def test_launcher_print_mode_and_skips_done_members(tmp_path, capsys):
   done = workdir / "models" / "model_3" / "ingredient"
   done.mkdir(parents=True)
   (done / "ingredient.json").write_text("{}")
-  assert launch.main([f"--config=configs/clip_vit_b32_imagenet.py", f"--workdir={workdir}",
+  assert launch.main(["--config=configs/clip_vit_b32_imagenet.py", f"--workdir={workdir}",
                       "--mode=print", "--", "--config.eval.batch_size=256"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 1 + 70 + 1
