@@ -44,7 +44,8 @@ def main(argv):
   del argv
   import jax
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()  # Coordinator, process ids from the TPU/SLURM/env runtime.
+    from soup import distributed  # TPU/SLURM detected; multi-node GPU from JAX_* variables.
+    distributed.initialize()
   from soup.experiment import Experiment  # After XLA_FLAGS is set.
 
   config = _CONFIG.value
