@@ -31,10 +31,13 @@ Modes:
                  resumes from its checkpoint in the bucket. --phase=all (default)
                  runs setup and waits for it, then submits the members and
                  returns; run --phase=final once `sky jobs queue` shows them
-                 SUCCEEDED. Which members are finished is decided in each job,
-                 on the bucket (a finished member exits at once), not here.
-                 --print_only prints the `sky jobs launch` commands. Needs
-                 requirements-launch.txt (skypilot[gcp]) and `sky check` passing.
+                 SUCCEEDED. Finished members (ingredient in the bucket: listed
+                 with Google's client, never a local path) are not relaunched,
+                 and --phase=final refuses to start before all are finished.
+                 --print_only prints the `sky jobs launch` commands of every
+                 member without reading the bucket. Needs requirements-launch.txt
+                 (skypilot[gcp]), `sky check gcp` and application-default
+                 credentials.
   The former gcloud TPU mode is gone: SkyPilot creates the TPU VMs (single-host
   and pod slices), runs the command on every host, and recovers preemptions.
 
@@ -66,10 +69,12 @@ SKY_DIR = ROOT / "scripts" / "sky"
 SETUP_STAGES = "pretrain,probe"
 MEMBER_STAGES = "pretrain,probe,sweep"
 FINAL_STAGES = "evaluate,soups,report"
+ALL_STAGES = f"{SETUP_STAGES},sweep,{FINAL_STAGES}"
 WORK_MOUNT = "/soup-work"  # --bucket: the workdirs.
 DATA_MOUNT = "/soup-data"  # --data_bucket: data and weights, laid out as the config's ~.
 HOME_LINKS = ("tensorflow_datasets", "data", "checkpoints")  # ~/X -> DATA_MOUNT/X.
 COORDINATOR_PORT = 8476
+UV_VERSION = "0.13.8"  # Installs Python 3.11 and the pins on the VMs.
 
 # Accelerators a task may ask for. SkyPilot validates any TPU name offline (tpu-v9-999
 # passes), so the names are checked here. TPU slices: version -> sizes (TensorCores for
@@ -304,7 +309,7 @@ def setup_script(kind: str) -> str:
       f"for d in {links}; do",
       f"  [ -e ~/$d ] || ln -s {DATA_MOUNT}/$d ~/$d",
       "done",
-      "python3 -m pip install -q --user uv==0.13.8",
+      f"python3 -m pip install -q --user uv=={UV_VERSION}",
       "[ -x .venv/bin/python ] || ~/.local/bin/uv venv -q --python 3.11 .venv",
       f"~/.local/bin/uv pip install -q --python .venv/bin/python -r requirements.txt '{extra}'",
       ""])
@@ -385,7 +390,7 @@ def task_yaml(config_spec: str, accelerator: str, num_nodes: int = 1, spot: bool
       "  BUCKET: CHANGE-ME  # --env BUCKET=...: the workdirs' bucket.\n",
       "  DATA_BUCKET: CHANGE-ME  # --env DATA_BUCKET=...: data and weights.\n",
       f"  WORKDIR: {q(f'{WORK_MOUNT}/workdirs/{experiment}')}\n",
-      f"  STAGES: {q(MEMBER_STAGES)}\n",
+      f"  STAGES: {q(ALL_STAGES)}  # Unless a phase is set: the whole experiment in one job.\n",
       '  MEMBER: ""  # The member (1-based); empty for the setup and final phases.\n',
       "file_mounts:\n",
       f"  {WORK_MOUNT}:\n    source: gs://${{BUCKET}}\n    mode: MOUNT\n",
@@ -395,9 +400,32 @@ def task_yaml(config_spec: str, accelerator: str, num_nodes: int = 1, spot: bool
   ])
 
 
-def sky_launches(args, task_file: str) -> dict:
+def bucket_names(bucket: str, prefix: str, glob: str) -> list[str]:
+  """Object names under gs://BUCKET/PREFIX matching GLOB (Google's client, as SkyPilot's)."""
+  from google.cloud import storage
+  blobs = storage.Client().list_blobs(bucket, prefix=prefix, match_glob=prefix + glob)
+  return [blob.name for blob in blobs]
+
+
+def finished_members(args) -> set[int]:
+  """Members whose ingredient is in the bucket: the workdir as the jobs see it, not a local
+  path (the launching machine need not mount the bucket)."""
+  workdir = args.workdir or f"{WORK_MOUNT}/workdirs/{load_config(args.config).experiment}"
+  prefix = workdir[len(WORK_MOUNT) + 1:].strip("/") + "/models/"
+  try:
+    names = bucket_names(args.bucket, prefix, "model_*/ingredient/ingredient.json")
+  except Exception as e:  # No credentials, no bucket, no network.
+    raise SystemExit(f"Cannot list gs://{args.bucket}/{prefix} ({type(e).__name__}: {e}). Run "
+                     "`gcloud auth application-default login` and `sky check gcp`, or pass "
+                     "--print_only and launch the printed commands.")
+  pattern = re.compile(re.escape(prefix) + r"model_(\d+)/ingredient/ingredient\.json")
+  return {int(m.group(1)) for m in map(pattern.fullmatch, names) if m}
+
+
+def sky_launches(args, task_file: str, finished: frozenset = frozenset()) -> dict:
   """`sky jobs launch` argv lists {"setup": argv, "members": [argv], "final": argv}: setup and
-  final wait for their job (and exit with its status); members are submitted detached."""
+  final wait for their job (and exit with its status); members not in `finished` are
+  submitted detached."""
   prefix = job_prefix(args.config)
   common = [f"--env=BUCKET={args.bucket}", f"--env=DATA_BUCKET={args.data_bucket}"]
   if args.workdir:
@@ -410,7 +438,7 @@ def sky_launches(args, task_file: str) -> dict:
 
   return {"setup": launch("setup", SETUP_STAGES),
           "members": [launch(f"m{k}", MEMBER_STAGES, str(k), detach=True)
-                      for k in member_list(args)],
+                      for k in member_list(args) if k not in finished],
           "final": launch("final", FINAL_STAGES)}
 
 
@@ -429,7 +457,16 @@ def run_sky(args) -> int:
     handle, task_file = tempfile.mkstemp(prefix="soup-task-", suffix=".yaml")
     os.write(handle, text.encode())
     os.close(handle)
-  launches = sky_launches(args, task_file)
+  finished = frozenset()
+  if not args.print_only and args.phase != "setup":  # --print_only lists every member.
+    finished = frozenset(finished_members(args))
+    missing = [k for k in member_list(args) if k not in finished]
+    if args.phase == "final" and missing:
+      raise SystemExit(f"Members {missing} have no ingredient in gs://{args.bucket} yet: wait for "
+                       "their jobs (`sky jobs queue`) or relaunch them with --phase=members.")
+    if finished and args.phase != "final":
+      print(f"Skipping members {sorted(finished)}: finished (their ingredient is in the bucket).")
+  launches = sky_launches(args, task_file, finished)
   steps = {"all": [[launches["setup"]], launches["members"]], "setup": [[launches["setup"]]],
            "members": [launches["members"]], "final": [[launches["final"]]]}[args.phase]
   if args.print_only:

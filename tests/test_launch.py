@@ -197,7 +197,7 @@ def test_template_validates_offline(path, sky):
     assert resources.accelerator_args["runtime_version"] == launch.TPU_RUNTIME[family]
   assert set(task.storage_mounts) == {"/soup-work", "/soup-data"}
   assert task.envs["WORKDIR"].startswith("/soup-work/")
-  assert task.envs["STAGES"] == launch.MEMBER_STAGES and task.envs["MEMBER"] == ""
+  assert task.envs["STAGES"] == launch.ALL_STAGES and task.envs["MEMBER"] == ""
   # SkyPilot accepts a task without run: the command itself is checked here.
   assert task.run == launch.run_script(args.config, kind, args.num_nodes)
   assert f"-m soup.main --config={args.config} " in task.run
@@ -262,6 +262,50 @@ def test_print_only_uses_the_committed_template_or_a_generated_one(capsys):
   assert task_file.parent != ROOT / "scripts" / "sky"
   assert "--config.sweep.only=\"$MEMBER\" --config.eval.batch_size=256" in task_file.read_text()
   task_file.unlink()
+
+
+def test_launching_skips_members_finished_in_the_bucket_and_final_waits_for_all(monkeypatch,
+                                                                             capsys):
+  """The launcher reads the bucket (not a local path) for finished members; `sky` is not run
+  here: its argv lists are recorded."""
+  listed, ran = [], []
+  prefix = "workdirs/run2/models/"
+  bucket = [prefix + "model_2/ingredient/ingredient.json",
+            prefix + "model_3/ingredient/ingredient.json.tmp",
+            prefix + "model_4/train_state/8/ingredient/ingredient.json",
+            prefix + "model_5/ingredient/ingredient.json"]
+
+  def names(bucket_name, prefix, glob):
+    listed.append((bucket_name, prefix, glob))
+    return bucket
+
+  monkeypatch.setattr(launch, "bucket_names", names)
+  monkeypatch.setattr(launch.subprocess, "run",
+                      lambda argv, cwd: ran.append(argv) or subprocess.CompletedProcess(argv, 0))
+  base = ["--config=configs/clip_vit_b32_imagenet.py", "--mode=sky", "--accelerator=tpu-v4-8",
+          "--bucket=work-b", "--data_bucket=data-b", "--workdir=/soup-work/workdirs/run2",
+          "--members=1,2,3,4,5"]
+  assert launch.main(base) == 0  # --phase=all
+  assert listed == [("work-b", prefix, "model_*/ingredient/ingredient.json")]
+  assert [next(a for a in argv if a.startswith("--name=")) for argv in ran] == [
+      "--name=soup-clip-vit-b32-imagenet-setup", "--name=soup-clip-vit-b32-imagenet-m1",
+      "--name=soup-clip-vit-b32-imagenet-m3", "--name=soup-clip-vit-b32-imagenet-m4"]
+  assert "Skipping members [2, 5]" in capsys.readouterr().out
+  ran.clear()
+  with pytest.raises(SystemExit, match=r"Members \[1, 3, 4\] have no ingredient"):
+    launch.main(base + ["--phase=final"])
+  assert ran == []
+  bucket.extend(prefix + f"model_{k}/ingredient/ingredient.json" for k in (1, 3, 4))
+  assert launch.main(base + ["--phase=final"]) == 0
+  (argv,) = ran
+  assert "--env=STAGES=evaluate,soups,report" in argv and "--detach-run" not in argv
+
+  def no_access(*args):
+    raise PermissionError("403 caller does not have storage.objects.list access")
+
+  monkeypatch.setattr(launch, "bucket_names", no_access)
+  with pytest.raises(SystemExit, match="Cannot list gs://work-b/workdirs/run2/models/"):
+    launch.main(base + ["--phase=members"])
 
 
 # --- The run command, executed as SkyPilot would ------------------------------------
