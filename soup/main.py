@@ -91,7 +91,8 @@ def main(argv):
 
   import jax
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()  # Coordinator, process ids from the TPU/SLURM/env runtime.
+    from soup import distributed  # TPU/SLURM detected; multi-node GPU from JAX_* variables.
+    distributed.initialize()
   from soup import experiment  # After XLA_FLAGS is set.
 
   workdir = Path(_WORKDIR.value)
