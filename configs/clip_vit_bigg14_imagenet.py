@@ -30,30 +30,21 @@ Prepare as for configs/clip_vit_b32_imagenet.py, with the bigG state dict in
   python -c "import open_clip, safetensors.torch as st; m, _, _ = \
     open_clip.create_model_and_transforms('ViT-bigG-14', pretrained='laion2b_s39b_b160k'); \
     st.save_file(m.state_dict(), 'ViT-bigG-14-laion2b_s39b_b160k.safetensors')"
-Run (each member on its own v4-8 slice; the workdir on a filesystem every slice mounts):
-  python scripts/launch_sweep.py --config=configs/clip_vit_bigg14_imagenet.py \
-      --workdir=/mnt/shared/soup_bigg14 --mode=tpu --accelerator=v4-8 --zone=us-central2-b \
-      --tpu_prefix=soup-bigg --create
+Run (each member a SkyPilot managed job on its own spot v4-8, scripts/sky/ has the task):
+  python scripts/launch_sweep.py --config=configs/clip_vit_bigg14_imagenet.py --mode=sky \
+      --accelerator=tpu-v4-8 --bucket=my-soup-work --data_bucket=my-soup-data
 Smoke (tiny CLIP width, same rules, mock data; needs `python -m soup.data.imagenet_mock`):
-  python -m soup.main --config=configs/clip_vit_bigg14_imagenet.py:smoke --workdir=/tmp/soup_bigg_smoke
+  python -m soup.main --config=configs/clip_vit_bigg14_imagenet.py:smoke \
+      --workdir=/tmp/soup_bigg_smoke
 """
 
-import importlib.util
-from pathlib import Path
+from configs import clip_vit_b32_imagenet as base
 
 GIANTS = {
     "ViT-bigG-14": "~/checkpoints/clip/ViT-bigG-14-laion2b_s39b_b160k.safetensors",
     "ViT-g-14": "~/checkpoints/clip/ViT-g-14-laion2b_s34b_b88k.safetensors",
 }
 SHARDING_RULES = ((".*", 'fsdp(axis="data")'),)
-
-
-def _base():
-  path = Path(__file__).with_name("clip_vit_b32_imagenet.py")
-  spec = importlib.util.spec_from_file_location("clip_vit_b32_imagenet_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg: str = ""):
@@ -66,7 +57,7 @@ def get_config(arg: str = ""):
                      "or '<variant>,smoke'.")
   variant = variants[0] if variants else "ViT-bigG-14"
   smoke = "smoke" in parts
-  c = _base().get_config("smoke" if smoke else "")
+  c = base.get_config("smoke" if smoke else "")
   with c.unlocked():
     c.experiment = f"clip_{variant.lower().replace('-', '_')}_imagenet"
     c.sharding_rules = SHARDING_RULES
@@ -85,4 +76,4 @@ def get_config(arg: str = ""):
 
 def get_sweep(config) -> list[dict]:
   """The random search of configs/clip_vit_b32_imagenet.py, with this config's ranges."""
-  return _base().get_sweep(config)
+  return base.get_sweep(config)

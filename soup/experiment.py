@@ -134,7 +134,8 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
       num_classes=num_classes, mesh=res.mesh, workdir=out, seed=config.seed,
       batch_fn=lambda s: pipeline.train_batch(split, cfg.batch_size, config.seed, s),
       augment_fn=res.task.augment, preprocess_fn=res.task.preprocess,
-      checkpoint_every=config.finetune.checkpoint_every_steps, description="upstream")
+      checkpoint_every=config.finetune.checkpoint_every_steps, description="upstream",
+      sharding_rules=config.get("sharding_rules", ()))
   if outcome.diverged:
     raise train.TrainingDiverged("Upstream pretraining diverged; lower config.upstream.lr.")
   checkpoints.save_ingredient(out / "ingredient", outcome.params, {"task": "coarse-4"})
@@ -187,9 +188,12 @@ def sweep(config, wd: Workdir, res: Resources, members: dict[str, dict],
   cfg, task, num_classes = config.finetune, res.task, res.num_classes
   model = res.model(num_classes)
   apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-  _, step_fn = train.make_train_step(apply_fn, num_classes, task.augment, task.preprocess,
-                                     cfg.grad_clip)
-  step_jit = jax.jit(step_fn, donate_argnums=0)  # One compile for every member.
+  init_state, step_fn = train.make_train_step(apply_fn, num_classes, task.augment,
+                                              task.preprocess, cfg.grad_clip)
+  # One compile for every member, in the state layout of config.sharding_rules (soup/sharding.py).
+  rules = config.get("sharding_rules", ())
+  step_jit = train.jit_step(step_fn, res.mesh,
+                            train.state_sharding_for(init_state, init, res.mesh, rules))
   per_epoch = pipeline.steps_per_epoch(task.finetune_size(), cfg.batch_size)
   for n, (_, name) in enumerate(todo):
     hp = members[name]
@@ -203,7 +207,8 @@ def sweep(config, wd: Workdir, res: Resources, members: dict[str, dict],
         workdir=wd.model_dir(name), seed=hp["seed"], compiled_step=step_jit,
         batch_fn=lambda s, hp=hp: task.finetune_batch(cfg.batch_size, hp["seed"], s, hp),
         checkpoint_every=cfg.checkpoint_every_steps, log_every=cfg.log_every_steps,
-        grad_clip=cfg.grad_clip, description=f"{name} ({n + 1}/{len(todo)})")
+        grad_clip=cfg.grad_clip, description=f"{name} ({n + 1}/{len(todo)})",
+        sharding_rules=rules)
     checkpoints.save_ingredient(wd.ingredient_dir(name), outcome.params,
                                 {"recipe": "individual", "hparams": hp,
                                  "diverged": outcome.diverged, "final_loss": outcome.final_loss})

@@ -28,8 +28,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from soup import checkpoints
-
 log = logging.getLogger(__name__)
 
 PyTree = Any
@@ -39,6 +37,16 @@ FSDP: Rules = ((".*", 'fsdp(axis="data")'),)
 
 # A rule maps (name, shape, dtype, mesh) to a PartitionSpec.
 Rule = Callable[[str, tuple, np.dtype, Mesh], P]
+
+
+def leaf_name(path) -> str:
+  """A key path as the rules see it: "visual/transformer/resblocks_3/mlp/c_fc/kernel"."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def named_leaves(tree: PyTree) -> dict[str, Any]:
+  """Every leaf of any pytree (optimizer states included) by its path name."""
+  return {leaf_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class ShardingRuleError(ValueError):
@@ -110,7 +118,7 @@ def partition_specs(tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   compiled = _compiled(rules)
 
   def spec(path, leaf):
-    name = checkpoints.key_name(path)
+    name = leaf_name(path)
     for pattern, rule in compiled:
       if pattern.fullmatch(name):
         return rule(name, tuple(np.shape(leaf)), np.dtype(leaf.dtype), mesh)
@@ -131,12 +139,12 @@ def state_shardings(state: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   the same shape (Adam's mu and nu) gets that param's sharding; the rest is replicated.
   """
   param_shardings = shardings(state["params"], mesh, rules)
-  by_name = checkpoints.flatten_with_names(param_shardings)
-  shapes = {k: np.shape(v) for k, v in checkpoints.flatten_with_names(state["params"]).items()}
+  by_name = named_leaves(param_shardings)
+  shapes = {k: np.shape(v) for k, v in named_leaves(state["params"]).items()}
   replicated = NamedSharding(mesh, P())
 
   def mirror(path, leaf):
-    parts = checkpoints.key_name(path).split("/")
+    parts = leaf_name(path).split("/")
     for i in range(len(parts)):
       name = "/".join(parts[i:])
       if name in by_name and shapes[name] == np.shape(leaf):

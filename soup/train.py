@@ -22,9 +22,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from soup import checkpoints
-from soup import mesh as mesh_lib
-from soup import sharding
+from soup import checkpoints, mesh as mesh_lib, sharding
 from soup.data import pipeline
 from soup.metrics import MetricWriter
 

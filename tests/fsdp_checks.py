@@ -31,7 +31,8 @@ def init_params(model):
   import jax.numpy as jnp
   params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))["params"]
   # A non-zero head, so every layer gets gradients from the first step.
-  params["head"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(1), params["head"]["kernel"].shape)
+  head = params["head"]["kernel"]
+  params["head"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(1), head.shape)
   return jax.device_get(params)
 
 
@@ -57,12 +58,15 @@ def run(workdir, rules, batch_fn=batch, compiled_step=None, checkpoint_every=100
 
 def losses(workdir):
   lines = (Path(workdir) / "logs" / "metrics.jsonl").read_text().splitlines()
-  return {json.loads(l)["step"]: json.loads(l)["train/loss"] for l in lines}
+  records = [json.loads(line) for line in lines]
+  return {r["step"]: r["train/loss"] for r in records}
 
 
 def layout():
   import tempfile
+
   import jax
+
   from soup import mesh as mesh_lib, sharding, train
   from soup.data import pipeline
   assert jax.device_count() == 8, jax.devices()
@@ -84,9 +88,9 @@ def layout():
   assert len(per_device) == 8
   assert set(per_device.values()) == {(total - replicated) // 8 + replicated}, per_device
   assert replicated < 0.01 * total, (replicated, total)  # Only the 10-class bias and counts.
-  for name, leaf in sharding.checkpoints.flatten_with_names(state["params"]).items():
-    mu = sharding.checkpoints.flatten_with_names(state["opt_state"])
-    same = [v for k, v in mu.items() if k.endswith("/" + name)]
+  moments = sharding.named_leaves(state["opt_state"])
+  for name, leaf in sharding.named_leaves(state["params"]).items():
+    same = [v for k, v in moments.items() if k.endswith("/" + name)]
     assert len(same) == 2 and all(v.sharding == leaf.sharding for v in same), name  # mu, nu.
   print(f"bytes: total {total}, per device {sorted(set(per_device.values()))}, "
         f"replicated {replicated}")
@@ -106,7 +110,7 @@ def layout():
     a, b = losses(f"{tmp}/fsdp"), losses(f"{tmp}/repl")
     assert sorted(a) == list(range(1, STEPS + 1)), a
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=1e-5)
-    flat = lambda t: sharding.checkpoints.flatten_with_names(t)
+    flat = sharding.named_leaves
     start, f, r = flat(params), flat(fsdp.params), flat(repl.params)
     for name in f:
       moved = np.abs(r[name] - start[name]).max()
@@ -141,6 +145,7 @@ def killed(workdir, kill_at):
 
 def resume(workdir):
   import jax
+
   from soup import checkpoints, mesh as mesh_lib, sharding, train
   from soup.data import pipeline
   # Orbax restores the sharded state straight into the FSDP layout.
@@ -260,7 +265,9 @@ def smoke(root):
   """configs/clip_vit_bigg14_imagenet.py:smoke trains on mock ImageNet with its FSDP rules."""
   import importlib.util
   import math
+
   import jax
+
   from soup import mesh as mesh_lib, models, sharding, train
   from soup.data import imagenet_mock
   from soup.data.imagenet import ImageNetTask

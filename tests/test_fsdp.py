@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_python
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from conftest import ROOT, run_python
 from soup import sharding
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -72,6 +72,7 @@ def test_giant_tower_under_fsdp_on_8_devices():
   """ViT-bigG-14's image tower: what stays whole under FSDP on 8 devices (shapes only)."""
   import jax
   import jax.numpy as jnp
+
   from soup.models import clip
   model = clip.CLIPImageClassifier(clip.get_config("ViT-bigG-14"), num_classes=1000)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
@@ -153,6 +154,7 @@ def test_sharded_soups_on_2_processes_equal_host_soups_and_each_read_half(tmp_pa
 
 def test_sharded_ingredients_round_trip_and_detect_corruption(tmp_path):
   import jax
+
   from soup import checkpoints, mesh as mesh_lib
   from soup.soups import sharded
   mesh = mesh_lib.make_mesh()

@@ -1,7 +1,6 @@
 """The giant CLIP towers (ViT-bigG-14, ViT-g-14): configs against open_clip's, parameter
 counts, the converter on shrunken copies, and the bigG config's smoke run under FSDP."""
 
-import importlib.util
 import math
 import sys
 
@@ -9,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_python
+
 from soup.models import clip, convert
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -142,7 +141,8 @@ def shrunk_inputs(arch, batch=2):
 
 def _convert(arch, sd):
   return convert.clip_from_state_dict(sd, act="gelu", head_width=arch["vision"]["head_width"],
-                                      text_head_width=arch["text"]["width"] // arch["text"]["heads"])
+                                      text_head_width=arch["text"]["width"]
+                                      // arch["text"]["heads"])
 
 
 @pytest.mark.parametrize("name", list(SHRUNK))
@@ -185,18 +185,18 @@ def test_converter_on_shrunken_giant_matches_open_clip(name):
     want_image = reference.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     want_text = reference.encode_text(torch.from_numpy(text)).numpy()
   model = clip.CLIP(cfg)
-  np.testing.assert_allclose(clip.encode_image(model, params, images), want_image, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(clip.encode_text(model, params, text), want_text, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(clip.encode_image(model, params, images), want_image,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(clip.encode_text(model, params, text), want_text,
+                             rtol=1e-4, atol=1e-5)
 
 
 # --- The config -------------------------------------------------------------------
 
 
 def _config_module():
-  spec = importlib.util.spec_from_file_location("bigg", ROOT / "configs" / "clip_vit_bigg14_imagenet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from configs import clip_vit_bigg14_imagenet
+  return clip_vit_bigg14_imagenet
 
 
 def test_giant_config_arguments():

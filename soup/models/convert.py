@@ -242,7 +242,8 @@ def clip_from_state_dict(state_dict: Mapping[str, Any], *, act: str = "quick_gel
 
   ``params`` fits ``soup.models.clip.CLIP(config)``; its ``'visual'`` subtree also fits
   ``CLIPImageClassifier``. ``act`` must match how the weights were trained (see
-  ``CLIPConfig``; open_clip's LAION giants use ``"gelu"``). Every weight must be consumed: leftover keys mean an architecture
+  ``CLIPConfig``; open_clip's LAION giants use ``"gelu"``). Every weight must be consumed:
+  leftover keys mean an architecture
   variant (layer scale, attention pooling, ...) this model does not implement, and
   silently ignoring them would give wrong features, so they raise.
   """

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from soup import checkpoints, results
-from soup import sharding as sharding_lib
+from soup import checkpoints, results, sharding as sharding_lib
 from soup.soups import average, greedy
 
 log = logging.getLogger(__name__)
@@ -189,7 +188,8 @@ def _cast_like(tree: PyTree, reference: PyTree) -> PyTree:
 
 
 def _check_compatible(first: Path, path: Path) -> None:
-  average.check_compatible(checkpoints.ingredient_shapes(first), checkpoints.ingredient_shapes(path),
+  average.check_compatible(checkpoints.ingredient_shapes(first),
+                           checkpoints.ingredient_shapes(path),
                            str(first), str(path))
 
 
