@@ -16,7 +16,10 @@ Batch 1 per device, 224 px. CPU programs are scheduled by the CPU backend, so te
 an estimate of what TPU/GPU XLA needs (their schedulers overlap the gathers differently).
 
   python benchmarks/giant_memory.py [--variant=ViT-bigG-14] [--targets=v4-8,8xH100,v4-32]
-Writes benchmarks/results/giant_memory_<variant>.json after every row.
+  python benchmarks/giant_memory.py --targets=v4-8 --replicated_on= --layers=4 \
+      --batch_per_device=1,2          # the activation bytes one more example adds, per block
+Writes benchmarks/results/giant_memory_<variant>[_L<layers>][_b<batches>]_<targets>.json
+after every row.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def shard_bytes(tree, shardings) -> int:
   return total
 
 
-def measure(variant: str, devices: int, rules, image_size: int = 224, classes: int = 1000) -> dict:
+def measure(variant: str, devices: int, rules, batch_per_device: int = 1, layers: int = 0,
+            remat: bool = False, image_size: int = 224, classes: int = 1000) -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -56,7 +60,10 @@ def measure(variant: str, devices: int, rules, image_size: int = 224, classes: i
   from soup.models import clip
 
   mesh = mesh_lib.make_mesh(devices)
-  model = clip.CLIPImageClassifier(clip.get_config(variant), num_classes=classes)
+  config = clip.get_config(variant, remat=remat)
+  if layers:  # A shallower tower of the same width: per-block costs, for the batch slope.
+    config = config.replace(vision_layers=layers)
+  model = clip.CLIPImageClassifier(config, num_classes=classes)
   params = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, image_size, image_size, 3)))["params"]
   init_state, step_fn = train.make_train_step(
@@ -67,8 +74,9 @@ def measure(variant: str, devices: int, rules, image_size: int = 224, classes: i
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, layout)
   batch, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-  images = jax.ShapeDtypeStruct((devices, image_size, image_size, 3), jnp.uint8, sharding=batch)
-  labels = jax.ShapeDtypeStruct((devices,), jnp.int32, sharding=batch)
+  n = devices * batch_per_device
+  images = jax.ShapeDtypeStruct((n, image_size, image_size, 3), jnp.uint8, sharding=batch)
+  labels = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch)
   hp = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)
         for k in train.Hyper(lr=0.0, weight_decay=0.0).as_arrays()}
   seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
@@ -78,7 +86,8 @@ def measure(variant: str, devices: int, rules, image_size: int = 224, classes: i
   compile_s = time.time() - t
   m = compiled.memory_analysis()
   out = {
-      "variant": variant, "devices": devices, "rules": [list(r) for r in rules],
+      "variant": variant, "layers": config.vision_layers, "devices": devices,
+      "batch_per_device": batch_per_device, "remat": remat, "rules": [list(r) for r in rules],
       "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
       "params_bytes": shard_bytes(state["params"], layout["params"]),
       "optimizer_bytes": shard_bytes(state["opt_state"], layout["opt_state"]),
@@ -100,6 +109,10 @@ def main(argv=None):
   parser.add_argument("--targets", default="v4-8,8xH100,v4-32")
   parser.add_argument("--replicated_on", default="8xH100",
                       help="Also compile the replicated (default) layout on these targets.")
+  parser.add_argument("--batch_per_device", default="1", help="Comma-separated batch sizes.")
+  parser.add_argument("--layers", type=int, default=0,
+                      help="Override the tower's depth (0: the real model).")
+  parser.add_argument("--remat", action="store_true", help="Rematerialize each block.")
   args = parser.parse_args(argv)
   from soup import sharding
   gib = lambda b: b / 2**30
@@ -109,13 +122,15 @@ def main(argv=None):
     layouts = [("fsdp", sharding.FSDP)]
     if target in args.replicated_on.split(","):
       layouts.append(("replicated", sharding.REPLICATED))
-    for name, rules in layouts:
+    for (name, rules), batch in [(layout, int(b)) for layout in layouts
+                                 for b in args.batch_per_device.split(",")]:
       row = {"target": target, "layout": name, "chip_bytes": chip_bytes,
-             **measure(args.variant, devices, rules)}
+             **measure(args.variant, devices, rules, batch, args.layers, args.remat)}
       row["fits"] = row["peak_bytes"] <= chip_bytes
       rows.append(row)
       write(args, rows)  # After every row: a compile takes minutes.
-      print(f"{target:7s} {name:10s} params {gib(row['params_bytes']):6.2f} GiB  optimizer "
+      print(f"{target:7s} {name:10s} L{row['layers']} b{batch}/device params "
+            f"{gib(row['params_bytes']):6.2f} GiB  optimizer "
             f"{gib(row['optimizer_bytes']):6.2f}  temp {gib(row['temp_bytes']):6.2f}  peak "
             f"{gib(row['peak_bytes']):6.2f} / {gib(chip_bytes):5.1f} GiB  "
             f"(compile {row['compile_s']} s)", flush=True)
@@ -126,8 +141,10 @@ def write(args, rows):
             "busy": common.busy_processes(), "command": " ".join(["python"] + sys.argv),
             "xla_flags": os.environ["XLA_FLAGS"], "rows": rows}
   common.RESULTS.mkdir(parents=True, exist_ok=True)
-  out = common.RESULTS / f"giant_memory_{args.variant}.json"
-  out.write_text(json.dumps(result, indent=1))
+  suffix = (f"_L{args.layers}" if args.layers else "") + ("_remat" if args.remat else "") + (
+      f"_b{args.batch_per_device.replace(',', '-')}" if args.batch_per_device != "1" else "")
+  name = f"giant_memory_{args.variant}{suffix}_{args.targets.replace(',', '-')}.json"
+  (common.RESULTS / name).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -191,6 +191,20 @@ def test_converter_on_shrunken_giant_matches_open_clip(name):
                              rtol=1e-4, atol=1e-5)
 
 
+def test_remat_keeps_params_and_gradients():
+  cfg = clip.get_config("tiny", act="gelu")
+  images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  plain, remat = (clip.CLIPImageClassifier(c, num_classes=5)
+                  for c in (cfg, cfg.replace(remat=True)))
+  params = plain.init(jax.random.key(0), images)["params"]
+  assert jax.tree.structure(remat.init(jax.random.key(0), images)["params"]) == \
+      jax.tree.structure(params)
+  loss = lambda model: jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) ** 2))
+  params["head"]["kernel"] += 0.1  # A zero head would zero every other gradient.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               loss(remat)(params), loss(plain)(params))
+
+
 # --- The config -------------------------------------------------------------------
 
 
@@ -205,7 +219,7 @@ def test_giant_config_arguments():
   for arg, variant in (("", "ViT-bigG-14"), ("ViT-g-14", "ViT-g-14"), ("smoke", "tiny"),
                        ("ViT-g-14,smoke", "tiny")):
     config = module.get_config(arg)
-    assert config.model.variant == variant and config.model.act == "gelu"
+    assert (config.model.variant, config.model.act) == (variant, "gelu")
     assert tuple(config.sharding_rules) == sharding.FSDP
   config = module.get_config("ViT-g-14")
   assert "ViT-g-14" in config.init.path and config.sweep.num_members == 58

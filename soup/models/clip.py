@@ -49,7 +49,9 @@ class CLIPConfig:
   ``*_mlp_dim`` default to 4x the width, as in every OpenAI model. ``act`` is the MLP
   activation: OpenAI's weights need ``"quick_gelu"``; open_clip models trained from
   scratch (e.g. LAION ones without ``-quickgelu`` in their name) need ``"gelu"``. The
-  weights cannot tell the two apart, so it is a choice the user makes.
+  weights cannot tell the two apart, so it is a choice the user makes. ``remat``
+  recomputes each block's activations in the backward pass instead of keeping them
+  (same params and gradients, one more forward pass of compute).
   """
 
   embed_dim: int
@@ -66,6 +68,7 @@ class CLIPConfig:
   vision_mlp_dim: Optional[int] = None
   text_mlp_dim: Optional[int] = None
   act: str = "quick_gelu"
+  remat: bool = False
 
   def __post_init__(self):
     if self.act not in ACTIVATIONS:
@@ -234,12 +237,14 @@ class Transformer(nn.Module):
   act: str = "quick_gelu"
   causal: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x):
+    block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     for i in range(self.layers):
-      x = ResidualAttentionBlock(self.num_heads, self.mlp_dim, self.act, self.causal,
-                                 self.dtype, name=f"resblocks_{i}")(x)
+      x = block(self.num_heads, self.mlp_dim, self.act, self.causal, self.dtype,
+                name=f"resblocks_{i}")(x)
     return x
 
 
@@ -268,7 +273,8 @@ class VisionTransformer(nn.Module):
     x = x + pos.astype(x.dtype)
     x = _layer_norm("ln_pre", self.dtype)(x)
     x = Transformer(cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp_dim or 4 * width,
-                    cfg.act, causal=False, dtype=self.dtype, name="transformer")(x)
+                    cfg.act, causal=False, dtype=self.dtype, remat=cfg.remat,
+                    name="transformer")(x)
     x = _layer_norm("ln_post", self.dtype)(x[:, 0])
     proj = self.param("proj", nn.initializers.normal(stddev=scale), (width, cfg.embed_dim))
     return x @ proj.astype(x.dtype)
@@ -299,7 +305,8 @@ class TextTransformer(nn.Module):
                      (cfg.context_length, width))
     x = x + pos[:seq_len].astype(x.dtype)
     x = Transformer(cfg.text_layers, cfg.text_heads, cfg.text_mlp_dim or 4 * width,
-                    cfg.act, causal=True, dtype=self.dtype, name="transformer")(x)
+                    cfg.act, causal=True, dtype=self.dtype, remat=cfg.remat,
+                    name="transformer")(x)
     x = _layer_norm("ln_final", self.dtype)(x)
     x = x[jnp.arange(x.shape[0]), jnp.argmax(text, axis=-1)]
     proj = self.param("text_projection", nn.initializers.normal(stddev=width**-0.5),

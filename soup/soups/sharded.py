@@ -238,6 +238,7 @@ def greedy_soup(ingredients: Mapping[str, str | os.PathLike], held_out_scores: M
   def try_candidate(name):
     _check_compatible(first_path, Path(ingredients[name]))
     params = restore(ingredients[name], shardings, verify)
+    state["candidate"] = None  # The rejected candidate's buffers go before the next is made.
     state["candidate"] = _candidate(state["mean"], params, np.float32(1.0 / (state["count"] + 1)))
     del params
     return float(evaluate(_cast_like(state["candidate"], reference)))
