@@ -251,6 +251,16 @@ def test_synthetic_recipe_inferred():
   assert _by_recipe(report)["ensemble"]["inference_cost"] == 4
 
 
+def test_model_stock_note_summarises_its_ratios():
+  rows = _synthetic_rows()
+  for row in rows:
+    if row["model_name"] == "model_stock":
+      row["ratios"] = {"a/kernel": 0.5, "a/bias": -0.25, "b/kernel": 1.0}
+  notes = [n for n in rep.build_report(rows)["notes"] if n.startswith("Model stock")]
+  assert notes == ["Model stock's ratio t (0: the initialization, 1: the members' mean) over 3 "
+                   "parameter leaves: min -0.250, mean 0.417, max 1.000."]
+
+
 def test_synthetic_markdown_and_cli(tmp_path):
   results = tmp_path / "results.jsonl"
   R.write(results, _synthetic_rows())
