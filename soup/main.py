@@ -109,7 +109,6 @@ def main(argv):
   try:
     built = experiment.run(config, workdir, module.get_sweep, stages)
   except user_errors() as e:
-    log.error("%s", e)
     fail(e)
   if built is not None:
     from soup import report
