@@ -12,8 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from soup import report as rep  # noqa: E402
-from soup import results as R  # noqa: E402
+from soup import report as rep, results as R  # noqa: E402
 
 PAPER = REPO / "tests" / "data" / "paper"
 OFFICIAL = [PAPER / f"{name}.jsonl" for name in
