@@ -113,6 +113,14 @@ def _compiled(rules: Rules) -> list[tuple[re.Pattern, Rule]]:
   return out
 
 
+def check_rules(rules: Rules, axes: Sequence[str] = ("data",)) -> None:
+  """Parses every rule and checks its mesh axis exists; needs no devices (validate.py)."""
+  from jax.sharding import AbstractMesh
+  mesh = AbstractMesh((1,) * len(axes), tuple(axes))
+  for _, rule in _compiled(rules):
+    rule("config.sharding_rules", (1,), np.dtype(np.float32), mesh)
+
+
 def partition_specs(tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   """A PartitionSpec per leaf (arrays or ShapeDtypeStructs); first full match wins."""
   compiled = _compiled(rules)

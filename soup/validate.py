@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from soup import recipes, sweep as sweep_lib
+from soup import recipes, sharding, sweep as sweep_lib
 
 
 class ConfigError(ValueError):
@@ -85,6 +85,10 @@ def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...]
   try:
     recipes.check(config.soups)
   except recipes.RecipeConfigError as e:
+    raise ConfigError(str(e)) from e
+  try:
+    sharding.check_rules(config.get("sharding_rules", ()))
+  except sharding.ShardingRuleError as e:
     raise ConfigError(str(e)) from e
   if config.probe.kind not in ("linear_probe", "zeroshot"):
     raise ConfigError(f"config.probe.kind must be 'linear_probe' or 'zeroshot', got "

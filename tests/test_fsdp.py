@@ -68,6 +68,16 @@ def test_bad_rules_get_one_line_errors():
       _specs({"a": (8, 8)}, rules)
 
 
+def test_config_check_names_a_bad_rule_before_any_compute(tmp_path):
+  from configs import clip_vit_bigg14_imagenet as bigg
+  from soup import validate
+  config = bigg.get_config("smoke")
+  validate.check(config, bigg.get_sweep, (), tmp_path)  # The config's own rules pass.
+  config.sharding_rules = ((".*", "fsdp(axis='model')"),)
+  with pytest.raises(validate.ConfigError, match="mesh has axes"):
+    validate.check(config, bigg.get_sweep, (), tmp_path)
+
+
 def test_giant_tower_under_fsdp_on_8_devices():
   """ViT-bigG-14's image tower: what stays whole under FSDP on 8 devices (shapes only)."""
   import jax
