@@ -15,14 +15,16 @@ Everything else is the CLIP ViT-B/32 recipe of configs/clip_vit_b32_imagenet.py 
 batch 512, warmup then cosine, LP initialization, the same random search, ImageNet2p
 selection), except:
   * sharding_rules: FSDP. Params and both AdamW moments are split over the data axis
-    (soup/sharding.py): 12 bytes/param is 22 GB for bigG's image tower, more than a v4
-    chip should hold next to activations. Ingredient soups restore straight into the
-    same layout (soup/soups/sharded.py).
+    (soup/sharding.py): 12 bytes/param is 22 GB for bigG's image tower; replicated, the
+    step's peak is 34 GiB per chip, more than a v4 chip holds (docs/benchmarks.md).
+    Ingredient soups restore straight into the same layout (soup/soups/sharded.py).
   * num_members 58 and epochs 4..8: the paper's ViT-G sweep had 58 members, fine-tuned
     "at a batch size of 512 for either 10,000 or 20,000 steps (approximately 4 or 8
     epochs)" at 518 px; we keep open_clip's 224 px (518 px means 1369 tokens instead of
-    257: about 5x the activations and compute).
-  * eval batch 256: a bigG forward at 224 px holds ~1.7 GB of float32 activations per 32 images.
+    257 tokens).
+  * eval batch 256, learned-soup batch 64: smaller batches for a 1.8B-param tower.
+The batch of 512 fits one step on a v4-256 or 4 nodes of 8 H100s; a v4-8 holds 24 images
+per step (memory plan below), so run v4-8 members with --config.finetune.batch_size=24.
 Memory plan (per-chip bytes, smallest slice): docs/benchmarks.md, "Giant models".
 
 Prepare as for configs/clip_vit_b32_imagenet.py, with the bigG state dict in
