@@ -111,7 +111,8 @@ def test_heldout_file_round_trip_and_task_split(mock, task):
 
 def test_heldout_in_memory_equals_the_stream(mock, task):
   in_memory = task.eval_splits()["ImageNet2p"]
-  streamed = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False)).eval_splits()["ImageNet2p"]
+  streamed_task = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False))
+  streamed = streamed_task.eval_splits()["ImageNet2p"]
   assert in_memory.images is not None and streamed.images is None
   np.testing.assert_array_equal(in_memory.images, np.concatenate(list(streamed.iterate(300))))
   np.testing.assert_array_equal(in_memory.labels, streamed.labels)
@@ -245,7 +246,8 @@ def test_eval_batches_are_ordered_with_a_partial_last_batch(mock, task):
 def test_eval_transform_resizes_the_shorter_side_then_center_crops():
   img = Image.fromarray(np.zeros((40, 100, 3), np.uint8))
   assert imagenet.resize_shorter_side(img, 20).size == (50, 20)
-  assert imagenet.resize_shorter_side(Image.fromarray(np.zeros((99, 30, 3), np.uint8)), 20).size == (20, 66)
+  tall = Image.fromarray(np.zeros((99, 30, 3), np.uint8))
+  assert imagenet.resize_shorter_side(tall, 20).size == (20, 66)
   x = np.zeros((20, 50, 3), np.uint8)
   x[:, 25:] = 255  # Right half white: the centered 20x20 crop is half black, half white.
   out = imagenet.eval_transform(Image.fromarray(x), 20)
@@ -322,7 +324,8 @@ def test_randaugment_string_parsing():
   assert randaugment.parse("rand-m9-n2") == randaugment.RandAugmentSpec(9.0, 2)
   assert randaugment.parse("rand-m12-n0").num_layers == 0
   s = randaugment.parse("rand-m9-n3-mstd0.5-mmax12-p0.7")
-  assert (s.magnitude, s.num_layers, s.magnitude_std, s.magnitude_max, s.prob) == (9, 3, 0.5, 12, 0.7)
+  assert (s.magnitude, s.num_layers, s.magnitude_std, s.magnitude_max, s.prob) == (
+      9, 3, 0.5, 12, 0.7)
   for bad in ("augmix-m5", "rand-x9", "rand-m9-n2.5", "rand-m9-inc1"):
     with pytest.raises(ValueError):
       randaugment.parse(bad)
@@ -434,7 +437,8 @@ def test_eval_streams_with_workers_are_exact_and_seekable(mock):
   for column in ("ImageNetR", "ImageNet", "ObjectNet", "ImageNetR", "ImageNetA"):
     got = list(splits[column].iterate(8))
     assert [len(b) for b in got[:-1]] == [8] * (len(got) - 1) and 0 < len(got[-1]) <= 8
-    np.testing.assert_array_equal(np.concatenate(got), np.concatenate(list(serial[column].iterate(8))))
+    want = np.concatenate(list(serial[column].iterate(8)))
+    np.testing.assert_array_equal(np.concatenate(got), want)
     next(splits["ImageNetSketch"].iterate(8))
   source = source_of(mock, "ImageNetV2", "imagenet_v2/matched-frequency")
   want = [imagenet.eval_transform(imagenet.decode_rgb(source[i]["image"]), 32) for i in range(21)]
@@ -477,7 +481,8 @@ def test_official_mask_maps_onto_tfds_indices_by_file_name(mock, tmp_path):
   out = tmp_path / "heldout_official.npz"
   make = subprocess.run(
       [sys.executable, str(ROOT / "scripts" / "make_imagenet_heldout.py"),
-       f"--data_dir={mock['data_dir']}", f"--official_mask={path}", f"--out={out}", "--per_class=1"],
+       f"--data_dir={mock['data_dir']}", f"--official_mask={path}", f"--out={out}",
+       "--per_class=1"],
       capture_output=True, text=True, timeout=300)
   assert make.returncode == 0, make.stderr
   assert "official" in make.stdout
@@ -520,3 +525,16 @@ def test_heldout_module_does_not_import_the_task():
           "assert 'soup.data.imagenet' not in sys.modules, 'cycle'")
   run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr
+
+
+def test_report_says_which_heldout_list(tmp_path):
+  from soup import report, results
+  base = {"model_name": "model_1", "recipe": "individual", "ImageNet2p": 0.8, "ImageNet": 0.79,
+          **{c: 0.5 for c in results.IMAGENET.shifts}}
+  def notes(*kinds):
+    rows = [dict(base, model_name=f"model_{i + 1}", heldout_list=k) for i, k in enumerate(kinds)]
+    return " ".join(report.build_report(rows, results.IMAGENET)["notes"])
+  assert "paper's own held-out split" in notes("official", "official")
+  assert "seeded draw" in notes("seeded") and "paper's own" not in notes("seeded")
+  assert "mix held-out lists (official, seeded)" in notes("official", "seeded")
+  assert "held-out list" not in notes(None) and "seeded" not in notes(None)

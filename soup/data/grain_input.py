@@ -73,6 +73,8 @@ class Stream:
     dataset = grain.MapDataset.range(self.length).map(fn).to_iter_dataset(read)
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=self.num_workers, per_worker_buffer_size=buffer_per_worker))
+    log.info("input stream of %s: %s", type(fn).__name__,
+             f"{self.num_workers} worker processes" if self.num_workers else "in this process")
     self._iterator = iter(dataset)
     self._initial = self._iterator.get_state()
     self.position = 0  # Index of the element the iterator gives next.

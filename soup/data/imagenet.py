@@ -148,7 +148,8 @@ class ImageNetTask(Task):
     self.pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # Labels.
 
     self.train_builder, self.train_source = open_tfds("ImageNet2p", self.data_dir)
-    self.heldout = imagenet_heldout.load(os.path.expanduser(d.heldout_file) if d.heldout_file else None)
+    self.heldout = imagenet_heldout.load(
+        os.path.expanduser(d.heldout_file) if d.heldout_file else None)
     imagenet_heldout.verify(self.heldout, num_train=len(self.train_source),
                             per_class=d.heldout_per_class, num_classes=NUM_CLASSES,
                             tfds_version=str(self.train_builder.version))
@@ -313,7 +314,8 @@ class ImageNetTask(Task):
       classes = np.asarray(classes)
       outside = ~np.isin(labels, classes)
       if outside.any():
-        raise ValueError(f"{column}: {int(outside.sum())} labels outside its {len(classes)} classes.")
+        raise ValueError(
+            f"{column}: {int(outside.sum())} labels outside its {len(classes)} classes.")
       labels = np.searchsorted(classes, labels).astype(np.int32)
       logits_map = functools.partial(_take_classes, classes=classes)
     return EvalSplit(labels=labels, batches=self._streamed(reader), logits_map=logits_map)
@@ -325,7 +327,8 @@ class ImageNetTask(Task):
     return EvalSplit(labels=labels, batches=self._streamed(reader), logits_map=mapping.logits)
 
   def _heldout_split(self) -> EvalSplit:
-    labels = self._cached_labels(self.train_builder, self.train_source, "train", self.heldout.indices)
+    labels = self._cached_labels(self.train_builder, self.train_source, "train",
+                                 self.heldout.indices)
     if not np.array_equal(labels, self.heldout.labels):
       raise imagenet_heldout.HeldOutError(
           "The held-out list's labels differ from the dataset's at its indices: it was made from "
@@ -351,10 +354,12 @@ class ImageNetTask(Task):
             objectnet.images_dir(self.config.objectnet_dir)
             makers[column] = self._objectnet_split
           else:
-            name = f"imagenet_v2/{self.config.imagenet_v2_variant}" if column == "ImageNetV2" else None
+            name = (f"imagenet_v2/{self.config.imagenet_v2_variant}" if column == "ImageNetV2"
+                    else None)
             builder, source = open_tfds(column, self.data_dir, name)
             classes = {"ImageNetR": IMAGENET_R_CLASSES, "ImageNetA": IMAGENET_A_CLASSES}.get(column)
-            makers[column] = functools.partial(self._tfds_split, column, builder, source, None, classes)
+            makers[column] = functools.partial(self._tfds_split, column, builder, source, None,
+                                               classes)
         except (DatasetMissingError, objectnet.ObjectNetMissingError) as e:
           missing.append(str(e))
       if missing:

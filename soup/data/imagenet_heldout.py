@@ -113,7 +113,8 @@ def from_official_mask(mask: np.ndarray, file_names, labels: np.ndarray, wnids) 
   n = len(labels)
   if mask.ndim != 1 or len(mask) != n:
     raise HeldOutError(f"The official mask has shape {mask.shape}; expected ({n},): one 0/1 "
-                       "value per train image (imagenet_98_idxs.npy from mlfoundations/model-soups).")
+                       "value per train image (imagenet_98_idxs.npy from "
+                       "mlfoundations/model-soups).")
   if not np.isin(np.unique(mask), (0, 1)).all():
     raise HeldOutError("The official mask must hold only 0 and 1 (1: held out); got values "
                        f"{np.unique(mask)[:5].tolist()}.")
@@ -128,7 +129,8 @@ def save(path: str | Path, indices: np.ndarray, labels: np.ndarray, *, tfds_vers
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez_compressed(tmp, indices=np.asarray(indices, np.int64), labels=np.asarray(labels, np.int32),
+  np.savez_compressed(tmp, indices=np.asarray(indices, np.int64),
+                      labels=np.asarray(labels, np.int32),
                       tfds_version=np.array(tfds_version), num_train=np.array(num_train),
                       per_class=np.array(per_class), seed=np.array(seed), source=np.array(source))
   tmp.replace(path)

@@ -77,7 +77,8 @@ def load_mapping(metadata_dir: str | Path = METADATA_DIR) -> ObjectNetMapping:
   line wins (no ObjectNet class maps to it).
   """
   d = Path(metadata_dir)
-  folder_of_name = {v: k for k, v in json.loads((d / "folder_to_objectnet_label.json").read_text()).items()}
+  folder_names = json.loads((d / "folder_to_objectnet_label.json").read_text())
+  folder_of_name = {v: k for k, v in folder_names.items()}
   imagenet_of_objectnet = json.loads((d / "objectnet_to_imagenet_1k.json").read_text())
   label_of_2012_id = {v: int(k) for k, v in
                       json.loads((d / "pytorch_to_imagenet_2012_id.json").read_text()).items()}
@@ -85,10 +86,12 @@ def load_mapping(metadata_dir: str | Path = METADATA_DIR) -> ObjectNetMapping:
   label_of_description = {line.strip(): label_of_2012_id[i] for i, line in enumerate(lines)}
   ids_of_folder = {}
   for name, descriptions in imagenet_of_objectnet.items():
-    ids_of_folder[folder_of_name[name]] = tuple(label_of_description[x] for x in descriptions.split("; "))
+    ids_of_folder[folder_of_name[name]] = tuple(label_of_description[x]
+                                                for x in descriptions.split("; "))
   folders = tuple(sorted(ids_of_folder))
   if len(folders) != NUM_CLASSES:
-    raise ValueError(f"ObjectNet metadata in {d} gives {len(folders)} classes, expected {NUM_CLASSES}.")
+    raise ValueError(
+        f"ObjectNet metadata in {d} gives {len(folders)} classes, expected {NUM_CLASSES}.")
   return ObjectNetMapping(folders, tuple(ids_of_folder[f] for f in folders))
 
 

@@ -51,7 +51,8 @@ def default_data_dir() -> str:
 def _missing_message(column: str, name: str, data_dir: str, why: str) -> str:
   _, _, args, note = DATASETS[column]
   return (f"{column}: TFDS {name} {why} in {data_dir}. Prepare it once with `tfds build {name} "
-          f"--data_dir={data_dir} --file_format=array_record{args}`" + (f" ({note})" if note else "")
+          f"--data_dir={data_dir} --file_format=array_record{args}`"
+          + (f" ({note})" if note else "")
           + "; building needs `pip install tensorflow` on that machine, reading here does not.")
 
 
@@ -68,7 +69,8 @@ def open_tfds(column: str, data_dir: str, name: Optional[str] = None):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # Unknown config, unreadable metadata...
-    raise DatasetMissingError(_missing_message(column, name, data_dir, f"cannot be opened ({e})")) from e
+    raise DatasetMissingError(
+        _missing_message(column, name, data_dir, f"cannot be opened ({e})")) from e
   if not builder.is_prepared():
     raise DatasetMissingError(_missing_message(column, name, data_dir, "is not prepared"))
   if split not in builder.info.splits:
@@ -77,7 +79,8 @@ def open_tfds(column: str, data_dir: str, name: Optional[str] = None):
   if file_format != "array_record":
     raise DatasetMissingError(_missing_message(
         column, name, data_dir, f"is prepared as {file_format}, which needs TensorFlow to read"))
-  return builder, builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  return builder, builder.as_data_source(split=split, decoders=decoders)
 
 
 def read_fields(source, fields: tuple[str, ...], indices: Optional[np.ndarray] = None,

@@ -1,0 +1,192 @@
+"""Input pipeline throughput: the ImageNet transforms on Grain worker processes.
+
+  python benchmarks/input_pipeline.py [--images=128 --batch=32 --batches=40 --repeats=5]
+
+Generates ImageNet-sized JPEGs (500x375, about 94 KB: a smooth random color
+field, oriented stripes and pixel noise, so that decoding costs what a photo
+costs; never blank) and measures images/s of
+
+  serial      today's per-thread cost: decode + transform in this process, one
+              image after another (what each decoding thread of the old
+              pipeline did);
+  workers=1   the Grain pipeline of soup/data/grain_input.py, one worker process;
+  workers=2   the same with two worker processes;
+
+for the training transform (RandAugment m9 n2 after timm's random-resized crop
+and flip, `TrainBatches`) and the eval transform (resize shorter side + center
+crop, `TfdsImages`), at 224 px. Records come from an in-memory source (the
+JPEG bytes; the TFDS array_record read is not measured). Also measured: the
+consumer's cost alone (`transfer`: workers hand over ready batches; what one
+training process can take in at most).
+
+Each pipeline is started once (spawn cost excluded), its prefetch buffer is
+drained before timing, and the configurations are timed in turn, `repeats`
+times; the tables give medians. Writes benchmarks/results/input_pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from common import RESULTS, Monitor, machine, median  # noqa: F401  (sys.path set up there)
+
+from soup.data import grain_input, randaugment, transforms  # noqa: E402
+
+SIZE = 224
+AUG = "rand-m9-n2"
+FILL = (123, 117, 104)
+
+
+def textured_jpeg(rng: np.random.Generator, width: int = 500, height: int = 375) -> bytes:
+  """A random textured photo-like JPEG of about 94 KB at quality 90."""
+  from PIL import Image
+  y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+  coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+  img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
+  for _ in range(4):  # Oriented stripes at random frequencies.
+    freq, angle, phase = rng.uniform(0.02, 0.3), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    wave = np.sin(freq * (np.cos(angle) * x + np.sin(angle) * y) + phase)
+    img = img + rng.uniform(10, 30) * wave[..., None] * rng.uniform(0.5, 1, 3)
+  img = img + rng.normal(0, 18, img.shape)
+  out = io.BytesIO()
+  Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+  return out.getvalue()
+
+
+class MemorySource:
+  """A data source of `length` records cycling over a few JPEGs (picklable, like TFDS's)."""
+
+  def __init__(self, jpegs: list[bytes], length: int):
+    self.jpegs, self.length = jpegs, length
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitems__(self, ids):
+    return [{"image": self.jpegs[i % len(self.jpegs)], "label": i % 1000} for i in ids]
+
+
+class ReadyBatches:
+  """Transfer only: a fresh batch of the training shape, no decoding."""
+
+  def __init__(self, batch: int):
+    self.batch = batch
+
+  def __call__(self, k: int):
+    return (np.full((self.batch, SIZE, SIZE, 3), k % 251, np.uint8),
+            np.full((self.batch,), k, np.int32))
+
+
+def serial_rate(jpegs: list[bytes], count: int, train: bool) -> float:
+  """Images/s of the transform in this process, one image after another."""
+  augment = randaugment.from_string(AUG, FILL)
+  t = time.perf_counter()
+  for i in range(count):
+    img = transforms.decode_rgb(jpegs[i % len(jpegs)])
+    if train:
+      transforms.train_transform(img, SIZE, transforms.row_rng(0, i, 0), augment)
+    else:
+      transforms.eval_transform(img, SIZE)
+  return count / (time.perf_counter() - t)
+
+
+class Pipeline:
+  """A started Grain stream, timed in chunks of `batches` elements."""
+
+  def __init__(self, fn, workers: int, images_per_element: int):
+    self.stream = grain_input.Stream(fn, 10**9, workers)
+    self.workers, self.per = workers, images_per_element
+    self.stream.read(0)  # Spawn and first element: not timed.
+
+  def rate(self, batches: int) -> float:
+    # Drain what was prefetched while other pipelines ran, then time steady state.
+    for _ in range(6 * max(self.workers, 1)):  # Queue, interleave buffer, in flight.
+      self.stream.read(self.stream.position)
+    t = time.perf_counter()
+    for _ in range(batches):
+      self.stream.read(self.stream.position)
+    return batches * self.per / (time.perf_counter() - t)
+
+  def close(self):
+    self.stream.close()
+
+
+def load_average() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--images", type=int, default=128, help="distinct JPEGs generated")
+  parser.add_argument("--batch", type=int, default=32, help="images per pipeline element")
+  parser.add_argument("--batches", type=int, default=40, help="elements per timed chunk")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--out", default=str(RESULTS / "input_pipeline.json"))
+  args = parser.parse_args(argv)
+
+  rng = np.random.default_rng(0)
+  jpegs = [textured_jpeg(rng) for _ in range(args.images)]
+  kb = np.mean([len(j) for j in jpegs]) / 1000
+  print(f"{len(jpegs)} JPEGs, 500x375, mean {kb:.1f} KB; load average {load_average()}")
+  source = MemorySource(jpegs, 1_000_000)
+  records = np.arange(len(source))
+  train_fn = grain_input.TrainBatches(source, records, args.batch, seed=0, aug=AUG, fill=FILL,
+                                      image_size=SIZE, rows=np.arange(args.batch))
+  eval_fn = grain_input.EvalBatches([grain_input.TfdsImages(source, records, SIZE)], args.batch)
+
+  pipelines = {(kind, w): Pipeline(fn, w, args.batch)
+               for kind, fn in (("train", train_fn), ("eval", eval_fn)) for w in (1, 2)}
+  pipelines[("transfer", 2)] = Pipeline(ReadyBatches(args.batch), 2, args.batch)
+  serial_count = args.batch * args.batches // 2
+  raw: dict[str, list] = {}
+  loads = [load_average()]
+  for r in range(args.repeats):
+    for kind in ("train", "eval"):
+      with Monitor() as m:
+        rate = serial_rate(jpegs, serial_count, kind == "train")
+      raw.setdefault(f"{kind}/serial", []).append((rate, m.other_frac))
+      for w in (1, 2):
+        with Monitor() as m:
+          rate = pipelines[(kind, w)].rate(args.batches)
+        raw.setdefault(f"{kind}/workers={w}", []).append((rate, m.other_frac))
+    with Monitor() as m:
+      rate = pipelines[("transfer", 2)].rate(args.batches * 4)
+    raw.setdefault("transfer/workers=2", []).append((rate, m.other_frac))
+    loads.append(load_average())
+    print(f"repeat {r + 1}/{args.repeats}: load average {loads[-1]}", file=sys.stderr)
+  for p in pipelines.values():
+    p.close()
+
+  med = {k: median([v[0] for v in vs]) for k, vs in raw.items()}
+  others = {k: median([v[1] for v in vs]) for k, vs in raw.items()}
+  summary = {}
+  print("\n| transform | serial img/s | 1 worker img/s | 2 workers img/s | scaling 1 -> 2 "
+        "| per worker (2) / serial | others' CPU (2 workers) |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
+  for kind in ("train", "eval"):
+    s, w1, w2 = med[f"{kind}/serial"], med[f"{kind}/workers=1"], med[f"{kind}/workers=2"]
+    summary[kind] = dict(serial=s, workers1=w1, workers2=w2, scaling=w2 / w1,
+                         per_worker_2=w2 / 2, per_worker_1_vs_serial=w1 / s)
+    print(f"| {kind} | {s:.0f} | {w1:.0f} | {w2:.0f} | {w2 / w1:.2f}x | {w2 / 2 / s:.2f} "
+          f"| {100 * others[f'{kind}/workers=2']:.0f}% |")
+  print(f"\ntransfer only (2 workers, consumer-bound): {med['transfer/workers=2']:.0f} img/s")
+  print(f"load averages (1, 5, 15 min) at start and after each repeat: {loads}")
+  out = dict(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args),
+             jpeg_kb_mean=kb, medians=med, others_cpu_medians=others, summary=summary,
+             load_averages=loads, raw=raw)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=1)
+  print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
