@@ -43,8 +43,10 @@ Prepare once (see soup/data/imagenet.py for each dataset's `tfds build` command)
   imagenet_r, imagenet_a in $TFDS_DATA_DIR; ObjectNet 1.0 unpacked in
   ~/data/objectnet-1.0; CLIP weights (soup/models/pretrained.py says how) in
   ~/checkpoints/clip/ViT-B-32-openai.safetensors and the BPE vocabulary in
-  ~/checkpoints/clip/bpe_simple_vocab_16e6.txt.gz; then the held-out list:
-    python scripts/make_imagenet_heldout.py --data_dir=$TFDS_DATA_DIR
+  ~/checkpoints/clip/bpe_simple_vocab_16e6.txt.gz; then the held-out list, the paper's own
+  (imagenet_98_idxs.npy from github.com/mlfoundations/model-soups; without the flag: ours):
+    python scripts/make_imagenet_heldout.py --data_dir=$TFDS_DATA_DIR \
+        --official_mask=imagenet_98_idxs.npy
 Run (the 71 members are independent: one process, GPU or TPU slice each):
   python scripts/launch_sweep.py --config=configs/clip_vit_b32_imagenet.py \
       --workdir=workdirs/clip_vit_b32 --mode=local --parallel=8 --gpus=0,1,2,3,4,5,6,7
@@ -60,9 +62,9 @@ Expected (paper Table 1, CLIP ViT-B/32, ImageNet top-1 / average over the 5 shif
   greedy soup 81.03 / 50.75         learned soup 80.89 / 51.07
   learned soup by layer 81.37 / 50.87   ensemble 81.19 / 50.77
   greedy ensemble 81.90 / 49.44     (LP initialization model_0: 75.57 on ImageNet)
-Our random search differs from theirs in its draws, and our held-out images
-in their choice, so expect the same ordering within a few tenths, not the
-same digits.
+Our random search differs from theirs in its draws (and our held-out images
+from theirs unless the list is made with --official_mask), so expect the
+same ordering within a few tenths, not the same digits.
 """
 
 import math
@@ -94,6 +96,9 @@ def get_config(arg: str = ""):
       image_size=224,
       normalization="clip",        # CLIP's mean/std, in jit.
       num_workers=-1,              # Grain decoding processes; -1: one per core, 0: in-process.
+      # JPEG draft decode in the training crop (never in eval): off = timm's exact pixels; on
+      # only speeds up crops >= 2x image_size (no ImageNet-typical 500x375 crop at 224 px).
+      train_jpeg_draft=False,
       # Official (off): their ObjectNet loader is built before the 2-px crop is added, so
       # the released numbers saw uncropped images (soup/data/objectnet.py cites the code).
       objectnet_border_crop=False,

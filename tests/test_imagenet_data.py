@@ -29,10 +29,12 @@ def mock(tmp_path_factory):
 
 
 def data_config(mock, **overrides):
+  """num_workers 0: the Grain pipeline in this process (cheap to start); the tests of
+  worker processes ask for them."""
   d = dict(name="imagenet", data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
            imagenet_v2_variant="matched-frequency", heldout_file=mock["heldout_file"],
            heldout_per_class=1, heldout_in_memory=True, split_seed=0, image_size=32,
-           normalization="clip", num_workers=2, cache_dir=mock["cache_dir"])
+           normalization="clip", num_workers=0, cache_dir=mock["cache_dir"])
   d.update(overrides)
   return mlc.ConfigDict(d)
 
@@ -222,7 +224,7 @@ def test_objectnet_border_crop_is_a_switch_off_by_default(mock, task):
   assert not np.array_equal(uncropped, cropped)
   assert task.objectnet_border == 0
   np.testing.assert_array_equal(next(task.eval_splits()["ObjectNet"].iterate(4))[0], uncropped)
-  on = imagenet.ImageNetTask(data_config(mock, objectnet_border_crop=True, num_workers=0))
+  on = imagenet.ImageNetTask(data_config(mock, objectnet_border_crop=True))
   assert on.objectnet_border == objectnet.BORDER == 2
   np.testing.assert_array_equal(next(on.eval_splits()["ObjectNet"].iterate(4))[0], cropped)
 
@@ -300,7 +302,7 @@ def test_no_aug_is_the_eval_preprocessing(mock, task):
 
 
 def test_each_host_decodes_only_its_rows(mock):
-  task = imagenet.ImageNetTask(data_config(mock, num_workers=0))
+  task = imagenet.ImageNetTask(data_config(mock))
   full_x, full_y = task.finetune_batch(8, 3, 2, {"aug": "rand-m5-n1"})
   task._local_rows_cache[8] = np.array([4, 5, 6, 7])  # As process 1 of 2 would hold.
   x, y = task.finetune_batch(8, 3, 2, {"aug": "rand-m5-n1"})
@@ -377,12 +379,12 @@ def _double(i):  # Module-level: pickled by reference into the workers.
 
 
 def test_stream_position_state_is_the_one_grain_reaches():
-  stream = grain_input.Stream(_double, 20, num_workers=3)
+  stream = grain_input.Stream(_double, 20, num_workers=2)
   try:
     assert [int(stream.read(i)[0]) for i in range(7)] == [0, 2, 4, 6, 8, 10, 12]
     reached = stream.get_state()
     assert reached["position"] == 7
-    assert reached["grain"] == grain_input._state_at(stream._initial, 7, 3)
+    assert reached["grain"] == grain_input._state_at(stream._initial, 7, 2)
     assert int(stream.read(2)[0]) == 4 and int(stream.read(3)[0]) == 6   # Seek back, go on.
     assert int(stream.read(19)[0]) == 38 and int(stream.read(0)[0]) == 0  # Last, then first.
     stream.set_state(json.loads(json.dumps(reached)))                     # JSON round trip.
@@ -399,30 +401,26 @@ def test_training_stream_resumes_bit_identically(mock):
   whatever the number of worker processes."""
   hp = {"aug": "rand-m9-n2"}
   uninterrupted = imagenet.ImageNetTask(data_config(mock, num_workers=2))
-  want = [uninterrupted.finetune_batch(16, 7, s, hp) for s in range(8)]
-  state = json.loads(json.dumps(uninterrupted.finetune_stream(16, 7, hp).get_state()))
+  stream = uninterrupted.finetune_stream(16, 7, hp)
+  want = [stream.read(s) for s in range(4)]
+  saved = json.loads(json.dumps(stream.get_state()))  # A checkpoint after step 3.
+  want += [uninterrupted.finetune_batch(16, 7, s, hp) for s in range(4, 8)]
+  end = json.loads(json.dumps(stream.get_state()))
   uninterrupted.close()
-  first = imagenet.ImageNetTask(data_config(mock, num_workers=2))
-  stream = first.finetune_stream(16, 7, hp)
-  for s in range(4):
-    stream.read(s)
-  saved = json.loads(json.dumps(stream.get_state()))
-  first.close()
 
-  resumed = imagenet.ImageNetTask(data_config(mock, num_workers=2))
+  resumed = imagenet.ImageNetTask(data_config(mock, num_workers=2))  # New worker processes.
   stream = resumed.finetune_stream(16, 7, hp)
   stream.set_state(saved)
-  assert stream.position == 4
+  assert stream.position == 4 and end["position"] == 8
   for s in range(4, 8):
     x, y = stream.read(s)
     np.testing.assert_array_equal(x, want[s][0])
     np.testing.assert_array_equal(y, want[s][1])
-  assert state["position"] == 8
-  stream.set_state(state)  # The uninterrupted stream's end state: it goes on from step 8.
+  stream.set_state(end)  # The uninterrupted stream's end state: it goes on from step 8.
   x8, _ = stream.read(8)
   resumed.close()
 
-  in_process = imagenet.ImageNetTask(data_config(mock, num_workers=0))
+  in_process = imagenet.ImageNetTask(data_config(mock))
   for s in (5, 2, 8):  # The trainer resumes by asking for the step: any order works.
     x, y = in_process.finetune_batch(16, 7, s, hp)
     np.testing.assert_array_equal(x, want[s][0] if s < 8 else x8)
@@ -430,9 +428,9 @@ def test_training_stream_resumes_bit_identically(mock):
 
 
 def test_eval_streams_with_workers_are_exact_and_seekable(mock):
-  task = imagenet.ImageNetTask(data_config(mock, num_workers=2))
+  task = imagenet.ImageNetTask(data_config(mock, num_workers=2, heldout_in_memory=False))
   splits = task.eval_splits()
-  serial = imagenet.ImageNetTask(data_config(mock, num_workers=0)).eval_splits()
+  serial = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False)).eval_splits()
   # Out of column order, twice, and one abandoned midway: every split stays exact.
   for column in ("ImageNetR", "ImageNet", "ObjectNet", "ImageNetR", "ImageNetA"):
     got = list(splits[column].iterate(8))
@@ -500,7 +498,7 @@ def test_official_mask_maps_onto_tfds_indices_by_file_name(mock, tmp_path):
                                                      int(names[i].split("_")[1].split(".")[0])))
   assert set(np.asarray(numeric)[np.flatnonzero(mask)].tolist()) != set(held.indices.tolist())
   # The task says which list it holds out; the seeded default says so too.
-  official = imagenet.ImageNetTask(data_config(mock, heldout_file=str(out), num_workers=0))
+  official = imagenet.ImageNetTask(data_config(mock, heldout_file=str(out)))
   assert official.provenance() == {"heldout_list": "official"}
   np.testing.assert_array_equal(official.eval_splits()["ImageNet2p"].labels, held.labels)
   seeded = imagenet_heldout.load(mock["heldout_file"])
@@ -538,3 +536,45 @@ def test_report_says_which_heldout_list(tmp_path):
   assert "seeded draw" in notes("seeded") and "paper's own" not in notes("seeded")
   assert "mix held-out lists (official, seeded)" in notes("official", "seeded")
   assert "held-out list" not in notes(None) and "seeded" not in notes(None)
+
+
+# --- Cheaper training decode (JPEG draft mode) -----------------------------------------
+
+
+def _jpeg(width, height, seed=0):
+  import io
+  rng = np.random.default_rng(seed)
+  coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize((width, height),
+                                                                             Image.BICUBIC)
+  noisy = np.asarray(coarse, np.float32) + rng.normal(0, 6, (height, width, 3))
+  out = io.BytesIO()
+  Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+  return out.getvalue()
+
+
+def test_train_example_is_train_transform_and_draft_only_changes_pixels_slightly():
+  from soup.data import transforms
+  aug = randaugment.RandAugment("rand-m9-n2", fill=(123, 117, 104))
+  small, large = _jpeg(500, 375), _jpeg(1600, 1200)
+  for data in (small, large):  # Without draft: exactly the decode-then-transform result.
+    for s in range(3):
+      want = transforms.train_transform(transforms.decode_rgb(data), 64,
+                                        np.random.default_rng(s), aug)
+      np.testing.assert_array_equal(transforms.train_example(data, 64, np.random.default_rng(s),
+                                                             aug), want)
+  reduced, diffs = 0, []
+  for s in range(12):
+    full_rng, draft_rng = np.random.default_rng(s), np.random.default_rng(s)
+    full = transforms.train_example(large, 64, full_rng, None if s % 4 == 0 else aug)
+    fast = transforms.train_example(large, 64, draft_rng, None if s % 4 == 0 else aug, draft=True)
+    assert full_rng.random() == draft_rng.random()  # Same draws: the stream stays in step.
+    if s % 4 == 0:
+      np.testing.assert_array_equal(fast, full)  # aug None is the eval transform: no draft.
+    else:
+      reduced += not np.array_equal(fast, full)
+      diffs.append(np.abs(fast.astype(int) - full.astype(int)).mean())
+  assert reduced >= 6 and max(diffs) < 6  # Drafted, and close (mean abs difference, 0..255).
+  for s in range(5):  # 500x375 at 224 px: no crop is 448 px wide and high, so no draft.
+    np.testing.assert_array_equal(
+        transforms.train_example(small, 224, np.random.default_rng(s), aug, draft=True),
+        transforms.train_example(small, 224, np.random.default_rng(s), aug))

@@ -129,15 +129,16 @@ class TrainBatches:
   Positions: each epoch a permutation of the fine-tuning split seeded by
   (seed, epoch), cut into batches (the last partial one dropped), each batch
   sorted (faster reads). Row r of step s is augmented with
-  transforms.row_rng(seed, s, r). Returns (images [rows, size, size, 3] uint8,
+  transforms.row_rng(seed, s, r) (transforms.train_example; jpeg_draft: see there). Returns (images [rows, size, size, 3] uint8,
   labels [rows] int32) for `rows`, this host's rows of the global batch.
   """
 
   def __init__(self, source, finetune_idx: np.ndarray, batch_size: int, seed: int,
-               aug: Optional[str], fill: tuple[int, ...], image_size: int, rows: np.ndarray):
+               aug: Optional[str], fill: tuple[int, ...], image_size: int, rows: np.ndarray,
+               jpeg_draft: bool = False):
     self.source, self.finetune_idx = source, np.asarray(finetune_idx)
     self.batch_size, self.seed, self.aug, self.fill = int(batch_size), int(seed), aug, fill
-    self.image_size, self.rows = int(image_size), np.asarray(rows)
+    self.image_size, self.rows, self.jpeg_draft = int(image_size), np.asarray(rows), jpeg_draft
     self._order: Optional[tuple[int, np.ndarray]] = None  # (epoch, permutation) of the last call.
 
   def __getstate__(self):
@@ -167,8 +168,8 @@ class TrainBatches:
     labels = np.empty((len(self.rows),), np.int32)
     for k, record in enumerate(self.source.__getitems__(records.tolist()) if len(records) else []):
       rng = transforms.row_rng(self.seed, step, self.rows[k])
-      images[k] = transforms.train_transform(transforms.decode_rgb(record["image"]),
-                                             self.image_size, rng, augment)
+      images[k] = transforms.train_example(record["image"], self.image_size, rng, augment,
+                                           self.jpeg_draft)
       labels[k] = record["label"]
     return images, labels
 

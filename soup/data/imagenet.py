@@ -204,7 +204,8 @@ class ImageNetTask(Task):
                      rows: Optional[np.ndarray] = None) -> grain_input.TrainBatches:
     rows = self._local_rows(batch_size) if rows is None else rows
     return grain_input.TrainBatches(self.train_source, self.finetune_idx, batch_size, seed, aug,
-                                    self.fill, self.image_size, rows)
+                                    self.fill, self.image_size, rows,
+                                    bool(self.config.get("train_jpeg_draft", False)))
 
   @functools.lru_cache(maxsize=2)
   def _positions_of(self, batch_size: int, seed: int) -> grain_input.TrainBatches:

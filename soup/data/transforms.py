@@ -13,6 +13,7 @@ Light on imports on purpose: the input pipeline's worker processes load it.
 from __future__ import annotations
 
 import io
+import math
 from typing import Optional
 
 import numpy as np
@@ -78,6 +79,34 @@ def train_transform(img: Image.Image, size: int, rng: np.random.Generator,
   left, top, w, h = random_resized_crop_box(*img.size, rng)
   resample = (Image.BILINEAR, Image.BICUBIC)[int(rng.integers(2))]
   img = img.resize((size, size), resample, box=(left, top, left + w, top + h))
+  if rng.random() < 0.5:
+    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.asarray(augment(img, rng), np.uint8)
+
+
+def train_example(data: bytes, size: int, rng: np.random.Generator,
+                  augment: Optional[randaugment.RandAugment], draft: bool = False) -> np.ndarray:
+  """train_transform of an encoded image: the same random draws in the same order.
+
+  draft=True (config.data.train_jpeg_draft) lets libjpeg decode a JPEG at 1/2, 1/4 or
+  1/8 scale (PIL's draft mode) when the random crop still covers at least size x size
+  pixels at that scale: the crop is then resized from the smaller image, which costs
+  a fraction of a full decode. The crop box, flip and RandAugment are unchanged; the
+  crop's pixels differ slightly (DCT scaling instead of full decode + resampling).
+  Evaluation and aug=None (the eval preprocessing) always decode in full.
+  """
+  if augment is None:
+    return eval_transform(decode_rgb(data), size)
+  with Image.open(io.BytesIO(data)) as img:
+    width, height = img.size
+    left, top, w, h = random_resized_crop_box(width, height, rng)
+    if draft and img.format == "JPEG":
+      img.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+    img = img.convert("RGB")
+  sx, sy = img.size[0] / width, img.size[1] / height
+  resample = (Image.BILINEAR, Image.BICUBIC)[int(rng.integers(2))]
+  img = img.resize((size, size), resample, box=(left * sx, top * sy, (left + w) * sx,
+                                                  (top + h) * sy))
   if rng.random() < 0.5:
     img = img.transpose(Image.FLIP_LEFT_RIGHT)
   return np.asarray(augment(img, rng), np.uint8)
