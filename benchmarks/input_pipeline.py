@@ -23,7 +23,10 @@ copy does; a lower bound on what one training process can take in, since on a
 
 Each pipeline is started once (spawn cost excluded), its prefetch buffer is
 drained before timing, and the configurations are timed in turn, `repeats`
-times; the tables give medians. Writes benchmarks/results/input_pipeline.json.
+times; the tables give medians. "others' CPU" is the share of both CPUs that other
+processes used during the serial runs (common.Monitor; worker processes are not
+its children, so it is not shown for them). Writes
+benchmarks/results/input_pipeline.json.
 """
 
 from __future__ import annotations
@@ -180,14 +183,14 @@ def main(argv=None) -> int:
   others = {k: median([v[1] for v in vs]) for k, vs in raw.items()}
   summary = {}
   print("\n| transform | serial img/s | 1 worker img/s | 2 workers img/s | scaling 1 -> 2 "
-        "| per worker (2) / serial | others' CPU (2 workers) |")
+        "| per worker (2) / serial | others' CPU (serial) |")
   print("|---|---:|---:|---:|---:|---:|---:|")
   for kind in ("train", "eval"):
     s, w1, w2 = med[f"{kind}/serial"], med[f"{kind}/workers=1"], med[f"{kind}/workers=2"]
     summary[kind] = dict(serial=s, workers1=w1, workers2=w2, scaling=w2 / w1,
                          per_worker_2=w2 / 2, per_worker_1_vs_serial=w1 / s)
     print(f"| {kind} | {s:.0f} | {w1:.0f} | {w2:.0f} | {w2 / w1:.2f}x | {w2 / 2 / s:.2f} "
-          f"| {100 * others[f'{kind}/workers=2']:.0f}% |")
+          f"| {100 * others[f'{kind}/serial']:.0f}% |")
   print(f"\ntransfer only ({args.transfer_batch}-image batches from 2 workers, read once by "
         f"the consumer): {med['transfer/workers=2']:.0f} img/s")
   print(f"load averages (1, 5, 15 min) at start and after each repeat: {loads}")
