@@ -23,10 +23,21 @@ copy does; a lower bound on what one training process can take in, since on a
 
 Each pipeline is started once (spawn cost excluded), its prefetch buffer is
 drained before timing, and the configurations are timed in turn, `repeats`
-times; the tables give medians. "others' CPU" is the share of both CPUs that other
-processes used during the serial runs (common.Monitor; worker processes are not
-its children, so it is not shown for them). Writes
-benchmarks/results/input_pipeline.json.
+times; the tables give medians. Two views of each run:
+
+  wall clock   images/s. On a shared machine this is what the scheduler leaves
+               us: with sched_autogroup (on here) a session gets one share of
+               the CPUs however many processes it runs, so 1 -> 2 workers
+               cannot scale while other sessions keep the cores busy;
+  CPU time     images per CPU-second of the processes that decode (/proc/PID/stat
+               of the workers; process_time() for serial), which does not depend
+               on how much CPU others leave us: equal per-CPU-second rates for 1
+               and 2 workers mean 2 workers give 2x on two free cores. The
+               consumer's (this process's) CPU-seconds per image bound what one
+               training process can take in: 1 / that.
+
+"others' CPU" is the share of both CPUs other processes used during the serial
+runs (common.Monitor). Writes benchmarks/results/input_pipeline.json.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, Monitor, machine, median  # noqa: F401  (sys.path set up there)
+from common import RESULTS, Monitor, machine, median  # Also puts the repo on sys.path.
 
 from soup.data import grain_input, randaugment, transforms  # noqa: E402
 
@@ -92,39 +103,78 @@ class ReadyBatches:
     return self._images, np.full((self.batch,), k, np.int32)
 
 
-def serial_rate(jpegs: list[bytes], count: int, train: bool) -> float:
-  """Images/s of the transform in this process, one image after another."""
+def serial_rate(jpegs: list[bytes], count: int, train: bool) -> dict:
+  """Images/s (wall) and images per CPU-second of the transform in this process, one image
+  after another."""
   augment = randaugment.from_string(AUG, FILL)
-  t = time.perf_counter()
+  t, cpu = time.perf_counter(), time.process_time()
   for i in range(count):
     img = transforms.decode_rgb(jpegs[i % len(jpegs)])
     if train:
       transforms.train_transform(img, SIZE, transforms.row_rng(0, i, 0), augment)
     else:
       transforms.eval_transform(img, SIZE)
-  return count / (time.perf_counter() - t)
+  return dict(wall=count / (time.perf_counter() - t),
+              per_cpu=count / max(time.process_time() - cpu, 1e-9))
+
+
+def spawned_workers() -> set[int]:
+  """Pids of this process's spawned children (Grain's worker processes)."""
+  me, out = os.getpid(), set()
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+          spawned = b"spawn_main" in f.read()
+      except OSError:
+        continue
+      if ppid == me and spawned:
+        out.add(int(entry))
+  return out
+
+
+def cpu_seconds(pids) -> float:
+  """User + system CPU seconds of processes (from /proc/PID/stat)."""
+  total = 0
+  for pid in pids:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15).
+  return total / os.sysconf("SC_CLK_TCK")
 
 
 class Pipeline:
   """A started Grain stream, timed in chunks of `batches` elements."""
 
   def __init__(self, fn, workers: int, images_per_element: int):
+    before = spawned_workers()
     self.stream = grain_input.Stream(fn, 10**9, workers)
     self.workers, self.per = workers, images_per_element
-    self.stream.read(0)  # Spawn and first element: not timed.
+    for k in range(2 * workers + 1):  # Spawn (each worker starts on its first element).
+      self.stream.read(k)
+    self.pids = spawned_workers() - before
+    if len(self.pids) != workers:
+      raise RuntimeError(f"found {len(self.pids)} worker processes, expected {workers}.")
 
-  def rate(self, batches: int, sink: np.ndarray | None = None) -> float:
-    """Images/s over `batches` elements; with `sink`, each batch's images are also copied
-    there (the host-to-device copy reads them once in a training step)."""
+  def rate(self, batches: int, sink: np.ndarray | None = None) -> dict:
+    """Over `batches` elements: images/s (wall), images per CPU-second of the workers, and
+    CPU-seconds this (consuming) process spent per image. With `sink`, each batch's images
+    are also copied there (the host-to-device copy reads them once in a training step)."""
     # Drain what was prefetched while other pipelines ran, then time steady state.
     for _ in range(6 * max(self.workers, 1)):  # Queue, interleave buffer, in flight.
       self.stream.read(self.stream.position)
-    t = time.perf_counter()
+    t, cpu, own = time.perf_counter(), cpu_seconds(self.pids), time.process_time()
     for _ in range(batches):
       element = self.stream.read(self.stream.position)
       if sink is not None:
         np.copyto(sink, element[0])
-    return batches * self.per / (time.perf_counter() - t)
+    images = batches * self.per
+    wall, own = time.perf_counter() - t, time.process_time() - own
+    workers_cpu = cpu_seconds(self.pids) - cpu
+    return dict(wall=images / wall, per_cpu=images / max(workers_cpu, 1e-9),
+                consumer_cpu_per_image=own / images)
 
   def close(self):
     self.stream.close()
@@ -166,37 +216,46 @@ def main(argv=None) -> int:
     for kind in ("train", "eval"):
       with Monitor() as m:
         rate = serial_rate(jpegs, serial_count, kind == "train")
-      raw.setdefault(f"{kind}/serial", []).append((rate, m.other_frac))
+      raw.setdefault(f"{kind}/serial", []).append(dict(rate, others=m.other_frac))
       for w in (1, 2):
-        with Monitor() as m:
-          rate = pipelines[(kind, w)].rate(args.batches)
-        raw.setdefault(f"{kind}/workers={w}", []).append((rate, m.other_frac))
-    with Monitor() as m:
-      rate = pipelines[("transfer", 2)].rate(args.batches, sink)
-    raw.setdefault("transfer/workers=2", []).append((rate, m.other_frac))
+        raw.setdefault(f"{kind}/workers={w}", []).append(pipelines[(kind, w)].rate(args.batches))
+    raw.setdefault("transfer/workers=2", []).append(
+        pipelines[("transfer", 2)].rate(args.batches, sink))
     loads.append(load_average())
     print(f"repeat {r + 1}/{args.repeats}: load average {loads[-1]}", file=sys.stderr)
   for p in pipelines.values():
     p.close()
 
-  med = {k: median([v[0] for v in vs]) for k, vs in raw.items()}
-  others = {k: median([v[1] for v in vs]) for k, vs in raw.items()}
+  med = {k: {m: median([v[m] for v in vs]) for m in vs[0]} for k, vs in raw.items()}
   summary = {}
-  print("\n| transform | serial img/s | 1 worker img/s | 2 workers img/s | scaling 1 -> 2 "
-        "| per worker (2) / serial | others' CPU (serial) |")
-  print("|---|---:|---:|---:|---:|---:|---:|")
+  print("\nWall clock (img/s; the machine is shared, see the load averages below):")
+  print("| transform | serial | 1 worker | 2 workers | scaling 1 -> 2 | others' CPU (serial) |")
+  print("|---|---:|---:|---:|---:|---:|")
   for kind in ("train", "eval"):
-    s, w1, w2 = med[f"{kind}/serial"], med[f"{kind}/workers=1"], med[f"{kind}/workers=2"]
-    summary[kind] = dict(serial=s, workers1=w1, workers2=w2, scaling=w2 / w1,
-                         per_worker_2=w2 / 2, per_worker_1_vs_serial=w1 / s)
-    print(f"| {kind} | {s:.0f} | {w1:.0f} | {w2:.0f} | {w2 / w1:.2f}x | {w2 / 2 / s:.2f} "
-          f"| {100 * others[f'{kind}/serial']:.0f}% |")
-  print(f"\ntransfer only ({args.transfer_batch}-image batches from 2 workers, read once by "
-        f"the consumer): {med['transfer/workers=2']:.0f} img/s")
+    s, w1, w2 = (med[f"{kind}/{c}"] for c in ("serial", "workers=1", "workers=2"))
+    print(f"| {kind} | {s['wall']:.0f} | {w1['wall']:.0f} | {w2['wall']:.0f} "
+          f"| {w2['wall'] / w1['wall']:.2f}x | {100 * s['others']:.0f}% |")
+  print("\nPer CPU-second (img per CPU-s of the process(es) decoding; independent of how much "
+        "CPU time others leave us):")
+  print("| transform | serial (1 thread) | per worker, 1 worker | per worker, 2 workers "
+        "| 2 workers / 1 worker (per CPU-s) | consumer CPU per image |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for kind in ("train", "eval"):
+    s, w1, w2 = (med[f"{kind}/{c}"] for c in ("serial", "workers=1", "workers=2"))
+    summary[kind] = dict(serial=s, workers1=w1, workers2=w2,
+                         wall_scaling=w2["wall"] / w1["wall"],
+                         per_cpu_ratio=w2["per_cpu"] / w1["per_cpu"],
+                         per_worker_vs_serial=w2["per_cpu"] / s["per_cpu"])
+    print(f"| {kind} | {s['per_cpu']:.0f} | {w1['per_cpu']:.0f} | {w2['per_cpu']:.0f} "
+          f"| {w2['per_cpu'] / w1['per_cpu']:.2f} | {1e6 * w2['consumer_cpu_per_image']:.0f} us |")
+  t = med["transfer/workers=2"]
+  per_image = t["consumer_cpu_per_image"]
+  print(f"\ntransfer only ({args.transfer_batch}-image batches from 2 workers, read once by the "
+        f"consumer): {t['wall']:.0f} img/s wall; consumer CPU {1e6 * per_image:.1f} us per "
+        f"image, i.e. at most {1 / per_image:.0f} img/s per process")
   print(f"load averages (1, 5, 15 min) at start and after each repeat: {loads}")
   out = dict(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args),
-             jpeg_kb_mean=kb, medians=med, others_cpu_medians=others, summary=summary,
-             load_averages=loads, raw=raw)
+             jpeg_kb_mean=kb, medians=med, summary=summary, load_averages=loads, raw=raw)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(out, f, indent=1)
