@@ -54,10 +54,14 @@ def get_config(arg: str = ""):
                     aug_strength=0.5)
   c.probe = dict(kind="linear_probe", examples=0, epochs=30, batch_size=256, lr=1e-2,
                  weight_decay=0.0)  # examples=0: the whole fine-tuning split.
+  # The L-BFGS probe (soup/linear_probe.py fit_probe), as for the paper configs.
+  c.probe.update(l2_grid=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3), validation_fraction=0.1,
+                 max_iterations=1000, tolerance=1e-6)
 
   # Fine-tuning: shared settings; the sweep varies the rest.
   c.finetune = dict(batch_size=128, warmup_steps=50, grad_clip=1.0, checkpoint_every_steps=100,
                     log_every_steps=20)
+  c.finetune.weight_decay_mask = "matrices"  # Rank >= 2 only; "all" as the official finetune.py.
   c.sweep = dict(
       num_members=12, seed=0,
       lr=(1e-5, 1e-2),          # log-uniform; the top leaves the basin.
@@ -73,6 +77,7 @@ def get_config(arg: str = ""):
                "learned_soup_by_layer", "ensemble", "greedy_ensemble", "wise_ft", "model_stock"),
       include_initialization=True,   # model_0 is an ingredient, as in the paper's 72.
       greedy_comparison=">",         # Official code: ">"; the paper's text: ">=".
+      greedy_tie_order="reversed",   # Official: ties in reverse listed order; or "listed".
       on_bad_ingredient="exclude",   # "exclude" (logged) or "error".
       verify_checksums=True,
       learned=dict(epochs=5, lr=0.05, batch_size=256),
