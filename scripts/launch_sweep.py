@@ -36,7 +36,6 @@ Anything after `--` is passed to every soup.main command (config overrides).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -85,10 +84,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def load_config(spec: str):
   """get_config(arg) of the config file, as soup.main would build it (before overrides)."""
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("launch_config", ROOT / path
-                                                       if not os.path.isabs(path) else path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  sys.path.insert(0, str(ROOT))  # The configs package (and soup, which configs import).
+  import configs
+  module = configs.module_of(ROOT / path if not os.path.isabs(path) else path)
   return module.get_config(arg) if arg else module.get_config()
 
 

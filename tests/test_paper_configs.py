@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import configs
 from soup import models, train
 from soup.data import imagenet_mock, randaugment
 from soup.models import convert, pretrained, zeroshot
 from soup.models.imagenet_classnames import IMAGENET_CLASSNAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 PAPER = json.loads((ROOT / "tests" / "data" / "paper" / "hparam_info.json").read_text())
 MEMBERS = [v for k, v in PAPER.items() if k != "model_0"]
 N = len(MEMBERS)  # 71
@@ -28,10 +29,7 @@ SWEEP_KEYS = {"lr", "weight_decay", "epochs", "label_smoothing", "mixup", "aug_s
 
 
 def load(path):
-  spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configs.module_of(path)
 
 
 CLIP = load(ROOT / "configs" / "clip_vit_b32_imagenet.py")
@@ -297,7 +295,11 @@ def test_vit_checkpoint_drops_head_and_resizes_positions(mock):
 
 
 def launcher():
-  return load(ROOT / "scripts" / "launch_sweep.py")
+  path = ROOT / "scripts" / "launch_sweep.py"
+  spec = importlib.util.spec_from_file_location("launch_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # A script, not a package module.
+  return module
 
 
 def test_launcher_print_mode_and_skips_done_members(tmp_path, capsys):
@@ -306,7 +308,7 @@ def test_launcher_print_mode_and_skips_done_members(tmp_path, capsys):
   done = workdir / "models" / "model_3" / "ingredient"
   done.mkdir(parents=True)
   (done / "ingredient.json").write_text("{}")
-  assert launch.main([f"--config=configs/clip_vit_b32_imagenet.py", f"--workdir={workdir}",
+  assert launch.main(["--config=configs/clip_vit_b32_imagenet.py", f"--workdir={workdir}",
                       "--mode=print", "--", "--config.eval.batch_size=256"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 1 + 70 + 1
