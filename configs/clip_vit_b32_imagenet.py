@@ -122,13 +122,11 @@ def get_config(arg: str = ""):
   # (150 KB each at 224 px: 100,000 -> 15 GB); the paper's LP used all of train and does
   # not give its settings, so these are ours: check model_0 against the paper's
   # (ImageNet2p 78.08, ImageNet 75.57) before the sweep.
-  # L-BFGS probe (linear_probe.fit_probe): L2 per decade on unit-norm CLIP features, chosen on
-  # a held-out 10% of the examples; epochs..weight_decay drive the AdamW probe
-  # (fit_linear_probe) until the experiment calls fit_probe.
+  # L-BFGS to convergence (soup/linear_probe.py): L2 per decade (unit-norm CLIP features want
+  # little), chosen on a held-out 10% of the examples, then refit on all of them.
   c.probe = dict(kind="linear_probe", examples=100_000,
                  l2_grid=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3), validation_fraction=0.1,
-                 max_iterations=1000, tolerance=1e-6,
-                 epochs=10, batch_size=1024, lr=1e-3, weight_decay=0.0)
+                 max_iterations=1000, tolerance=1e-6)
   c.finetune = dict(batch_size=512, warmup_steps=500, grad_clip=1.0, checkpoint_every_steps=1000,
                     log_every_steps=50,
                     weight_decay_mask="all")  # Official: AdamW on every parameter (docstring).
@@ -164,7 +162,7 @@ def get_config(arg: str = ""):
     c.model.update(variant="tiny")
     c.init.update(path=f"{SMOKE_ROOT}/tiny_clip.safetensors",
                   bpe_path=f"{SMOKE_ROOT}/tiny_bpe.txt.gz")
-    c.probe.update(examples=64, epochs=2, batch_size=32)
+    c.probe.update(examples=64)
     c.finetune.update(batch_size=32, warmup_steps=2, checkpoint_every_steps=8, log_every_steps=4)
     c.sweep.update(num_members=2, epochs=(1, 1))
     c.eval.update(batch_size=64)

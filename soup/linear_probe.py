@@ -15,10 +15,9 @@ refitted on every example. Losses and gradients are computed by XLA in float32
 
 The paper's LP settings are not published (nor its code); the CLIP paper's own
 probes use the same recipe (L-BFGS logistic regression, L2 swept on a validation
-split). `fit_linear_probe`, the minibatch AdamW probe it replaces, stays until its
-call site in the experiment moves to `fit_probe`: a fixed number of Adam steps
-at lr 1e-3 from a zero head moves each weight by at most about lr per step, so
-it stops far short of this optimum (issue 10, item f).
+split). It replaces a minibatch AdamW probe: a fixed number of Adam steps at lr
+1e-3 from a zero head moves each weight by at most about lr per step, so it
+stopped far short of this optimum (issue 10, item f).
 """
 
 from __future__ import annotations
@@ -34,11 +33,10 @@ import numpy as np
 import optax
 import scipy.optimize
 
-from soup.data import pipeline
-
 log = logging.getLogger(__name__)
 
-DEFAULT_L2_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)  # Decades; unit-norm CLIP features want small.
+# Decades; unit-norm CLIP features need little regularization.
+DEFAULT_L2_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 
 
 @dataclasses.dataclass
@@ -172,30 +170,3 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
     log.warning("probe: L-BFGS stopped before converging (%s); raise config.probe."
                 "max_iterations.", final.message)
   return ProbeResult(final.head, best, scores, final)
-
-
-def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int,
-                     batch_size: int, lr: float, weight_decay: float, seed: int) -> dict:
-  """Multinomial logistic regression on frozen features (AdamW, minibatches; see fit_probe)."""
-  dim = features.shape[1]
-  head = {"kernel": jnp.zeros((dim, num_classes), jnp.float32),
-          "bias": jnp.zeros((num_classes,), jnp.float32)}
-  opt = optax.adamw(lr, weight_decay=weight_decay)
-  state = opt.init(head)
-
-  @jax.jit
-  def step(head, state, x, y):
-    def loss_fn(h):
-      return optax.softmax_cross_entropy_with_integer_labels(x @ h["kernel"] + h["bias"], y).mean()
-    loss, g = jax.value_and_grad(loss_fn)(head)
-    updates, state = opt.update(g, state, head)
-    return optax.apply_updates(head, updates), state, loss
-
-  rng = np.random.default_rng(seed)
-  per_epoch = pipeline.steps_per_epoch(len(labels), batch_size)
-  for _ in range(epochs):
-    order = rng.permutation(len(labels))
-    for b in range(per_epoch):
-      idx = order[b * batch_size:(b + 1) * batch_size]
-      head, state, _ = step(head, state, features[idx], labels[idx])
-  return jax.tree.map(np.asarray, head)

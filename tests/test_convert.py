@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soup.models import convert
-from soup.models import vit as vit_module
+from soup.models import convert, vit as vit_module
 from soup.models.vit import ViT
 
 # Shared with test_clip.py; the path makes this independent of pytest's import mode.
