@@ -164,6 +164,9 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
     log.info("probe: l2 %.1e -> held-out accuracy %.4f (%d iterations, %s)", l2, scores[l2],
              fit.iterations, fit.message)
   best = max(scores, key=lambda l2: (scores[l2], l2))  # Ties: the stronger regularization.
+  if len(scores) > 1 and best in (min(scores), max(scores)) and scores[best] > min(scores.values()):
+    log.warning("probe: the chosen l2 %.1e is at the end of config.probe.l2_grid; the optimum "
+                "may lie beyond it: widen the grid.", best)
   final = fit_logistic_regression(features, labels, num_classes, best,
                                   max_iterations=max_iterations, tolerance=tolerance)
   if not final.converged:
