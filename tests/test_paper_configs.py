@@ -1,12 +1,11 @@
 """The paper-scale configs: the sweep fitted to hparam_info.json, every config builds, is
 locked and trains one step (ImageNet ones on mock data and tiny weights in the real
-file formats), the pretrained loaders, and the sweep launcher's plans."""
+file formats), and the pretrained loaders. The sweep launcher: tests/test_launch.py."""
 
 import importlib.util
 import json
 import math
 import re
-import stat
 from pathlib import Path
 
 import jax
@@ -14,24 +13,23 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import configs
 from soup import models, train
 from soup.data import imagenet_mock, randaugment
 from soup.models import convert, pretrained, zeroshot
 from soup.models.imagenet_classnames import IMAGENET_CLASSNAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 PAPER = json.loads((ROOT / "tests" / "data" / "paper" / "hparam_info.json").read_text())
 MEMBERS = [v for k, v in PAPER.items() if k != "model_0"]
 N = len(MEMBERS)  # 71
-SWEEP_KEYS = {"lr", "weight_decay", "epochs", "label_smoothing", "mixup", "aug_strength", "aug", "seed"}
+SWEEP_KEYS = {"lr", "weight_decay", "epochs", "label_smoothing", "mixup", "aug_strength", "aug",
+              "seed"}
 
 
 def load(path):
-  spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configs.module_of(path)
 
 
 CLIP = load(ROOT / "configs" / "clip_vit_b32_imagenet.py")
@@ -128,7 +126,8 @@ def test_the_71_member_sweep():
   assert len(members) == 71 and all(set(m) == SWEEP_KEYS for m in members)
   assert len({m["seed"] for m in members}) == 71
   for m in members:
-    assert s.lr[0] <= m["lr"] <= s.lr[1] and s.weight_decay[0] <= m["weight_decay"] <= s.weight_decay[1]
+    assert s.lr[0] <= m["lr"] <= s.lr[1]
+    assert s.weight_decay[0] <= m["weight_decay"] <= s.weight_decay[1]
     assert 4 <= m["epochs"] <= 16 and m["aug_strength"] == 0.0
     assert 0 <= m["label_smoothing"] <= 0.23 and 0 <= m["mixup"] <= 0.9
     assert m["aug"] is None or re.fullmatch(r"rand-m([1-9]|1\d|20)-n[012]", m["aug"])
@@ -158,6 +157,26 @@ def test_config_builds_and_is_locked(path):
     assert SWEEP_KEYS - {"aug"} <= set(members[0])  # fashion_mnist has no RandAugment.
   with pytest.raises(ValueError, match="smoke"):
     module.get_config("smok")
+
+
+def test_protocol_switches_default_to_the_official_code():
+  """Issue 10 (c)-(f): each difference from the official code is a field, official by default."""
+  from soup.models.vit import ACTIVATIONS
+  from soup.soups import greedy
+  for arg in ("", "smoke"):
+    clip = CLIP.get_config(arg)
+    assert clip.finetune.weight_decay_mask == "all"  # finetune.py: AdamW on every parameter.
+    assert (clip.soups.greedy_tie_order, clip.soups.greedy_comparison) == ("reversed", ">")
+    assert clip.probe.kind == "linear_probe" and 0 < clip.probe.validation_fraction < 1
+    vit = load(ROOT / "configs" / "vit_b16_imagenet.py").get_config(arg)
+    assert vit.model.activation == "gelu_tanh"  # big_vision's nn.gelu(x).
+    assert vit.finetune.weight_decay_mask == "all"
+  for path in CONFIGS:  # Every config's values are accepted by the code that reads them.
+    config = load(path).get_config()
+    train.decay_mask({}, config.finetune.weight_decay_mask)
+    greedy.ranked({"a": 1.0}, config.soups.greedy_tie_order)
+    assert config.model.get("activation", "gelu") in ACTIVATIONS
+    assert min(config.probe.l2_grid) > 0 and config.probe.max_iterations > 0
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +227,13 @@ def test_smoke_config_trains_one_step(path, mock, request):
   assert images.dtype == np.uint8 and len(images) == config.finetune.batch_size
   init_state, step_fn = train.make_train_step(lambda p, x: model.apply({"params": p}, x),
                                               task.num_classes, task.augment, task.preprocess,
-                                              config.finetune.grad_clip)
+                                              config.finetune.grad_clip,
+                                              config.finetune.weight_decay_mask)
   hyper = train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"],
                       label_smoothing=hp["label_smoothing"], mixup=hp["mixup"],
                       aug_strength=hp["aug_strength"], total_steps=10, warmup_steps=2)
-  state, metrics = jax.jit(step_fn)(init_state(params), images, labels, hyper.as_arrays(), hp["seed"])
+  state, metrics = jax.jit(step_fn)(init_state(params), images, labels, hyper.as_arrays(),
+                                    hp["seed"])
   # A zero head gives uniform logits: the loss is ln(classes) whatever smoothing or mixup.
   assert float(metrics["loss"]) == pytest.approx(math.log(task.num_classes), rel=1e-4)
   assert int(state["step"]) == 1 and np.abs(np.asarray(state["params"]["head"]["kernel"])).max() > 0
@@ -252,7 +273,8 @@ def test_zeroshot_head_from_the_text_tower(mock):
   assert head["kernel"].shape == (16, 100) and not head["bias"].any()
   np.testing.assert_allclose(np.linalg.norm(head["kernel"], axis=0), 1 / 0.07, rtol=1e-5)
   from soup.models import clip
-  cfg, params = convert.clip_from_state_dict(convert.load_state_dict(mock["clip_path"]), head_width=16)
+  cfg, params = convert.clip_from_state_dict(convert.load_state_dict(mock["clip_path"]),
+                                             head_width=16)
   kernel, _ = zeroshot.build_zeroshot_head(clip.CLIP(cfg), params, names, templates,
                                            bpe_path=mock["bpe_path"])
   np.testing.assert_allclose(head["kernel"], kernel, rtol=1e-6)
@@ -266,85 +288,9 @@ def test_vit_checkpoint_drops_head_and_resizes_positions(mock):
   params = pretrained.load_pretrained(config)
   raw = dict(np.load(mock["vit_path"]))
   assert "head/kernel" in raw and "head" not in params
-  assert raw["pos_embedding"].shape[1] == 36 and params["pos_embedding"].shape[1] == 16  # 6x6 -> 4x4
+  # 6x6 -> 4x4 patches.
+  assert raw["pos_embedding"].shape[1] == 36 and params["pos_embedding"].shape[1] == 16
   np.testing.assert_allclose(params["pos_embedding"],
                              convert.resize_pos_embedding(raw["pos_embedding"], 4), rtol=1e-6)
   np.testing.assert_array_equal(params["embedding"]["kernel"], raw["embedding/kernel"])
 
-
-# --- The sweep launcher ---------------------------------------------------------
-
-
-def launcher():
-  return load(ROOT / "scripts" / "launch_sweep.py")
-
-
-def test_launcher_print_mode_and_skips_done_members(tmp_path, capsys):
-  launch = launcher()
-  workdir = tmp_path / "w"
-  done = workdir / "models" / "model_3" / "ingredient"
-  done.mkdir(parents=True)
-  (done / "ingredient.json").write_text("{}")
-  assert launch.main([f"--config=configs/clip_vit_b32_imagenet.py", f"--workdir={workdir}",
-                      "--mode=print", "--", "--config.eval.batch_size=256"]) == 0
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 1 + 70 + 1
-  assert "--config.stages=pretrain,probe " in lines[0] + " "
-  members = [int(re.search(r"--config.sweep.only=(\d+)", l).group(1)) for l in lines[1:-1]]
-  assert members == [k for k in range(1, 72) if k != 3]
-  assert all("--config.stages=pretrain,probe,sweep" in l for l in lines[1:-1])
-  assert "--config.stages=evaluate,soups,report" in lines[-1]
-  assert all(l.endswith("--config.eval.batch_size=256") for l in lines)
-
-
-def test_launcher_tpu_commands(tmp_path, capsys):
-  launch = launcher()
-  assert launch.main(["--config=configs/clip_vit_b32_imagenet.py", f"--workdir={tmp_path}",
-                      "--mode=tpu", "--tpu_prefix=soup", "--zone=us-central2-b",
-                      "--accelerator=v4-8", "--print_only", "--create", "--members=2,5"]) == 0
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[:2] == [f"gcloud compute tpus tpu-vm create soup-{k} --zone=us-central2-b "
-                       "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base" for k in (2, 5)]
-  runs = lines[2:]
-  assert len(runs) == 4 and all(l.startswith("gcloud compute tpus tpu-vm ssh soup-") for l in runs)
-  assert all("--worker=all" in l and "--distributed" in l for l in runs)
-  assert "ssh soup-5 " in runs[2] and "--config.sweep.only=5" in runs[2]
-  assert runs[0].endswith("--config.stages=pretrain,probe'") and "evaluate,soups,report" in runs[-1]
-
-
-def test_launcher_gpu_slots():
-  launch = launcher()
-  assert launch.gpu_slots("0,1,2,3", 2) == ["0,2", "1,3"]
-  assert launch.gpu_slots("0,1,2,3", 4) == ["0", "1", "2", "3"]
-  assert launch.gpu_slots("", 3) == [None, None, None]
-  with pytest.raises(SystemExit):
-    launch.gpu_slots("0,1", 3)
-
-
-def test_launcher_local_parallel_runs_each_member_once(tmp_path):
-  """local mode with a stand-in interpreter that records its calls and 'trains' a member."""
-  log = tmp_path / "calls.log"
-  fake = tmp_path / "fake_python"
-  fake.write_text(f"""#!/bin/bash
-echo "$CUDA_VISIBLE_DEVICES|$*" >> {log}
-for a in "$@"; do case $a in --config.sweep.only=*) k=${{a#*=}};; --workdir=*) w=${{a#*=}};; esac; done
-if [ -n "$k" ]; then
-  mkdir -p "$w/models/model_$k/ingredient" && echo {{}} > "$w/models/model_$k/ingredient/ingredient.json"
-fi
-""")
-  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-  workdir = tmp_path / "w"
-  argv = ["--config=configs/clip_vit_b32_imagenet.py:smoke", f"--workdir={workdir}", "--mode=local",
-          "--parallel=2", "--gpus=0,1", f"--python={fake}", "--", "--config.sweep.num_members=4"]
-  assert launcher().main(argv) == 0
-  calls = log.read_text().splitlines()
-  assert len(calls) == 6 and "--config.stages=pretrain,probe --" in calls[0]
-  assert "evaluate,soups,report" in calls[-1]
-  members = sorted(int(re.search(r"sweep.only=(\d+)", c).group(1)) for c in calls[1:-1])
-  assert members == [1, 2, 3, 4]
-  assert {c.split("|")[0] for c in calls[1:-1]} == {"0", "1"}  # Each slot on its own GPU.
-  assert all((workdir / "models" / f"model_{k}" / "ingredient" / "ingredient.json").exists()
-             for k in range(1, 5))
-  log.unlink()
-  assert launcher().main(argv) == 0  # Everything done: only setup and final run again.
-  assert len(log.read_text().splitlines()) == 2

@@ -117,9 +117,10 @@ def write_datasets(root: str | Path = DEFAULT_ROOT, *, train_per_class: int = 2,
   _prepare("imagenet_v2", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed,
            config="matched-frequency")
   _prepare("imagenet_sketch", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed)
-  for name, classes in (("imagenet_r", imagenet.IMAGENET_R_CLASSES),
-                        ("imagenet_a", imagenet.IMAGENET_A_CLASSES)):
-    _prepare(name, data_dir, {"test": rng.choice(classes, eval_examples)}, seed)
+  _prepare("imagenet_r", data_dir,
+           {"test": rng.choice(imagenet.IMAGENET_R_CLASSES, eval_examples)}, seed)
+  _prepare("imagenet_a", data_dir,
+           {"test": rng.choice(imagenet.IMAGENET_A_CLASSES, eval_examples)}, seed)
 
   # ObjectNet: 3 scored folders with 3 images each, one unscored folder, one non-image file.
   images = root / "objectnet-1.0" / "images"
