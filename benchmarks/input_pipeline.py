@@ -50,7 +50,6 @@ import sys
 import time
 
 import numpy as np
-
 from common import RESULTS, Monitor, machine, median  # Also puts the repo on sys.path.
 
 from soup.data import grain_input, randaugment, transforms  # noqa: E402

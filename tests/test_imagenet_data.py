@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soup.data import (grain_input, imagenet, imagenet_heldout, imagenet_mock, objectnet,
-                       randaugment, tfds_source)
+from soup.data import (
+  grain_input,
+  imagenet,
+  imagenet_heldout,
+  imagenet_mock,
+  objectnet,
+  randaugment,
+  tfds_source,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -129,8 +129,9 @@ class TrainBatches:
   Positions: each epoch a permutation of the fine-tuning split seeded by
   (seed, epoch), cut into batches (the last partial one dropped), each batch
   sorted (faster reads). Row r of step s is augmented with
-  transforms.row_rng(seed, s, r) (transforms.train_example; jpeg_draft: see there). Returns (images [rows, size, size, 3] uint8,
-  labels [rows] int32) for `rows`, this host's rows of the global batch.
+  transforms.row_rng(seed, s, r) (transforms.train_example; jpeg_draft: see there).
+  Returns (images [rows, size, size, 3] uint8, labels [rows] int32) for `rows`, this
+  host's rows of the global batch.
   """
 
   def __init__(self, source, finetune_idx: np.ndarray, batch_size: int, seed: int,
