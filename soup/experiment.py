@@ -371,7 +371,7 @@ class Resources:
     acc = {col: splits[col].accuracy(logits[col]) for col in splits}
     acc["avg_shifts"] = float(np.mean([acc[c] for c in self.columns.shifts]))
     return {"model_name": name, "recipe": recipe, **acc, "ingredients": ingredients,
-            "inference_cost": cost, **extra}
+            "inference_cost": cost, **self.task.provenance(), **extra}
 
 
 # --- Tasks ----------------------------------------------------------------------
