@@ -299,7 +299,8 @@ def bad_workdir(baseline: Path, dst: Path) -> Path:
 
 
 def largest_data_file(ingredient: Path) -> Path:
-  files = [p for p in (ingredient / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+  files = [p for p in (ingredient / "params").rglob("*") if p.is_file()
+           and not p.name.startswith((".", "_")) and p.name != "commit_success.txt"]
   return max(files, key=lambda p: p.stat().st_size)
 
 
