@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -85,14 +86,10 @@ def fingerprint(tree: PyTree) -> dict[str, str]:
   return {name: _leaf_fingerprint(np.asarray(leaf)) for name, leaf in flatten_with_names(tree).items()}
 
 
-def _matches(expected: str, a: np.ndarray) -> bool:
-  return _leaf_fingerprint(a, "crc32c" if ":crc32c:" in expected else "crc32") == expected
-
-
 def aligned_empty(shape, dtype) -> np.ndarray:
   """An uninitialised C-contiguous array whose data starts on an ALIGNMENT boundary."""
   dtype = np.dtype(dtype)
-  nbytes = int(np.prod(shape)) * dtype.itemsize
+  nbytes = math.prod(shape) * dtype.itemsize
   raw = np.empty(nbytes + ALIGNMENT, np.uint8)
   start = -raw.ctypes.data % ALIGNMENT
   return raw[start:start + nbytes].view(dtype).reshape(shape)
@@ -104,7 +101,7 @@ def aligned_tree(specs: Mapping[str, Any], dtype=None) -> dict[str, np.ndarray]:
   One allocation: glibc serves it with mmap, so freeing it returns the memory to the
   OS at once (many medium-sized arrays would stay in malloc arenas).
   """
-  sizes = {n: int(np.prod(s.shape)) * np.dtype(dtype or s.dtype).itemsize for n, s in specs.items()}
+  sizes = {n: math.prod(s.shape) * np.dtype(dtype or s.dtype).itemsize for n, s in specs.items()}
   offsets, total = {}, 0
   for name, size in sizes.items():
     offsets[name] = total
@@ -165,7 +162,8 @@ def save_ingredient(path: str | os.PathLike, params: PyTree, metadata: Mapping |
   checkpointer = ocp.PyTreeCheckpointer(use_ocdbt=False, use_compression=False)
   checkpointer.save(path / "params", args=ocp.args.PyTreeSave(params))
   checkpointer.close()
-  info = {"fingerprints": fingerprint(params), "metadata": dict(metadata or {})}
+  info = {"fingerprints": fingerprint(params), "layout": RAW_LAYOUT,
+          "metadata": dict(metadata or {})}
   results.atomic_write_text(path / INGREDIENT_FILE, json.dumps(info, indent=1))
   release_free_memory()
 
@@ -179,49 +177,70 @@ def ingredient_metadata(path: str | os.PathLike) -> dict:
   return json.loads((path / INGREDIENT_FILE).read_text())
 
 
-def _spec_from_fingerprint(fp: str) -> jax.ShapeDtypeStruct:
-  head = fp.split(":", 1)[0]  # "float32[768, 3072]"
-  dtype, shape = head.split("[", 1)
+class LeafSpec:
+  """Shape and dtype of a leaf (a tree leaf itself, unlike a NamedTuple)."""
+  __slots__ = ("shape", "dtype")
+
+  def __init__(self, shape: tuple[int, ...], dtype):
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+  def __repr__(self):
+    return f"LeafSpec({self.shape}, {self.dtype})"
+
+
+def _parse_fingerprint(fp: str) -> tuple[LeafSpec, str, int]:
+  """"float32[768, 3072]:crc32c:1a2b3c4d" -> (spec, "crc32c", 0x1a2b3c4d); no tag: "crc32"."""
+  head, _, tail = fp.partition(":")
+  dtype, _, shape = head.partition("[")
   shape = tuple(int(d) for d in shape.rstrip("]").split(",") if d.strip())
-  return jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+  method, _, value = tail.rpartition(":")
+  return LeafSpec(shape, dtype), method or "crc32", int(value, 16)
 
 
-@dataclasses.dataclass(frozen=True)
-class _ChunkFile:
-  file: str
-  nbytes: int
+RAW_LAYOUT = "zarr2-raw-chunks"  # ingredient.json's "layout": written by save_ingredient.
 
 
-def _raw_chunk_files(params_dir: Path, specs: Mapping[str, jax.ShapeDtypeStruct]
-                     ) -> Optional[dict[str, _ChunkFile]]:
+def _raw_chunk_files(params_dir: str, specs: Mapping[str, LeafSpec],
+                     trusted: bool) -> Optional[dict[str, str]]:
   """Each leaf's single raw zarr chunk file, or None if the checkpoint has another layout
-  (OCDBT, zarr3, compression, several chunks, Fortran order, a non-dict tree)."""
+  (OCDBT, zarr3, compression, several chunks, Fortran order, a non-dict tree).
+
+  `trusted`: save_ingredient wrote it (RAW_LAYOUT), so the per-array .zarray files
+  are not read; read() still checks each chunk's size.
+  """
   try:
-    meta = json.loads((params_dir / "_METADATA").read_text())
+    with open(os.path.join(params_dir, "_METADATA")) as f:
+      meta = json.load(f)
   except (OSError, ValueError):
     return None
   if meta.get("use_ocdbt", True) or meta.get("use_zarr3", False):
     return None
   out = {}
   for entry in meta.get("tree_metadata", {}).values():
-    keys = entry.get("key_metadata", [])
-    if not keys or any(k.get("key_type") != 2 for k in keys):  # 2: a dict key.
+    keys = [str(k.get("key")) for k in entry.get("key_metadata", []) if k.get("key_type") == 2]
+    if not keys or len(keys) != len(entry["key_metadata"]):  # key_type 2: a dict key.
       return None
     if entry.get("value_metadata", {}).get("value_type") != "np.ndarray":
       return None
-    name = "/".join(str(k["key"]) for k in keys)
+    name = "/".join(keys)
     spec = specs.get(name)
-    array_dir = params_dir / ".".join(str(k["key"]) for k in keys)
-    try:
-      zarray = json.loads((array_dir / ".zarray").read_text())
-    except (OSError, ValueError):
+    if spec is None:
       return None
-    if (spec is None or zarray.get("compressor") is not None or zarray.get("filters")
-        or zarray.get("order", "C") != "C" or tuple(zarray.get("shape", ())) != spec.shape
-        or tuple(zarray.get("chunks", ())) != spec.shape or np.dtype(zarray["dtype"]) != spec.dtype):
-      return None
-    chunk = zarray.get("dimension_separator", ".").join("0" for _ in spec.shape) or "0"
-    out[name] = _ChunkFile(str(array_dir / chunk), spec.dtype.itemsize * int(np.prod(spec.shape)))
+    array_dir = os.path.join(params_dir, ".".join(keys))
+    separator = "."
+    if not trusted:
+      try:
+        with open(os.path.join(array_dir, ".zarray")) as f:
+          zarray = json.load(f)
+      except (OSError, ValueError):
+        return None
+      if (zarray.get("compressor") is not None or zarray.get("filters")
+          or zarray.get("order", "C") != "C" or tuple(zarray.get("shape", ())) != spec.shape
+          or tuple(zarray.get("chunks", ())) != spec.shape
+          or np.dtype(zarray["dtype"]) != spec.dtype):
+        return None
+      separator = zarray.get("dimension_separator", ".")
+    out[name] = os.path.join(array_dir, separator.join("0" for _ in spec.shape) or "0")
   return out if out.keys() == specs.keys() else None
 
 
@@ -235,8 +254,12 @@ class Ingredient:
     info = ingredient_metadata(self.path)
     self.fingerprints: dict[str, str] = info["fingerprints"]
     self.metadata: dict = info.get("metadata", {})
-    self.specs = {n: _spec_from_fingerprint(fp) for n, fp in self.fingerprints.items()}
-    self._files = _raw_chunk_files(self.path / "params", self.specs)
+    parsed = {n: _parse_fingerprint(fp) for n, fp in self.fingerprints.items()}
+    self.specs = {n: p[0] for n, p in parsed.items()}
+    self._checksums = {n: p[1:] for n, p in parsed.items()}
+    self._nbytes = {n: s.dtype.itemsize * math.prod(s.shape) for n, s in self.specs.items()}
+    self._files = _raw_chunk_files(str(self.path / "params"), self.specs,
+                                   info.get("layout") == RAW_LAYOUT)
     self._restored: Optional[dict[str, np.ndarray]] = None
     self._lock = threading.Lock()
 
@@ -247,7 +270,7 @@ class Ingredient:
 
   @property
   def nbytes(self) -> int:
-    return sum(s.dtype.itemsize * int(np.prod(s.shape)) for s in self.specs.values())
+    return sum(self._nbytes.values())
 
   def __str__(self):
     return str(self.path)
@@ -259,38 +282,42 @@ class Ingredient:
     if out is None:
       out = aligned_empty(spec.shape, spec.dtype)
     else:
-      nbytes = spec.dtype.itemsize * int(np.prod(spec.shape))
-      out = out.reshape(-1).view(np.uint8)[:nbytes].view(spec.dtype).reshape(spec.shape)
+      out = out.reshape(-1).view(np.uint8)[:self._nbytes[name]].view(spec.dtype).reshape(spec.shape)
     if self._files is None:
       np.copyto(out, self._restore()[name])
     else:
       self._read_chunk(name, out)
-    if self.verify and not _matches(self.fingerprints[name], out):
+    if self.verify and not self._matches(name, out):
       raise CheckpointError(f"Ingredient {self.path} is corrupted: leaf {name} does not match "
                             "its saved fingerprint. Delete it and rerun that member.")
     return out
 
+  def _matches(self, name: str, leaf: np.ndarray) -> bool:
+    method, expected = self._checksums[name]
+    flat = leaf.reshape(-1).view(np.uint8)
+    return (google_crc32c.value(flat) if method == "crc32c" else zlib.crc32(flat)) == expected
+
   def _read_chunk(self, name: str, out: np.ndarray) -> None:
-    chunk = self._files[name]
+    file, nbytes = self._files[name], self._nbytes[name]
     view = memoryview(out.reshape(-1).view(np.uint8))
     try:
-      fd = os.open(chunk.file, os.O_RDONLY)
+      fd = os.open(file, os.O_RDONLY)
     except OSError as e:
       raise CheckpointError(f"Cannot read ingredient {self.path}: {e}. The checkpoint is "
                             "incomplete; delete it and rerun that member.") from e
     try:
       size = os.fstat(fd).st_size
       done = 0
-      while done < chunk.nbytes and size == chunk.nbytes:
+      while done < nbytes and size == nbytes:
         n = os.preadv(fd, [view[done:]], done)
         if n == 0:
           break
         done += n
     finally:
       os.close(fd)
-    if size != chunk.nbytes or done != chunk.nbytes:
-      raise CheckpointError(f"Ingredient {self.path} is truncated or corrupted: {chunk.file} has "
-                            f"{size} bytes, expected {chunk.nbytes}. Delete it and rerun that member.")
+    if size != nbytes or done != nbytes:
+      raise CheckpointError(f"Ingredient {self.path} is truncated or corrupted: {file} has "
+                            f"{size} bytes, expected {nbytes}. Delete it and rerun that member.")
 
   def prefetch(self, names=None) -> None:
     """Asks the kernel to start reading these leaves' files into the page cache
@@ -299,7 +326,7 @@ class Ingredient:
       return
     for name in names or self._files:
       try:
-        fd = os.open(self._files[name].file, os.O_RDONLY)
+        fd = os.open(self._files[name], os.O_RDONLY)
       except OSError:
         return  # read() reports it.
       try:
@@ -348,7 +375,8 @@ def open_ingredient(path: str | os.PathLike, verify: bool = True) -> Ingredient:
 
 def ingredient_shapes(path: str | os.PathLike) -> PyTree:
   """Shapes and dtypes of an ingredient, from its fingerprint file (no array I/O)."""
-  return unflatten(Ingredient(path, verify=False).specs)
+  specs = Ingredient(path, verify=False).specs
+  return unflatten({n: jax.ShapeDtypeStruct(s.shape, s.dtype) for n, s in specs.items()})
 
 
 def load_ingredient(path: str | os.PathLike, verify: bool = True) -> PyTree:
