@@ -109,11 +109,26 @@ def init_mixing(num_leaves: int, n: int, by_layer: bool):
           "beta": jnp.ones((), jnp.float32)}
 
 
-def make_step(apply_fn: Callable[[PyTree, jax.Array], jax.Array], optimizer, by_layer: bool):
-  """The jitted training step (p, opt_state, stacked, x, y, mask) -> (p, opt_state, loss)."""
+def soup_shardings(stacked: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+  """Per leaf of the mixed soup: split on its first dimension D divides (else replicated)."""
+  d = mesh.shape[axis]
+  return jax.tree.map(lambda x: NamedSharding(mesh, stack_spec(tuple(x.shape[1:]), d, axis)),
+                      stacked)
+
+
+def make_step(apply_fn: Callable[[PyTree, jax.Array], jax.Array], optimizer, by_layer: bool,
+              shardings: Optional[PyTree] = None):
+  """The jitted training step (p, opt_state, stacked, x, y, mask) -> (p, opt_state, loss).
+
+  `shardings` (soup_shardings) keeps the mixed soup split over the devices: the sum
+  over ingredients ends in a reduce-scatter rather than an all-reduce, so no device
+  holds the whole soup (or its gradient) at once.
+  """
 
   def loss_fn(p, stacked, x, y, mask):
     soup = mix(stacked, p["alpha"], by_layer)
+    if shardings is not None:
+      soup = jax.lax.with_sharding_constraint(soup, shardings)
     logits = p["beta"] * apply_fn(soup, x)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -151,7 +166,8 @@ def learned_soup(ingredients: Sequence[average.Source],
   params = init_mixing(num_leaves, n, by_layer)
   optimizer = optax.adamw(learning_rate, weight_decay=0.0)
   opt_state = optimizer.init(params)
-  step = make_step(apply_fn, optimizer, by_layer)
+  step = make_step(apply_fn, optimizer, by_layer,
+                   None if mesh is None else soup_shardings(stacked, mesh, axis))
   padded = batch_size_on(mesh, batch_size, axis)
   batch_sharding = None if mesh is None else NamedSharding(mesh, P(axis))
 
