@@ -118,9 +118,12 @@ def worker(recipe: str, args: dict) -> dict:
     from soup import checkpoints
     soup = soups.stream_average(paths)
     wall = time.perf_counter() - t
+    cur, peak = common.rss_mib()
     t_save = time.perf_counter()
     checkpoints.save_ingredient(args["soup_path"], soup, {"ingredients": len(paths)})
     extra["save_s"] = time.perf_counter() - t_save
+    extra["save_peak_mib"] = common.rss_mib()[1]
+    return {"wall_s": wall, "peak_mib": peak, "rss_base_mib": rss_base, "rss_end_mib": cur, **extra}
   elif recipe == "greedy":
     scores = {p: 1.0 - i / 1000 for i, p in enumerate(paths)}  # Ranked in order.
     result = soups.greedy_soup({p: p for p in paths}, scores, evaluate)

@@ -96,7 +96,9 @@ def greedy_soup(ingredients: Mapping[str, average.Source], held_out_scores: Mapp
     if name in following:
       opened[following[name]].prefetch()
     state["candidate"] = candidate
-    return float(evaluate(average.as_tree(average.cast_like(candidate, specs), first)))
+    # Device arrays as they are (no host copy); cast only if the ingredients are not float32.
+    cast = {n: c.astype(specs[n].dtype) for n, c in candidate.items()}
+    return float(evaluate(average.as_tree(cast, first)))
 
   def accept(name):
     state["mean"], state["count"] = state["candidate"], state["count"] + 1

@@ -65,8 +65,8 @@ def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
   One pass over the fine-tunes, each read leaf by leaf: per tensor it keeps the
   running mean of the fine-tunes (stream_average's arithmetic) and the running sum
   S of the unit deltas u_i = (theta_i - theta_0) / ||theta_i - theta_0||; the sum of
-  pairwise cosines grows by S . u_i as u_i is added. Memory: two models in float32
-  (mean and S) plus leaf buffers; a checkpoint path for theta_0 is re-read per leaf
+  pairwise cosines grows by S . u_i as u_i is added (vectors in float32, the sums of
+  dot products in float64). Memory: two models in float32 (mean and S) plus leaf buffers; a checkpoint path for theta_0 is re-read per leaf
   rather than held. t is clipped to [0, 1] (degenerate tensors, e.g. attention key
   biases that only weight decay moves, have negative t) and the clipped ones logged.
   """
@@ -82,23 +82,27 @@ def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
   zeros = dict.fromkeys(specs, 0)
   buffers = _leaf_buffer(specs), _leaf_buffer(specs)
   scratch = np.empty(average.BLOCK, np.float32)
+  delta = checkpoints.aligned_empty((max(int(np.prod(s.shape)) for s in specs.values()),),
+                                    np.float32)
   for i, ft in enumerate(fts):
     coef = np.float32(1.0 / (i + 1))
     for name in specs:
       x = ft.read(name, buffers[0])
-      delta = np.asarray(x, np.float64) - np.asarray(init.read(name, buffers[1]), np.float64)
-      norm = np.sqrt(np.dot(delta.reshape(-1), delta.reshape(-1)))
+      d = delta[:x.size]  # theta_i - theta_0 in float32, as the pairwise implementation had it.
+      np.subtract(x.reshape(-1), init.read(name, buffers[1]).reshape(-1), out=d, dtype=np.float32)
       if i == 0:
         np.copyto(mean[name], x, casting="same_kind")
         unit_sum[name][...] = 0
       else:
         average.host_update(mean[name], x, coef, scratch)
+      norm = float(np.sqrt(np.dot(d, d)))
       if norm == 0:
         zeros[name] += 1
         continue
-      unit = (delta / norm).reshape(-1)
-      dots[name] += float(np.dot(unit_sum[name].reshape(-1).astype(np.float64), unit))
-      unit_sum[name] += unit.reshape(unit_sum[name].shape).astype(np.float32)
+      d /= np.float32(norm)  # The unit delta u_i.
+      total = unit_sum[name].reshape(-1)
+      dots[name] += float(np.dot(total, d))
+      total += d
     ft.release()
   del unit_sum
   ratios, clipped = {}, {}

@@ -166,8 +166,8 @@ def learned_soup(ingredients: Sequence[average.Source],
   params = init_mixing(num_leaves, n, by_layer)
   optimizer = optax.adamw(learning_rate, weight_decay=0.0)
   opt_state = optimizer.init(params)
-  step = make_step(apply_fn, optimizer, by_layer,
-                   None if mesh is None else soup_shardings(stacked, mesh, axis))
+  shardings = None if mesh is None else soup_shardings(stacked, mesh, axis)
+  step = make_step(apply_fn, optimizer, by_layer, shardings)
   padded = batch_size_on(mesh, batch_size, axis)
   batch_sharding = None if mesh is None else NamedSharding(mesh, P(axis))
 
@@ -191,7 +191,10 @@ def learned_soup(ingredients: Sequence[average.Source],
       losses.append(float(loss))
     log.info("learned soup%s epoch %d: loss %.4f", " by layer" if by_layer else "", epoch,
              losses[-1])
-  soup = jax.device_get(mix(stacked, params["alpha"], by_layer))
+  # The soup split over the devices, so that no device (or simulated device) holds it whole.
+  final_mix = jax.jit(mix, static_argnums=2,
+                      **({} if shardings is None else {"out_shardings": shardings}))
+  soup = jax.device_get(final_mix(stacked, params["alpha"], by_layer))
   if ingredients:
     reference = average.open_source(ingredients[0], verify=False)
     soup = average.as_tree(average.cast_like(trees.flatten_with_names(soup), reference.specs),
