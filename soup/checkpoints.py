@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from soup import results
-from soup.trees import flatten_with_names, key_name  # noqa: F401  (the names used below)
+from soup.trees import flatten_with_names  # noqa: F401  (also used as checkpoints.flatten_with_names)
 
 PyTree = Any
 INGREDIENT_FILE = "ingredient.json"
