@@ -129,8 +129,8 @@ def worker(mode: str, args: dict) -> dict:
         times.append(time.perf_counter() - t)
     return {"times": times, "bytes": sum(sizes)}
 
-  from soup.soups import average
   import soup
+  from soup.soups import average
   rss_base, _ = common.rss_mib()  # After importing jax, orbax and the soup package.
   if mode == "add":
     x = np.random.default_rng(0).standard_normal(args["params"], dtype=np.float32)
@@ -170,6 +170,7 @@ def worker(mode: str, args: dict) -> dict:
 def param_shapes(size: str) -> dict:
   import jax
   import jax.numpy as jnp
+
   from soup import trees
   from soup.models.vit import ViT
   spec = SIZES[size]
@@ -182,8 +183,10 @@ def save_old_format(path: Path, params) -> None:
   """An ingredient as the code before this change saved it: StandardCheckpointer's
   defaults (OCDBT, zstd) and zlib CRC-32 fingerprints. The new code still reads it."""
   import zlib
+
   import numpy as np
   import orbax.checkpoint as ocp
+
   from soup import checkpoints, trees
   path = Path(path).absolute()
   if path.exists():
@@ -202,6 +205,7 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
                      old_format: bool) -> dict:
   """Writes n ingredients (new format, and old format / .pt copies of the same weights)."""
   import numpy as np
+
   from soup import checkpoints
   manifest = workdir / "manifest.json"
   want = {"size": size, "n": n, "torch": bool(torch_python), "version": 2, "old": old_format,
@@ -214,13 +218,15 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
     workdir.mkdir(parents=True)
     shapes = param_shapes(size)
     rng = np.random.default_rng(0)
-    base = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for k, s in shapes.items()}
+    base = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
+            for k, s in shapes.items()}
     noise = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
     t = time.perf_counter()
     pairs = []
     for i in range(n):
       flat = {k: base[k] + np.float32(1e-3 * (i + 1)) * noise[k] for k in shapes}
-      checkpoints.save_ingredient(workdir / f"ing_{i:03d}", checkpoints.unflatten(flat), {"index": i})
+      checkpoints.save_ingredient(workdir / f"ing_{i:03d}", checkpoints.unflatten(flat),
+                                  {"index": i})
       if old_format:
         save_old_format(workdir / f"old_{i:03d}", checkpoints.unflatten(flat))
       if torch_python:
@@ -309,8 +315,10 @@ def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | N
     sn = child("stream", {"paths": paths, "verify": False, "repeats": repeats})
     row = {"size": size, "n": n, "params": p, "model_mib": mb, "load_before": load_before,
            "floor_s": common.median(floor["times"]), "floor_bytes": floor["bytes"],
-           "reused_floor_s": common.median(reused["times"]), "add_pass_s": common.median(add["times"]),
-           "stream_verify_s": common.median(sv["times"]), "stream_noverify_s": common.median(sn["times"]),
+           "reused_floor_s": common.median(reused["times"]),
+           "add_pass_s": common.median(add["times"]),
+           "stream_verify_s": common.median(sv["times"]),
+           "stream_noverify_s": common.median(sn["times"]),
            "stream_verify_peak_mib": sv["peak_mib"] - sv["rss_base_mib"],
            "stream_noverify_peak_mib": sn["peak_mib"] - sn["rss_base_mib"],
            "stream_verify_peak_over_warm_mib": sv["peak_mib"] - sv["rss_warm_mib"],
@@ -420,7 +428,8 @@ def report(all_rows, cold_rows) -> str:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   ap.add_argument("--args", help=argparse.SUPPRESS)
   ap.add_argument("--sizes", default="tiny,vitb32")
@@ -431,7 +440,8 @@ def main():
   ap.add_argument("--before-rev", default="039ec1a", help="git revision of the code before "
                   "(its soup/ is unpacked with git archive); '' skips the before columns")
   ap.add_argument("--torch-python", default=None, help="python of a venv with torch "
-                  "(default /tmp/torchvenv/bin/python); the official baseline is skipped without one")
+                  "(default /tmp/torchvenv/bin/python); the official baseline is skipped "
+                  "without one")
   ap.add_argument("--workdir", default="/tmp/soup_bench_averaging")
   ap.add_argument("--keep", action="store_true", help="keep the ingredients for a rerun")
   ap.add_argument("--quick", action="store_true", help="smoke: tiny, N=2,4, 1 repeat, no cold")

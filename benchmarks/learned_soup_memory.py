@@ -46,7 +46,8 @@ def replicated_leaves(tree) -> list[str]:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--n", default="16,12", help="ingredient counts")
   ap.add_argument("--devices", type=int, default=8)
   ap.add_argument("--aot", default="tiny:16,vitb32:72", help="model:N pairs for the compiled "
@@ -59,9 +60,9 @@ def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from configs import fashion_mnist
-  from soup import mesh as mesh_lib
-  from soup import models
+  from soup import mesh as mesh_lib, models
   from soup.soups import average, learned
 
   assert len(jax.devices()) == a.devices, jax.devices()
@@ -126,11 +127,13 @@ MODELS = {
 def step_memory(size: str, n: int, mesh, batch: int, sharded_soup: bool) -> dict:
   """XLA's per-device memory analysis of the learned-soup step, from abstract shapes."""
   import time
+
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
   from jax.sharding import NamedSharding, PartitionSpec as P
+
   from soup import mesh as mesh_lib
   from soup.models.vit import ViT
   from soup.soups import learned

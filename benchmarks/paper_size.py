@@ -51,6 +51,7 @@ def uptime() -> str:
 def model_and_shapes():
   import jax
   import jax.numpy as jnp
+
   from soup import trees
   from soup.models.vit import ViT
   model = ViT(**VITB32)
@@ -63,12 +64,15 @@ def write_ingredients(workdir: Path, n: int) -> dict:
   same noise rolled by a different offset (nearly orthogonal, cheap to make), so that
   pairwise cosines are ~0.3 and every recipe has something to decide."""
   import numpy as np
+
   from soup import checkpoints
   _, shapes = model_and_shapes()
   rng = np.random.default_rng(0)
-  base = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for k, s in shapes.items()}
-  common_dir = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(1e-3) for k, s in shapes.items()}
-  noise = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(1.5e-3) for k, s in shapes.items()}
+  def normal(scale):
+    return {k: rng.standard_normal(s, dtype=np.float32) * np.float32(scale)
+            for k, s in shapes.items()}
+
+  base, common_dir, noise = normal(0.02), normal(1e-3), normal(1.5e-3)
   t = time.perf_counter()
   checkpoints.save_ingredient(workdir / "model_0", checkpoints.unflatten(base), {"index": 0})
   paths = []
@@ -88,8 +92,9 @@ def write_ingredients(workdir: Path, n: int) -> dict:
 
 
 def worker(recipe: str, args: dict) -> dict:
-  import numpy as np
   import jax
+  import numpy as np
+
   from soup import soups
   from soup.soups import learned
   rss_base = common.rss_mib()[0]
@@ -97,6 +102,7 @@ def worker(recipe: str, args: dict) -> dict:
   extra = {}
   if recipe == "greedy":
     import jax.numpy as jnp
+
     from soup import checkpoints
     model, _ = model_and_shapes()
     images = np.random.default_rng(1).standard_normal((args["eval_images"], *IMAGE), np.float32)
@@ -166,8 +172,9 @@ def worker(recipe: str, args: dict) -> dict:
 
 def aot_worker(args: dict) -> dict:
   import jax
-  from soup import mesh as mesh_lib
   import learned_soup_memory
+
+  from soup import mesh as mesh_lib
   return learned_soup_memory.step_memory("vitb32", args["n"], mesh_lib.make_mesh(), args["batch"],
                                          sharded_soup=True) | {"devices": len(jax.devices())}
 
@@ -184,7 +191,8 @@ def run_worker(recipe: str, args: dict, devices: int = 0) -> dict:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   ap.add_argument("--args", help=argparse.SUPPRESS)
   ap.add_argument("--n", type=int, default=72)
@@ -217,11 +225,12 @@ def main():
   try:
     data = write_ingredients(workdir, a.n)
     results["write_s"] = data["write_s"]
-    results["bytes_on_disk"] = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(workdir)
-                                   for f in fs)
+    results["bytes_on_disk"] = sum(os.path.getsize(os.path.join(r, f))
+                                   for r, _, fs in os.walk(workdir) for f in fs)
     print(f"wrote {a.n + 1} ingredients ({results['bytes_on_disk'] / 1e9:.1f} GB) in "
           f"{data['write_s']:.0f}s", file=sys.stderr)
-    args = {"paths": data["paths"], "init": data["init"], "soup_path": str(workdir / "uniform_soup"),
+    args = {"paths": data["paths"], "init": data["init"],
+            "soup_path": str(workdir / "uniform_soup"),
             "eval_images": a.eval_images, "alphas": [float(x) for x in a.alphas.split(",")],
             "learned_n": min(a.learned_n, a.n)}
     for recipe in a.recipes.split(","):
@@ -249,7 +258,8 @@ def main():
             "wise_ft": f"alphas {r.get('alphas')}"}[recipe]
     rows.append([recipe, r["wall_s"], r["process_s"], peak, "yes" if peak <= 3 else "no",
                  note, r["load_before"]])
-  print(f"N = {a.n} ViT-B/32-sized ingredients + theta_0; {results.get('bytes_on_disk', 0) / 1e9:.1f}"
+  print(f"N = {a.n} ViT-B/32-sized ingredients + theta_0; "
+        f"{results.get('bytes_on_disk', 0) / 1e9:.1f}"
         f" GB written in {results.get('write_s', 0):.0f}s; total {results['total_s']:.0f}s\n")
   print(common.table(["recipe", "wall s", "process s (with imports, compiles)",
                       "peak RSS x model", "<= 3x", "notes", "load avg before"], rows))

@@ -21,7 +21,6 @@ Orbax once, then served from memory.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import json
 import logging
 import math
@@ -83,7 +82,8 @@ def fingerprint(tree: PyTree) -> dict[str, str]:
   itself on ViT-B/32-sized ingredients. Older ingredients carry zlib's CRC-32 (no
   "crc32c:" tag) and are checked with it.
   """
-  return {name: _leaf_fingerprint(np.asarray(leaf)) for name, leaf in flatten_with_names(tree).items()}
+  return {name: _leaf_fingerprint(np.asarray(leaf))
+          for name, leaf in flatten_with_names(tree).items()}
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -147,7 +147,8 @@ def is_ingredient(path: str | os.PathLike) -> bool:
   return (Path(path) / INGREDIENT_FILE).exists()
 
 
-def save_ingredient(path: str | os.PathLike, params: PyTree, metadata: Mapping | None = None) -> None:
+def save_ingredient(path: str | os.PathLike, params: PyTree,
+                    metadata: Mapping | None = None) -> None:
   """Saves params only, then the fingerprint file that marks it complete.
 
   Uncompressed and without OCDBT: float32 weights compress by ~7%, while zstd costs
@@ -391,7 +392,8 @@ def load_ingredient(path: str | os.PathLike, verify: bool = True) -> PyTree:
 # --- Full train states (resumable training) -------------------------------
 
 
-def train_state_manager(directory: str | os.PathLike, save_every_steps: int) -> ocp.CheckpointManager:
+def train_state_manager(directory: str | os.PathLike,
+                        save_every_steps: int) -> ocp.CheckpointManager:
   """Keeps the latest train state; Orbax commits atomically via a tmp folder."""
   return ocp.CheckpointManager(
       Path(directory).absolute(),

@@ -238,7 +238,8 @@ def test_learned_soup_stack_from_paths_equals_numpy_stack(tmp_path):
   params = [_tree(rng) for _ in range(3)]
   for i, p in enumerate(params):
     checkpoints.save_ingredient(tmp_path / f"m{i}", p)
-  stacked = trees.flatten_with_names(learned.stack_ingredients([tmp_path / f"m{i}" for i in range(3)]))
+  stacked = learned.stack_ingredients([tmp_path / f"m{i}" for i in range(3)])
+  stacked = trees.flatten_with_names(stacked)
   for name, leaf in stacked.items():
     np.testing.assert_array_equal(
         np.asarray(leaf), np.stack([trees.flatten_with_names(p)[name] for p in params]))

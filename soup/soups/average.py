@@ -45,7 +45,8 @@ class InMemory:
     self.name = name
     self.leaves = trees.flatten_with_names(tree)
     self.treedef = jax.tree.structure(tree)
-    self.specs = {n: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", None) or np.asarray(x).dtype)
+    self.specs = {n: jax.ShapeDtypeStruct(np.shape(x),
+                                          getattr(x, "dtype", None) or np.asarray(x).dtype)
                   for n, x in self.leaves.items()}
 
   def __str__(self):
@@ -275,12 +276,14 @@ def unshard_flat(tree: PyTree, reference: PyTree) -> PyTree:
   if jax.process_count() > 1:
     tree = multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(
-      lambda x, r: np.asarray(x)[: int(np.prod(r.shape))].reshape(r.shape).astype(np.dtype(r.dtype)),
+      lambda x, r: np.asarray(x)[:int(np.prod(r.shape))].reshape(r.shape).astype(
+          np.dtype(r.dtype)),
       tree, reference)
 
 
-def sharded_average(sources: Sequence[Source], mesh: Mesh, weights: Optional[Sequence[float]] = None,
-                    axis: str = "data", verify: bool = True) -> PyTree:
+def sharded_average(sources: Sequence[Source], mesh: Mesh,
+                    weights: Optional[Sequence[float]] = None, axis: str = "data",
+                    verify: bool = True) -> PyTree:
   """The weighted mean with every parameter split over the mesh axis: each device
   reduces its own slice, holding 1/D of the running mean and of the ingredient.
   XLA's arithmetic (running_update)."""

@@ -66,7 +66,8 @@ def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
   running mean of the fine-tunes (stream_average's arithmetic) and the running sum
   S of the unit deltas u_i = (theta_i - theta_0) / ||theta_i - theta_0||; the sum of
   pairwise cosines grows by S . u_i as u_i is added (vectors in float32, the sums of
-  dot products in float64). Memory: two models in float32 (mean and S) plus leaf buffers; a checkpoint path for theta_0 is re-read per leaf
+  dot products in float64). Memory: two models in float32 (mean and S) plus leaf
+  buffers; a checkpoint path for theta_0 is re-read per leaf
   rather than held. t is clipped to [0, 1] (degenerate tensors, e.g. attention key
   biases that only weight decay moves, have negative t) and the clipped ones logged.
   """

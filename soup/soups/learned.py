@@ -74,7 +74,8 @@ def stack_ingredients(ingredients: Sequence[average.Source], mesh: Optional[Mesh
       continue
     sharding = NamedSharding(mesh, stack_spec(shape, mesh.shape[axis], axis))
     index_map = sharding.addressable_devices_indices_map(shape)
-    bounds = {d: tuple(s.indices(size) for s, size in zip(idx, shape)) for d, idx in index_map.items()}
+    bounds = {d: tuple(s.indices(size) for s, size in zip(idx, shape))
+              for d, idx in index_map.items()}
     shards = {}  # Devices holding the same slice share one host buffer.
     for b in bounds.values():
       if b not in shards:
