@@ -371,7 +371,7 @@ def test_ingredient_of_another_architecture(baseline, tmp_path):
   assert differ
 
   text = expect_failed(run_cli(workdir, EVAL_SOUPS, "--config.soups.on_bad_ingredient=error"))
-  assert "model_2" in text and f"{differ[0]}: shape" in text, text[-3000:]
+  assert "model_2" in text and f"'{differ[0]}' has shape" in text, text[-3000:]
   assert not (workdir / "results.jsonl").exists()
 
   expect_ok(run_cli(workdir, EVAL_SOUPS, "--config.soups.on_bad_ingredient=exclude"))

@@ -86,6 +86,8 @@ def greedy_soup(ingredients: Mapping[str, average.Source], held_out_scores: Mapp
   following = dict(zip(order, order[1:]))
 
   def try_candidate(name):
+    state["candidate"] = None  # A rejected candidate: freed before the next is built,
+    checkpoints.release_free_memory()  # and its pages returned (glibc keeps them otherwise).
     coef = np.float32(1.0 / (state["count"] + 1))
     candidate = {}
     for leaf in specs:
