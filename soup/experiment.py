@@ -8,10 +8,10 @@ so a rerun redoes only what is missing, and any stage can run alone
 (--config.stages=evaluate): an input it needs that is not on disk yet is made
 by the stage that owns it.
 
-Files of one run, in order: soup/main.py (flags, checks), this file,
-soup/workdir.py (layout, guard, caches), soup/train.py (the trainer and the
-linear probe's neighbour soup/linear_probe.py), soup/ingredients.py (load,
-verify, exclude), soup/recipes.py (every soup and baseline), soup/report.py.
+Files of one run, in order (README.md, "How a run flows"): the config,
+soup/main.py, this file, soup/train.py (stages 1 and 3; the probe is
+soup/linear_probe.py), soup/recipes.py (stage 5), soup/report.py (stage 6).
+Helpers: soup/workdir.py (layout, guard, caches), soup/ingredients.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from soup import checkpoints, evaluate as evaluate_lib, mesh as mesh_lib, recipes, results, train
 from soup.data import pipeline
 from soup.ingredients import IngredientStore
-from soup.linear_probe import fit_linear_probe
+from soup.linear_probe import fit_probe
 from soup.validate import STAGES
 from soup.workdir import Workdir, content_key, eval_settings
 
@@ -153,7 +153,7 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
   backbone = {k: v for k, v in upstream().items() if k != "head"}
   if cfg.kind == "zeroshot":
     from soup.models import pretrained
-    head = pretrained.zeroshot_head(config)
+    head, info = pretrained.zeroshot_head(config), {}
   elif cfg.kind == "linear_probe":
     model, preprocess = res.model(res.num_classes), res.task.preprocess
     feature_fn = jax.jit(
@@ -162,12 +162,16 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
     bs = config.eval.batch_size
     feats = np.concatenate([np.asarray(feature_fn(backbone, images[i:i + bs]))
                             for i in range(0, len(images), bs)])
-    head = fit_linear_probe(feats, labels, res.num_classes, cfg.epochs, cfg.batch_size, cfg.lr,
-                            cfg.weight_decay, config.seed)
+    fit = fit_probe(feats, labels, res.num_classes, l2_grid=cfg.l2_grid,
+                    validation_fraction=cfg.validation_fraction,
+                    max_iterations=cfg.max_iterations, tolerance=cfg.tolerance, seed=config.seed)
+    head, info = fit.head, {"l2": fit.l2, "converged": fit.final.converged,
+                            "validation_accuracy": {str(k): v
+                                                    for k, v in fit.validation_accuracy.items()}}
   else:
     raise ValueError(f"config.probe.kind must be 'linear_probe' or 'zeroshot', got {cfg.kind!r}.")
   params = {**backbone, "head": head}
-  checkpoints.save_ingredient(path, params, {"recipe": "initialization",
+  checkpoints.save_ingredient(path, params, {"recipe": "initialization", "probe": info,
                                              "info": f"{cfg.kind} initialization"})
   return params
 
@@ -188,7 +192,7 @@ def sweep(config, wd: Workdir, res: Resources, members: dict[str, dict],
   model = res.model(num_classes)
   apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
   _, step_fn = train.make_train_step(apply_fn, num_classes, task.augment, task.preprocess,
-                                     cfg.grad_clip)
+                                     cfg.grad_clip, cfg.weight_decay_mask)
   step_jit = jax.jit(step_fn, donate_argnums=0)  # One compile for every member.
   per_epoch = pipeline.steps_per_epoch(task.finetune_size(), cfg.batch_size)
   for n, (_, name) in enumerate(todo):

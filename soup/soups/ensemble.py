@@ -12,7 +12,8 @@ import numpy as np
 from soup.soups.greedy import GreedyResult, greedy_select, ranked
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray, class_mask: Optional[np.ndarray] = None) -> float:
+def accuracy(logits: np.ndarray, labels: np.ndarray,
+             class_mask: Optional[np.ndarray] = None) -> float:
   """Top-1 accuracy; `class_mask` restricts the argmax to a subset of classes."""
   logits = np.asarray(logits, np.float32)
   if class_mask is not None:
@@ -22,16 +23,16 @@ def accuracy(logits: np.ndarray, labels: np.ndarray, class_mask: Optional[np.nda
 
 def logit_ensemble(logits: Sequence[np.ndarray]) -> np.ndarray:
   """The mean of the members' logits (the paper's ensemble)."""
-  return np.mean(np.stack([np.asarray(l, np.float32) for l in logits]), axis=0)
+  return np.mean(np.stack([np.asarray(member, np.float32) for member in logits]), axis=0)
 
 
 def greedy_ensemble(held_out_logits: Mapping[str, np.ndarray], labels: np.ndarray,
                     held_out_scores: Optional[Mapping[str, float]] = None,
-                    comparison: str = ">") -> GreedyResult:
-  """The greedy procedure with members combined by averaging logits."""
+                    comparison: str = ">", tie_order: str = "reversed") -> GreedyResult:
+  """The greedy procedure with members combined by averaging logits (same order as the soup's)."""
   if held_out_scores is None:
-    held_out_scores = {n: accuracy(l, labels) for n, l in held_out_logits.items()}
-  order = ranked({n: held_out_scores[n] for n in held_out_logits})
+    held_out_scores = {n: accuracy(x, labels) for n, x in held_out_logits.items()}
+  order = ranked({n: held_out_scores[n] for n in held_out_logits}, tie_order)
   state = {"sum": np.asarray(held_out_logits[order[0]], np.float64), "count": 1}
 
   def try_candidate(name):
