@@ -1,31 +1,37 @@
-"""Averaging N ingredient checkpoints: stream_average vs the I/O floor and the official loop.
+"""Averaging N ingredient checkpoints: stream_average vs the I/O floors, the code before, torch.
 
-  python benchmarks/averaging.py                      # tiny ViT N=4,16,64 and ViT-B/32 N=4,8,16
-  python benchmarks/averaging.py --sizes tiny --repeats 3
+  python benchmarks/averaging.py                      # tiny ViT N=4,16,64 and ViT-B/32 N=4,16
+  python benchmarks/averaging.py --sizes vitb32 --vitb32-n 16 --repeats 5
   python benchmarks/averaging.py --quick              # a smoke run (tiny, N=2,4)
 
-For each model size and N, each in a fresh subprocess (page cache warm unless
-"cold"):
-  stream      wall time of soup.soups.average.stream_average(paths, verify=True/False)
-  floor       reading every file under the N checkpoint dirs with plain Python reads
-  floor+adds  floor + N x (one numpy `a += b` pass over the model)
-  official    the official code's loop (torch.load + running sum of state dicts), run in a
-              separate venv with torch (--torch-python); .pt files hold the same weights
-  peak        peak RSS of the worker during the call above its RSS after imports, vs one
-              model's float32 bytes (VmHWM reset through /proc/self/clear_refs)
-  uncompressed  stream_average on the same weights saved without Orbax's zstd compression
-              (a proposed change to soup.checkpoints.save_ingredient; --no-uncompressed skips)
-Cold page cache: `echo 3 > /proc/sys/vm/drop_caches` before each cold call (skipped,
-and said so, where refused). Each subprocess waits for no soup.main / pytest process and
-is rerun if other processes took > 5% of the CPUs meanwhile (common.quiet_call); the
-share left is reported per row.
+For each model size and N, each measurement in a fresh subprocess (page cache warm
+unless "cold"):
+  floor (f.read)   reading every file of the N checkpoints with plain `f.read()`
+  reused floor     per ingredient: its chunk files `readinto` one reused buffer, then one
+                   float32 `mean += x` pass over it (the issue's floor: read + one add)
+  stream           soup.soups.average.stream_average(paths, verify=True/False) on the
+                   ingredients as save_ingredient writes them (raw zarr chunks, CRC-32C)
+  before           the code before this change (`git archive --before-rev`, default the
+                   commit this branch started from) on the same weights saved as it saved
+                   them (Orbax defaults: OCDBT + zstd, CRC-32 fingerprints)
+  new on old files stream_average (verify) on those old-format ingredients (Orbax fallback)
+  official         the official code's loop (torch.load + running sum) in a separate venv
+                   with torch (--torch-python); skipped when there is none
+  peak             peak RSS of the worker during the calls above its RSS after imports,
+                   as a multiple of one model's float32 bytes (VmHWM reset through
+                   /proc/self/clear_refs; the max over the repeats, all in one process)
+Cold page cache: `sync; echo 3 > /proc/sys/vm/drop_caches` before each cold call.
+Each subprocess waits for no soup.main / pytest process and is rerun if other
+processes took > 5% of the CPUs meanwhile (common.quiet_call); the share left is
+reported per row, and `uptime`'s load before and after.
 
-Targets (issue): stream within 1.5x of floor+adds; >= 3x faster than the official loop;
-peak <= 3x one model for any N. Results: benchmarks/results/averaging.json.
+Targets (issue 9): stream verify <= 1.5x the reused floor (ViT-B/32, N=16, warm);
+cold <= 1.2x a cold read of the same bytes; tiny-model cost per ingredient <= 10 ms;
+peak <= 2.5x one model. Results: benchmarks/results/averaging.json.
 Ingredients are random perturbations of one random tree with the real parameter
 shapes of soup.models.vit.ViT (tiny: the default config; vitb32: patch 32, width 768,
-depth 12, mlp 3072, 1000 classes). They are written under --workdir and deleted at the
-end unless --keep.
+depth 12, mlp 3072, 1000 classes), written under --workdir and deleted at the end
+unless --keep.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,9 +53,10 @@ SIZES = {
                              mlp_dim=256), image=(28, 28, 1), ns=(4, 16, 64), repeats=5,
                  approx_params=205_066),
     "vitb32": dict(kwargs=dict(num_classes=1000, patch_size=32, width=768, depth=12,
-                               num_heads=12, mlp_dim=3072), image=(224, 224, 3), ns=(4, 8, 16),
+                               num_heads=12, mlp_dim=3072), image=(224, 224, 3), ns=(4, 16),
                    repeats=3, approx_params=88_224_232),
 }
+METADATA_FILES = ("commit_success.txt", "ingredient.json", "manifest.ocdbt")
 
 
 def drop_caches() -> bool:
@@ -61,14 +69,15 @@ def drop_caches() -> bool:
     return False
 
 
-def files_under(paths) -> list[str]:
+def files_under(paths, data_only: bool = False) -> list[str]:
   out = []
   for p in paths:
     if os.path.isfile(p):
       out.append(str(p))
       continue
     for root, _, names in sorted(os.walk(p)):
-      out += [os.path.join(root, n) for n in sorted(names)]
+      out += [os.path.join(root, n) for n in sorted(names)
+              if not data_only or not (n.startswith((".", "_")) or n in METADATA_FILES)]
   return out
 
 
@@ -84,6 +93,9 @@ def read_all(files) -> int:
 
 
 def worker(mode: str, args: dict) -> dict:
+  if args.get("code_dir"):  # The code before: its soup package shadows this checkout's.
+    sys.path.insert(0, args["code_dir"])
+  import numpy as np
   rss_base, _ = common.rss_mib()
   if mode == "floor":
     files = files_under(args["paths"])
@@ -96,41 +108,59 @@ def worker(mode: str, args: dict) -> dict:
       times.append(time.perf_counter() - t)
     return {"times": times, "bytes": nbytes, "files": len(files)}
 
-  import numpy as np
-  from soup import checkpoints
+  if mode == "floor_reused":
+    per_ingredient = [files_under([p], data_only=True) for p in args["paths"]]
+    sizes = [sum(os.path.getsize(f) for f in fs) for fs in per_ingredient]
+    buffer = np.empty(max(sizes) // 4 + 1, np.float32)
+    mean = np.zeros(args["params"], np.float32)
+    raw = memoryview(buffer.view(np.uint8))
+    times = []
+    for repeat in range(args["repeats"] + 1):  # The first, untimed, faults the buffers in.
+      if args.get("cold") and not drop_caches():
+        return {"error": "drop_caches refused"}
+      t = time.perf_counter()
+      for fs in per_ingredient:
+        offset = 0
+        for f in fs:
+          with open(f, "rb", buffering=0) as fh:
+            offset += fh.readinto(raw[offset:])
+        np.add(mean, buffer[:args["params"]], out=mean)
+      if repeat:
+        times.append(time.perf_counter() - t)
+    return {"times": times, "bytes": sum(sizes)}
+
+  import soup
   from soup.soups import average
   rss_base, _ = common.rss_mib()  # After importing jax, orbax and the soup package.
-
   if mode == "add":
-    a = {k: np.array(v, np.float32) for k, v in
-         checkpoints.flatten_with_names(checkpoints.load_ingredient(args["path"], False)).items()}
-    b = {k: v.copy() for k, v in a.items()}
+    x = np.random.default_rng(0).standard_normal(args["params"], dtype=np.float32)
+    mean = np.zeros_like(x)
     times = []
     for _ in range(args["repeats"]):
       t = time.perf_counter()
-      for k in a:
-        a[k] += b[k]
+      np.add(mean, x, out=mean)
       times.append(time.perf_counter() - t)
     return {"times": times}
 
   if mode == "stream":
+    import jax
     paths, verify = args["paths"], args["verify"]
-    average.stream_average(paths[:1] * 2, verify=verify)  # Compiles the jitted updates.
-    rss_warm, _ = common.rss_mib()  # After Orbax/tensorstore and XLA set themselves up.
+    average.stream_average(paths[:1] * 2, verify=verify)  # Compiles / sets up, not timed.
+    rss_warm, _ = common.rss_mib()
     times, peaks, checksum = [], [], None
     for _ in range(args["repeats"]):
       if args.get("cold") and not drop_caches():
         return {"error": "drop_caches refused"}
       common.reset_peak_rss()
       t = time.perf_counter()
-      soup = average.stream_average(paths, verify=verify)
+      result = average.stream_average(paths, verify=verify)
       times.append(time.perf_counter() - t)
       peaks.append(common.rss_mib()[1])
-      import jax
-      checksum = float(sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(soup)))
-      del soup
-    return {"times": times, "peak_mib": max(peaks), "rss_base_mib": rss_base,
-            "rss_warm_mib": rss_warm, "checksum": checksum}
+      checksum = float(sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(result)))
+      del result
+    return {"times": times, "peak_mib": max(peaks), "peaks_mib": peaks, "rss_base_mib": rss_base,
+            "rss_warm_mib": rss_warm, "rss_end_mib": common.rss_mib()[0], "checksum": checksum,
+            "soup_package": os.path.dirname(soup.__file__)}
   raise ValueError(mode)
 
 
@@ -140,46 +170,45 @@ def worker(mode: str, args: dict) -> dict:
 def param_shapes(size: str) -> dict:
   import jax
   import jax.numpy as jnp
-  from soup import checkpoints
+
+  from soup import trees
   from soup.models.vit import ViT
   spec = SIZES[size]
   model = ViT(**spec["kwargs"])
   tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *spec["image"]))))
-  return {k: tuple(v.shape) for k, v in checkpoints.flatten_with_names(tree["params"]).items()}
+  return {k: tuple(v.shape) for k, v in trees.flatten_with_names(tree["params"]).items()}
 
 
-def unflatten(flat: dict) -> dict:
-  from flax import traverse_util
-  return traverse_util.unflatten_dict(flat, sep="/")
+def save_old_format(path: Path, params) -> None:
+  """An ingredient as the code before this change saved it: StandardCheckpointer's
+  defaults (OCDBT, zstd) and zlib CRC-32 fingerprints. The new code still reads it."""
+  import zlib
 
-
-def save_uncompressed(path: Path, params, metadata: dict) -> None:
-  """soup.checkpoints.save_ingredient with Orbax's zstd compression off (the proposed fix).
-
-  The same layout (OCDBT, zarr) and ingredient.json, so load_ingredient reads it unchanged.
-  """
+  import numpy as np
   import orbax.checkpoint as ocp
-  from soup import checkpoints, results
+
+  from soup import checkpoints, trees
   path = Path(path).absolute()
   if path.exists():
     shutil.rmtree(path)
   path.mkdir(parents=True)
-  ckpt = ocp.PyTreeCheckpointer(use_compression=False)
-  ckpt.save(path / "params", args=ocp.args.PyTreeSave(params))
-  ckpt.close()
-  info = {"fingerprints": checkpoints.fingerprint(params), "metadata": metadata}
-  results.atomic_write_text(path / checkpoints.INGREDIENT_FILE, json.dumps(info, indent=1))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path / "params", params)
+  fingerprints = {n: f"{a.dtype}{list(a.shape)}:{zlib.crc32(np.ascontiguousarray(a)):08x}"
+                  for n, a in trees.flatten_with_names(params).items()}
+  (path / checkpoints.INGREDIENT_FILE).write_text(
+      json.dumps({"fingerprints": fingerprints, "metadata": {}}))
+  checkpoints.release_free_memory()
 
 
 def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
-                     uncompressed: bool) -> dict:
-  """Writes n ingredients (Orbax) and, with torch, the same weights as .pt files."""
+                     old_format: bool) -> dict:
+  """Writes n ingredients (new format, and old format / .pt copies of the same weights)."""
   import numpy as np
+
   from soup import checkpoints
   manifest = workdir / "manifest.json"
-  # The fingerprint format lives in soup/checkpoints.py: a change there means rewriting.
-  want = {"size": size, "n": n, "torch": bool(torch_python), "version": 1,
-          "uncompressed": uncompressed,
+  want = {"size": size, "n": n, "torch": bool(torch_python), "version": 2, "old": old_format,
           "checkpoints.py": common.code_version()["soup/checkpoints.py"]}
   if manifest.exists() and json.loads(manifest.read_text()) == want:
     print(f"[{size}] reusing {n} ingredients in {workdir}", file=sys.stderr)
@@ -189,15 +218,17 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
     workdir.mkdir(parents=True)
     shapes = param_shapes(size)
     rng = np.random.default_rng(0)
-    base = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for k, s in shapes.items()}
+    base = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
+            for k, s in shapes.items()}
     noise = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
     t = time.perf_counter()
     pairs = []
     for i in range(n):
       flat = {k: base[k] + np.float32(1e-3 * (i + 1)) * noise[k] for k in shapes}
-      checkpoints.save_ingredient(workdir / f"ing_{i:03d}", unflatten(flat), {"index": i})
-      if uncompressed:
-        save_uncompressed(workdir / f"unc_{i:03d}", unflatten(flat), {"index": i})
+      checkpoints.save_ingredient(workdir / f"ing_{i:03d}", checkpoints.unflatten(flat),
+                                  {"index": i})
+      if old_format:
+        save_old_format(workdir / f"old_{i:03d}", checkpoints.unflatten(flat))
       if torch_python:
         np.savez(workdir / f"sd_{i:03d}.npz", **flat)
         pairs.append([str(workdir / f"sd_{i:03d}.npz"), str(workdir / f"sd_{i:03d}.pt")])
@@ -208,17 +239,16 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
     manifest.write_text(json.dumps(want))
   nparams = sum(int(np.prod(s)) for s in param_shapes(size).values())
   return {"ingredients": [str(workdir / f"ing_{i:03d}") for i in range(n)],
+          "old": [str(workdir / f"old_{i:03d}") for i in range(n)] if old_format else [],
           "pt": [str(workdir / f"sd_{i:03d}.pt") for i in range(n)] if torch_python else [],
-          "uncompressed": [str(workdir / f"unc_{i:03d}") for i in range(n)] if uncompressed else [],
           "params": nparams, "model_bytes": 4 * nparams}
 
 
 QUIET = {"wait_s": 300.0, "retries": 2}
-WORKER_ENV: dict = {}  # e.g. {"MALLOC_ARENA_MAX": "1"} for the stream workers (--malloc-arena-max).
 
 
-def _monitored(cmd: list[str], env: dict | None = None) -> dict:
-  out, other = common.quiet_call(lambda: common.run_json(cmd, env=env), QUIET["wait_s"],
+def _monitored(cmd: list[str]) -> dict:
+  out, other = common.quiet_call(lambda: common.run_json(cmd, timeout=1800), QUIET["wait_s"],
                                  QUIET["retries"])
   if "error" in out:
     raise OSError(out["error"])
@@ -227,8 +257,7 @@ def _monitored(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def child(mode: str, args: dict) -> dict:
-  return _monitored([sys.executable, __file__, "--worker", mode, "--args", json.dumps(args)],
-                    WORKER_ENV if mode == "stream" else None)
+  return _monitored([sys.executable, __file__, "--worker", mode, "--args", json.dumps(args)])
 
 
 def torch_child(torch_python: str, args: dict) -> dict:
@@ -237,7 +266,6 @@ def torch_child(torch_python: str, args: dict) -> dict:
 
 
 def find_torch_python(explicit: str | None) -> tuple[str | None, str]:
-  import subprocess
   candidates = [explicit] if explicit else ["/tmp/torchvenv/bin/python"]
   for c in candidates:
     if c and os.path.exists(c):
@@ -249,69 +277,81 @@ def find_torch_python(explicit: str | None) -> tuple[str | None, str]:
                 "/tmp/torchvenv/bin/pip install torch==2.13.0 numpy)")
 
 
+def extract_before(rev: str, dest: Path) -> str:
+  """The soup package as of `rev`, unpacked under dest (read-only use of git)."""
+  if dest.exists():
+    shutil.rmtree(dest)
+  dest.mkdir(parents=True)
+  archive = subprocess.run(["git", "-C", str(common.ROOT), "archive", rev, "soup"],
+                           capture_output=True, check=True).stdout
+  subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+  return str(dest)
+
+
 def warm(paths) -> None:
   """Reads the files a measurement is about to read, so they are in the page cache."""
   read_all(files_under(paths))
 
 
-def bench_size(size: str, ns, repeats: int, cold_repeats: int, workdir: Path,
-               torch_python: str | None, cold: bool, uncompressed: bool) -> dict:
-  data = make_ingredients(size, max(ns), workdir / size, torch_python, uncompressed)
+def uptime() -> str:
+  with open("/proc/loadavg") as f:
+    return " ".join(f.read().split()[:3])
+
+
+def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | None, cold: bool,
+               before_dir: str | None) -> dict:
+  data = make_ingredients(size, max(ns), workdir / size, torch_python, bool(before_dir))
+  p = data["params"]
   mb = data["model_bytes"] / 2**20
-  warm(data["ingredients"][:1])
-  add = child("add", {"path": data["ingredients"][0], "repeats": max(5, repeats)})
-  add_s = common.median(add["times"])
+  add = child("add", {"params": p, "repeats": max(5, repeats)})
   rows = []
   for n in ns:
-    paths, pts = data["ingredients"][:n], data["pt"][:n]
+    paths, olds, pts = data["ingredients"][:n], data["old"][:n], data["pt"][:n]
+    load_before = uptime()
     warm(paths)
     floor = child("floor", {"paths": paths, "repeats": repeats})
-    warm(paths)
+    reused = child("floor_reused", {"paths": paths, "repeats": repeats, "params": p})
     sv = child("stream", {"paths": paths, "verify": True, "repeats": repeats})
-    warm(paths)
     sn = child("stream", {"paths": paths, "verify": False, "repeats": repeats})
-    row = {"size": size, "n": n, "params": data["params"], "model_mib": mb,
+    row = {"size": size, "n": n, "params": p, "model_mib": mb, "load_before": load_before,
            "floor_s": common.median(floor["times"]), "floor_bytes": floor["bytes"],
-           "add_pass_s": add_s,
-           "stream_verify_s": common.median(sv["times"]), "stream_noverify_s": common.median(sn["times"]),
+           "reused_floor_s": common.median(reused["times"]),
+           "add_pass_s": common.median(add["times"]),
+           "stream_verify_s": common.median(sv["times"]),
+           "stream_noverify_s": common.median(sn["times"]),
            "stream_verify_peak_mib": sv["peak_mib"] - sv["rss_base_mib"],
            "stream_noverify_peak_mib": sn["peak_mib"] - sn["rss_base_mib"],
            "stream_verify_peak_over_warm_mib": sv["peak_mib"] - sv["rss_warm_mib"],
-           "stream_rss_base_mib": sv["rss_base_mib"], "stream_peak_abs_mib": sv["peak_mib"],
-           "raw": {"floor": floor["times"], "stream_verify": sv["times"],
-                   "stream_noverify": sn["times"]},
-           "other_cpu_frac": max(floor["other_frac"], sv["other_frac"], sn["other_frac"],
-                                 add["other_frac"])}
-    row["floor_plus_adds_s"] = row["floor_s"] + n * add_s
-    if uncompressed:
-      unc = data["uncompressed"][:n]
-      warm(unc)
-      uf = child("floor", {"paths": unc, "repeats": repeats})
-      warm(unc)
-      uv = child("stream", {"paths": unc, "verify": True, "repeats": repeats})
-      warm(unc)
-      un = child("stream", {"paths": unc, "verify": False, "repeats": repeats})
-      row.update(unc_floor_s=common.median(uf["times"]), unc_floor_bytes=uf["bytes"],
-                 unc_stream_verify_s=common.median(uv["times"]),
-                 unc_stream_noverify_s=common.median(un["times"]),
-                 unc_stream_verify_peak_mib=uv["peak_mib"] - uv["rss_base_mib"])
-      row["unc_floor_plus_adds_s"] = row["unc_floor_s"] + n * add_s
-      row["raw"].update(unc_floor=uf["times"], unc_stream_verify=uv["times"],
-                        unc_stream_noverify=un["times"])
-      row["other_cpu_frac"] = max(row["other_cpu_frac"], uf["other_frac"], uv["other_frac"],
-                                  un["other_frac"])
+           "stream_rss_base_mib": sv["rss_base_mib"], "stream_rss_end_mib": sv["rss_end_mib"],
+           "raw": {"floor": floor["times"], "reused_floor": reused["times"],
+                   "stream_verify": sv["times"], "stream_noverify": sn["times"],
+                   "stream_verify_peaks_mib": sv["peaks_mib"]},
+           "other_cpu_frac": max(x["other_frac"] for x in (floor, reused, sv, sn, add))}
+    if before_dir:
+      warm(olds)
+      bv = child("stream", {"paths": olds, "verify": True, "repeats": repeats,
+                            "code_dir": before_dir})
+      nv = child("stream", {"paths": olds, "verify": True, "repeats": repeats})
+      assert bv["soup_package"].startswith(before_dir), bv["soup_package"]
+      row.update(before_verify_s=common.median(bv["times"]),
+                 before_peak_mib=bv["peak_mib"] - bv["rss_base_mib"],
+                 new_on_old_verify_s=common.median(nv["times"]),
+                 new_on_old_peak_mib=nv["peak_mib"] - nv["rss_base_mib"],
+                 before_rel_checksum_diff=abs(bv["checksum"] - sv["checksum"]) /
+                 max(abs(sv["checksum"]), 1e-30))
+      row["raw"].update(before_verify=bv["times"], new_on_old_verify=nv["times"])
+      row["other_cpu_frac"] = max(row["other_cpu_frac"], bv["other_frac"], nv["other_frac"])
     if torch_python:
       warm(pts)
       tc = torch_child(torch_python, {"paths": pts, "repeats": repeats})
       row.update(official_s=common.median(tc["times"]),
-                 official_peak_mib=tc["peak_mib"] - tc["rss_base_mib"],
-                 official_rel_checksum_diff=abs(tc["checksum"] - sv["checksum"]) /
-                 max(abs(sv["checksum"]), 1e-30))
+                 official_peak_mib=tc["peak_mib"] - tc["rss_base_mib"])
       row["raw"]["official"] = tc["times"]
       row["other_cpu_frac"] = max(row["other_cpu_frac"], tc["other_frac"])
-    print(f"[{size}] N={n}: floor {row['floor_s']:.3f}s stream(verify) {row['stream_verify_s']:.3f}s "
-          f"stream(no verify) {row['stream_noverify_s']:.3f}s official {row.get('official_s', 'n/a')}",
-          file=sys.stderr)
+    row["load_after"] = uptime()
+    print(f"[{size}] N={n}: reused floor {row['reused_floor_s']:.3f}s stream(verify) "
+          f"{row['stream_verify_s']:.3f}s before {row.get('before_verify_s', 'n/a')} "
+          f"load {load_before} -> {row['load_after']}", file=sys.stderr)
     rows.append(row)
   cold_rows, cold_note = [], None
   if cold:
@@ -319,98 +359,91 @@ def bench_size(size: str, ns, repeats: int, cold_repeats: int, workdir: Path,
       cold_note = "drop_caches refused in this sandbox: cold-cache runs skipped"
     else:
       for n in ns:
-        paths, pts = data["ingredients"][:n], data["pt"][:n]
-        fl = child("floor", {"paths": paths, "repeats": cold_repeats, "cold": True})
-        sv = child("stream", {"paths": paths, "verify": True, "repeats": cold_repeats, "cold": True})
+        paths = data["ingredients"][:n]
+        fl = child("floor", {"paths": paths, "repeats": 1, "cold": True})
+        fr = child("floor_reused", {"paths": paths, "repeats": 1, "cold": True, "params": p})
+        sv = child("stream", {"paths": paths, "verify": True, "repeats": 1, "cold": True})
         r = {"size": size, "n": n, "floor_s": common.median(fl["times"]),
+             "reused_floor_s": common.median(fr["times"]),
              "stream_verify_s": common.median(sv["times"]),
-             "other_cpu_frac": max(fl["other_frac"], sv["other_frac"])}
-        if torch_python:
-          tc = torch_child(torch_python, {"paths": pts, "repeats": cold_repeats, "cold": True})
-          r["official_s"] = common.median(tc["times"])
-          r["other_cpu_frac"] = max(r["other_cpu_frac"], tc["other_frac"])
+             "other_cpu_frac": max(fl["other_frac"], fr["other_frac"], sv["other_frac"])}
+        if before_dir:
+          bv = child("stream", {"paths": data["old"][:n], "verify": True, "repeats": 1,
+                                "cold": True, "code_dir": before_dir})
+          r["before_verify_s"] = common.median(bv["times"])
+          r["other_cpu_frac"] = max(r["other_cpu_frac"], bv["other_frac"])
         cold_rows.append(r)
   return {"rows": rows, "cold_rows": cold_rows, "cold_note": cold_note, "add_pass": add}
 
 
+def _ratio(a, b):
+  return a / b if a is not None and b else "n/a"
+
+
 def report(all_rows, cold_rows) -> str:
-  out = ["Warm page cache, medians; times in seconds. others' CPU: share of the CPUs other "
-         "processes used during the row's measurements (the largest of its subprocesses).", ""]
-  headers = ["model", "N", "floor (read)", "floor+adds", "stream verify", "stream no-verify",
-             "official (torch)", "verify / floor+adds", "no-verify / floor+adds",
-             "official / stream verify", "official / stream no-verify", "others' CPU"]
+  out = ["Warm page cache, medians; seconds. reused floor: readinto a reused buffer + one "
+         "float32 add per ingredient. others' CPU: share of the CPUs other processes used "
+         "during the row's measurements (the largest of its subprocesses).", ""]
+  headers = ["model", "N", "floor (f.read)", "reused floor", "stream verify", "stream no-verify",
+             "before (verify)", "new code, old files", "official (torch)",
+             "verify / reused floor", "no-verify / reused floor", "before / verify",
+             "per ingredient, verify (ms)", "load avg", "others' CPU"]
   rows = []
   for r in all_rows:
-    off = r.get("official_s")
-    rows.append([r["size"], r["n"], r["floor_s"], r["floor_plus_adds_s"], r["stream_verify_s"],
-                 r["stream_noverify_s"], off if off is not None else "n/a",
-                 r["stream_verify_s"] / r["floor_plus_adds_s"],
-                 r["stream_noverify_s"] / r["floor_plus_adds_s"],
-                 off / r["stream_verify_s"] if off else "n/a",
-                 off / r["stream_noverify_s"] if off else "n/a",
+    rows.append([r["size"], r["n"], r["floor_s"], r["reused_floor_s"], r["stream_verify_s"],
+                 r["stream_noverify_s"], r.get("before_verify_s", "n/a"),
+                 r.get("new_on_old_verify_s", "n/a"), r.get("official_s", "n/a"),
+                 r["stream_verify_s"] / r["reused_floor_s"],
+                 r["stream_noverify_s"] / r["reused_floor_s"],
+                 _ratio(r.get("before_verify_s"), r["stream_verify_s"]),
+                 1000 * r["stream_verify_s"] / r["n"], r["load_before"],
                  f"{100 * r['other_cpu_frac']:.0f}%"])
   out.append(common.table(headers, rows))
-  out += ["", "Peak RSS during the call above the worker's RSS after imports (MiB), and as a "
-          "multiple of one model's float32 size; 'after warm-up' subtracts instead the RSS after "
-          "a first 2-ingredient call (Orbax/tensorstore/XLA one-time setup).", ""]
-  headers = ["model", "N", "model MiB", "stream verify", "x model", "stream no-verify", "x model",
-             "stream verify, after warm-up", "x model", "official", "x model",
-             "worker RSS after imports"]
+  out += ["", "Peak RSS during the call above the worker's RSS after imports, as a multiple of "
+          "one model's float32 size (max over the repeats, all in one process); 'after warm-up' "
+          "subtracts instead the RSS after a first 2-ingredient call.", ""]
+  headers = ["model", "N", "model MiB", "stream verify", "stream no-verify",
+             "stream verify, after warm-up", "before", "new code, old files", "official",
+             "worker RSS after imports MiB"]
   rows = []
   for r in all_rows:
     m = r["model_mib"]
-    op = r.get("official_peak_mib")
-    rows.append([r["size"], r["n"], m, r["stream_verify_peak_mib"], r["stream_verify_peak_mib"] / m,
-                 r["stream_noverify_peak_mib"], r["stream_noverify_peak_mib"] / m,
-                 r["stream_verify_peak_over_warm_mib"], r["stream_verify_peak_over_warm_mib"] / m,
-                 op if op is not None else "n/a", op / m if op is not None else "n/a",
-                 r["stream_rss_base_mib"]])
+    x = lambda key: r[key] / m if r.get(key) is not None else "n/a"
+    rows.append([r["size"], r["n"], m, x("stream_verify_peak_mib"), x("stream_noverify_peak_mib"),
+                 x("stream_verify_peak_over_warm_mib"), x("before_peak_mib"),
+                 x("new_on_old_peak_mib"), x("official_peak_mib"), r["stream_rss_base_mib"]])
   out.append(common.table(headers, rows))
-  unc = [r for r in all_rows if "unc_stream_verify_s" in r]
-  if unc:
-    out += ["", "Proposed fix, measured: the same ingredients saved without Orbax's zstd "
-            "compression (PyTreeCheckpointer(use_compression=False)); warm cache, seconds.", ""]
-    headers = ["model", "N", "floor (read)", "floor+adds", "stream verify", "stream no-verify",
-               "verify / floor+adds", "no-verify / floor+adds", "official / stream verify",
-               "peak x model (verify)", "compressed-stream verify / this"]
-    out.append(common.table(headers, [
-        [r["size"], r["n"], r["unc_floor_s"], r["unc_floor_plus_adds_s"], r["unc_stream_verify_s"],
-         r["unc_stream_noverify_s"], r["unc_stream_verify_s"] / r["unc_floor_plus_adds_s"],
-         r["unc_stream_noverify_s"] / r["unc_floor_plus_adds_s"],
-         r["official_s"] / r["unc_stream_verify_s"] if "official_s" in r else "n/a",
-         r["unc_stream_verify_peak_mib"] / r["model_mib"],
-         r["stream_verify_s"] / r["unc_stream_verify_s"]] for r in unc]))
   if cold_rows:
-    out += ["", "Cold page cache (drop_caches before each call); seconds.", ""]
-    headers = ["model", "N", "floor (read)", "stream verify", "official (torch)",
-               "verify / floor", "official / stream verify", "others' CPU"]
+    out += ["", "Cold page cache (drop_caches before each call), one call each; seconds.", ""]
+    headers = ["model", "N", "cold f.read", "cold reused floor", "stream verify", "before (verify)",
+               "verify / cold f.read", "verify / cold reused floor", "before / verify",
+               "others' CPU"]
     out.append(common.table(headers, [
-        [r["size"], r["n"], r["floor_s"], r["stream_verify_s"], r.get("official_s", "n/a"),
-         r["stream_verify_s"] / r["floor_s"],
-         r["official_s"] / r["stream_verify_s"] if "official_s" in r else "n/a",
-         f"{100 * r['other_cpu_frac']:.0f}%"]
-        for r in cold_rows]))
+        [r["size"], r["n"], r["floor_s"], r["reused_floor_s"], r["stream_verify_s"],
+         r.get("before_verify_s", "n/a"), r["stream_verify_s"] / r["floor_s"],
+         r["stream_verify_s"] / r["reused_floor_s"],
+         _ratio(r.get("before_verify_s"), r["stream_verify_s"]),
+         f"{100 * r['other_cpu_frac']:.0f}%"] for r in cold_rows]))
   return "\n".join(out)
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   ap.add_argument("--args", help=argparse.SUPPRESS)
   ap.add_argument("--sizes", default="tiny,vitb32")
   ap.add_argument("--tiny-n", default="4,16,64")
-  ap.add_argument("--vitb32-n", default="4,8,16")
+  ap.add_argument("--vitb32-n", default="4,16")
   ap.add_argument("--repeats", type=int, default=0, help="0: 5 for tiny, 3 for vitb32")
-  ap.add_argument("--cold-repeats", type=int, default=1)
   ap.add_argument("--no-cold", action="store_true")
-  ap.add_argument("--no-uncompressed", action="store_true", help="skip the proposed-fix variant "
-                  "(ingredients saved without zstd compression)")
+  ap.add_argument("--before-rev", default="039ec1a", help="git revision of the code before "
+                  "(its soup/ is unpacked with git archive); '' skips the before columns")
   ap.add_argument("--torch-python", default=None, help="python of a venv with torch "
-                  "(default /tmp/torchvenv/bin/python); the official baseline is skipped without one")
+                  "(default /tmp/torchvenv/bin/python); the official baseline is skipped "
+                  "without one")
   ap.add_argument("--workdir", default="/tmp/soup_bench_averaging")
   ap.add_argument("--keep", action="store_true", help="keep the ingredients for a rerun")
-  ap.add_argument("--malloc-arena-max", type=int, default=0, help="run the stream_average workers "
-                  "with MALLOC_ARENA_MAX set (glibc; 0: unset)")
   ap.add_argument("--quick", action="store_true", help="smoke: tiny, N=2,4, 1 repeat, no cold")
   ap.add_argument("--quiet-wait-s", type=float, default=300, help="before each measurement, wait "
                   "up to this long for no soup.main / pytest process")
@@ -424,32 +457,33 @@ def main():
   if a.quick:
     a.sizes, a.tiny_n, a.repeats, a.no_cold = "tiny", "2,4", 1, True
   QUIET.update(wait_s=a.quiet_wait_s, retries=a.retries)
-  if a.malloc_arena_max:
-    WORKER_ENV["MALLOC_ARENA_MAX"] = str(a.malloc_arena_max)
   busy = common.busy_processes()
   torch_python, torch_info = find_torch_python(a.torch_python)
   print(f"official baseline: {torch_python or 'skipped'} ({torch_info})", file=sys.stderr)
   workdir = Path(a.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   sizes = a.sizes.split(",")
-  # Orbax ingredients, uncompressed copies, .pt copies (+ one .npz while converting), float32.
-  need = sum(SIZES[s]["approx_params"] * 4 * 3.1 * max(int(x) for x in
+  # New-format ingredients, old-format copies, .pt copies (+ one .npz while converting).
+  copies = 1 + bool(a.before_rev) + 2.1 * bool(torch_python)
+  need = sum(SIZES[s]["approx_params"] * 4 * copies * max(int(x) for x in
              getattr(a, f"{s}_n").split(",")) for s in sizes)
-  free = shutil.disk_usage(workdir.parent).free
+  free = shutil.disk_usage(workdir).free
   if need > 0.8 * free:
-    sys.exit(f"Not enough disk under {workdir.parent}: ~{need / 2**30:.1f} GiB needed, "
+    sys.exit(f"Not enough disk under {workdir}: ~{need / 2**30:.1f} GiB needed, "
              f"{free / 2**30:.1f} GiB free.")
-  results = {"targets": {"stream_vs_floor_plus_adds_max": 1.5, "official_over_stream_min": 3.0,
-                         "peak_over_model_max": 3.0},
-             "torch": torch_info if torch_python else None, "busy_at_start": busy,
-             "stream_worker_env": dict(WORKER_ENV), "sizes": {}}
+  before_dir = extract_before(a.before_rev, workdir / "before_code") if a.before_rev else None
+  results = {"targets": {"stream_verify_over_reused_floor_max": 1.5,
+                         "cold_stream_over_cold_read_max": 1.2, "tiny_ms_per_ingredient_max": 10,
+                         "peak_over_model_max": 2.5},
+             "torch": torch_info if torch_python else None, "before_rev": a.before_rev,
+             "busy_at_start": busy, "load_at_start": uptime(), "sizes": {}}
   all_rows, all_cold = [], []
   try:
     for s in sizes:
       ns = [int(x) for x in getattr(a, f"{s}_n").split(",")]
       repeats = a.repeats or SIZES[s]["repeats"]
       t = time.perf_counter()
-      r = bench_size(s, ns, repeats, a.cold_repeats, workdir, torch_python, not a.no_cold,
-                     not a.no_uncompressed)
+      r = bench_size(s, ns, repeats, workdir, torch_python, not a.no_cold, before_dir)
       r["wall_s"] = time.perf_counter() - t
       results["sizes"][s] = r
       all_rows += r["rows"]
@@ -460,13 +494,12 @@ def main():
     if not a.keep:
       shutil.rmtree(workdir, ignore_errors=True)
   text = report(all_rows, all_cold)
-  if WORKER_ENV:
-    text = f"stream_average workers ran with {WORKER_ENV}.\n\n" + text
   notes = [r["cold_note"] for r in results["sizes"].values() if r["cold_note"]]
   if notes:
     text += "\n\n" + "\n".join(notes)
   print(text)
   results["busy_at_end"] = common.busy_processes()
+  results["load_at_end"] = uptime()
   print("\nwrote", common.write_results(a.out, results), file=sys.stderr)
 
 

@@ -160,7 +160,7 @@ def bench_average(cfg: dict, n: int, repeats: int, workdir: str | None) -> dict:
     out["sharded_s"] = common.median(ts)
     out["sharded_gb_per_s"] = n * model_bytes / common.median(ts) / 1e9
     # The update alone, device-resident.
-    mean = average._to_float32(params)
+    mean = average.to_float32(params)
     x = jax.device_put(params)
     jax.block_until_ready((mean, x))
     iters = 20
@@ -168,7 +168,7 @@ def bench_average(cfg: dict, n: int, repeats: int, workdir: str | None) -> dict:
     def updates():
       m = mean
       for _ in range(iters):
-        m = average._running_update(m, x, np.float32(0.5))
+        m = average.running_update(m, x, np.float32(0.5))
       jax.block_until_ready(m)
     updates()
     upd = common.median([t / iters for t in timeit(updates, repeats)])

@@ -118,9 +118,11 @@ def _learned(k: Kitchen, by_layer: bool) -> Rows:
   if held.logits_map is not None:  # Train on the scored label space.
     raw_apply, mapping = apply_fn, held.logits_map
     apply_fn = lambda p, x: mapping(raw_apply(p, x))  # noqa: E731
-  result = soups.learned_soup([k.load(n) for n in k.names], apply_fn, images, held.labels,
-                              by_layer=by_layer, epochs=cfg.epochs, learning_rate=cfg.lr,
-                              batch_size=cfg.batch_size, seed=k.seed, mesh=k.mesh)
+  # Paths: each ingredient is read straight into its device shards of the stack.
+  result = soups.learned_soup([k.workdir.ingredient_dir(n) for n in k.names], apply_fn, images,
+                              held.labels, by_layer=by_layer, epochs=cfg.epochs,
+                              learning_rate=cfg.lr, batch_size=cfg.batch_size, seed=k.seed,
+                              mesh=k.mesh, verify=k.config.verify_checksums)
   weights = (dict(zip(k.names, result.weights)) if not by_layer else
              {layer: dict(zip(k.names, w)) for layer, w in result.weights.items()})
   name = "learned_soup_by_layer" if by_layer else "learned_soup"
@@ -139,7 +141,9 @@ def learned_soup_by_layer(k: Kitchen) -> Rows:
 def model_stock(k: Kitchen) -> Rows:
   from soup import soups
   members = [n for n in k.names if n != "model_0"]
-  params, ratios = soups.model_stock(k.load("model_0"), [k.load(n) for n in members])
+  params, ratios = soups.model_stock(  # Streamed from the checkpoints: two models in memory.
+      k.workdir.ingredient_dir("model_0"), [k.workdir.ingredient_dir(n) for n in members],
+      verify=k.config.verify_checksums)
   return [k.row("model_stock", "model_stock", k.evaluate(params), ["model_0", *members], 1,
                 ratios={key: round(v, 4) for key, v in ratios.items()})]
 
@@ -150,15 +154,16 @@ WISE_FT_ENDPOINTS = ("best_individual", "uniform_soup", "greedy_soup")
 def wise_ft(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   cfg = k.config.wise_ft
-  init = k.load("model_0")
+  init = k.workdir.ingredient_dir("model_0")  # Paths: wise_ft streams them leaf by leaf.
   if cfg.endpoint == "best_individual":
     endpoint_names = [max((n for n in k.names if n != "model_0"), key=lambda n: k.scores[n])]
-    endpoint = k.load(endpoint_names[0])
+    endpoint = k.workdir.ingredient_dir(endpoint_names[0])
   else:  # A soup made earlier in this stage (check() enforces the order).
-    path = k.workdir.soup_dir(cfg.endpoint)
-    endpoint = checkpoints.load_ingredient(path)
-    endpoint_names = checkpoints.ingredient_metadata(path)["metadata"]["ingredients"]
-  return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft", k.evaluate(soups.wise_ft(init, endpoint, a)),
+    endpoint = k.workdir.soup_dir(cfg.endpoint)
+    endpoint_names = checkpoints.ingredient_metadata(endpoint)["metadata"]["ingredients"]
+  verify = k.config.verify_checksums
+  return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft",
+                k.evaluate(soups.wise_ft(init, endpoint, a, verify=verify)),
                 sorted({"model_0", *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
           for a in cfg.alphas]
 

@@ -56,6 +56,17 @@ def single():
       per_device[s.device] = per_device.get(s.device, 0) + s.data.nbytes
       assert s.data.shape[0] == 2, s.data.shape  # 16 ingredients over 8 devices.
   assert len(per_device) == 8 and all(b == total // 8 for b in per_device.values()), per_device
+  # Restored from checkpoint paths straight into the device shards: the same stack.
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = [f"{tmp}/m{i}" for i in range(16)]
+    for path, tree in zip(paths, stack_trees):
+      checkpoints.save_ingredient(path, tree)
+    from_paths = learned.stack_ingredients(paths, mesh)
+    for name, leaf in checkpoints.flatten_with_names(from_paths).items():
+      expected = checkpoints.flatten_with_names(stacked)[name]
+      assert leaf.sharding == expected.sharding, name
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected), err_msg=name)
 
   # The learned soup on the mesh equals the unsharded one to float32 rounding.
   import jax.numpy as jnp

@@ -296,7 +296,8 @@ def bad_workdir(baseline: Path, dst: Path) -> Path:
 
 
 def largest_data_file(ingredient: Path) -> Path:
-  files = [p for p in (ingredient / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+  files = [p for p in (ingredient / "params").rglob("*") if p.is_file()
+           and not p.name.startswith((".", "_")) and p.name != "commit_success.txt"]
   return max(files, key=lambda p: p.stat().st_size)
 
 
@@ -370,7 +371,7 @@ def test_ingredient_of_another_architecture(baseline, tmp_path):
   assert differ
 
   text = expect_failed(run_cli(workdir, EVAL_SOUPS, "--config.soups.on_bad_ingredient=error"))
-  assert "model_2" in text and f"{differ[0]}: shape" in text, text[-3000:]
+  assert "model_2" in text and f"'{differ[0]}' has shape" in text, text[-3000:]
   assert not (workdir / "results.jsonl").exists()
 
   expect_ok(run_cli(workdir, EVAL_SOUPS, "--config.soups.on_bad_ingredient=exclude"))

@@ -86,7 +86,7 @@ def test_tree_mismatch_is_an_error_naming_the_key_path():
   rng = np.random.default_rng(3)
   a, b = _tree(rng), _tree(rng)
   b["dense"]["kernel"] = np.zeros((5, 4), np.float32)
-  with pytest.raises(soups.IngredientMismatchError, match="dense/kernel: shape"):
+  with pytest.raises(soups.IngredientMismatchError, match="'dense/kernel' has shape"):
     soups.weighted_average([a, b])
   c = _tree(rng)
   del c["norm"]
@@ -94,7 +94,7 @@ def test_tree_mismatch_is_an_error_naming_the_key_path():
     soups.weighted_average([a, c])
   d = _tree(rng)
   d["dense"]["bias"] = d["dense"]["bias"].astype(np.float16)
-  with pytest.raises(soups.IngredientMismatchError, match="dense/bias: dtype"):
+  with pytest.raises(soups.IngredientMismatchError, match="'dense/bias' has dtype"):
     soups.weighted_average([a, d])
 
 
@@ -224,7 +224,7 @@ def test_model_stock_with_identical_deltas_is_the_finetuned_model():
   rng = np.random.default_rng(7)
   theta0, ft = _tree(rng), _tree(rng)
   merged, ratios = soups.model_stock(theta0, [ft, ft, ft])
-  assert all(abs(t - 1.0) < 1e-9 for t in ratios.values())
+  assert all(abs(t - 1.0) < 1e-6 for t in ratios.values())
   _assert_trees_equal(merged, ft, exact=False)
 
 

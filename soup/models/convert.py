@@ -22,6 +22,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 from flax import traverse_util
 
+from soup import trees
 from soup.models.clip import CLIPConfig
 
 PathLike = Union[str, os.PathLike]
@@ -450,27 +451,6 @@ def check_params_match(params: Mapping[str, Any], reference: Mapping[str, Any], 
   """Raises if ``params`` and ``reference`` differ in keys or leaf shapes.
 
   KeyError for a key missing from ``params``, ValueError for unexpected keys or a
-  shape mismatch; all name the '/'-joined key.
+  shape mismatch; all name the '/'-joined key (soup.trees.check_compatible).
   """
-  got = {k: _shape(v) for k, v in _flatten_shapes(params).items()}
-  want = {k: _shape(v) for k, v in _flatten_shapes(reference).items()}
-  missing = sorted(set(want) - set(got))
-  if missing:
-    raise KeyError(f"{what}: missing key(s) {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
-  extra = sorted(set(got) - set(want))
-  if extra:
-    raise ValueError(f"{what}: unexpected key(s) {extra[:10]}"
-                     + (" ..." if len(extra) > 10 else ""))
-  for key in sorted(want):
-    if got[key] != want[key]:
-      raise ValueError(f"{what}: key {key!r} has shape {got[key]}, expected {want[key]}")
-
-
-def _shape(leaf) -> tuple[int, ...]:
-  # Arrays and jax.ShapeDtypeStruct both have .shape; python scalars do not.
-  return tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
-
-
-def _flatten_shapes(tree: Mapping[str, Any]) -> dict:
-  # Like flatten_params but keeps leaves as they are (they may be ShapeDtypeStructs).
-  return traverse_util.flatten_dict(tree, sep="/")
+  trees.check_compatible(reference, params, "the model", what, dtypes=False)

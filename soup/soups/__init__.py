@@ -4,8 +4,14 @@ Nothing here knows about models: recipes take params (or paths) and an
 evaluation function (params -> held-out accuracy) or an apply function.
 """
 
-from soup.soups.average import (IngredientMismatchError, check_compatible, load, mean,
-                                sharded_average, stream_average, weighted_average)
+from soup.soups.average import (
+                                IngredientMismatchError,
+                                check_compatible,
+                                load,
+                                sharded_average,
+                                stream_average,
+                                weighted_average,
+)
 from soup.soups.ensemble import greedy_ensemble, logit_ensemble
 from soup.soups.greedy import GreedyResult, greedy_soup
 from soup.soups.interpolation import model_stock, wise_ft

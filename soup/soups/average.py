@@ -1,32 +1,94 @@
-"""Weight averaging: in memory, streamed from checkpoints, or device-sharded.
+"""Weight averaging: streamed from checkpoints or in memory, and device-sharded.
 
-All three share one float32 update, the running weighted mean
+Every recipe here computes the running weighted mean in float32
     mean_k = mean_{k-1} + (w_k / W_k) * (x_k - mean_{k-1}),   W_k = w_1 + ... + w_k,
-so they agree to the bit on one machine, memory stays flat in N (one
-ingredient plus the running mean), and a soup of identical models is exactly
-that model (x - mean = 0 at every step).
+so memory stays flat in N and a soup of identical models is exactly that model
+(x - mean = 0 at every step). Two implementations of that formula:
+- `stream_average` (and `weighted_average`), on the host with numpy: x - mean,
+  times w/W, plus mean, each rounded to float32;
+- `running_update`, XLA's fused version (one multiply-add), used on devices by
+  `sharded_average` and by the greedy soup.
+The two agree to float32 rounding; each is deterministic, so a rerun (after a
+kill -9, say) reproduces its soup bit for bit.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+import threading
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from soup import checkpoints
+from soup import checkpoints, trees
+from soup.trees import check_compatible  # noqa: F401  (re-exported: soup.soups.check_compatible)
 
 PyTree = Any
-Source = Any  # A param pytree, or the path of an ingredient checkpoint.
+Source = Any  # A param pytree, the path of an ingredient checkpoint, or an opened one.
+IngredientMismatchError = trees.TreeMismatchError
+
+BLOCK = 1 << 16  # float32 values (256 KiB): x, mean and the scratch stay in cache per block.
+THREADED_MIN_BYTES = 16 << 20  # Smaller models are averaged on the calling thread.
 
 
-class IngredientMismatchError(ValueError):
-  """Two ingredients differ in tree structure, shape or dtype."""
+# --- Sources: trees and checkpoints behind one leaf-reading interface -------------
+
+
+class InMemory:
+  """A param pytree with the interface of checkpoints.Ingredient."""
+
+  def __init__(self, tree: PyTree, name: str):
+    self.name = name
+    self.leaves = trees.flatten_with_names(tree)
+    self.treedef = jax.tree.structure(tree)
+    self.specs = {n: jax.ShapeDtypeStruct(np.shape(x),
+                                          getattr(x, "dtype", None) or np.asarray(x).dtype)
+                  for n, x in self.leaves.items()}
+
+  def __str__(self):
+    return self.name
+
+  def read(self, name: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+    del out  # Already in memory: no copy.
+    return np.asarray(self.leaves[name])
+
+  def prefetch(self, names=None) -> None:
+    pass
+
+  def release(self) -> None:
+    pass
+
+  def tree(self) -> PyTree:
+    return jax.tree.unflatten(self.treedef, [self.leaves[n] for n in self.leaves])
+
+
+def open_source(source: Source, verify: bool = True, index: int = 0):
+  """A checkpoints.Ingredient for a path (metadata only, no array I/O), InMemory for a tree."""
+  if isinstance(source, (checkpoints.Ingredient, InMemory)):
+    return source
+  if isinstance(source, (str, os.PathLike)):
+    return checkpoints.open_ingredient(source, verify)
+  return InMemory(source, f"ingredient #{index}")
+
+
+def open_sources(sources: Sequence[Source], verify: bool = True) -> list:
+  """Opens every source and checks each against the first (keys, shapes, dtypes)."""
+  opened = [open_source(s, verify, i) for i, s in enumerate(sources)]
+  for other in opened[1:]:
+    check_compatible(opened[0].specs, other.specs, str(opened[0]), str(other))
+  return opened
+
+
+def as_tree(flat: dict, source) -> PyTree:
+  """{name: leaf} as a tree structured like `source`: the caller's structure for a
+  tree, nested dicts (as load_ingredient gives) for a checkpoint."""
+  if isinstance(source, InMemory):
+    return jax.tree.unflatten(source.treedef, [flat[n] for n in source.leaves])
+  return checkpoints.unflatten(flat)
 
 
 def load(source: Source, verify: bool = True) -> PyTree:
@@ -35,54 +97,48 @@ def load(source: Source, verify: bool = True) -> PyTree:
   return source
 
 
-def _name(source: Source, index: int) -> str:
-  return str(source) if isinstance(source, (str, os.PathLike)) else f"ingredient #{index}"
-
-
-def check_compatible(reference: PyTree, other: PyTree, reference_name: str = "reference",
-                     other_name: str = "other") -> None:
-  """Raises IngredientMismatchError naming the first differing key path."""
-  ref = checkpoints.flatten_with_names(reference)
-  oth = checkpoints.flatten_with_names(other)
-  missing, extra = sorted(ref.keys() - oth.keys()), sorted(oth.keys() - ref.keys())
-  if missing or extra:
-    raise IngredientMismatchError(
-        f"{other_name} has another tree structure than {reference_name}: "
-        f"missing {missing[:5]}, unexpected {extra[:5]}. Ingredients must be fine-tunes of "
-        "the same architecture.")
-  for key, a in ref.items():
-    b = oth[key]
-    if tuple(a.shape) != tuple(b.shape):
-      raise IngredientMismatchError(
-          f"{key}: shape {tuple(b.shape)} in {other_name} but {tuple(a.shape)} in "
-          f"{reference_name}.")
-    if np.dtype(a.dtype) != np.dtype(b.dtype):
-      raise IngredientMismatchError(f"{key}: dtype {b.dtype} in {other_name} but {a.dtype} "
-                                    f"in {reference_name}.")
-
-
 def check_finite(params: PyTree, name: str) -> None:
-  bad = [k for k, v in checkpoints.flatten_with_names(params).items()
+  bad = [k for k, v in trees.flatten_with_names(params).items()
          if not np.all(np.isfinite(np.asarray(v, np.float32)))]
   if bad:
     raise FloatingPointError(f"{name} has non-finite values in {bad[:5]} (a diverged run).")
 
 
+# --- The arithmetic -------------------------------------------------------------------
+
+
 @jax.jit
-def _to_float32(tree):
+def to_float32(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
 @jax.jit
-def _running_update(mean, x, coef):
+def running_update(mean: PyTree, x: PyTree, coef) -> PyTree:
+  """XLA's mean + coef * (x - mean), in float32 (x of any float dtype)."""
   return jax.tree.map(lambda m, v: m + coef * (v.astype(jnp.float32) - m), mean, x)
 
 
-_running_update_donated = jax.jit(_running_update.__wrapped__, donate_argnums=0)
+_running_update_donated = jax.jit(running_update.__wrapped__, donate_argnums=0)
 
 
-def _cast_like(mean: PyTree, reference: PyTree) -> PyTree:
-  return jax.tree.map(lambda m, r: np.asarray(m).astype(np.dtype(r.dtype)), mean, reference)
+def cast_like(mean: PyTree, reference: PyTree) -> PyTree:
+  """Each leaf as a numpy array of the reference leaf's dtype (no copy when it already is)."""
+  return jax.tree.map(lambda m, r: np.asarray(m).astype(np.dtype(r.dtype), copy=False), mean,
+                      reference)
+
+
+def host_update(mean: np.ndarray, x: np.ndarray, coef: np.float32, scratch: np.ndarray) -> None:
+  """mean += coef * (x - mean) in place, float32, in cache-sized blocks.
+
+  `scratch` is a float32 buffer of at least BLOCK values; x may be of any float dtype.
+  """
+  m, v = mean.reshape(-1), x.reshape(-1)
+  for start in range(0, m.size, BLOCK):
+    mb = m[start:start + BLOCK]
+    d = scratch[:mb.size]
+    np.subtract(v[start:start + BLOCK], mb, out=d, dtype=np.float32)
+    np.multiply(d, coef, out=d)
+    np.add(mb, d, out=mb)
 
 
 def _weights(n: int, weights: Optional[Sequence[float]]) -> np.ndarray:
@@ -92,96 +148,97 @@ def _weights(n: int, weights: Optional[Sequence[float]]) -> np.ndarray:
   return w
 
 
-def _host_start(params: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: np.array(x, np.float32), params)
+def schedule(weights: np.ndarray) -> list[tuple[int, Optional[np.float32]]]:
+  """(ingredient index, coef) in order; coef None for the first (the mean starts as a
+  copy of it). Zero-weight ingredients do not change the mean and are skipped."""
+  out, total = [], 0.0
+  for i, w in enumerate(weights):
+    if w > 0:
+      total += w
+      out.append((i, np.float32(w / total) if out else None))
+  return out
 
 
-def _host_update(mean: PyTree, params: PyTree, coef: np.float32, owned: bool) -> PyTree:
-  """mean += coef * (x - mean) in place: no temporaries beyond x itself.
-
-  `owned` ingredients (restored from disk here) are used as scratch space;
-  a caller's arrays are copied first.
-  """
-  def update(m, x):
-    x = np.asarray(x)
-    scratch = x.astype(np.float32, copy=not (owned and x.flags.writeable))
-    np.subtract(scratch, m, out=scratch)
-    scratch *= coef
-    m += scratch
-    return m
-  return jax.tree.map(update, mean, params)
+def split_by_bytes(specs: dict, parts: int) -> list[list[str]]:
+  """Leaf names split into `parts` groups of about equal bytes (largest first)."""
+  groups: list[list[str]] = [[] for _ in range(parts)]
+  loads = [0] * parts
+  size = lambda n: int(np.prod(specs[n].shape)) * np.dtype(specs[n].dtype).itemsize
+  for name in sorted(specs, key=size, reverse=True):
+    k = loads.index(min(loads))
+    groups[k].append(name)
+    loads[k] += size(name)
+  return [g for g in groups if g]
 
 
-def _prefetched(sources: Sequence[Source], verify: bool, prefetch: bool):
-  """Yields (source, params); with prefetch, restores the next ingredient in a
-  thread while the caller adds the current one (Orbax/tensorstore release the
-  GIL), at the cost of holding one more ingredient.
-  """
-  if not prefetch:
-    for source in sources:
-      yield source, load(source, verify)
-    return
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    future = pool.submit(load, sources[0], verify)
-    for i, source in enumerate(sources):
-      params = future.result()
-      if i + 1 < len(sources):
-        future = pool.submit(load, sources[i + 1], verify)
-      yield source, params
-      del params
+def default_threads() -> int:
+  return max(1, min(4, os.cpu_count() or 1))
 
 
-def _running_mean(sources: Sequence[Source], weights: Optional[Sequence[float]], verify: bool,
-                  start: Callable[[PyTree], PyTree], update: Callable[..., PyTree],
-                  finish: Callable[[PyTree, PyTree], PyTree],
-                  on_loaded: Optional[Callable[[int], None]] = None,
-                  prefetch: bool = False) -> PyTree:
-  """The one averaging loop: load, check, then start or update the running mean."""
-  if not sources:
-    raise ValueError("Cannot average zero ingredients.")
-  w = _weights(len(sources), weights)
-  reference = mean = None
-  total = 0.0
-  for i, (source, params) in enumerate(_prefetched(sources, verify, prefetch)):
-    if reference is None:
-      reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-      mean = start(params)
-      if w[0] == 0:
-        mean = jax.tree.map(lambda m: m * 0, mean)  # Leading zero weight: start empty.
-    else:
-      check_compatible(reference, params, _name(sources[0], 0), _name(source, i))
-    total += w[i]
-    if i > 0 and w[i] > 0:
-      mean = update(mean, params, np.float32(w[i] / total),
-                    owned=isinstance(source, (str, os.PathLike)))
-    del params
-    if on_loaded:
-      on_loaded(i)
-  return finish(mean, reference)
+# --- Streamed averaging on the host ---------------------------------------------------
 
 
 def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]] = None,
-                   verify: bool = True, on_loaded: Optional[Callable[[int], None]] = None,
-                   prefetch: bool = True) -> PyTree:
-  """Weighted mean of N ingredients holding one of them at a time (float32).
+                   verify: bool = True, threads: Optional[int] = None) -> PyTree:
+  """Weighted mean of N ingredients (params or checkpoint paths), float32, on the host.
 
-  Weights are normalised. Each ingredient is checked against the first for
-  structure, shapes and dtypes before it is added. On the host, in place:
-  peak memory is the running mean plus one ingredient (two with prefetch,
-  which overlaps reading the next checkpoint with adding the current one).
+  Weights are normalised. Every ingredient is checked against the first (keys,
+  shapes, dtypes) before any array is read. Each of `threads` threads owns a share
+  of the leaves and, for every ingredient in turn, reads its leaves into one reused
+  buffer, checks their fingerprints and adds them to the running mean, while it asks
+  the kernel to read its leaves of the next ingredient ahead. Peak memory: the mean
+  (one model in float32) plus a leaf-sized buffer per thread, for any N.
   """
-  return _running_mean(sources, weights, verify, _host_start, _host_update, _cast_like, on_loaded,
-                       prefetch)
+  if not sources:
+    raise ValueError("Cannot average zero ingredients.")
+  w = _weights(len(sources), weights)
+  opened = open_sources(sources, verify)
+  specs = opened[0].specs
+  mean = checkpoints.aligned_tree(specs, np.float32)
+  steps = schedule(w)
+  nbytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
+  threads = default_threads() if threads is None else threads
+  groups = split_by_bytes(specs, threads if nbytes >= THREADED_MIN_BYTES else 1)
+  remaining = {i: len(groups) for i, _ in steps}  # Threads still to finish ingredient i.
+  lock, stop = threading.Lock(), threading.Event()
+
+  def work(names: list[str]) -> None:
+    biggest = max(int(np.prod(specs[n].shape)) * np.dtype(specs[n].dtype).itemsize for n in names)
+    buffer = checkpoints.aligned_empty((biggest,), np.uint8)
+    scratch = np.empty(BLOCK, np.float32)
+    for k, (i, coef) in enumerate(steps):
+      if stop.is_set():
+        return
+      if k + 1 < len(steps):
+        opened[steps[k + 1][0]].prefetch(names)
+      for name in names:
+        x = opened[i].read(name, buffer)
+        if coef is None:
+          np.copyto(mean[name], x, casting="same_kind")
+        else:
+          host_update(mean[name], x, coef, scratch)
+      with lock:
+        remaining[i] -= 1
+        if remaining[i] == 0:
+          opened[i].release()  # A restored (non-direct) ingredient's arrays.
+
+  if len(groups) == 1:
+    work(groups[0])
+  else:
+    with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+      futures = [pool.submit(work, g) for g in groups]
+      try:
+        for f in concurrent.futures.as_completed(futures):
+          f.result()
+      finally:
+        stop.set()
+  result = {n: np.asarray(mean[n]).astype(np.dtype(specs[n].dtype), copy=False) for n in specs}
+  return as_tree(result, opened[0])
 
 
-def weighted_average(trees: Sequence[PyTree], weights: Optional[Sequence[float]] = None) -> PyTree:
+def weighted_average(trees_: Sequence[PyTree], weights: Optional[Sequence[float]] = None) -> PyTree:
   """In-memory weighted mean; the same arithmetic as stream_average."""
-  return stream_average(list(trees), weights)
-
-
-def mean(trees: Sequence[Source]) -> PyTree:
-  """Uniform soup."""
-  return stream_average(list(trees))
+  return stream_average(list(trees_), weights)
 
 
 # --- Device-sharded averaging ---------------------------------------------
@@ -219,19 +276,25 @@ def unshard_flat(tree: PyTree, reference: PyTree) -> PyTree:
   if jax.process_count() > 1:
     tree = multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(
-      lambda x, r: np.asarray(x)[: int(np.prod(r.shape))].reshape(r.shape).astype(np.dtype(r.dtype)),
+      lambda x, r: np.asarray(x)[:int(np.prod(r.shape))].reshape(r.shape).astype(
+          np.dtype(r.dtype)),
       tree, reference)
 
 
-def sharded_average(sources: Sequence[Source], mesh: Mesh, weights: Optional[Sequence[float]] = None,
-                    axis: str = "data", verify: bool = True) -> PyTree:
-  """stream_average with every parameter split over the mesh axis: each device
+def sharded_average(sources: Sequence[Source], mesh: Mesh,
+                    weights: Optional[Sequence[float]] = None, axis: str = "data",
+                    verify: bool = True) -> PyTree:
+  """The weighted mean with every parameter split over the mesh axis: each device
   reduces its own slice, holding 1/D of the running mean and of the ingredient.
-  """
-  def start(params):
-    return _to_float32(shard_flat(params, mesh, axis))
-
-  def update(mean, params, coef, owned):
-    return _running_update_donated(mean, shard_flat(params, mesh, axis), coef)
-
-  return _running_mean(sources, weights, verify, start, update, unshard_flat)
+  XLA's arithmetic (running_update)."""
+  if not sources:
+    raise ValueError("Cannot average zero ingredients.")
+  w = _weights(len(sources), weights)
+  opened = open_sources(sources, verify)
+  mean = None
+  for i, coef in schedule(w):
+    flat = shard_flat(opened[i].tree(), mesh, axis)
+    mean = to_float32(flat) if coef is None else _running_update_donated(mean, flat, coef)
+    del flat
+  reference = as_tree(dict(opened[0].specs), opened[0])
+  return unshard_flat(mean, reference)

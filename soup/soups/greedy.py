@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from soup import checkpoints
 from soup.soups import average
 
 log = logging.getLogger(__name__)
@@ -80,25 +81,44 @@ def greedy_soup(ingredients: Mapping[str, average.Source], held_out_scores: Mapp
                 verify: bool = True, tie_order: str = "reversed") -> GreedyResult:
   """Greedy soup over params or checkpoint paths.
 
-  Holds the running mean of the soup and one candidate at a time; each step
-  costs one held-out evaluation. `held_out_scores[name]` must be the held-out
-  accuracy of that ingredient alone under `evaluate`.
+  Holds the running mean of the soup and one candidate soup; a candidate is built
+  leaf by leaf from its checkpoint (XLA's running_update, as sharded_average), so no
+  ingredient is ever held whole. Each step costs one held-out evaluation, during
+  which the kernel reads the next candidate's files ahead. `held_out_scores[name]`
+  must be the held-out accuracy of that ingredient alone under `evaluate`.
   """
   order = ranked({n: held_out_scores[n] for n in ingredients}, tie_order)
-  first = average.load(ingredients[order[0]], verify)
-  reference = first
-  state = {"mean": average._to_float32(first), "count": 1, "candidate": None}
+  opened = dict(zip(order, average.open_sources([ingredients[n] for n in order], verify)))
+  first = opened[order[0]]
+  specs = first.specs
+  biggest = max(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
+  buffer = checkpoints.aligned_empty((biggest,), np.uint8)  # Reused for every leaf read.
+  state = {"mean": {n: average.to_float32(first.read(n)) for n in specs}, "count": 1,
+           "candidate": None}
+  first.release()
+  following = dict(zip(order, order[1:]))
 
   def try_candidate(name):
-    params = average.load(ingredients[name], verify)
-    average.check_compatible(reference, params, order[0], name)
-    k = state["count"] + 1
-    state["candidate"] = average._running_update(state["mean"], params, np.float32(1.0 / k))
-    return float(evaluate(average._cast_like(state["candidate"], reference)))
+    state["candidate"] = None  # A rejected candidate: freed before the next is built,
+    checkpoints.release_free_memory()  # and its pages returned (glibc keeps them otherwise).
+    coef = np.float32(1.0 / (state["count"] + 1))
+    candidate = {}
+    for leaf in specs:
+      x = opened[name].read(leaf, buffer)
+      candidate[leaf] = average.running_update(state["mean"][leaf], x, coef)
+      candidate[leaf].block_until_ready()  # Before the buffer is overwritten.
+    opened[name].release()
+    if name in following:
+      opened[following[name]].prefetch()
+    state["candidate"] = candidate
+    # Device arrays as they are (no host copy); cast only if the ingredients are not float32.
+    cast = {n: c.astype(specs[n].dtype) for n, c in candidate.items()}
+    return float(evaluate(average.as_tree(cast, first)))
 
   def accept(name):
     state["mean"], state["count"] = state["candidate"], state["count"] + 1
 
   selected, best, history = greedy_select(order, float(held_out_scores[order[0]]),
                                           try_candidate, accept, comparison, "greedy soup")
-  return GreedyResult(selected, best, history, average._cast_like(state["mean"], reference))
+  soup = {n: np.array(m, dtype=np.dtype(specs[n].dtype)) for n, m in state["mean"].items()}
+  return GreedyResult(selected, best, history, average.as_tree(soup, first))

@@ -7,7 +7,7 @@ code; AdamW, lr 0.05, no weight decay, 5 epochs, batch 256 by default.
 
 The stack of N ingredients is the memory cost (N x P). On a Mesh its leaves are
 split over the mesh axis, along the ingredient axis when D divides N, so each
-device holds about N * P / D values.
+device holds about N * P / D values; each held-out batch is split over it too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from soup import checkpoints
+from soup import checkpoints, trees
 from soup.soups import average
 
 log = logging.getLogger(__name__)
@@ -46,20 +46,53 @@ def stack_spec(shape: tuple[int, ...], num_shards: int, axis: str) -> P:
   return P()  # Too small to split: replicate (biases, norms of odd sizes).
 
 
-def stack_ingredients(ingredients: Sequence[PyTree], mesh: Optional[Mesh] = None,
-                      axis: str = "data") -> PyTree:
-  """Stacks N ingredients into leaves [N, ...] (float32), sharded over the mesh."""
-  for i, params in enumerate(ingredients[1:], 1):
-    average.check_compatible(ingredients[0], params, "ingredient #0", f"ingredient #{i}")
+def stack_ingredients(ingredients: Sequence[average.Source], mesh: Optional[Mesh] = None,
+                      axis: str = "data", verify: bool = True) -> PyTree:
+  """Stacks N ingredients (params or checkpoint paths) into float32 leaves [N, ...],
+  sharded over the mesh.
 
-  def stack(*leaves):
-    stacked = np.stack([np.asarray(l, np.float32) for l in leaves])
+  Each device's shard is filled straight from the ingredients, one leaf at a time:
+  a leaf of one ingredient is read once into a reused buffer and copied into the
+  shards that hold it, so no [N, ...] array is ever built on a host, and in a
+  multi-process run a process reads only the ingredients its devices hold (when D
+  divides N). Host memory beyond the device arrays: one leaf's shards. On CPU
+  devices the aligned shard buffers become the device arrays without a copy.
+  """
+  opened = average.open_sources(ingredients, verify)
+  specs = opened[0].specs
+  n = len(opened)
+  biggest = max(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
+  buffer = checkpoints.aligned_empty((biggest,), np.uint8)
+  out = {}
+  for name, spec in specs.items():
+    shape = (n, *spec.shape)
     if mesh is None:
-      return jnp.asarray(stacked)
-    sharding = NamedSharding(mesh, stack_spec(stacked.shape, mesh.shape[axis], axis))
-    return jax.make_array_from_callback(stacked.shape, sharding, lambda idx: stacked[idx])
-
-  return jax.tree.map(stack, *ingredients)
+      host = checkpoints.aligned_empty(shape, np.float32)
+      for i, source in enumerate(opened):
+        np.copyto(host[i, ...], source.read(name, buffer), casting="same_kind")
+      out[name] = jax.device_put(host)
+      continue
+    sharding = NamedSharding(mesh, stack_spec(shape, mesh.shape[axis], axis))
+    index_map = sharding.addressable_devices_indices_map(shape)
+    bounds = {d: tuple(s.indices(size) for s, size in zip(idx, shape))
+              for d, idx in index_map.items()}
+    shards = {}  # Devices holding the same slice share one host buffer.
+    for b in bounds.values():
+      if b not in shards:
+        shards[b] = checkpoints.aligned_empty(tuple(len(range(*r)) for r in b), np.float32)
+    for i, source in enumerate(opened):
+      holders = [b for b in shards if b[0][0] <= i < b[0][1]]
+      if not holders:
+        continue  # Held by another process's devices: not read here.
+      x = source.read(name, buffer)
+      for b in holders:
+        np.copyto(shards[b][i - b[0][0], ...], x[tuple(slice(*r) for r in b[1:])],
+                  casting="same_kind")
+    arrays = [jax.device_put(shards[bounds[d]], d) for d in index_map]
+    out[name] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+  for source in opened:
+    source.release()
+  return average.as_tree(out, opened[0])
 
 
 def mix(stacked: PyTree, alphas: Any, by_layer: bool) -> PyTree:
@@ -71,23 +104,32 @@ def mix(stacked: PyTree, alphas: Any, by_layer: bool) -> PyTree:
   return jax.tree.unflatten(treedef, mixed)
 
 
-def learned_soup(ingredients: Sequence[PyTree], apply_fn: Callable[[PyTree, jax.Array], jax.Array],
-                 images: np.ndarray, labels: np.ndarray, *, by_layer: bool = False,
-                 epochs: int = 5, learning_rate: float = 0.05, batch_size: int = 256,
-                 seed: int = 0, mesh: Optional[Mesh] = None, axis: str = "data",
-                 stacked: Optional[PyTree] = None) -> LearnedSoupResult:
-  """Trains the mixing weights on held-out (images, labels); returns the soup."""
-  n = len(ingredients) if stacked is None else jax.tree.leaves(stacked)[0].shape[0]
-  if stacked is None:
-    stacked = stack_ingredients(ingredients, mesh, axis)
-  num_leaves = len(jax.tree.leaves(stacked))
-  params = {"alpha": jnp.zeros((num_leaves, n) if by_layer else (n,), jnp.float32),
-            "beta": jnp.ones((), jnp.float32)}
-  optimizer = optax.adamw(learning_rate, weight_decay=0.0)
-  opt_state = optimizer.init(params)
+def init_mixing(num_leaves: int, n: int, by_layer: bool):
+  """The trained variables: mixing logits alpha (uniform start) and temperature beta."""
+  return {"alpha": jnp.zeros((num_leaves, n) if by_layer else (n,), jnp.float32),
+          "beta": jnp.ones((), jnp.float32)}
+
+
+def soup_shardings(stacked: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+  """Per leaf of the mixed soup: split on its first dimension D divides (else replicated)."""
+  d = mesh.shape[axis]
+  return jax.tree.map(lambda x: NamedSharding(mesh, stack_spec(tuple(x.shape[1:]), d, axis)),
+                      stacked)
+
+
+def make_step(apply_fn: Callable[[PyTree, jax.Array], jax.Array], optimizer, by_layer: bool,
+              shardings: Optional[PyTree] = None):
+  """The jitted training step (p, opt_state, stacked, x, y, mask) -> (p, opt_state, loss).
+
+  `shardings` (soup_shardings) keeps the mixed soup split over the devices: the sum
+  over ingredients ends in a reduce-scatter rather than an all-reduce, so no device
+  holds the whole soup (or its gradient) at once.
+  """
 
   def loss_fn(p, stacked, x, y, mask):
     soup = mix(stacked, p["alpha"], by_layer)
+    if shardings is not None:
+      soup = jax.lax.with_sharding_constraint(soup, shardings)
     logits = p["beta"] * apply_fn(soup, x)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -98,6 +140,43 @@ def learned_soup(ingredients: Sequence[PyTree], apply_fn: Callable[[PyTree, jax.
     updates, opt_state = optimizer.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state, loss
 
+  return step
+
+
+def batch_size_on(mesh: Optional[Mesh], batch_size: int, axis: str = "data") -> int:
+  """The batch padded (masked rows) to a multiple of the devices on the axis."""
+  d = 1 if mesh is None else mesh.shape[axis]
+  return -(-batch_size // d) * d
+
+
+def learned_soup(ingredients: Sequence[average.Source],
+                 apply_fn: Callable[[PyTree, jax.Array], jax.Array],
+                 images: np.ndarray, labels: np.ndarray, *, by_layer: bool = False,
+                 epochs: int = 5, learning_rate: float = 0.05, batch_size: int = 256,
+                 seed: int = 0, mesh: Optional[Mesh] = None, axis: str = "data",
+                 stacked: Optional[PyTree] = None, verify: bool = True) -> LearnedSoupResult:
+  """Trains the mixing weights on held-out (images, labels); returns the soup.
+
+  Ingredients are params or checkpoint paths. On a mesh, the stack is split over
+  the devices (stack_ingredients) and so is each held-out batch.
+  """
+  if stacked is None:
+    stacked = stack_ingredients(ingredients, mesh, axis, verify)
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  num_leaves = len(jax.tree.leaves(stacked))
+  params = init_mixing(num_leaves, n, by_layer)
+  optimizer = optax.adamw(learning_rate, weight_decay=0.0)
+  opt_state = optimizer.init(params)
+  shardings = None if mesh is None else soup_shardings(stacked, mesh, axis)
+  step = make_step(apply_fn, optimizer, by_layer, shardings)
+  padded = batch_size_on(mesh, batch_size, axis)
+  batch_sharding = None if mesh is None else NamedSharding(mesh, P(axis))
+
+  def put(a):
+    if batch_sharding is None:
+      return a
+    return jax.make_array_from_callback(a.shape, batch_sharding, lambda idx: a[idx])
+
   rng = np.random.default_rng(seed)
   num = len(labels)
   losses = []
@@ -105,22 +184,26 @@ def learned_soup(ingredients: Sequence[PyTree], apply_fn: Callable[[PyTree, jax.
     order = rng.permutation(num)
     for start in range(0, num, batch_size):
       idx = order[start:start + batch_size]
-      pad = batch_size - len(idx)  # Pad and mask the last batch: one compiled shape.
+      pad = padded - len(idx)  # Pad and mask: one compiled shape, split evenly over devices.
       x = np.concatenate([images[idx], np.zeros((pad, *images.shape[1:]), images.dtype)])
       y = np.concatenate([labels[idx], np.zeros((pad,), labels.dtype)])
       mask = np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)])
-      params, opt_state, loss = step(params, opt_state, stacked, x, y, mask)
+      params, opt_state, loss = step(params, opt_state, stacked, put(x), put(y), put(mask))
       losses.append(float(loss))
     log.info("learned soup%s epoch %d: loss %.4f", " by layer" if by_layer else "", epoch,
-                 losses[-1])
-  soup = jax.device_get(mix(stacked, params["alpha"], by_layer))
-  reference = ingredients[0] if ingredients else None
-  if reference is not None:
-    soup = average._cast_like(soup, reference)
+             losses[-1])
+  # The soup split over the devices, so that no device (or simulated device) holds it whole.
+  final_mix = jax.jit(mix, static_argnums=2,
+                      **({} if shardings is None else {"out_shardings": shardings}))
+  soup = jax.device_get(final_mix(stacked, params["alpha"], by_layer))
+  if ingredients:
+    reference = average.open_source(ingredients[0], verify=False)
+    soup = average.as_tree(average.cast_like(trees.flatten_with_names(soup), reference.specs),
+                           reference)
   weights = np.asarray(jax.nn.softmax(params["alpha"], axis=-1))
   if by_layer:
-    names = list(checkpoints.flatten_with_names(stacked))
+    names = list(trees.flatten_with_names(stacked))
     weights = {name: weights[i].tolist() for i, name in enumerate(names)}
   else:
     weights = weights.tolist()
-  return LearnedSoupResult(jax.tree.map(np.asarray, soup), weights, float(params["beta"]), losses)
+  return LearnedSoupResult(jax.tree.map(np.array, soup), weights, float(params["beta"]), losses)
