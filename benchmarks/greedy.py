@@ -49,9 +49,9 @@ def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from configs import fashion_mnist
-  from soup import checkpoints, evaluate, models
-  from soup import mesh as mesh_lib
+  from soup import checkpoints, evaluate, mesh as mesh_lib, models
   from soup.data import pipeline
   from soup.soups import greedy
 

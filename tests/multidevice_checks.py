@@ -21,6 +21,7 @@ def _trees(n, seed=0):
 
 def single():
   import jax
+
   from soup import checkpoints, mesh as mesh_lib, soups
   from soup.soups import average, learned
   assert jax.device_count() == 8, jax.devices()

@@ -2,7 +2,6 @@
 locked and trains one step (ImageNet ones on mock data and tiny weights in the real
 file formats), and the pretrained loaders. The sweep launcher: tests/test_launch.py."""
 
-import importlib.util
 import json
 import math
 import re

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import ROOT, run_python
 
 
