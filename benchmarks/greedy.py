@@ -35,7 +35,8 @@ import common  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--n", type=int, default=12)
   ap.add_argument("--held-out", type=int, default=2000)
   ap.add_argument("--repeats", type=int, default=5)

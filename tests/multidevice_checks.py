@@ -33,7 +33,8 @@ def single():
   sharded = soups.sharded_average(trees, mesh)
   streamed = soups.stream_average(trees)
   for k, v in checkpoints.flatten_with_names(streamed).items():
-    np.testing.assert_allclose(checkpoints.flatten_with_names(sharded)[k], v, rtol=2e-6, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(checkpoints.flatten_with_names(sharded)[k], v, rtol=2e-6,
+                               atol=1e-7, err_msg=k)
   # A soup of identical models is that model, exactly, sharded too.
   for k, v in checkpoints.flatten_with_names(soups.sharded_average([trees[0]] * 3, mesh)).items():
     np.testing.assert_array_equal(v, checkpoints.flatten_with_names(trees[0])[k], err_msg=k)
@@ -44,7 +45,8 @@ def single():
     size = checkpoints.flatten_with_names(trees[0])[name].size
     shards = leaf.addressable_shards
     assert len(shards) == 8
-    assert all(s.data.shape == (-(-size // 8),) for s in shards), (name, [s.data.shape for s in shards])
+    assert all(s.data.shape == (-(-size // 8),) for s in shards), (
+        name, [s.data.shape for s in shards])
 
   # Learned soup: the N=16 stack is split so each device holds N*P/D of it.
   stack_trees = _trees(16, seed=1)
@@ -77,11 +79,13 @@ def single():
   x = rng.normal(size=(64, 13)).astype(np.float32)
   y = rng.integers(0, 7, 64).astype(np.int32)
   ingredients = _trees(8, seed=3)
-  on_mesh = soups.learned_soup(ingredients, apply_fn, x, y, epochs=2, batch_size=16, mesh=mesh, by_layer=True)
+  on_mesh = soups.learned_soup(ingredients, apply_fn, x, y, epochs=2, batch_size=16, mesh=mesh,
+                               by_layer=True)
   plain = soups.learned_soup(ingredients, apply_fn, x, y, epochs=2, batch_size=16, by_layer=True)
   for k in on_mesh.weights:
     np.testing.assert_allclose(on_mesh.weights[k], plain.weights[k], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(on_mesh.params["a"]["kernel"], plain.params["a"]["kernel"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(on_mesh.params["a"]["kernel"], plain.params["a"]["kernel"],
+                             rtol=1e-5, atol=1e-6)
 
   # Exact evaluation on 8 devices: same logits as one device, nothing dropped.
   from soup.evaluate import Evaluator
@@ -97,7 +101,8 @@ def single():
 def multiprocess(rank: int, port: int, out: str):
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=rank)
   from soup import mesh as mesh_lib, soups
   assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.devices())
   mesh = mesh_lib.make_mesh()

@@ -110,7 +110,8 @@ def test_greedy_soup_never_below_best_individual(seed, comparison):
   rng = np.random.default_rng(seed)
   x, y = rng.normal(size=(200, 6)).astype(np.float32), rng.integers(0, 3, 200)
   base = rng.normal(size=(6, 3)).astype(np.float32)
-  ingredients = {f"m{i}": {"w": base + rng.normal(size=(6, 3)).astype(np.float32) * rng.uniform(0.1, 3)}
+  ingredients = {f"m{i}": {"w": base + rng.normal(size=(6, 3)).astype(np.float32)
+                                 * rng.uniform(0.1, 3)}
                  for i in range(7)}
   evaluate = _linear_eval(x, y)
   scores = {n: evaluate(p) for n, p in ingredients.items()}
@@ -192,12 +193,14 @@ def test_greedy_ensemble_of_one_member_is_that_member():
 def test_greedy_ensemble_never_below_best_member_and_averages_logits():
   rng = np.random.default_rng(5)
   labels = rng.integers(0, 4, 300)
-  logits = {f"m{i}": (np.eye(4)[labels] * rng.uniform(0, 2) + rng.normal(size=(300, 4)) * 1.5).astype(np.float32)
+  logits = {f"m{i}": (np.eye(4)[labels] * rng.uniform(0, 2)
+                      + rng.normal(size=(300, 4)) * 1.5).astype(np.float32)
             for i in range(6)}
   result = soups.greedy_ensemble(logits, labels)
-  best = max(ensemble.accuracy(l, labels) for l in logits.values())
+  best = max(ensemble.accuracy(member, labels) for member in logits.values())
   assert result.held_out >= best
-  np.testing.assert_allclose(result.result, soups.logit_ensemble([logits[n] for n in result.ingredients]),
+  np.testing.assert_allclose(result.result,
+                             soups.logit_ensemble([logits[n] for n in result.ingredients]),
                              rtol=1e-6, atol=1e-6)
   assert ensemble.accuracy(result.result, labels) == result.held_out
 
@@ -216,7 +219,8 @@ def test_wise_ft_endpoints_and_midpoint():
   _assert_trees_equal(soups.wise_ft(theta0, theta1, 0.0), theta0)
   _assert_trees_equal(soups.wise_ft(theta0, theta1, 1.0), theta1)
   mid = soups.wise_ft(theta0, theta1, 0.5)
-  np.testing.assert_allclose(mid["dense"]["kernel"], (theta0["dense"]["kernel"] + theta1["dense"]["kernel"]) / 2,
+  np.testing.assert_allclose(mid["dense"]["kernel"],
+                             (theta0["dense"]["kernel"] + theta1["dense"]["kernel"]) / 2,
                              rtol=1e-6)
 
 
@@ -252,9 +256,11 @@ def test_learned_soup_weights_on_the_simplex_and_identical_ingredients_reproduce
   y = rng.integers(0, 3, 100).astype(np.int32)
   same = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
   for by_layer in (False, True):
-    result = soups.learned_soup([same, same, same], _linear_apply, x, y, by_layer=by_layer, epochs=2,
+    result = soups.learned_soup([same, same, same], _linear_apply, x, y, by_layer=by_layer,
+                                epochs=2,
                                 batch_size=32)
-    weights = np.array(list(result.weights.values()) if by_layer else [result.weights]).reshape(-1, 3)
+    weights = np.array(list(result.weights.values()) if by_layer
+                       else [result.weights]).reshape(-1, 3)
     assert np.all(weights >= 0)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(result.params["w"], same["w"], rtol=1e-6, atol=1e-7)

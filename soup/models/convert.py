@@ -377,8 +377,9 @@ def vit_from_big_vision_npz(
     cls_in_pos_embedding: whether the target model adds position embeddings *after*
       prepending the class token (so ``pos_embedding`` has a row for it), as the original
       vision_transformer code does. This repo's ``ViT`` follows big_vision, which adds
-      them before, so its ``pos_embedding`` has no such row (the default). Converting between the two is exact: a zero row is prepended, or the class
-      row is folded into ``cls`` (what big_vision does with old checkpoints).
+      them before, so its ``pos_embedding`` has no such row (the default). Converting
+      between the two is exact: a zero row is prepended, or the class row is folded
+      into ``cls`` (what big_vision does with old checkpoints).
     reference_params: optional tree (arrays or ``jax.ShapeDtypeStruct``, e.g. from
       ``jax.eval_shape(model.init, ...)['params']``) the result must match key-for-key
       and shape-for-shape; mismatches raise errors naming the key.

@@ -52,7 +52,8 @@ def ranked(held_out_scores: Mapping[str, float], tie_order: str = "reversed") ->
 
 def greedy_select(order: Sequence[str], first_score: float,
                   try_candidate: Callable[[str], float], accept: Callable[[str], None],
-                  comparison: str = ">", log_prefix: str = "greedy") -> tuple[list[str], float, list[dict]]:
+                  comparison: str = ">", log_prefix: str = "greedy"
+                  ) -> tuple[list[str], float, list[dict]]:
   """The greedy loop shared by greedy soups and greedy ensembles.
 
   `try_candidate(name)` scores the current selection plus `name` on held-out;
