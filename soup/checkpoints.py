@@ -175,7 +175,15 @@ def ingredient_metadata(path: str | os.PathLike) -> dict:
     raise CheckpointError(
         f"{path} is not a complete ingredient (no {INGREDIENT_FILE}); it was interrupted "
         "or never written. Rerun the sweep to redo that member.")
-  return json.loads((path / INGREDIENT_FILE).read_text())
+  try:
+    info = json.loads((path / INGREDIENT_FILE).read_text())
+  except ValueError as e:
+    info = {"error": str(e)}
+  if not isinstance(info, dict) or not isinstance(info.get("fingerprints"), dict):
+    raise CheckpointError(
+        f"Cannot restore ingredient {path}: its {INGREDIENT_FILE} is corrupt or has no "
+        "fingerprints. Delete that folder and rerun the stage that writes it.")
+  return info
 
 
 class LeafSpec:

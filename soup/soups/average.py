@@ -141,7 +141,7 @@ def host_update(mean: np.ndarray, x: np.ndarray, coef: np.float32, scratch: np.n
     np.add(mb, d, out=mb)
 
 
-def _weights(n: int, weights: Optional[Sequence[float]]) -> np.ndarray:
+def checked_weights(n: int, weights: Optional[Sequence[float]]) -> np.ndarray:
   w = np.ones(n, np.float64) if weights is None else np.asarray(weights, np.float64)
   if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
     raise ValueError(f"Need {n} non-negative weights with a positive sum, got {weights}.")
@@ -191,7 +191,7 @@ def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]]
   """
   if not sources:
     raise ValueError("Cannot average zero ingredients.")
-  w = _weights(len(sources), weights)
+  w = checked_weights(len(sources), weights)
   opened = open_sources(sources, verify)
   specs = opened[0].specs
   mean = checkpoints.aligned_tree(specs, np.float32)
@@ -289,7 +289,7 @@ def sharded_average(sources: Sequence[Source], mesh: Mesh,
   XLA's arithmetic (running_update)."""
   if not sources:
     raise ValueError("Cannot average zero ingredients.")
-  w = _weights(len(sources), weights)
+  w = checked_weights(len(sources), weights)
   opened = open_sources(sources, verify)
   mean = None
   for i, coef in schedule(w):

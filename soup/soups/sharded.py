@@ -167,8 +167,8 @@ def _to_float32(tree):
 
 
 # The running mean is donated: its buffers become the new mean, no second copy.
-_update = jax.jit(average._running_update.__wrapped__, donate_argnums=0)
-_candidate = jax.jit(average._running_update.__wrapped__)
+_update = jax.jit(average.running_update.__wrapped__, donate_argnums=0)
+_candidate = jax.jit(average.running_update.__wrapped__)
 
 
 @jax.jit
@@ -204,7 +204,7 @@ def uniform_soup(paths: Sequence[str | os.PathLike], shardings: PyTree,
   if not paths:
     raise ValueError("Cannot average zero ingredients.")
   paths = [Path(p) for p in paths]
-  w = average._weights(len(paths), weights)
+  w = average.checked_weights(len(paths), weights)
   reference = mean = None
   total = 0.0
   for i, path in enumerate(paths):
