@@ -149,14 +149,8 @@ def param_shapes(size: str) -> dict:
 
 
 def unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+  from flax import traverse_util
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def save_uncompressed(path: Path, params, metadata: dict) -> None:

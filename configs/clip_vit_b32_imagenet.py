@@ -65,10 +65,9 @@ in their choice, so expect the same ordering within a few tenths, not the
 same digits.
 """
 
-import math
-
 import ml_collections as mlc
-import numpy as np
+
+from soup import sweep
 
 SMOKE_ROOT = "/tmp/soup_imagenet_mock"  # Where `python -m soup.data.imagenet_mock` writes.
 
@@ -139,7 +138,8 @@ def get_config(arg: str = ""):
                   heldout_file=f"{SMOKE_ROOT}/imagenet2012_heldout.npz", heldout_per_class=1,
                   image_size=32, num_workers=2, cache_dir=f"{SMOKE_ROOT}/label_cache")
     c.model.update(variant="tiny")
-    c.init.update(path=f"{SMOKE_ROOT}/tiny_clip.safetensors", bpe_path=f"{SMOKE_ROOT}/tiny_bpe.txt.gz")
+    c.init.update(path=f"{SMOKE_ROOT}/tiny_clip.safetensors",
+                  bpe_path=f"{SMOKE_ROOT}/tiny_bpe.txt.gz")
     c.probe.update(examples=64, epochs=2, batch_size=32)
     c.finetune.update(batch_size=32, warmup_steps=2, checkpoint_every_steps=8, log_every_steps=4)
     c.sweep.update(num_members=2, epochs=(1, 1))
@@ -159,26 +159,18 @@ def get_sweep(config) -> list[dict]:
   never changes the earlier ones.
   """
   s = config.sweep
-  rng = np.random.default_rng(s.seed)
-
-  def log_uniform(lo, hi):
-    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-
+  draw = sweep.Sampler(s.seed)
   members = []
   for i in range(s.num_members):
-    lr = log_uniform(*s.lr)
-    weight_decay = log_uniform(*s.weight_decay)
-    epochs = int(rng.integers(s.epochs[0], s.epochs[1] + 1))
-    smoothing = rng.uniform(*s.label_smoothing)
-    if rng.random() < s.p_zero_smoothing:
-      smoothing = 0.0
-    mixup = rng.uniform(*s.mixup)
-    if rng.random() < s.p_zero_mixup:
-      mixup = 0.0
-    m = int(rng.integers(s.randaug_m[0], s.randaug_m[1] + 1))
-    n = int(rng.choice(len(s.randaug_n_probs), p=np.asarray(s.randaug_n_probs) / sum(s.randaug_n_probs)))
-    aug = None if rng.random() < s.p_no_aug else f"rand-m{m}-n{n}"
-    members.append(dict(lr=lr, weight_decay=weight_decay, epochs=epochs,
-                        label_smoothing=float(smoothing), mixup=float(mixup), aug_strength=0.0,
-                        aug=aug, seed=int(s.seed * 1000 + i + 1)))
+    lr = draw.log_uniform(*s.lr)
+    weight_decay = draw.log_uniform(*s.weight_decay)
+    epochs = draw.integer(*s.epochs)
+    smoothing = draw.zero_or_uniform(s.p_zero_smoothing, *s.label_smoothing, draw_first=True)
+    mixup = draw.zero_or_uniform(s.p_zero_mixup, *s.mixup, draw_first=True)
+    m = draw.integer(*s.randaug_m)
+    n = draw.choice(s.randaug_n_probs)
+    aug = None if draw.chance(s.p_no_aug) else f"rand-m{m}-n{n}"
+    members.append(dict(lr=lr, weight_decay=weight_decay, epochs=epochs, label_smoothing=smoothing,
+                        mixup=mixup, aug_strength=0.0, aug=aug,
+                        seed=sweep.member_seed(s.seed, i)))
   return members

@@ -18,10 +18,9 @@ accuracy to the best individual.
 Overrides: --config.sweep.num_members=24 --config.soups.greedy_comparison='>='.
 """
 
-import math
-
 import ml_collections as mlc
-import numpy as np
+
+from soup import sweep
 
 
 def get_config(arg: str = ""):
@@ -101,20 +100,14 @@ def get_sweep(config) -> list[dict]:
   half of the time, augmentation off a quarter of the time.
   """
   s = config.sweep
-  rng = np.random.default_rng(s.seed)
-
-  def log_uniform(lo, hi):
-    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-
-  members = []
-  for i in range(s.num_members):
-    members.append(dict(
-        lr=log_uniform(*s.lr),
-        weight_decay=log_uniform(*s.weight_decay),
-        epochs=int(rng.integers(s.epochs[0], s.epochs[1] + 1)),
-        label_smoothing=0.0 if rng.random() < s.p_zero_smoothing else float(rng.uniform(*s.label_smoothing)),
-        mixup=0.0 if rng.random() < s.p_zero_mixup else float(rng.uniform(*s.mixup)),
-        aug_strength=0.0 if rng.random() < s.p_no_aug else float(rng.uniform(*s.aug_strength)),
-        seed=int(s.seed * 1000 + i + 1),
-    ))
-  return members
+  draw = sweep.Sampler(s.seed)
+  return [dict(
+      lr=draw.log_uniform(*s.lr),
+      weight_decay=draw.log_uniform(*s.weight_decay),
+      epochs=draw.integer(*s.epochs),
+      label_smoothing=draw.zero_or_uniform(s.p_zero_smoothing, *s.label_smoothing,
+                                           draw_first=False),
+      mixup=draw.zero_or_uniform(s.p_zero_mixup, *s.mixup, draw_first=False),
+      aug_strength=draw.zero_or_uniform(s.p_no_aug, *s.aug_strength, draw_first=False),
+      seed=sweep.member_seed(s.seed, i),
+  ) for i in range(s.num_members)]

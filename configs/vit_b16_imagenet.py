@@ -30,14 +30,7 @@ as the best individual on held-out (by construction) and on ImageNet, and the
 uniform soup better on the shifts than on ImageNet relative to the individuals.
 """
 
-import importlib.util
-from pathlib import Path
-
-
-_SPEC = importlib.util.spec_from_file_location(
-    "clip_vit_b32_imagenet", Path(__file__).with_name("clip_vit_b32_imagenet.py"))
-_CLIP = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(_CLIP)
+from configs import clip_vit_b32_imagenet as _CLIP
 
 CHECKPOINT = "~/checkpoints/vit/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
 

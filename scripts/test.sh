@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set-up (as scripts/demo.sh), the test-only requirements, lint, then the test
-# suite. Extra args go to pytest.
+# Set-up (as scripts/demo.sh), the test-only requirements, lint (ruff), then the
+# test suite. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -16,4 +16,6 @@ for req in requirements-test.txt requirements-launch.txt; do
     echo "$want" > "$stamp"
   fi
 done
+# Lint (ruff.toml) before the tests: a lint error fails the run.
+.venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest -q "$@"

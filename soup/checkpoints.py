@@ -5,22 +5,24 @@ An ingredient is a folder:
   <dir>/ingredient.json   fingerprints of every leaf + free-form metadata
 `ingredient.json` is written atomically after Orbax commits, so its presence
 means the ingredient is complete; a kill mid-write leaves no ingredient.json
-and the member is redone. Fingerprints (blake2b of each leaf's bytes) catch a
-truncated or corrupted file that would otherwise restore silently wrong values.
+and the member is redone. Fingerprints (CRC-32 of each leaf's bytes, see
+`fingerprint`) catch a truncated or corrupted file that would otherwise restore
+silently wrong values.
 """
 
 from __future__ import annotations
 
 import json
-import zlib
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from soup import results
 
@@ -32,12 +34,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing, incomplete, corrupted or of another model."""
 
 
-def key_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def flatten_with_names(tree: PyTree) -> dict[str, Any]:
-  return {key_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{"a": {"b": x}} -> {"a/b": x}, in jax's leaf order (sorted keys)."""
+  flat = traverse_util.flatten_dict(tree)
+  return {"/".join(map(str, path)): flat[path] for path in sorted(flat)}
 
 
 def fingerprint(tree: PyTree) -> dict[str, str]:

@@ -2,6 +2,11 @@ r"""Runs a model-soup experiment: `python -m soup.main --config=CONFIG.py[:ARG] 
 
 --config.key=value overrides any config field; a misspelled key is an error.
 --config.stages=sweep,evaluate runs those stages only (each resumable).
+
+The whole config is checked before anything is computed (soup/validate.py): a
+user error (a bad config value, a missing dataset or checkpoint, a workdir of
+another config) prints one line naming the fix and exits with status 2. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import os
 # 13-26% faster (docs/benchmarks.md); a user's XLA_FLAGS wins.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
-import importlib.util  # noqa: E402
 import logging as std_logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -21,10 +25,13 @@ from pathlib import Path  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-log = std_logging.getLogger("soup.main")
+import configs  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fashion_mnist.py[:smoke].",
-                                          lock_config=True)
+log = std_logging.getLogger("soup.main")
+USAGE_ERROR = 2  # Exit status of a user error (as argparse's).
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/fashion_mnist.py[:smoke].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every output of the experiment goes.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU VMs, multi-node "
@@ -32,22 +39,62 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def load_config_module(path: str):
-  """The config file as a module, for its sweep function (`get_sweep`)."""
-  spec = importlib.util.spec_from_file_location("soup_config_module", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions whose message tells the user what to change: one line, exit 2."""
+  from soup import checkpoints, recipes, soups, train, validate, workdir
+  from soup.data import fashion_mnist, imagenet
+  return (validate.ConfigError, recipes.RecipeConfigError, workdir.WorkdirMismatchError,
+          fashion_mnist.DatasetMissingError, imagenet.DatasetMissingError,
+          checkpoints.CheckpointError, soups.IngredientMismatchError, train.TrainingDiverged)
+
+
+def fail(message: str) -> None:
+  """Prints a user error as one line and exits with USAGE_ERROR."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+  sys.exit(USAGE_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config error as one line (absl prints a bare FATAL)."""
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  config_file = config_arg.split(":")[0]
+  if config_file and not Path(config_file).is_file():
+    fail(f"--config={config_arg}: no such file; pass a config such as "
+         "configs/fashion_mnist.py[:smoke].")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # A get_config() error arrives as a traceback: its last line is the message.
+    fail(lines[-1] if "Traceback" in str(e) else " ".join(lines))
+  except (AttributeError, KeyError) as e:  # A --config.<key> override the config lacks.
+    message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "")
+    fail(f"bad --config override: the config has no field {message.replace(chr(39), '')}")
 
 
 def main(argv):
   del argv
+  from soup import validate  # Light: no jax, so a user error stops within seconds.
+
+  start = time.time()
+  config_path = flags.FLAGS["config"].config_filename.split(":")[0]
+  try:
+    config = _CONFIG.value
+    module = configs.module_of(config_path)
+    if not hasattr(module, "get_sweep"):
+      raise validate.ConfigError(f"{config_path} has no get_sweep(config) function defining the "
+                                 "sweep; add one (see configs/fashion_mnist.py).")
+    stages = validate.parse_stages(config.stages)
+    validate.check(config, module.get_sweep, stages)
+  except validate.ConfigError as e:
+    fail(e)
+
   import jax
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()  # Coordinator, process ids from the TPU/SLURM/env runtime.
-  from soup.experiment import Experiment  # After XLA_FLAGS is set.
+    from soup import distributed  # TPU/SLURM detected; multi-node GPU from JAX_* variables.
+    distributed.initialize()
+  from soup import experiment  # After XLA_FLAGS is set.
 
-  config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   handler = std_logging.FileHandler(workdir / "log.txt")
@@ -60,15 +107,11 @@ def main(argv):
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  config_path = flags.FLAGS["config"].config_filename.split(":")[0]
-  module = load_config_module(config_path)
-  if not hasattr(module, "get_sweep"):
-    raise SystemExit(f"{config_path} has no get_sweep(config) function defining the sweep.")
-  start = time.time()
-  # --config.stages=sweep,evaluate arrives as ("sweep,evaluate",): split every item.
-  items = (config.stages,) if isinstance(config.stages, str) else tuple(config.stages)
-  stages = tuple(s.strip() for item in items for s in item.split(",") if s.strip())
-  built = Experiment(config, workdir, module.get_sweep).run(stages)
+  try:
+    built = experiment.run(config, workdir, module.get_sweep, stages)
+  except user_errors() as e:
+    log.error("%s", e)
+    fail(e)
   if built is not None:
     from soup import report
     print(report.markdown_table(built))
@@ -77,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -7,7 +7,7 @@ split across four), writes DIR/report.md and DIR/figure.png atomically and
 prints the table and the two paths. Nothing is recomputed but the table: no
 model code, no jax.
 
-Table rows follow the paper's Table 1 (RECIPES order in soup/results.py):
+Table rows follow the paper's Table 1 (the registry's order, soup/recipes.py):
 the initialization, the best individual model (chosen by HELD-OUT accuracy
 among `individual` lines, unless a `best_individual` line exists), the soups,
 WiSE-FT (the best alpha by held-out accuracy) and the ensembles. Where a recipe
@@ -24,24 +24,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from soup import results as R
+from soup.recipes import REGISTRY
 
-METHOD_NAMES = {
-    "initialization": "Initialization",
-    "best_individual": "Best individual model",
-    "uniform_soup": "Uniform soup",
-    "greedy_soup": "Greedy soup",
-    "learned_soup": "Learned soup",
-    "learned_soup_by_layer": "Learned soup (by layer)",
-    "model_stock": "Model stock",
-    "wise_ft": "WiSE-FT",
-    "ensemble": "Ensemble",
-    "greedy_ensemble": "Greedy ensemble",
-}
-ENSEMBLE_RECIPES = ("ensemble", "greedy_ensemble")
-# Recipes whose ingredients are, by definition, every individual model and the
-# initialization (the paper's uniform soup and ensemble of all 72 models).
-ALL_MODEL_RECIPES = ("uniform_soup", "ensemble")
 DASH = "—"
+
+
+def _method(recipe: str) -> str:
+  """The table's name of a recipe: declared once, in the recipe registry."""
+  return REGISTRY[recipe].label if recipe in REGISTRY else recipe
 
 
 # ----------------------------------------------------------------------------
@@ -94,7 +84,9 @@ def _ingredients_count(row: dict, recipe: str, n_models: int) -> int | None:
     return ingredients
   if recipe in ("initialization", "individual", "best_individual"):
     return 1
-  if recipe in ALL_MODEL_RECIPES and n_models:
+  # Recipes whose ingredients are, by definition, every individual model and the
+  # initialization (the paper's uniform soup and ensemble of all 72 models).
+  if recipe in REGISTRY and REGISTRY[recipe].every_model and n_models:
     return n_models
   return None  # e.g. the official greedy soup: which models it took is not recorded.
 
@@ -103,7 +95,7 @@ def _inference_cost(row: dict, recipe: str, ingredients: int | None) -> int | No
   cost = row.get("inference_cost")
   if isinstance(cost, (int, float)) and not isinstance(cost, bool):
     return int(cost)
-  if recipe in ENSEMBLE_RECIPES:
+  if recipe in REGISTRY and REGISTRY[recipe].inference_cost == "per_ingredient":
     return ingredients
   return 1
 
@@ -133,7 +125,8 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   notes: list[str] = []
   multi: list[str] = []
   best_info: dict[str, Any] | None = None
-  for recipe in [r for r in R.RECIPES if r != "individual"] + sorted(set(by_recipe) - set(R.RECIPES)):
+  known = [r for r in REGISTRY if r != "individual"]
+  for recipe in known + sorted(set(by_recipe) - set(REGISTRY)):
     if recipe == "best_individual":
       if by_recipe.get("best_individual"):
         row = _best(by_recipe["best_individual"], columns.held_out)
@@ -143,7 +136,8 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
         source = "selected"
       else:
         continue
-      best_info = {"model_name": row["model_name"], "selected_by": columns.held_out, "source": source}
+      best_info = {"model_name": row["model_name"], "selected_by": columns.held_out,
+                   "source": source}
       chosen[recipe] = row
       continue
     candidates = by_recipe.get(recipe)
@@ -158,7 +152,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
 
   table = []
   for recipe, row in chosen.items():
-    method = METHOD_NAMES.get(recipe, recipe)
+    method = _method(recipe)
     if recipe == "wise_ft" and _num(row.get("alpha")) is not None:
       method = f"WiSE-FT (α={row['alpha']:g})"
     if recipe == "best_individual":
@@ -189,8 +183,8 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   # Notes.
   if best_info is not None:
     if best_info["source"] == "selected":
-      notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by held-out "
-                   f"accuracy (`{columns.held_out}`) among the "
+      notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by "
+                   f"held-out accuracy (`{columns.held_out}`) among the "
                    f"{len(by_recipe.get('individual', []))} individual models, never by the test "
                    f"split (`{columns.test}`).")
     else:
@@ -199,9 +193,10 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   greedy = chosen.get("greedy_soup")
   if greedy is not None:
     comparison = (greedy.get("soup_settings") or {}).get("greedy_comparison", ">")
-    rule = "does not drop (`>=`)" if comparison == ">=" else "improves (strict `>`, as the official code)"
+    rule = ("does not drop (`>=`)" if comparison == ">="
+            else "improves (strict `>`, as the official code)")
     text = (f"The greedy soup adds models in decreasing order of held-out accuracy "
-            f"(`{greedy.get('held_out_column', columns.held_out)}`) and keeps one only if held-out "
+            f"(`{columns.held_out}`) and keeps one only if held-out "
             f"accuracy {rule}.")
     names = _names(greedy.get("ingredients"))
     if names:
@@ -215,11 +210,17 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
     if names:
       notes.append(f"Greedy ensemble members ({len(names)}): "
                    + ", ".join(f"`{n}`" for n in names) + ".")
-  for recipe in ("learned_soup", "learned_soup_by_layer", "model_stock"):
+  for recipe in ("learned_soup", "learned_soup_by_layer"):
     row = chosen.get(recipe)
     if row is not None and row.get("weights") is not None:
-      notes.append(f"{METHOD_NAMES[recipe]} weights: "
+      notes.append(f"{_method(recipe)} weights: "
                    + _weights_str(row["weights"], _names(row.get("ingredients"))) + ".")
+  stock = chosen.get("model_stock")
+  ratios = _flat(stock.get("ratios")) if stock is not None else []
+  if ratios:  # Model Stock records its interpolation ratio t per parameter leaf.
+    notes.append(f"Model stock's ratio t (0: the initialization, 1: the members' mean) over "
+                 f"{len(ratios)} parameter leaves: min {min(ratios):.3f}, mean "
+                 f"{sum(ratios) / len(ratios):.3f}, max {max(ratios):.3f}.")
   if curve:
     pts = ", ".join(f"α={r['alpha']:g}: {_pct(_num(r.get(columns.held_out)))}" for r in curve)
     notes.append(f"WiSE-FT held-out accuracy (`{columns.held_out}`) by α: {pts}; the table shows "
@@ -315,19 +316,10 @@ def render_markdown(report: dict) -> str:
 # Figure.
 # ----------------------------------------------------------------------------
 
-# recipe: (label, marker, color, size) for the single-point recipes, drawn on top
-# of the individual models; legend lists them in this order.
-_MARKERS = {
-    "greedy_soup": ("Greedy Soup", "*", "C4", 500),
-    "uniform_soup": ("Uniform Soup", "o", "C0", 220),
-    "learned_soup": ("Learned Soup", "P", "C1", 220),
-    "learned_soup_by_layer": ("Learned Soup (by layer)", "X", "C8", 220),
-    "model_stock": ("Model Stock", "^", "C6", 220),
-    "ensemble": ("Ensemble", "s", "C3", 150),
-    "greedy_ensemble": ("Greedy Ensemble", "D", "C5", 130),
-}
-# Ensembles sit under the soups where they overlap (as the official ones do).
-_ZORDER = {"ensemble": 4, "greedy_ensemble": 4}
+
+def _markers() -> dict:
+  """The single-point recipes' markers (registry order), drawn over the individual models."""
+  return {name: r.marker for name, r in REGISTRY.items() if r.marker is not None}
 
 
 def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.PathLike) -> None:
@@ -372,11 +364,11 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
       handles["wise_ft"] = ax.scatter(*xy(wise), marker="v", s=200, color="C9", label="WiSE-FT",
                                       zorder=4)
 
-  for recipe, (label, marker, color, size) in _MARKERS.items():
+  for recipe, m in _markers().items():
     row = next((r["line"] for r in report["rows"] if r["recipe"] == recipe), None)
     if row is not None and xy(row):
-      handles[recipe] = ax.scatter(*xy(row), marker=marker, s=size, color=color, label=label,
-                                   zorder=_ZORDER.get(recipe, 5))
+      handles[recipe] = ax.scatter(*xy(row), marker=m.symbol, s=m.size, color=m.color,
+                                   label=m.label, zorder=m.zorder)
 
   if columns == R.IMAGENET:
     ax.set_xlabel("ImageNet Accuracy (top-1%)", fontsize=16)
@@ -386,7 +378,7 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
     ax.set_ylabel(f"Avg. accuracy on {len(columns.shifts)} shifts (%)", fontsize=16)
     ax.set_title("Shifts: " + ", ".join(columns.shifts), fontsize=9)
   ax.grid(True)
-  order = [*_MARKERS, "wise_ft", "initialization", "individual"]
+  order = [*_markers(), "wise_ft", "initialization", "individual"]
   shown = [handles[k] for k in order if k in handles]
   # The paper's legend sits lower right; with many entries let matplotlib avoid the points.
   if len(shown) <= 5:
@@ -419,7 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   rows: list[dict] = []
   for path in args.results:
-    rows += R.read(path)
+    try:
+      rows += R.read(path)
+    except (R.ResultsError, OSError) as e:  # A bad file: one line naming it, not a traceback.
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   columns = _COLUMN_PRESETS[args.columns] if args.columns else R.detect_columns(rows)
   report = build_report(rows, columns)
   out = Path(args.out)

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterable, Sequence
 
+from soup import recipes
+
 
 @dataclasses.dataclass(frozen=True)
 class Columns:
@@ -39,12 +41,8 @@ FASHION_MNIST = Columns("FashionMNISTHeldOut", "FashionMNIST",
                          "FashionMNISTObjectNet", "FashionMNISTA"))
 KNOWN_COLUMNS = (IMAGENET, FASHION_MNIST)
 
-# Recipes, in the order the paper's Table 1 lists them.
-RECIPES = (
-    "initialization", "individual", "best_individual", "uniform_soup", "greedy_soup",
-    "learned_soup", "learned_soup_by_layer", "model_stock", "wise_ft", "ensemble",
-    "greedy_ensemble",
-)
+# Recipes, in the order the paper's Table 1 lists them (declared in soup/recipes.py).
+RECIPES = tuple(recipes.REGISTRY)
 
 
 def infer_recipe(model_name: str) -> str:
@@ -53,7 +51,7 @@ def infer_recipe(model_name: str) -> str:
     return "initialization"
   if re.fullmatch(r"model_\d+", model_name):
     return "individual"
-  for recipe in sorted(RECIPES, key=len, reverse=True):
+  for recipe in sorted(recipes.REGISTRY, key=len, reverse=True):
     if model_name.startswith(recipe):
       return recipe
   raise ValueError(f"Cannot tell the recipe of {model_name!r}; add a 'recipe' field.")
@@ -71,19 +69,45 @@ def avg_shifts(row: dict, columns: Columns) -> float:
   return sum(row[c] for c in columns.shifts) / len(columns.shifts)
 
 
+class ResultsError(ValueError):
+  """A results file has a line that is not a results row; the message names file and line."""
+
+
 def read(path: str | os.PathLike) -> list[dict]:
   """Reads results; fills `recipe` and `avg_shifts` where missing."""
-  rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+  rows, numbers = [], []
+  for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ResultsError(f"{path}:{number}: not a JSON line ({e.msg}, column {e.colno}).") from e
+    if not isinstance(row, dict) or not isinstance(row.get("model_name"), str):
+      raise ResultsError(f"{path}:{number}: a results row is a JSON object with a "
+                         "\"model_name\" string.")
+    rows.append(row)
+    numbers.append(number)
   if not rows:
-    raise ValueError(f"{path} holds no results.")
-  columns = detect_columns(rows)
-  for row in rows:
-    row.setdefault("recipe", infer_recipe(row["model_name"]))
-    row.setdefault("avg_shifts", avg_shifts(row, columns))
+    raise ResultsError(f"{path} holds no results.")
+  try:
+    columns = detect_columns(rows)
+  except ValueError as e:
+    raise ResultsError(f"{path}:{numbers[0]}: {e}") from e
+  for number, row in zip(numbers, rows):
+    missing = [c for c in columns.all if c not in row]
+    if missing:
+      raise ResultsError(f"{path}:{number}: row {row['model_name']!r} lacks {missing}.")
+    try:
+      row.setdefault("recipe", infer_recipe(row["model_name"]))
+      row.setdefault("avg_shifts", avg_shifts(row, columns))
+    except (ValueError, TypeError) as e:
+      raise ResultsError(f"{path}:{number}: {e}") from e
   return rows
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], None], binary: bool = False) -> None:
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], None],
+                 binary: bool = False) -> None:
   """Writes via a temporary file and rename: a kill never leaves half a file."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

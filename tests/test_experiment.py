@@ -1,10 +1,12 @@
 """The smoke experiment end to end through the CLI, and its resumption."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
-
 from conftest import run_python
+
 from soup import results
 
 SMOKE = ["-m", "soup.main", "--config=configs/fashion_mnist.py:smoke"]
@@ -26,7 +28,8 @@ def test_smoke_results_have_every_column(smoke_workdir):
           "greedy_soup", "learned_soup", "learned_soup_by_layer", "ensemble", "greedy_ensemble",
           "model_stock", "wise_ft_alpha_0", "wise_ft_alpha_0.5", "wise_ft_alpha_1"} <= names
   for row in rows:
-    for col in (*columns.all, "avg_shifts", "model_name", "recipe", "ingredients", "inference_cost"):
+    for col in (*columns.all, "avg_shifts", "model_name", "recipe", "ingredients",
+                "inference_cost"):
       assert col in row, (row["model_name"], col)
     for col in columns.all:
       assert 0.0 <= row[col] <= 1.0
@@ -51,7 +54,7 @@ def test_smoke_results_have_every_column(smoke_workdir):
 def test_training_writes_jsonl_and_tensorboard_metrics(smoke_workdir):
   workdir, _ = smoke_workdir
   logs = workdir / "models" / "model_1" / "logs"
-  lines = [json.loads(l) for l in (logs / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
   assert lines and {"step", "train/loss", "train/lr"} <= set(lines[-1])
   assert list(logs.glob("events.out.tfevents.*"))
 
@@ -74,3 +77,59 @@ def test_single_stage_and_unknown_key(smoke_workdir, tmp_path):
   assert "Uniform soup" in proc.stdout
   bad = run_python([*SMOKE, f"--workdir={tmp_path}", "--config.sweep.num_memberz=2"], check=False)
   assert bad.returncode != 0 and "num_memberz" in bad.stderr
+
+
+CHEAP_SOUPS = ["--config.stages=('evaluate','soups','report')",
+               "--config.soups.recipes=('best_individual','uniform_soup','ensemble')"]
+
+
+def _untimed(rows):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def _mtimes(paths):
+  return {p.name: p.stat().st_mtime_ns for p in paths}
+
+
+def test_changed_data_setting_recomputes_logits_and_rows(smoke_workdir, tmp_path):
+  """Another data_dir (here: the same data behind a symlink) misses every cache."""
+  from soup.data.fashion_mnist import default_data_dir
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_workdir[0], workdir)
+  run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])
+  before = _mtimes((workdir / "eval").glob("*.npz"))
+  rows_before = _untimed(results.read(workdir / "results.jsonl"))
+  proc = run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])
+  assert "soup recipe" not in proc.stderr and _mtimes((workdir / "eval").glob("*.npz")) == before
+
+  tfds = tmp_path / "tfds"
+  tfds.mkdir()
+  (tfds / "fashion_mnist").symlink_to(Path(default_data_dir()) / "fashion_mnist")
+  proc = run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS,
+                     f"--config.data.data_dir={tfds}"])
+  after = _mtimes((workdir / "eval").glob("*.npz"))
+  assert all(after[name] != before[name] for name in before)  # Every model re-evaluated.
+  for recipe in ("best_individual", "uniform_soup", "ensemble"):
+    assert f"soup recipe: {recipe} " in proc.stderr
+  # The same data: the same numbers.
+  assert _untimed(results.read(workdir / "results.jsonl")) == rows_before
+
+
+def test_retrained_member_recomputes_its_logits_and_the_soups(smoke_workdir, tmp_path):
+  """A member whose bytes changed (retrained) is re-evaluated; the others are not."""
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_workdir[0], workdir)
+  run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])
+  before = _mtimes((workdir / "eval").glob("*.npz"))
+  # "Retrain" model_2 into model_1's weights: its row must become model_1's.
+  shutil.rmtree(workdir / "models" / "model_2" / "ingredient")
+  shutil.copytree(workdir / "models" / "model_1" / "ingredient",
+                  workdir / "models" / "model_2" / "ingredient")
+  proc = run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])
+  after = _mtimes((workdir / "eval").glob("*.npz"))
+  assert [n for n in before if after[n] != before[n]] == ["model_2.npz"]
+  for recipe in ("best_individual", "uniform_soup", "ensemble"):
+    assert f"soup recipe: {recipe} " in proc.stderr
+  rows = {r["model_name"]: r for r in results.read(workdir / "results.jsonl")}
+  for column in results.FASHION_MNIST.all:
+    assert rows["model_2"][column] == rows["model_1"][column]

@@ -201,11 +201,8 @@ def metrics_steps(workdir: Path, name: str) -> list[int]:
 
 
 def smoke_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("fashion_mnist_config", REPO / "configs" / "fashion_mnist.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("smoke")
+  from configs import fashion_mnist
+  return fashion_mnist.get_config("smoke")
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +310,8 @@ def check_excluded(workdir: Path, baseline: Path, bad: str, reason: str) -> None
   assert set(soups) == set(SOUP_NAMES)
   rest = [n for n in ("model_0", "model_1", "model_2", "model_3") if n != bad]
   for row in soups.values():
-    assert bad in row["excluded"] and reason.lower() in row["excluded"][bad].lower(), row["excluded"]
+    excluded = row["excluded"]
+    assert bad in excluded and reason.lower() in excluded[bad].lower(), excluded
     assert bad not in row["ingredients"] and row["ingredients_considered"] == rest
   from soup import mesh as mesh_lib, soups as soup_lib
   paths = {n: baseline / "models" / n / "ingredient" for n in rest}
@@ -353,6 +351,7 @@ def test_corrupted_ingredient(baseline, tmp_path, damage):
 
 def test_ingredient_of_another_architecture(baseline, tmp_path):
   import jax
+
   from soup import checkpoints, models
   workdir = bad_workdir(baseline, tmp_path / "run")
   config = smoke_config().copy_and_resolve_references()
@@ -379,10 +378,8 @@ def test_ingredient_of_another_architecture(baseline, tmp_path):
 
 
 DIVERGING_CONFIG = """
-import importlib.util
-_spec = importlib.util.spec_from_file_location("fashion_mnist_base", {path!r})
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from configs import fashion_mnist as _base
+
 get_config = _base.get_config
 
 
@@ -396,7 +393,7 @@ def get_sweep(config):
 def test_diverged_member(baseline, tmp_path):
   workdir = copy_workdir(baseline, tmp_path / "run", ("model_0", "model_1", "model_3"))
   config = tmp_path / "diverging.py"
-  config.write_text(DIVERGING_CONFIG.format(path=str(REPO / "configs" / "fashion_mnist.py")))
+  config.write_text(DIVERGING_CONFIG)
   args = [ALL_AFTER_PROBE]
   # The member really trains and diverges; exclude mode soups the rest.
   expect_ok(run_cli(workdir, *args, "--config.soups.on_bad_ingredient=exclude",

@@ -1,12 +1,11 @@
 """The paper-scale configs: the sweep fitted to hparam_info.json, every config builds, is
 locked and trains one step (ImageNet ones on mock data and tiny weights in the real
-file formats), the pretrained loaders, and the sweep launcher's plans."""
+file formats), and the pretrained loaders. The sweep launcher: tests/test_launch.py."""
 
 import importlib.util
 import json
 import math
 import re
-import stat
 from pathlib import Path
 
 import jax
@@ -14,13 +13,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import configs
 from soup import models, train
 from soup.data import imagenet_mock, randaugment
 from soup.models import convert, pretrained, zeroshot
 from soup.models.imagenet_classnames import IMAGENET_CLASSNAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 PAPER = json.loads((ROOT / "tests" / "data" / "paper" / "hparam_info.json").read_text())
 MEMBERS = [v for k, v in PAPER.items() if k != "model_0"]
 N = len(MEMBERS)  # 71
@@ -28,10 +28,7 @@ SWEEP_KEYS = {"lr", "weight_decay", "epochs", "label_smoothing", "mixup", "aug_s
 
 
 def load(path):
-  spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configs.module_of(path)
 
 
 CLIP = load(ROOT / "configs" / "clip_vit_b32_imagenet.py")
@@ -271,80 +268,3 @@ def test_vit_checkpoint_drops_head_and_resizes_positions(mock):
                              convert.resize_pos_embedding(raw["pos_embedding"], 4), rtol=1e-6)
   np.testing.assert_array_equal(params["embedding"]["kernel"], raw["embedding/kernel"])
 
-
-# --- The sweep launcher ---------------------------------------------------------
-
-
-def launcher():
-  return load(ROOT / "scripts" / "launch_sweep.py")
-
-
-def test_launcher_print_mode_and_skips_done_members(tmp_path, capsys):
-  launch = launcher()
-  workdir = tmp_path / "w"
-  done = workdir / "models" / "model_3" / "ingredient"
-  done.mkdir(parents=True)
-  (done / "ingredient.json").write_text("{}")
-  assert launch.main([f"--config=configs/clip_vit_b32_imagenet.py", f"--workdir={workdir}",
-                      "--mode=print", "--", "--config.eval.batch_size=256"]) == 0
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 1 + 70 + 1
-  assert "--config.stages=pretrain,probe " in lines[0] + " "
-  members = [int(re.search(r"--config.sweep.only=(\d+)", l).group(1)) for l in lines[1:-1]]
-  assert members == [k for k in range(1, 72) if k != 3]
-  assert all("--config.stages=pretrain,probe,sweep" in l for l in lines[1:-1])
-  assert "--config.stages=evaluate,soups,report" in lines[-1]
-  assert all(l.endswith("--config.eval.batch_size=256") for l in lines)
-
-
-def test_launcher_tpu_commands(tmp_path, capsys):
-  launch = launcher()
-  assert launch.main(["--config=configs/clip_vit_b32_imagenet.py", f"--workdir={tmp_path}",
-                      "--mode=tpu", "--tpu_prefix=soup", "--zone=us-central2-b",
-                      "--accelerator=v4-8", "--print_only", "--create", "--members=2,5"]) == 0
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[:2] == [f"gcloud compute tpus tpu-vm create soup-{k} --zone=us-central2-b "
-                       "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base" for k in (2, 5)]
-  runs = lines[2:]
-  assert len(runs) == 4 and all(l.startswith("gcloud compute tpus tpu-vm ssh soup-") for l in runs)
-  assert all("--worker=all" in l and "--distributed" in l for l in runs)
-  assert "ssh soup-5 " in runs[2] and "--config.sweep.only=5" in runs[2]
-  assert runs[0].endswith("--config.stages=pretrain,probe'") and "evaluate,soups,report" in runs[-1]
-
-
-def test_launcher_gpu_slots():
-  launch = launcher()
-  assert launch.gpu_slots("0,1,2,3", 2) == ["0,2", "1,3"]
-  assert launch.gpu_slots("0,1,2,3", 4) == ["0", "1", "2", "3"]
-  assert launch.gpu_slots("", 3) == [None, None, None]
-  with pytest.raises(SystemExit):
-    launch.gpu_slots("0,1", 3)
-
-
-def test_launcher_local_parallel_runs_each_member_once(tmp_path):
-  """local mode with a stand-in interpreter that records its calls and 'trains' a member."""
-  log = tmp_path / "calls.log"
-  fake = tmp_path / "fake_python"
-  fake.write_text(f"""#!/bin/bash
-echo "$CUDA_VISIBLE_DEVICES|$*" >> {log}
-for a in "$@"; do case $a in --config.sweep.only=*) k=${{a#*=}};; --workdir=*) w=${{a#*=}};; esac; done
-if [ -n "$k" ]; then
-  mkdir -p "$w/models/model_$k/ingredient" && echo {{}} > "$w/models/model_$k/ingredient/ingredient.json"
-fi
-""")
-  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-  workdir = tmp_path / "w"
-  argv = ["--config=configs/clip_vit_b32_imagenet.py:smoke", f"--workdir={workdir}", "--mode=local",
-          "--parallel=2", "--gpus=0,1", f"--python={fake}", "--", "--config.sweep.num_members=4"]
-  assert launcher().main(argv) == 0
-  calls = log.read_text().splitlines()
-  assert len(calls) == 6 and "--config.stages=pretrain,probe --" in calls[0]
-  assert "evaluate,soups,report" in calls[-1]
-  members = sorted(int(re.search(r"sweep.only=(\d+)", c).group(1)) for c in calls[1:-1])
-  assert members == [1, 2, 3, 4]
-  assert {c.split("|")[0] for c in calls[1:-1]} == {"0", "1"}  # Each slot on its own GPU.
-  assert all((workdir / "models" / f"model_{k}" / "ingredient" / "ingredient.json").exists()
-             for k in range(1, 5))
-  log.unlink()
-  assert launcher().main(argv) == 0  # Everything done: only setup and final run again.
-  assert len(log.read_text().splitlines()) == 2

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from soup import results
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = (
     "Install Debian's package with `apt-get install -y dataset-fashion-mnist` "
@@ -135,9 +137,8 @@ def load_arrays(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.n
       for j, ex in zip(idx, source.__getitems__(idx)):
         images[j], labels[j] = ex["image"], ex["label"]
     out[split] = (images, labels)
-  tmp = cache.with_suffix(".tmp.npz")
-  np.savez(tmp, **{f"{s}_{k}": v for s, (im, lb) in out.items() for k, v in (("images", im), ("labels", lb))})
-  os.replace(tmp, cache)
+  arrays = {f"{s}_{k}": v for s, (im, lb) in out.items() for k, v in (("images", im), ("labels", lb))}
+  results.atomic_write(cache, lambda f: np.savez(f, **arrays), binary=True)
   return out
 
 

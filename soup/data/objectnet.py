@@ -48,10 +48,6 @@ class ObjectNetMapping:
   folders: tuple[str, ...]                      # Label i is folders[i].
   imagenet_ids: tuple[tuple[int, ...], ...]     # ImageNet labels (0..999) of class i.
 
-  @property
-  def label_of_folder(self) -> dict[str, int]:
-    return {f: i for i, f in enumerate(self.folders)}
-
   def logits(self, imagenet_logits: np.ndarray) -> np.ndarray:
     """[n, 1000] ImageNet logits -> [n, 113]: per class, the max over its ImageNet classes."""
     x = np.asarray(imagenet_logits)

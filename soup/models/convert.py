@@ -20,6 +20,7 @@ import zipfile
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
+from flax import traverse_util
 
 from soup.models.clip import CLIPConfig
 
@@ -284,28 +285,16 @@ def clip_from_state_dict(state_dict: Mapping[str, Any], *, act: str = "quick_gel
 
 
 def _unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split(sep)
-    for part in parents:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"checkpoint key {key!r} nests under an array")
-    node[leaf] = np.asarray(value)
-  return tree
+  prefixes = {key.rsplit(sep, 1)[0] for key in flat if sep in key}
+  clash = sorted(prefixes & set(flat))
+  if clash:
+    raise ValueError(f"checkpoint key {clash[0]!r} is an array and a folder of others")
+  return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in flat.items()}, sep=sep)
 
 
 def flatten_params(tree: Mapping[str, Any], sep: str = "/") -> dict[str, np.ndarray]:
   """``{'a': {'b': x}}`` -> ``{'a/b': x}`` as numpy arrays (the .npz layout)."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      for sub, leaf in flatten_params(value, sep).items():
-        out[f"{key}{sep}{sub}"] = leaf
-    else:
-      out[key] = np.asarray(value)
-  return out
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep=sep).items()}
 
 
 def _natural_key(name: str):
@@ -476,13 +465,6 @@ def _shape(leaf) -> tuple[int, ...]:
   return tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
 
 
-def _flatten_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict:
+def _flatten_shapes(tree: Mapping[str, Any]) -> dict:
   # Like flatten_params but keeps leaves as they are (they may be ShapeDtypeStructs).
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(_flatten_shapes(value, name + "/"))
-    else:
-      out[name] = value
-  return out
+  return traverse_util.flatten_dict(tree, sep="/")

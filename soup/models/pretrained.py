@@ -77,7 +77,6 @@ def clip_config(model_config):
 
 def _load_clip(config):
   """(CLIPConfig of the file, full CLIP params) from config.init.path."""
-  from soup.models import clip
   want = clip_config(config.model)
   variant = config.model.variant
   path = _require(_path(config), CLIP_WEIGHTS_HINT.format(
