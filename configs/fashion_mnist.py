@@ -68,7 +68,7 @@ def get_config(arg: str = ""):
   )
   c.eval = dict(batch_size=500)
   c.soups = dict(
-      recipes=("best_individual", "uniform_soup", "greedy_soup", "learned_soup",
+      recipes=("pixel_linear", "best_individual", "uniform_soup", "greedy_soup", "learned_soup",
                "learned_soup_by_layer", "ensemble", "greedy_ensemble", "wise_ft", "model_stock"),
       include_initialization=True,   # model_0 is an ingredient, as in the paper's 72.
       greedy_comparison=">",         # Official code: ">"; the paper's text: ">=".
@@ -76,7 +76,14 @@ def get_config(arg: str = ""):
       verify_checksums=True,
       learned=dict(epochs=5, lr=0.05, batch_size=256),
       wise_ft=dict(endpoint="best_individual", alphas=(0.0, 0.25, 0.5, 0.75, 1.0)),
+      # The floor: logistic regression on raw pixels of the fine-tuning split.
+      pixel_linear=dict(epochs=60, batch_size=256, lr=3e-3, weight_decay=1e-4),
   )
+  # The report: paired bootstrap intervals, the claims, and the analysis figures
+  # (error landscape on a landscape_grid^2 lattice of the plane, scored on the first
+  # landscape_examples held-out images; soups by ingredients). analysis=False skips them.
+  c.report = dict(bootstrap_resamples=2_000, analysis=True, landscape_grid=7,
+                  landscape_examples=1_000)
 
   if smoke:
     c.data.update(upstream_examples=2_000, held_out_examples=500, finetune_examples=1_024,
@@ -88,6 +95,8 @@ def get_config(arg: str = ""):
     c.sweep.update(num_members=3, epochs=(1, 1))
     c.soups.learned.update(epochs=1)
     c.soups.wise_ft.update(alphas=(0.0, 0.5, 1.0))
+    c.soups.pixel_linear.update(epochs=5)
+    c.report.update(bootstrap_resamples=200, landscape_grid=3, landscape_examples=200)
   c.lock()
   return c
 

@@ -132,10 +132,10 @@ def plot_landscape(landscape: dict, path: str | Path) -> None:
     err = 100 * landscape["point_error"][name]
     ax.scatter([x], [y], marker=marker, s=90, c="white", edgecolors="k", zorder=3)
     ax.annotate(f"{name}\n{err:.1f}%", (x, y), textcoords="offset points", xytext=(6, 6),
-                fontsize=9, color="white", weight="bold")
+                fontsize=8, bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8))
   ax.set_xlabel("along fine-tune A − initialization")
   ax.set_ylabel("orthogonal, towards fine-tune B")
-  ax.set_title("Error landscape: the plane through the initialization and two fine-tunes")
+  ax.set_title("Held-out error on the plane of the initialization\nand two fine-tunes", fontsize=10)
   ax.set_aspect("equal", adjustable="box")
   fig.tight_layout()
   results.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)

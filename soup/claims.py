@@ -71,10 +71,14 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
 
 
 def verdict(low: float, high: float, threshold: float = 0.0) -> str:
-  """held if the interval is above threshold, not held if below, else not resolved."""
+  """held if the interval is above threshold, not held if below, else not resolved.
+
+  A zero-width interval at the threshold (the same model, as when the greedy soup
+  is the best individual alone) is not held: nothing is left to resolve.
+  """
   if low > threshold:
     return HELD
-  if high < threshold:
+  if high < threshold or low == high == threshold:
     return NOT_HELD
   return OPEN
 

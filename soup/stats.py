@@ -121,3 +121,19 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> di
   std = float(x.std(ddof=1))
   half = float(scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * std / np.sqrt(x.size))
   return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": int(x.size)}
+
+
+# --- Per-example correctness, carried by results rows ------------------------
+
+
+def pack_correct(correct: np.ndarray) -> dict:
+  """A bool vector as {"n", "bits"} (base64 of packed bits): 10,000 examples in 1.7 kB."""
+  import base64
+  bits = np.packbits(np.asarray(correct, bool))
+  return {"n": int(np.size(correct)), "bits": base64.b64encode(bits.tobytes()).decode("ascii")}
+
+
+def unpack_correct(packed: dict) -> np.ndarray:
+  import base64
+  bits = np.frombuffer(base64.b64decode(packed["bits"]), np.uint8)
+  return np.unpackbits(bits)[: packed["n"]].astype(bool)

@@ -83,6 +83,7 @@ def test_claim_verdicts_from_intervals():
   assert claims.verdict(0.001, 0.02) == claims.HELD
   assert claims.verdict(-0.02, -0.001) == claims.NOT_HELD
   assert claims.verdict(-0.01, 0.01) == claims.OPEN
+  assert claims.verdict(0.0, 0.0) == claims.NOT_HELD  # The same model: no gain to resolve.
   rows = _seed_rows(0.84, 0.85, 0.47)
   by = {r["model_name"]: r for r in rows}
   by["greedy_soup"]["vs_best_individual"] = {

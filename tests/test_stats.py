@@ -78,3 +78,12 @@ def test_mean_interval_over_seeds_by_hand():
   half = scipy_stats.t.ppf(0.975, 2) * 0.02 / np.sqrt(3)  # 4.303 * 0.02 / 1.732
   assert (out["low"], out["high"]) == (pytest.approx(0.82 - half), pytest.approx(0.82 + half))
   assert np.isnan(stats.mean_interval([0.5])["std"])
+
+
+def test_pack_correct_round_trips():
+  rng = np.random.default_rng(6)
+  for n in (1, 7, 8, 1001):
+    c = rng.random(n) < 0.5
+    packed = stats.pack_correct(c)
+    np.testing.assert_array_equal(stats.unpack_correct(packed), c)
+    assert packed["n"] == n

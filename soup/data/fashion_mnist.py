@@ -147,6 +147,17 @@ def load_arrays(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.n
 # Upstream label space: tops / bottoms and dresses / footwear / bags.
 COARSE_OF_CLASS = np.array([0, 1, 0, 1, 0, 2, 0, 2, 3, 2], np.int32)
 COARSE_NAMES = ("top", "bottom_or_dress", "footwear", "bag")
+# Upstream label spaces (config.data.upstream_labels): class -> upstream label.
+#   coarse: the 4 groups above (the weak upstream: it never separates the four tops);
+#   tops_merged: the 10 classes but T-shirt/top, Pullover, Coat and Shirt as one "top" (7):
+#     the upstream knows most classes, as CLIP knows most of ImageNet, and fine-tuning
+#     must learn the hardest distinctions of the task;
+#   fine: the 10 classes themselves (the upstream already solves the task).
+UPSTREAM_LABELS = {
+    "coarse": COARSE_OF_CLASS,
+    "tops_merged": np.array([0, 1, 0, 2, 0, 3, 0, 4, 5, 6], np.int32),
+    "fine": np.arange(10, dtype=np.int32),
+}
 
 
 def experiment_splits(data_config) -> dict:
@@ -176,7 +187,11 @@ def experiment_splits(data_config) -> dict:
   upstream_idx, held_idx, ft_idx = order[:a], order[a:b], order[b:b + d.finetune_examples]
   train = Split(train_images, train_labels.astype(np.int32))
   upstream = train.take(np.sort(upstream_idx))
-  upstream = Split(upstream.images, COARSE_OF_CLASS[upstream.labels])
+  labels = d.get("upstream_labels", "coarse")
+  if labels not in UPSTREAM_LABELS:
+    raise ValueError(f"config.data.upstream_labels={labels!r}: use one of "
+                     f"{', '.join(UPSTREAM_LABELS)}.")
+  upstream = Split(upstream.images, UPSTREAM_LABELS[labels][upstream.labels])
   test = Split(test_images[: d.test_examples], test_labels[: d.test_examples].astype(np.int32))
   shifts = shifts_lib.make_shifts(test.images, test.labels, train_images[upstream_idx],
                                   train_labels[upstream_idx], d.shift_examples, d.split_seed)
