@@ -23,11 +23,23 @@ import ml_collections as mlc
 from soup import sweep
 
 
+ARGS = ("smoke", "weak_upstream", "narrow_lr")
+
+
 def get_config(arg: str = ""):
-  """arg: "" (default) or "smoke" (the same experiment, shrunk for tests)."""
-  smoke = arg == "smoke"
-  if arg not in ("", "smoke"):
-    raise ValueError(f"Unknown config argument {arg!r}: use '' or 'smoke'.")
+  """arg: comma-separated switches, e.g. "" (the default), "smoke", "weak_upstream,smoke".
+
+  smoke: the same experiment, shrunk for tests. weak_upstream: the first ablation, the
+  earlier default's upstream (4 coarse classes on 30,000 images, 3 epochs). narrow_lr: the
+  sweep-width ablation, lr in [1e-5, 1e-3] instead of [1e-5, 1e-2] (fewer runs leave the
+  basin).
+  """
+  switches = {a.strip() for a in arg.split(",") if a.strip()}
+  unknown = sorted(switches - set(ARGS))
+  if unknown:
+    raise ValueError(f"Unknown config argument {', '.join(map(repr, unknown))}: use a "
+                     f"comma-separated subset of {', '.join(ARGS)}, or nothing.")
+  smoke = "smoke" in switches
   c = mlc.ConfigDict()
   c.experiment = "fashion_mnist"
   c.seed = 0
@@ -39,17 +51,19 @@ def get_config(arg: str = ""):
       data_dir="",            # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets.
       idx_dir="/usr/share/datasets/fashion-mnist",
       split_seed=0,
-      upstream_examples=30_000,   # Pretraining only; never seen later.
       held_out_examples=2_000,    # Selection (greedy soup, best individual): ImageNet2p's role.
-      finetune_examples=10_000,   # Fine-tuning, disjoint from both.
+      finetune_examples=10_000,   # Fine-tuning, disjoint from held-out.
+      upstream_examples=48_000,   # Pretraining only, never seen later: the rest of the 60k.
+      upstream_labels="fine",     # coarse | tops_merged | fine (soup/data/fashion_mnist.py).
+      upstream_transform="resample",  # none | resample: the upstream sees another rendition.
       test_examples=10_000,       # The test split (all of it).
       shift_examples=2_000,       # Per shift split.
   )
   c.model = dict(name="vit", patch_size=7, width=64, depth=4, num_heads=4, mlp_dim=256)
 
-  # The shared initialization: pretrained here, upstream (coarse labels), then a linear probe.
+  # The shared initialization: pretrained here, upstream, then a linear probe.
   c.init = dict(source="upstream", path="")
-  c.upstream = dict(epochs=3, batch_size=128, lr=1e-3, weight_decay=1e-4, warmup_steps=100,
+  c.upstream = dict(epochs=4, batch_size=128, lr=1e-3, weight_decay=1e-4, warmup_steps=100,
                     aug_strength=0.5)
   c.probe = dict(kind="linear_probe", examples=0, epochs=30, batch_size=256, lr=1e-2,
                  weight_decay=0.0)  # examples=0: the whole fine-tuning split.
@@ -74,7 +88,7 @@ def get_config(arg: str = ""):
       greedy_comparison=">",         # Official code: ">"; the paper's text: ">=".
       on_bad_ingredient="exclude",   # "exclude" (logged) or "error".
       verify_checksums=True,
-      learned=dict(epochs=5, lr=0.05, batch_size=256),
+      learned=dict(epochs=3, lr=0.05, batch_size=256),
       wise_ft=dict(endpoint="best_individual", alphas=(0.0, 0.25, 0.5, 0.75, 1.0)),
       # The floor: logistic regression on raw pixels of the fine-tuning split.
       pixel_linear=dict(epochs=60, batch_size=256, lr=3e-3, weight_decay=1e-4),
@@ -85,6 +99,11 @@ def get_config(arg: str = ""):
   c.report = dict(bootstrap_resamples=2_000, analysis=True, landscape_grid=7,
                   landscape_examples=1_000)
 
+  if "weak_upstream" in switches:  # The earlier default: 4 coarse classes, 30k images, 3 epochs.
+    c.data.update(upstream_examples=30_000, upstream_labels="coarse", upstream_transform="none")
+    c.upstream.update(epochs=3)
+  if "narrow_lr" in switches:
+    c.sweep.update(lr=(1e-5, 1e-3))
   if smoke:
     c.data.update(upstream_examples=2_000, held_out_examples=500, finetune_examples=1_024,
                   test_examples=1_000, shift_examples=300)

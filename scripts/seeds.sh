@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:?usage: scripts/seeds.sh N [WORKDIR_ROOT] [flags]}
-ROOT=${2:-workdirs/seeds}
-shift $(( $# >= 2 ? 2 : 1 ))
+shift
+ROOT=workdirs/seeds
+if [[ $# -gt 0 && $1 != --* ]]; then
+  ROOT=$1
+  shift
+fi
 exec .venv/bin/python -m soup.aggregate --seeds="$N" --root="$ROOT" "$@"

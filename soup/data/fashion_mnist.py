@@ -183,15 +183,23 @@ def experiment_splits(data_config) -> dict:
   if need > len(train_labels):
     raise ValueError(f"upstream + held_out + finetune examples = {need} > {len(train_labels)}.")
   order = np.random.default_rng(d.split_seed).permutation(len(train_labels))
-  a, b = d.upstream_examples, d.upstream_examples + d.held_out_examples
-  upstream_idx, held_idx, ft_idx = order[:a], order[a:b], order[b:b + d.finetune_examples]
+  # Held-out and fine-tuning come first, so an upstream of another size (an ablation)
+  # leaves them, and so every comparison, on the same images.
+  a, b = d.held_out_examples, d.held_out_examples + d.finetune_examples
+  held_idx, ft_idx, upstream_idx = order[:a], order[a:b], order[b:b + d.upstream_examples]
   train = Split(train_images, train_labels.astype(np.int32))
   upstream = train.take(np.sort(upstream_idx))
   labels = d.get("upstream_labels", "coarse")
   if labels not in UPSTREAM_LABELS:
     raise ValueError(f"config.data.upstream_labels={labels!r}: use one of "
                      f"{', '.join(UPSTREAM_LABELS)}.")
-  upstream = Split(upstream.images, UPSTREAM_LABELS[labels][upstream.labels])
+  images = upstream.images
+  if d.get("upstream_transform", "none") == "resample":
+    images = shifts_lib.resample(images)  # Another rendition upstream (V2's resampling).
+  elif d.get("upstream_transform", "none") != "none":
+    raise ValueError(f"config.data.upstream_transform={d.upstream_transform!r}: use 'none' or "
+                     "'resample'.")
+  upstream = Split(images, UPSTREAM_LABELS[labels][upstream.labels])
   test = Split(test_images[: d.test_examples], test_labels[: d.test_examples].astype(np.int32))
   shifts = shifts_lib.make_shifts(test.images, test.labels, train_images[upstream_idx],
                                   train_labels[upstream_idx], d.shift_examples, d.split_seed)
