@@ -28,7 +28,8 @@ def median(xs):
 
 def machine() -> dict:
   """What the numbers were measured on."""
-  info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
+  info = {"python": platform.python_version(), "cpus": os.cpu_count(),
+          "platform": platform.platform()}
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     for line in out.splitlines():
@@ -52,9 +53,9 @@ def busy_processes(patterns=BUSY_PATTERNS) -> list[str]:
   """Other processes that would skew timings (a running experiment, a test suite)."""
   out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
   me = str(os.getpid())
-  return [l.strip()[:200] for l in out.splitlines()[1:]
-          if any(p in l for p in patterns) and "ps -eo" not in l
-          and not l.strip().startswith(me + " ")]
+  return [line.strip()[:200] for line in out.splitlines()[1:]
+          if any(p in line for p in patterns) and "ps -eo" not in line
+          and not line.strip().startswith(me + " ")]
 
 
 def wait_until_quiet(timeout_s: float = 0.0, patterns=BUSY_PATTERNS) -> list[str]:

@@ -71,8 +71,8 @@ def bench_train(cfg: dict, batch_per_device: int, steps: int, repeats: int) -> d
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from soup import mesh as mesh_lib
-  from soup import train
+
+  from soup import mesh as mesh_lib, train
   from soup.data import pipeline
   from soup.models.vit import ViT
 
@@ -125,6 +125,7 @@ def bench_average(cfg: dict, n: int, repeats: int, workdir: str | None) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from soup import checkpoints
   from soup.models.vit import ViT
   from soup.soups import average
@@ -179,10 +180,14 @@ def bench_average(cfg: dict, n: int, repeats: int, workdir: str | None) -> dict:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--tiny", action="store_true", help="a small model: checks the script on any backend")
-  ap.add_argument("--batch-per-device", type=int, default=0, help="default 256 (16 with --tiny)")
-  ap.add_argument("--steps", type=int, default=0, help="steps per timed repeat (default 20, 3 tiny)")
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--tiny", action="store_true",
+                  help="a small model: checks the script on any backend")
+  ap.add_argument("--batch-per-device", type=int, default=0,
+                  help="default 256 (16 with --tiny)")
+  ap.add_argument("--steps", type=int, default=0,
+                  help="steps per timed repeat (default 20, 3 tiny)")
   ap.add_argument("--repeats", type=int, default=0, help="default 5 (2 tiny)")
   ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak per device")
   ap.add_argument("--avg-n", type=int, default=0, help="ingredients to average (default 8, 2 tiny)")
@@ -223,8 +228,9 @@ def main():
     print(common.table(
         ["stream verify s", "GB/s", "stream no-verify s", "GB/s", "sharded_average (verify) s",
          "GB/s", "device update ms", "GB/s"],
-        [[av["stream_verify_True_s"], av["stream_verify_True_gb_per_s"], av["stream_verify_False_s"],
-          av["stream_verify_False_gb_per_s"], av["sharded_s"], av["sharded_gb_per_s"],
+        [[av["stream_verify_True_s"], av["stream_verify_True_gb_per_s"],
+          av["stream_verify_False_s"], av["stream_verify_False_gb_per_s"], av["sharded_s"],
+          av["sharded_gb_per_s"],
           av["device_update_s"] * 1e3, av["device_update_gb_per_s"]]]))
   print("wrote", common.write_results("gpu_tiny" if a.tiny else "gpu", results), file=sys.stderr)
 

@@ -48,9 +48,9 @@ def worker(args: dict) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from configs import fashion_mnist
-  from soup import evaluate, models, train
-  from soup import mesh as mesh_lib
+  from soup import evaluate, mesh as mesh_lib, models, train
   from soup.data import pipeline
 
   config = fashion_mnist.get_config()
@@ -128,7 +128,8 @@ def worker(args: dict) -> dict:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   ap.add_argument("--devices", default="1,2")
   ap.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
@@ -144,8 +145,10 @@ def main():
   busy = common.busy_processes()
   runs = []
   for d in [int(x) for x in a.devices.split(",")]:
-    flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={d}").strip()
-    cmd = [sys.executable, __file__, "--worker", json.dumps({"steps": a.steps, "repeats": a.repeats})]
+    flags = (os.environ.get("XLA_FLAGS", "")
+             + f" --xla_force_host_platform_device_count={d}").strip()
+    cmd = [sys.executable, __file__, "--worker",
+           json.dumps({"steps": a.steps, "repeats": a.repeats})]
     r, other = common.quiet_call(lambda: common.run_json(cmd, env={"XLA_FLAGS": flags}),
                                  a.quiet_wait_s, a.retries)
     r["other_cpu_frac"] = other

@@ -8,10 +8,10 @@ so a rerun redoes only what is missing, and any stage can run alone
 (--config.stages=evaluate): an input it needs that is not on disk yet is made
 by the stage that owns it.
 
-Files of one run, in order: soup/main.py (flags, checks), this file,
-soup/workdir.py (layout, guard, caches), soup/train.py (the trainer and the
-linear probe's neighbour soup/linear_probe.py), soup/ingredients.py (load,
-verify, exclude), soup/recipes.py (every soup and baseline), soup/report.py.
+Files of one run, in order (README.md, "How a run flows"): the config,
+soup/main.py, this file, soup/train.py (stages 1 and 3; the probe is
+soup/linear_probe.py), soup/recipes.py (stage 5), soup/report.py (stage 6).
+Helpers: soup/workdir.py (layout, guard, caches), soup/ingredients.py.
 """
 
 from __future__ import annotations

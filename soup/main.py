@@ -43,9 +43,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions whose message tells the user what to change: one line, exit 2."""
   from soup import checkpoints, recipes, soups, train, validate, workdir
   from soup.data import fashion_mnist, imagenet
+  from soup.models import pretrained
   return (validate.ConfigError, recipes.RecipeConfigError, workdir.WorkdirMismatchError,
           fashion_mnist.DatasetMissingError, imagenet.DatasetMissingError,
-          checkpoints.CheckpointError, soups.IngredientMismatchError, train.TrainingDiverged)
+          pretrained.WeightsMissingError, checkpoints.CheckpointError,
+          soups.IngredientMismatchError, train.TrainingDiverged)
 
 
 def fail(message: str) -> None:
@@ -85,7 +87,7 @@ def main(argv):
       raise validate.ConfigError(f"{config_path} has no get_sweep(config) function defining the "
                                  "sweep; add one (see configs/fashion_mnist.py).")
     stages = validate.parse_stages(config.stages)
-    validate.check(config, module.get_sweep, stages)
+    validate.check(config, module.get_sweep, stages, Path(_WORKDIR.value))
   except validate.ConfigError as e:
     fail(e)
 
@@ -110,7 +112,6 @@ def main(argv):
   try:
     built = experiment.run(config, workdir, module.get_sweep, stages)
   except user_errors() as e:
-    log.error("%s", e)
     fail(e)
   if built is not None:
     from soup import report

@@ -240,6 +240,11 @@ def check(soups_config) -> None:
       raise RecipeConfigError(
           f"config.soups.recipes: unknown recipe {name!r}{hint}; choose from "
           f"{', '.join(SOUP_RECIPES)}.")
+  for name in recipes:
+    missing = [key for key in REGISTRY[name].settings if key not in soups_config]
+    if missing:
+      raise RecipeConfigError(f"config.soups lacks {missing}, which recipe {name} reads; add "
+                              "them to the config (see configs/fashion_mnist.py).")
   if len(set(recipes)) != len(recipes):
     raise RecipeConfigError(f"config.soups.recipes lists a recipe twice: {recipes}.")
   if "wise_ft" in recipes and soups_config.wise_ft.endpoint not in WISE_FT_ENDPOINTS:

@@ -36,8 +36,12 @@ def _path(value: str) -> Path:
   return Path(os.path.expanduser(value))
 
 
-def check_paths(config) -> None:
-  """The data and weights the config points at exist (without reading them)."""
+def check_paths(config, stages: tuple[str, ...], workdir: Path) -> None:
+  """The data and weights this run's stages will read exist (nothing is read here).
+
+  A stage reads the weights only if the workdir lacks what they make (the
+  upstream ingredient, model_0), and ObjectNet only when evaluating.
+  """
   data = config.data
   if data.name == "fashion_mnist":
     from soup.data.fashion_mnist import INSTALL_HINT, default_data_dir
@@ -48,7 +52,8 @@ def check_paths(config) -> None:
           f"--data_dir={tfds_dir}` (or scripts/setup.sh), or set --config.data.data_dir. "
           f"{INSTALL_HINT}")
   elif data.name == "imagenet":
-    for key in ("data_dir", "objectnet_dir", "heldout_file"):
+    evaluates = bool({"evaluate", "soups", "report"} & set(stages))
+    for key in ("data_dir", "heldout_file", *(("objectnet_dir",) if evaluates else ())):
       value = data.get(key, "")
       if value and not _path(value).exists():
         raise ConfigError(f"config.data.{key}={value!r} does not exist; fix the path "
@@ -56,18 +61,26 @@ def check_paths(config) -> None:
   else:
     raise ConfigError(f"config.data.name={data.name!r} is unknown; use fashion_mnist or "
                       "imagenet.")
-  if config.init.source == "pretrained":
-    for key in ("path", "bpe_path"):
-      value = config.init.get(key, "")
-      if value and not _path(value).exists():
-        raise ConfigError(f"config.init.{key}={value!r} does not exist; download the weights "
-                          f"there or set --config.init.{key}=...")
-  elif config.init.source != "upstream":
+  if config.init.source not in ("upstream", "pretrained"):
     raise ConfigError(f"config.init.source={config.init.source!r}: use 'upstream' or "
                       "'pretrained'.")
+  makes_models = bool({"pretrain", "probe", "sweep"} & set(stages))
+  needed = []
+  if (config.init.source == "pretrained" and makes_models
+      and not (workdir / "upstream" / "ingredient" / "ingredient.json").exists()):
+    needed.append("path")
+  if (config.probe.kind == "zeroshot" and makes_models
+      and not (workdir / "models" / "model_0" / "ingredient" / "ingredient.json").exists()):
+    needed.append("bpe_path")
+  for key in needed:
+    value = config.init.get(key, "")
+    if not value or not _path(value).exists():
+      raise ConfigError(f"config.init.{key}={value!r} does not exist; download the weights "
+                        f"there or set --config.init.{key}=...")
 
 
-def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...]) -> None:
+def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...],
+          workdir: Path) -> None:
   """Every check that needs no data and no compute."""
   try:
     recipes.check(config.soups)
@@ -87,4 +100,4 @@ def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...]
   except sweep_lib.SweepError as e:
     raise ConfigError(str(e)) from e
   if stages:
-    check_paths(config)
+    check_paths(config, stages, Path(workdir))

@@ -30,7 +30,7 @@ def test_prepared_dataset_matches_the_idx_files(fashion_mnist_ready):
     raw_x = fashion_mnist.read_idx(fashion_mnist.DEBIAN_DIR / images_file)
     raw_y = fashion_mnist.read_idx(fashion_mnist.DEBIAN_DIR / labels_file)
     x, y = arrays[split]
-    key = lambda xs, ys: sorted(_sha(im) + str(int(l)) for im, l in zip(xs, ys))
+    key = lambda xs, ys: sorted(_sha(im) + str(int(label)) for im, label in zip(xs, ys))
     assert key(x[..., 0], y) == key(raw_x, raw_y)
   # Spot checksums of the raw data: the first training image is an ankle boot.
   raw_y = fashion_mnist.read_idx(fashion_mnist.DEBIAN_DIR / "train-labels-idx1-ubyte.gz")
@@ -50,16 +50,19 @@ def test_idx_reader_rejects_truncated_files(tmp_path):
 
 
 def test_missing_idx_files_say_how_to_install(tmp_path):
-  with pytest.raises(fashion_mnist.DatasetMissingError, match="apt-get install -y dataset-fashion-mnist"):
+  with pytest.raises(fashion_mnist.DatasetMissingError,
+                     match="apt-get install -y dataset-fashion-mnist"):
     fashion_mnist.check_idx_files(tmp_path)
 
 
 def test_experiment_splits_are_disjoint_and_sized(fashion_mnist_ready):
   import ml_collections as mlc
-  cfg = mlc.ConfigDict(dict(data_dir="", split_seed=0, upstream_examples=1000, held_out_examples=200,
-                            finetune_examples=300, test_examples=500, shift_examples=100))
+  cfg = mlc.ConfigDict(dict(data_dir="", split_seed=0, upstream_examples=1000,
+                            held_out_examples=200, finetune_examples=300, test_examples=500,
+                            shift_examples=100))
   s = fashion_mnist.experiment_splits(cfg)
-  assert (len(s["upstream"]), len(s["held_out"]), len(s["finetune"]), len(s["test"])) == (1000, 200, 300, 500)
+  sizes = (len(s["upstream"]), len(s["held_out"]), len(s["finetune"]), len(s["test"]))
+  assert sizes == (1000, 200, 300, 500)
   hashes = {k: {_sha(im) for im in s[k].images} for k in ("upstream", "held_out", "finetune")}
   assert not hashes["upstream"] & hashes["held_out"]
   assert not hashes["held_out"] & hashes["finetune"]
@@ -95,11 +98,13 @@ def test_hard_split_holds_exactly_the_nearest_centroid_errors():
   ref_labels = np.array([0, 0, 1, 1])
   images = np.stack([np.zeros((2, 2, 1), np.uint8), np.full((2, 2, 1), 200, np.uint8)] * 2)
   labels = np.array([0, 1, 1, 0])  # The last two are "wrong" for the centroids.
-  np.testing.assert_array_equal(shifts.nearest_centroid_errors(ref, ref_labels, images, labels), [2, 3])
+  np.testing.assert_array_equal(
+      shifts.nearest_centroid_errors(ref, ref_labels, images, labels), [2, 3])
 
 
 def test_train_batches_are_a_function_of_the_step():
-  split = Split(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1), np.arange(100, dtype=np.int32))
+  split = Split(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1),
+                np.arange(100, dtype=np.int32))
   a = [train_batch(split, 32, seed=1, step=s)[1] for s in range(6)]
   b = [train_batch(split, 32, seed=1, step=s)[1] for s in (3, 4, 5)]
   for x, y in zip(a[3:], b):

@@ -11,7 +11,8 @@ def test_last_partial_batch_is_counted():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(103, 6)).astype(np.float32)  # 103 = 4 * 25 + 3.
   w = rng.normal(size=(6, 4)).astype(np.float32)
-  evaluator = Evaluator(lambda p, x: x @ p, mesh_lib.make_mesh(), batch_size=mesh_lib.make_mesh().size * 25)
+  mesh = mesh_lib.make_mesh()
+  evaluator = Evaluator(lambda p, x: x @ p, mesh, batch_size=mesh.size * 25)
   logits = evaluator.logits(w, images)
   assert logits.shape == (103, 4)
   np.testing.assert_allclose(logits, images @ w, rtol=1e-5, atol=1e-6)
@@ -37,5 +38,6 @@ def test_streamed_split_equals_in_memory_split():
 def test_logits_map_scores_in_the_split_label_space():
   logits = np.array([[0.0, 5.0, 1.0, 2.0]], np.float32)
   subset = np.array([0, 2, 3])  # e.g. ImageNet-R's classes
-  split = EvalSplit(labels=np.array([2]), images=np.zeros((1, 1)), logits_map=lambda l: l[:, subset])
+  split = EvalSplit(labels=np.array([2]), images=np.zeros((1, 1)),
+                    logits_map=lambda logits: logits[:, subset])
   assert split.accuracy(logits) == 1.0  # Class 1 is out of the split's label space.

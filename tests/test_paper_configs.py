@@ -24,7 +24,8 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.starts
 PAPER = json.loads((ROOT / "tests" / "data" / "paper" / "hparam_info.json").read_text())
 MEMBERS = [v for k, v in PAPER.items() if k != "model_0"]
 N = len(MEMBERS)  # 71
-SWEEP_KEYS = {"lr", "weight_decay", "epochs", "label_smoothing", "mixup", "aug_strength", "aug", "seed"}
+SWEEP_KEYS = {"lr", "weight_decay", "epochs", "label_smoothing", "mixup", "aug_strength", "aug",
+              "seed"}
 
 
 def load(path):
@@ -125,7 +126,8 @@ def test_the_71_member_sweep():
   assert len(members) == 71 and all(set(m) == SWEEP_KEYS for m in members)
   assert len({m["seed"] for m in members}) == 71
   for m in members:
-    assert s.lr[0] <= m["lr"] <= s.lr[1] and s.weight_decay[0] <= m["weight_decay"] <= s.weight_decay[1]
+    assert s.lr[0] <= m["lr"] <= s.lr[1]
+    assert s.weight_decay[0] <= m["weight_decay"] <= s.weight_decay[1]
     assert 4 <= m["epochs"] <= 16 and m["aug_strength"] == 0.0
     assert 0 <= m["label_smoothing"] <= 0.23 and 0 <= m["mixup"] <= 0.9
     assert m["aug"] is None or re.fullmatch(r"rand-m([1-9]|1\d|20)-n[012]", m["aug"])
@@ -209,7 +211,8 @@ def test_smoke_config_trains_one_step(path, mock, request):
   hyper = train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"],
                       label_smoothing=hp["label_smoothing"], mixup=hp["mixup"],
                       aug_strength=hp["aug_strength"], total_steps=10, warmup_steps=2)
-  state, metrics = jax.jit(step_fn)(init_state(params), images, labels, hyper.as_arrays(), hp["seed"])
+  state, metrics = jax.jit(step_fn)(init_state(params), images, labels, hyper.as_arrays(),
+                                    hp["seed"])
   # A zero head gives uniform logits: the loss is ln(classes) whatever smoothing or mixup.
   assert float(metrics["loss"]) == pytest.approx(math.log(task.num_classes), rel=1e-4)
   assert int(state["step"]) == 1 and np.abs(np.asarray(state["params"]["head"]["kernel"])).max() > 0
@@ -249,7 +252,8 @@ def test_zeroshot_head_from_the_text_tower(mock):
   assert head["kernel"].shape == (16, 100) and not head["bias"].any()
   np.testing.assert_allclose(np.linalg.norm(head["kernel"], axis=0), 1 / 0.07, rtol=1e-5)
   from soup.models import clip
-  cfg, params = convert.clip_from_state_dict(convert.load_state_dict(mock["clip_path"]), head_width=16)
+  cfg, params = convert.clip_from_state_dict(convert.load_state_dict(mock["clip_path"]),
+                                             head_width=16)
   kernel, _ = zeroshot.build_zeroshot_head(clip.CLIP(cfg), params, names, templates,
                                            bpe_path=mock["bpe_path"])
   np.testing.assert_allclose(head["kernel"], kernel, rtol=1e-6)
@@ -263,7 +267,8 @@ def test_vit_checkpoint_drops_head_and_resizes_positions(mock):
   params = pretrained.load_pretrained(config)
   raw = dict(np.load(mock["vit_path"]))
   assert "head/kernel" in raw and "head" not in params
-  assert raw["pos_embedding"].shape[1] == 36 and params["pos_embedding"].shape[1] == 16  # 6x6 -> 4x4
+  # 6x6 -> 4x4 patches.
+  assert raw["pos_embedding"].shape[1] == 36 and params["pos_embedding"].shape[1] == 16
   np.testing.assert_allclose(params["pos_embedding"],
                              convert.resize_pos_embedding(raw["pos_embedding"], 4), rtol=1e-6)
   np.testing.assert_array_equal(params["embedding"]["kernel"], raw["embedding/kernel"])

@@ -52,6 +52,13 @@ def test_check_refuses(recipes_list, endpoint, message):
     recipes.check(config)
 
 
+def test_check_refuses_a_config_without_a_recipe_setting():
+  config = soups_config(recipes=("learned_soup",))
+  del config["learned"]
+  with pytest.raises(recipes.RecipeConfigError, match=r"lacks \['learned'\].*learned_soup"):
+    recipes.check(config)
+
+
 def test_check_accepts_dependencies_in_order():
   recipes.check(soups_config(recipes=("uniform_soup", "wise_ft"),
                              **{"wise_ft.endpoint": "uniform_soup"}))

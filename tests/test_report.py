@@ -12,8 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from soup import report as rep  # noqa: E402
-from soup import results as R  # noqa: E402
+from soup import report as rep, results as R  # noqa: E402
 
 PAPER = REPO / "tests" / "data" / "paper"
 OFFICIAL = [PAPER / f"{name}.jsonl" for name in
@@ -249,6 +248,16 @@ def test_synthetic_recipe_inferred():
                      "greedy_ensemble"]
   assert _by_recipe(report)["initialization"]["model_name"] == "model_0"
   assert _by_recipe(report)["ensemble"]["inference_cost"] == 4
+
+
+def test_model_stock_note_summarises_its_ratios():
+  rows = _synthetic_rows()
+  for row in rows:
+    if row["model_name"] == "model_stock":
+      row["ratios"] = {"a/kernel": 0.5, "a/bias": -0.25, "b/kernel": 1.0}
+  notes = [n for n in rep.build_report(rows)["notes"] if n.startswith("Model stock")]
+  assert notes == ["Model stock's ratio t (0: the initialization, 1: the members' mean) over 3 "
+                   "parameter leaves: min -0.250, mean 0.417, max 1.000."]
 
 
 def test_synthetic_markdown_and_cli(tmp_path):

@@ -91,3 +91,18 @@ def test_report_cli_names_file_and_line_of_a_bad_row(tmp_path):
     line = {"truncated": 2, "no_column": 3}[name]
     assert proc.stderr.strip().startswith(f"error: {path}:{line}: "), proc.stderr
   assert "FashionMNISTA" in proc.stderr
+
+
+def test_paths_are_checked_for_the_stages_that_read_them(tmp_path):
+  clip = ["--config=configs/clip_vit_b32_imagenet.py", "--config.stages=sweep"]
+  # No evaluation in this run: ObjectNet is not needed, the weights are.
+  proc, seconds = run_main(*clip, f"--workdir={tmp_path / 'a'}")
+  assert_user_error(proc, seconds, "config.init.path")
+  # The upstream ingredient is in the workdir: the weights are not read again, so not
+  # checked (this fake ingredient then fails to restore: still one line, exit 2).
+  marker = tmp_path / "b" / "upstream" / "ingredient" / "ingredient.json"
+  marker.parent.mkdir(parents=True)
+  marker.write_text("{}")
+  proc, seconds = run_main(*clip, f"--workdir={tmp_path / 'b'}")
+  assert proc.returncode == 2 and "config.init.path" not in proc.stderr
+  assert "Cannot restore ingredient" in proc.stderr.splitlines()[-1]

@@ -95,8 +95,10 @@ def write_datasets(root: str | Path = DEFAULT_ROOT, *, train_per_class: int = 2,
   _prepare("imagenet_v2", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed,
            config="matched-frequency")
   _prepare("imagenet_sketch", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed)
-  _prepare("imagenet_r", data_dir, {"test": rng.choice(imagenet.IMAGENET_R_CLASSES, eval_examples)}, seed)
-  _prepare("imagenet_a", data_dir, {"test": rng.choice(imagenet.IMAGENET_A_CLASSES, eval_examples)}, seed)
+  _prepare("imagenet_r", data_dir,
+           {"test": rng.choice(imagenet.IMAGENET_R_CLASSES, eval_examples)}, seed)
+  _prepare("imagenet_a", data_dir,
+           {"test": rng.choice(imagenet.IMAGENET_A_CLASSES, eval_examples)}, seed)
 
   # ObjectNet: 3 scored folders with 3 images each, one unscored folder, one non-image file.
   images = root / "objectnet-1.0" / "images"
@@ -176,7 +178,8 @@ def write_tiny_bpe(path: str | Path) -> str:
   return str(path)
 
 
-def write_tiny_vit(path: str | Path, image_size: int = 48, num_classes: int = 7, seed: int = 0) -> str:
+def write_tiny_vit(path: str | Path, image_size: int = 48, num_classes: int = 7,
+                   seed: int = 0) -> str:
   """A random ViT (TINY_VIT) in big_vision's .npz layout ('/'-joined keys) with a head for
   `num_classes` and position embeddings for image_size: loading for another image size
   and label set must drop the head and resize them."""

@@ -34,7 +34,8 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def train_batch(split: Split, batch_size: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+def train_batch(split: Split, batch_size: int, seed: int,
+                step: int) -> tuple[np.ndarray, np.ndarray]:
   """The batch of global step `step`: epoch-wise permutations seeded by (seed, epoch)."""
   per_epoch = steps_per_epoch(len(split), batch_size)
   epoch, index = divmod(step, per_epoch)

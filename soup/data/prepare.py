@@ -7,7 +7,8 @@ from soup.data import fashion_mnist
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--data_dir", default=None, help="TFDS data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--data_dir", default=None,
+                      help="TFDS data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   parser.add_argument("--idx_dir", default=str(fashion_mnist.DEBIAN_DIR))
   args = parser.parse_args(argv)
   path = fashion_mnist.prepare(args.data_dir, args.idx_dir)

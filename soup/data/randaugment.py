@@ -150,6 +150,7 @@ class RandAugment:
     return img
 
 
-def from_string(spec: Optional[str], fill: Sequence[int] = (128, 128, 128)) -> Optional[RandAugment]:
+def from_string(spec: Optional[str],
+                fill: Sequence[int] = (128, 128, 128)) -> Optional[RandAugment]:
   """None (or "") -> no RandAugment; otherwise the parsed transform."""
   return RandAugment(spec, fill) if spec else None

@@ -3,13 +3,15 @@
 Each takes uint8 images [n, 28, 28, 1] and returns new uint8 images of the
 same shape; the same inputs and seed always give the same bytes.
 
-| ours        | mirrors         | what it does                                          |
-|-------------|-----------------|-------------------------------------------------------|
-| V2          | ImageNetV2      | re-sampled: down to 14x14 and back (bilinear), 0.8x contrast |
-| Sketch      | ImageNet-Sketch | edge map: Sobel gradient magnitude, rescaled per image |
-| R           | ImageNet-R      | another rendition, a cartoon: the silhouette (pixels > 40) filled flat at 110, Sobel edges drawn over it |
-| ObjectNet   | ObjectNet       | new viewpoints: rotation U(-35, 35) deg, shift U(-3, 3) px, per-image seeded |
-| A           | ImageNet-A      | hard subset: test images a nearest-centroid pixel classifier (fit on the upstream split) gets wrong, unchanged |
+Ours (mirrors): what it does.
+- V2 (ImageNetV2): re-sampled: down to 14x14 and back (bilinear), 0.8x contrast.
+- Sketch (ImageNet-Sketch): edge map: Sobel gradient magnitude, rescaled per image.
+- R (ImageNet-R): another rendition, a cartoon: the silhouette (pixels > 40)
+  filled flat at 110, Sobel edges drawn over it.
+- ObjectNet (ObjectNet): new viewpoints: rotation U(-35, 35) deg, shift
+  U(-3, 3) px, per-image seeded.
+- A (ImageNet-A): hard subset: test images a nearest-centroid pixel classifier
+  (fit on the upstream split) gets wrong, unchanged.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import numpy as np
 from soup.soups.greedy import GreedyResult, greedy_select, ranked
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray, class_mask: Optional[np.ndarray] = None) -> float:
+def accuracy(logits: np.ndarray, labels: np.ndarray,
+             class_mask: Optional[np.ndarray] = None) -> float:
   """Top-1 accuracy; `class_mask` restricts the argmax to a subset of classes."""
   logits = np.asarray(logits, np.float32)
   if class_mask is not None:
@@ -22,7 +23,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray, class_mask: Optional[np.nda
 
 def logit_ensemble(logits: Sequence[np.ndarray]) -> np.ndarray:
   """The mean of the members' logits (the paper's ensemble)."""
-  return np.mean(np.stack([np.asarray(l, np.float32) for l in logits]), axis=0)
+  return np.mean(np.stack([np.asarray(member, np.float32) for member in logits]), axis=0)
 
 
 def greedy_ensemble(held_out_logits: Mapping[str, np.ndarray], labels: np.ndarray,
@@ -30,7 +31,7 @@ def greedy_ensemble(held_out_logits: Mapping[str, np.ndarray], labels: np.ndarra
                     comparison: str = ">") -> GreedyResult:
   """The greedy procedure with members combined by averaging logits."""
   if held_out_scores is None:
-    held_out_scores = {n: accuracy(l, labels) for n, l in held_out_logits.items()}
+    held_out_scores = {n: accuracy(x, labels) for n, x in held_out_logits.items()}
   order = ranked({n: held_out_scores[n] for n in held_out_logits})
   state = {"sum": np.asarray(held_out_logits[order[0]], np.float64), "count": 1}
 
