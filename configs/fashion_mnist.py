@@ -22,7 +22,6 @@ import ml_collections as mlc
 
 from soup import sweep
 
-
 ARGS = ("smoke", "weak_upstream", "narrow_lr")
 
 

@@ -28,9 +28,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from soup import claims as claims_lib
-from soup import results as R
-from soup import stats
+from soup import claims as claims_lib, results as R, stats
 
 METRICS = ("held_out", "test", "avg_shifts")
 

@@ -34,7 +34,7 @@ def _ravel(params: PyTree):
 
 
 def plane_coordinates(origin: np.ndarray, a: np.ndarray, b: np.ndarray):
-  """Orthonormal basis (e1 along a - origin) of the plane through three points, and their 2-D coordinates."""
+  """Orthonormal basis (e1 along a - origin) of the plane of three points; their 2-D coordinates."""
   da, db = a - origin, b - origin
   norm_a = np.linalg.norm(da)
   if norm_a == 0:
@@ -51,7 +51,8 @@ def plane_coordinates(origin: np.ndarray, a: np.ndarray, b: np.ndarray):
 
 def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,
                     held_out_accuracy: AccuracyFn, grid: int = 7, margin: float = 0.25,
-                    names: Sequence[str] = ("initialization", "fine-tune A", "fine-tune B")) -> dict:
+                    names: Sequence[str] = ("initialization", "fine-tune A", "fine-tune B"),
+                    ) -> dict:
   """Held-out error on a grid x grid lattice of the plane through the three models."""
   if grid < 2:
     raise ValueError(f"The landscape grid needs at least 2 points per side, got {grid}.")
@@ -69,7 +70,8 @@ def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,
       point = (origin + x * e1 + y * e2).astype(np.float32)
       error[j, i] = 1.0 - held_out_accuracy(unravel(point))
   points = {name: [float(c) for c in xy] for name, xy in zip(names, coords)}
-  point_error = {name: 1.0 - held_out_accuracy(p) for name, p in zip(names, (init, finetune_a, finetune_b))}
+  point_error = {name: 1.0 - held_out_accuracy(p)
+                 for name, p in zip(names, (init, finetune_a, finetune_b))}
   return {"xs": xs.tolist(), "ys": ys.tolist(), "error": error.tolist(), "points": points,
           "point_error": point_error}
 
@@ -120,6 +122,7 @@ def plot_landscape(landscape: dict, path: str | Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   from soup import results
 
   xs, ys = np.array(landscape["xs"]), np.array(landscape["ys"])
@@ -146,6 +149,7 @@ def plot_ingredient_curves(curves: dict, path: str | Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   from soup import results
 
   k = np.arange(1, len(curves["order"]) + 1)

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from soup import checkpoints, evaluate as evaluate_lib, mesh as mesh_lib, recipes, results, train
-from soup import stats
 from soup.data import pipeline
 from soup.ingredients import IngredientStore
 from soup.linear_probe import fit_linear_probe
@@ -293,7 +292,7 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
 
 def add_intervals(config, columns: results.Columns, rows: list[dict]) -> None:
   """Paired bootstrap 95% intervals of every row against the best individual (soup/claims.py)."""
-  from soup import claims
+  from soup import claims, stats
   correct = {r["model_name"]: {c: stats.unpack_correct(p) for c, p in r["correct"].items()}
              for r in rows if r.get("correct")}
   resamples = config.get("report", {}).get("bootstrap_resamples", stats.NUM_RESAMPLES)
@@ -447,6 +446,7 @@ class Resources:
     splits = self.splits()
     acc = {col: splits[col].accuracy(logits[col]) for col in splits}
     acc["avg_shifts"] = float(np.mean([acc[c] for c in self.columns.shifts]))
+    from soup import stats
     # Per-example correctness, for the paired bootstrap intervals of the report stage.
     correct = {col: stats.pack_correct(np.argmax(splits[col].scored_logits(
         np.asarray(logits[col], np.float32)), axis=-1) == splits[col].labels) for col in splits}

@@ -61,7 +61,8 @@ def read_idx(path: Path) -> np.ndarray:
 def check_idx_files(idx_dir: Path) -> None:
   missing = [n for pair in _FILES.values() for n in pair if not (idx_dir / n).exists()]
   if missing:
-    raise DatasetMissingError(f"Fashion-MNIST IDX files missing in {idx_dir}: {missing}. {INSTALL_HINT}")
+    raise DatasetMissingError(
+        f"Fashion-MNIST IDX files missing in {idx_dir}: {missing}. {INSTALL_HINT}")
 
 
 def _builder_class():
@@ -121,7 +122,8 @@ def load_arrays(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.n
   if not builder.is_prepared():
     raise DatasetMissingError(
         f"TFDS fashion_mnist is not prepared in {data_dir}. Run "
-        f"`python -m soup.data.prepare --data_dir={data_dir}` (or scripts/setup.sh). {INSTALL_HINT}")
+        f"`python -m soup.data.prepare --data_dir={data_dir}` (or scripts/setup.sh). "
+        f"{INSTALL_HINT}")
   cache = Path(builder.data_dir) / "in_memory_cache.npz"
   if cache.exists():
     with np.load(cache) as z:
@@ -137,7 +139,8 @@ def load_arrays(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.n
       for j, ex in zip(idx, source.__getitems__(idx)):
         images[j], labels[j] = ex["image"], ex["label"]
     out[split] = (images, labels)
-  arrays = {f"{s}_{k}": v for s, (im, lb) in out.items() for k, v in (("images", im), ("labels", lb))}
+  arrays = {f"{s}_{k}": v for s, (im, lb) in out.items()
+            for k, v in (("images", im), ("labels", lb))}
   results.atomic_write(cache, lambda f: np.savez(f, **arrays), binary=True)
   return out
 
