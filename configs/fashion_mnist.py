@@ -54,7 +54,7 @@ def get_config(arg: str = ""):
       finetune_examples=10_000,   # Fine-tuning, disjoint from held-out.
       upstream_examples=48_000,   # Pretraining only, never seen later: the rest of the 60k.
       upstream_labels="fine",     # coarse | tops_merged | fine (soup/data/fashion_mnist.py).
-      upstream_transform="resample",  # none | resample: the upstream sees another rendition.
+      upstream_transform="none",  # none | resample (the upstream sees V2's rendition).
       test_examples=10_000,       # The test split (all of it).
       shift_examples=2_000,       # Per shift split.
   )
@@ -64,7 +64,7 @@ def get_config(arg: str = ""):
   c.init = dict(source="upstream", path="")
   c.upstream = dict(epochs=4, batch_size=128, lr=1e-3, weight_decay=1e-4, warmup_steps=100,
                     aug_strength=0.5)
-  c.probe = dict(kind="linear_probe", examples=0, epochs=30, batch_size=256, lr=1e-2,
+  c.probe = dict(kind="linear_probe", examples=0, epochs=100, batch_size=256, lr=1e-2,
                  weight_decay=0.0)  # examples=0: the whole fine-tuning split.
 
   # Fine-tuning: shared settings; the sweep varies the rest.
