@@ -189,10 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"--seeds={args.seeds}",
                       "--share_upstream" if args.share_upstream else "--noshare_upstream", *extra])
   if not args.aggregate_only:
+    R.atomic_write_text(root / "command.txt", command + "\n")
     run_seeds(args.config, root, list(range(args.seeds)), args.share_upstream, extra)
+  elif (root / "command.txt").exists():  # The command that made the runs.
+    command = (root / "command.txt").read_text().strip()
+  else:
+    command = ""
   rows, seconds = load_runs(root)
   agg = aggregate(rows)
-  agg.update(command=command, seconds=seconds, share_upstream=args.share_upstream)
+  agg.update(command=command, seconds=seconds)
   R.atomic_write_text(root / "aggregate.json", json.dumps(agg, indent=1))
   text = render_markdown(agg, command, seconds)
   R.atomic_write_text(root / "aggregate.md", text)
