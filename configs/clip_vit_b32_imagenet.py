@@ -4,10 +4,27 @@ The recipe of the paper's 72 CLIP ViT-B/32 models: model_0 is a linear probe
 (LP) on the frozen CLIP image tower (the paper's "LP initialization";
 --config.probe.kind=zeroshot starts from CLIP's zero-shot head instead, as the
 released finetune.py does), then 71 full fine-tunes start from it, each with
-its own random hyperparameters: AdamW (decoupled weight decay on matrices),
-batch size 512, 500 warmup steps then cosine decay to 0, gradient clipping at
-1, on ImageNet train minus the 26,000 held-out images (ImageNet2p), at 224 px.
-Selection uses ImageNet2p; results are on ImageNet val and the five shifts.
+its own random hyperparameters: AdamW (decoupled weight decay on every
+parameter), batch size 512, 500 warmup steps then cosine decay to 0, gradient
+clipping at 1, on ImageNet train minus the 26,000 held-out images (ImageNet2p),
+at 224 px. Selection uses ImageNet2p; results are on ImageNet val and the five
+shifts.
+
+Where the official code (github.com/mlfoundations/model-soups, commit d5398f1)
+and a common alternative differ, the default is the official behaviour:
+  finetune.weight_decay_mask  "all": finetune.py line 113 hands every parameter
+      to torch.optim.AdamW (LayerNorm, biases, class embedding, head bias
+      included); "matrices" decays tensors of rank >= 2 only.
+  soups.greedy_tie_order  "reversed": main.py lines 152-153 sort ascending
+      (stable), then reverse, so tied models come in reverse listed order (the
+      released results tie model_4 and model_5); "listed" keeps listed order.
+      The greedy ensemble uses the same order.
+  soups.greedy_comparison  ">": main.py line 181; the paper's text says ">=".
+  probe (model_0, the "LP initialization")  trained to convergence: full-batch
+      L-BFGS logistic regression on cached features, its L2 strength chosen from
+      probe.l2_grid on a held-out probe.validation_fraction of the examples, then
+      refit on all (soup/linear_probe.py). The release has no LP code; a fixed
+      budget of Adam steps from a zero head stops far short of the optimum.
 
 The random search (get_sweep) is fitted to the paper's released
 hparam_info.json (71 members; model_0 is the LP):
@@ -43,8 +60,10 @@ Prepare once (see soup/data/imagenet.py for each dataset's `tfds build` command)
   imagenet_r, imagenet_a in $TFDS_DATA_DIR; ObjectNet 1.0 unpacked in
   ~/data/objectnet-1.0; CLIP weights (soup/models/pretrained.py says how) in
   ~/checkpoints/clip/ViT-B-32-openai.safetensors and the BPE vocabulary in
-  ~/checkpoints/clip/bpe_simple_vocab_16e6.txt.gz; then the held-out list:
-    python scripts/make_imagenet_heldout.py --data_dir=$TFDS_DATA_DIR
+  ~/checkpoints/clip/bpe_simple_vocab_16e6.txt.gz; then the held-out list, the paper's own
+  (imagenet_98_idxs.npy from github.com/mlfoundations/model-soups; without the flag: ours):
+    python scripts/make_imagenet_heldout.py --data_dir=$TFDS_DATA_DIR \
+        --official_mask=imagenet_98_idxs.npy
 Run (the 71 members are independent: one process, GPU or TPU slice each):
   python scripts/launch_sweep.py --config=configs/clip_vit_b32_imagenet.py \
       --workdir=workdirs/clip_vit_b32 --mode=local --parallel=8 --gpus=0,1,2,3,4,5,6,7
@@ -60,9 +79,9 @@ Expected (paper Table 1, CLIP ViT-B/32, ImageNet top-1 / average over the 5 shif
   greedy soup 81.03 / 50.75         learned soup 80.89 / 51.07
   learned soup by layer 81.37 / 50.87   ensemble 81.19 / 50.77
   greedy ensemble 81.90 / 49.44     (LP initialization model_0: 75.57 on ImageNet)
-Our random search differs from theirs in its draws, and our held-out images
-in their choice, so expect the same ordering within a few tenths, not the
-same digits.
+Our random search differs from theirs in its draws (and our held-out images
+from theirs unless the list is made with --official_mask), so expect the
+same ordering within a few tenths, not the same digits.
 """
 
 import ml_collections as mlc
@@ -92,7 +111,13 @@ def get_config(arg: str = ""):
       split_seed=0,                # Order of the linear probe's examples.
       image_size=224,
       normalization="clip",        # CLIP's mean/std, in jit.
-      num_workers=0,               # Decoding threads; 0 -> all cores.
+      num_workers=-1,              # Grain decoding processes; -1: one per core, 0: in-process.
+      # JPEG draft decode in the training crop (never in eval): off = timm's exact pixels; on
+      # only speeds up crops >= 2x image_size (no ImageNet-typical 500x375 crop at 224 px).
+      train_jpeg_draft=False,
+      # Official (off): their ObjectNet loader is built before the 2-px crop is added, so
+      # the released numbers saw uncropped images (soup/data/objectnet.py cites the code).
+      objectnet_border_crop=False,
       cache_dir="",                # Label cache; "" -> ~/.cache/soup/labels.
   )
   c.model = dict(name="clip", variant="ViT-B/32")
@@ -104,11 +129,15 @@ def get_config(arg: str = ""):
   # model_0. The LP sees `examples` fine-tuning images, held in host memory as uint8
   # (150 KB each at 224 px: 100,000 -> 15 GB); the paper's LP used all of train and does
   # not give its settings, so these are ours: check model_0 against the paper's
-  # (ImageNet2p 78.08, ImageNet 75.57) before the sweep, and adjust lr/epochs if short.
-  c.probe = dict(kind="linear_probe", examples=100_000, epochs=10, batch_size=1024, lr=1e-3,
-                 weight_decay=0.0)
+  # (ImageNet2p 78.08, ImageNet 75.57) before the sweep.
+  # L-BFGS to convergence (soup/linear_probe.py): L2 per decade (unit-norm CLIP features want
+  # little), chosen on a held-out 10% of the examples, then refit on all of them.
+  c.probe = dict(kind="linear_probe", examples=100_000,
+                 l2_grid=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3), validation_fraction=0.1,
+                 max_iterations=1000, tolerance=1e-6)
   c.finetune = dict(batch_size=512, warmup_steps=500, grad_clip=1.0, checkpoint_every_steps=1000,
-                    log_every_steps=50)
+                    log_every_steps=50,
+                    weight_decay_mask="all")  # Official: AdamW on every parameter (docstring).
   c.sweep = dict(
       num_members=71, seed=0,
       only="",                          # Comma-separated member indices (1-based) to run here.
@@ -127,6 +156,7 @@ def get_config(arg: str = ""):
                "learned_soup_by_layer", "ensemble", "greedy_ensemble", "wise_ft", "model_stock"),
       include_initialization=True,   # model_0 is one of the paper's 72 ingredients.
       greedy_comparison=">",         # Official code: ">"; the paper's text: ">=".
+      greedy_tie_order="reversed",   # Official: ties in reverse listed order; or "listed".
       on_bad_ingredient="exclude",
       verify_checksums=True,
       learned=dict(epochs=5, lr=0.05, batch_size=256),
@@ -140,7 +170,7 @@ def get_config(arg: str = ""):
     c.model.update(variant="tiny")
     c.init.update(path=f"{SMOKE_ROOT}/tiny_clip.safetensors",
                   bpe_path=f"{SMOKE_ROOT}/tiny_bpe.txt.gz")
-    c.probe.update(examples=64, epochs=2, batch_size=32)
+    c.probe.update(examples=64)
     c.finetune.update(batch_size=32, warmup_steps=2, checkpoint_every_steps=8, log_every_steps=4)
     c.sweep.update(num_members=2, epochs=(1, 1))
     c.eval.update(batch_size=64)

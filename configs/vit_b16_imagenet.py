@@ -12,6 +12,9 @@ backbone, not from the paper:
     size;
   * images are normalized to [-1, 1] (big_vision's value_range), not with CLIP's
     statistics;
+  * the MLP activation is "gelu_tanh": big_vision's MlpBlock calls flax
+    nn.gelu(x), the tanh approximation (big_vision/models/vit.py, commit
+    0127fb6), and the checkpoint was trained with it (soup/models/vit.py);
   * everything else (crop, resize, RandAugment, mixup, smoothing) as for CLIP.
 
 Prepare the data as for CLIP, then the checkpoint (soup/models/pretrained.py):
@@ -41,12 +44,13 @@ def get_config(arg: str = ""):
   c.unlock()
   c.experiment = "vit_b16_imagenet"
   c.data.normalization = "inception"
-  c.model = dict(name="vit", patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072)
+  c.model = dict(name="vit", patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
+                 activation="gelu_tanh")  # big_vision's nn.gelu default (docstring).
   c.init = dict(source="pretrained", path=CHECKPOINT, bpe_path="")
   c.probe.kind = "linear_probe"
   if arg == "smoke":
     from soup.data import imagenet_mock
-    c.model = dict(name="vit", **imagenet_mock.TINY_VIT)
+    c.model = dict(name="vit", **imagenet_mock.TINY_VIT, activation="gelu_tanh")
     c.init.path = f"{_CLIP.SMOKE_ROOT}/tiny_vit.npz"
   c.lock()
   return c

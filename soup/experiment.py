@@ -30,7 +30,7 @@ import numpy as np
 from soup import checkpoints, evaluate as evaluate_lib, mesh as mesh_lib, recipes, results, train
 from soup.data import pipeline
 from soup.ingredients import IngredientStore
-from soup.linear_probe import fit_linear_probe
+from soup.linear_probe import fit_probe
 from soup.validate import STAGES
 from soup.workdir import Workdir, content_key, eval_settings
 
@@ -155,7 +155,7 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
   backbone = {k: v for k, v in upstream().items() if k != "head"}
   if cfg.kind == "zeroshot":
     from soup.models import pretrained
-    head = pretrained.zeroshot_head(config)
+    head, info = pretrained.zeroshot_head(config), {}
   elif cfg.kind == "linear_probe":
     model, preprocess = res.model(res.num_classes), res.task.preprocess
     feature_fn = jax.jit(
@@ -164,12 +164,16 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
     bs = config.eval.batch_size
     feats = np.concatenate([np.asarray(feature_fn(backbone, images[i:i + bs]))
                             for i in range(0, len(images), bs)])
-    head = fit_linear_probe(feats, labels, res.num_classes, cfg.epochs, cfg.batch_size, cfg.lr,
-                            cfg.weight_decay, config.seed)
+    fit = fit_probe(feats, labels, res.num_classes, l2_grid=cfg.l2_grid,
+                    validation_fraction=cfg.validation_fraction,
+                    max_iterations=cfg.max_iterations, tolerance=cfg.tolerance, seed=config.seed)
+    head, info = fit.head, {"l2": fit.l2, "converged": fit.final.converged,
+                            "validation_accuracy": {str(k): v
+                                                    for k, v in fit.validation_accuracy.items()}}
   else:
     raise ValueError(f"config.probe.kind must be 'linear_probe' or 'zeroshot', got {cfg.kind!r}.")
   params = {**backbone, "head": head}
-  checkpoints.save_ingredient(path, params, {"recipe": "initialization",
+  checkpoints.save_ingredient(path, params, {"recipe": "initialization", "probe": info,
                                              "info": f"{cfg.kind} initialization"})
   return params
 
@@ -190,7 +194,7 @@ def sweep(config, wd: Workdir, res: Resources, members: dict[str, dict],
   model = res.model(num_classes)
   apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
   _, step_fn = train.make_train_step(apply_fn, num_classes, task.augment, task.preprocess,
-                                     cfg.grad_clip)
+                                     cfg.grad_clip, cfg.weight_decay_mask)
   step_jit = jax.jit(step_fn, donate_argnums=0)  # One compile for every member.
   per_epoch = pipeline.steps_per_epoch(task.finetune_size(), cfg.batch_size)
   for n, (_, name) in enumerate(todo):
@@ -451,7 +455,8 @@ class Resources:
     correct = {col: stats.pack_correct(np.argmax(splits[col].scored_logits(
         np.asarray(logits[col], np.float32)), axis=-1) == splits[col].labels) for col in splits}
     return {"model_name": name, "recipe": recipe, **acc, "ingredients": ingredients,
-            "inference_cost": cost, **extra, "correct": correct}
+            "inference_cost": cost, **self.task.provenance(), **extra,
+            "correct": correct}
 
 
 # --- Tasks ----------------------------------------------------------------------

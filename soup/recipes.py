@@ -109,7 +109,8 @@ def greedy_soup(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   result = soups.greedy_soup({n: k.workdir.ingredient_dir(n) for n in k.names}, k.scores,
                              k.held_out_accuracy, comparison=k.config.greedy_comparison,
-                             verify=k.config.verify_checksums)
+                             verify=k.config.verify_checksums,
+                             tie_order=k.config.greedy_tie_order)
   checkpoints.save_ingredient(k.workdir.soup_dir("greedy_soup"), result.result,
                               {"ingredients": result.ingredients})
   return [k.row("greedy_soup", "greedy_soup", k.evaluate(result.result), result.ingredients, 1,
@@ -188,7 +189,7 @@ def greedy_ensemble(k: Kitchen) -> Rows:
   column = k.columns.held_out
   result = soups.greedy_ensemble(
       {n: k.held_out.scored_logits(k.logits(n)[column]) for n in k.names},
-      k.held_out.labels, k.scores, k.config.greedy_comparison)
+      k.held_out.labels, k.scores, k.config.greedy_comparison, k.config.greedy_tie_order)
   logits = {col: soups.logit_ensemble([k.logits(n)[col] for n in result.ingredients])
             for col in k.splits}
   return [k.row("greedy_ensemble", "greedy_ensemble", logits, result.ingredients,
@@ -209,7 +210,8 @@ REGISTRY: dict[str, Recipe] = {r.name: r for r in (
            Marker("Uniform Soup", "o", "C0", 220), settings=_SHARED, uses=("params",),
            every_model=True),
     Recipe("greedy_soup", "Greedy soup", greedy_soup, Marker("Greedy Soup", "*", "C4", 500),
-           settings=(*_SHARED, "greedy_comparison"), uses=("params", "logits")),
+           settings=(*_SHARED, "greedy_comparison", "greedy_tie_order"),
+           uses=("params", "logits")),
     Recipe("learned_soup", "Learned soup", learned_soup, Marker("Learned Soup", "P", "C1", 220),
            settings=(*_SHARED, "learned"), uses=("params",)),
     Recipe("learned_soup_by_layer", "Learned soup (by layer)", learned_soup_by_layer,
@@ -224,7 +226,7 @@ REGISTRY: dict[str, Recipe] = {r.name: r for r in (
            every_model=True),
     Recipe("greedy_ensemble", "Greedy ensemble", greedy_ensemble,
            Marker("Greedy Ensemble", "D", "C5", 130, zorder=4), inference_cost="per_ingredient",
-           settings=(*_SHARED, "greedy_comparison"), uses=("logits",)),
+           settings=(*_SHARED, "greedy_comparison", "greedy_tie_order"), uses=("logits",)),
 )}
 # Rows the evaluate stage makes for each model; not listed in config.soups.recipes.
 MODEL_RECIPES = ("initialization", "individual")

@@ -228,6 +228,9 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   if multi:
     notes.append("Several lines for " + ", ".join(f"`{m}`" for m in multi)
                  + ": the table shows the one with the best held-out accuracy.")
+  heldout_note = _heldout_list_note(rows, columns)
+  if heldout_note:
+    notes.append(heldout_note)
   notes.append(f"Avg. shifts is the plain mean of {', '.join(f'`{c}`' for c in columns.shifts)}. "
                f"Ingredients of the uniform soup and the ensemble: all {n_models} individual and "
                f"initialization models unless recorded.")
@@ -278,6 +281,22 @@ def statistics_markdown(report: dict) -> list[str]:
   text += [f"| {i['method']} | {_interval_cell(i['test'])} | {_interval_cell(i['avg_shifts'])} |"
            for i in report["intervals"]]
   return text + [""] + claims.render(report["claims"])
+
+
+def _heldout_list_note(rows: Sequence[dict], columns: R.Columns) -> str | None:
+  """Which held-out list the lines were measured on (their `heldout_list`, if recorded)."""
+  kinds = sorted({str(r["heldout_list"]) for r in rows if r.get("heldout_list")})
+  if kinds == ["official"]:
+    return (f"`{columns.held_out}` is the paper's own held-out split (the official "
+            "imagenet_98_idxs.npy, mapped onto TFDS records by file name).")
+  if kinds == ["seeded"]:
+    return (f"`{columns.held_out}` is our seeded draw of the held-out images, not the paper's "
+            "(its imagenet_98_idxs.npy was not used): held-out accuracies, the greedy order and "
+            "the fine-tuning split differ from the paper's.")
+  if kinds:
+    return (f"Warning: these lines mix held-out lists ({', '.join(kinds)}): their "
+            f"`{columns.held_out}` accuracies are not comparable.")
+  return None
 
 
 def _pct(x: float | None) -> str:

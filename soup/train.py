@@ -71,16 +71,29 @@ def learning_rate(step, hp):
   return jnp.where(step < hp["warmup_steps"], warm, cosine)
 
 
-def decay_mask(params: PyTree) -> PyTree:
-  """Weight decay on matrices and kernels only, not on biases, norms or embeddings of rank 1."""
-  return jax.tree.map(lambda p: float(p.ndim > 1), params)
+WEIGHT_DECAY_MASKS = ("all", "matrices")
+
+
+def decay_mask(params: PyTree, kind: str = "matrices") -> PyTree:
+  """Which tensors weight decay touches (1.0) or skips (0.0).
+
+  "all": every parameter, LayerNorm scales, biases, the class embedding and the head
+  bias included, as the official finetune.py (model-soups commit d5398f1, line 113:
+  `torch.optim.AdamW(model_parameters, ...)` over every trainable parameter).
+  "matrices": tensors of rank >= 2 only (kernels, embeddings), the common ViT recipe.
+  """
+  if kind not in WEIGHT_DECAY_MASKS:
+    raise ValueError(f"weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got {kind!r}.")
+  return jax.tree.map(lambda p: float(kind == "all" or p.ndim > 1), params)
 
 
 # --- The train step -------------------------------------------------------
 
 
 def make_train_step(apply_fn: Callable, num_classes: int, augment_fn: Callable,
-                    preprocess_fn: Callable, grad_clip: float):
+                    preprocess_fn: Callable, grad_clip: float, weight_decay_mask: str = "matrices"):
+  # The mask is fixed per sweep (a config field), so one compile still serves every member.
+  decay_mask({}, weight_decay_mask)  # A bad value fails here, not inside jit.
   adam = optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam())
 
   def init_state(params):
@@ -103,7 +116,7 @@ def make_train_step(apply_fn: Callable, num_classes: int, augment_fn: Callable,
     # AdamW with decoupled weight decay, written out so lr and wd stay traced.
     params = jax.tree.map(
         lambda p, u, m: p - lr * (u + hp["weight_decay"] * m * p),
-        state["params"], updates, decay_mask(state["params"]))
+        state["params"], updates, decay_mask(state["params"], weight_decay_mask))
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     return new_state, {"loss": loss, "lr": lr, "grad_norm": optax.global_norm(grads)}
 
@@ -118,14 +131,16 @@ def train(*, apply_fn: Callable, params: PyTree, hyper: Hyper, num_classes: int,
           workdir: str | Path, seed: int, augment_fn: Callable = pipeline.augment,
           preprocess_fn: Callable = pipeline.normalize, grad_clip: float = 1.0,
           checkpoint_every: int = 200, log_every: int = 20, description: str = "train",
-          compiled_step: Optional[Callable] = None) -> Outcome:
+          compiled_step: Optional[Callable] = None,
+          weight_decay_mask: str = "matrices") -> Outcome:
   """Trains params for hyper.total_steps steps, resuming from workdir/train_state.
 
   `batch_fn(step)` returns the global batch of that step (host arrays). A
   non-finite loss stops the run and returns diverged=True with the last params.
   """
   workdir = Path(workdir)
-  init_state, step_fn = make_train_step(apply_fn, num_classes, augment_fn, preprocess_fn, grad_clip)
+  init_state, step_fn = make_train_step(apply_fn, num_classes, augment_fn, preprocess_fn, grad_clip,
+                                        weight_decay_mask)
   step_jit = compiled_step or jax.jit(step_fn, donate_argnums=0)
   replicated = mesh_lib.replicated(mesh)
 

@@ -95,6 +95,17 @@ def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...]
   if config.soups.greedy_comparison not in (">", ">="):
     raise ConfigError(f"config.soups.greedy_comparison must be '>' or '>=', got "
                       f"{config.soups.greedy_comparison!r}.")
+  # Issue 10's protocol switches (soup/soups/greedy.py, soup/train.py, soup/models/vit.py).
+  for field, value, allowed in (
+      ("soups.greedy_tie_order", config.soups.greedy_tie_order, ("reversed", "listed")),
+      ("finetune.weight_decay_mask", config.finetune.weight_decay_mask, ("all", "matrices")),
+      ("model.activation", config.model.get("activation", "gelu"), ("gelu", "gelu_tanh"))):
+    if value not in allowed:
+      raise ConfigError(f"config.{field} must be one of {allowed}, got {value!r}.")
+  if config.probe.kind == "linear_probe" and (
+      not config.probe.l2_grid or min(config.probe.l2_grid) <= 0):
+    raise ConfigError(f"config.probe.l2_grid must hold positive values, got "
+                      f"{tuple(config.probe.l2_grid)}.")
   try:
     sweep_lib.check_members(sweep_fn(config), "the config's get_sweep(config)")
   except sweep_lib.SweepError as e:

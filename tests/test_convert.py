@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soup.models import convert
+from soup.models import convert, vit as vit_module
 from soup.models.vit import ViT
 
 # Shared with test_clip.py; the path makes this independent of pytest's import mode.
@@ -227,6 +227,90 @@ def test_original_vision_transformer_names():
       key = key.replace(new_name, old_name)
     old["Transformer/posembed_input/pos_embedding" if key == "pos_embedding" else key] = value
   assert_trees_equal(convert.vit_from_big_vision_npz(old), params)
+
+
+# --------------------------------------------------------------------------- timm parity
+# timm's own reader of Google's ViT .npz files (VisionTransformer.load_pretrained, i.e.
+# vision_transformer._load_weights) is the reference: it reads the project's npz
+# (big_vision layout) and the original AugReg layout, and the logits must agree.
+
+TIMM_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+
+
+def timm_vit(no_embed_class, activation):
+  timm_vit_module = pytest.importorskip("timm.models.vision_transformer")
+  return timm_vit_module.VisionTransformer(
+      img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+      num_classes=10, no_embed_class=no_embed_class, act_layer=TIMM_ACT[activation]).eval()
+
+
+def timm_logits(model, images):
+  import torch
+  with torch.no_grad():
+    return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()  # NCHW.
+
+
+def augreg_layout(params, cls_row):
+  """The original vision_transformer (AugReg) npz: pre-linen module numbers and a [cls]
+  row at the front of Transformer/posembed_input/pos_embedding."""
+  renames = {"/LayerNorm_1/": "/LayerNorm_2/",
+             "/MultiHeadDotProductAttention_0/": "/MultiHeadDotProductAttention_1/",
+             "/MlpBlock_0/": "/MlpBlock_3/"}
+  flat = {}
+  for key, value in convert.flatten_params(params).items():
+    for new_name, old_name in renames.items():
+      key = key.replace(new_name, old_name)
+    if key == "pos_embedding":
+      key, value = ("Transformer/posembed_input/pos_embedding",
+                    np.concatenate([cls_row, value], axis=1))
+    flat[key] = value
+  return flat
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_timm_reads_the_project_npz_to_the_same_logits(tmp_path, activation):
+  model, params = vit_params(activation=activation)
+  np.savez(tmp_path / "vit.npz", **convert.flatten_params(params))
+  reference = timm_vit(no_embed_class=True, activation=activation)  # big_vision's layout.
+  reference.load_pretrained(str(tmp_path / "vit.npz"))
+  images = np.random.default_rng(1).standard_normal((3, 32, 32, 3)).astype(np.float32)
+  expected = timm_logits(reference, images)
+  loaded = convert.vit_from_big_vision_npz(tmp_path / "vit.npz")
+  np.testing.assert_allclose(model.apply({"params": loaded}, images), expected,
+                             rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_timm_reads_the_augreg_layout_to_the_same_logits(tmp_path):
+  model, params = vit_params(seed=2, activation="gelu_tanh")
+  # LayerNorm scales near 1 (not 0.1): MLP inputs of order 1, where the GELU forms differ.
+  params = convert.vit_from_big_vision_npz({
+      k: v + 1 if k.endswith("/scale") else v for k, v in convert.flatten_params(params).items()})
+  cls_row = np.random.default_rng(3).normal(size=(1, 1, 32)).astype(np.float32) * 0.1
+  np.savez(tmp_path / "augreg.npz", **augreg_layout(params, cls_row))
+  reference = timm_vit(no_embed_class=False, activation="gelu_tanh")
+  reference.load_pretrained(str(tmp_path / "augreg.npz"))
+  images = np.random.default_rng(4).standard_normal((3, 32, 32, 3)).astype(np.float32)
+  expected = timm_logits(reference, images)
+  loaded = convert.vit_from_big_vision_npz(tmp_path / "augreg.npz")  # [cls] row folded.
+  actual = model.apply({"params": loaded}, images)
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  # The activation matters at this precision: exact GELU misses big_vision's tanh form.
+  exact = ViT(**{**VIT_KW, "num_classes": 10, "activation": "gelu"}).apply(
+      {"params": loaded}, images)
+  assert np.abs(exact - expected).max() > 10 * 1e-5 * np.abs(expected).max()
+
+
+def test_vit_activation_switch():
+  model, params = vit_params()
+  x = np.random.default_rng(5).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  tanh = ViT(**{**VIT_KW, "num_classes": 10, "activation": "gelu_tanh"})
+  assert not np.allclose(model.apply({"params": params}, x), tanh.apply({"params": params}, x))
+  np.testing.assert_allclose(vit_module.ACTIVATIONS["gelu_tanh"](x[0, 0]),
+                             0.5 * x[0, 0] * (1 + np.tanh(np.sqrt(2 / np.pi)
+                                                          * (x[0, 0] + 0.044715 * x[0, 0] ** 3))),
+                             rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="activation must be one of"):
+    ViT(**{**VIT_KW, "num_classes": 10, "activation": "relu"}).init(jax.random.PRNGKey(0), x)
 
 
 def test_vit_errors_name_the_key():

@@ -1,16 +1,32 @@
-"""ImageNet data without ImageNet: held-out list, class subsets, ObjectNet, streaming, RandAugment.
+"""ImageNet data without ImageNet: held-out lists, class subsets, ObjectNet, the Grain
+pipeline (worker processes, resume), RandAugment.
 
 The TFDS datasets are the catalog's own builders prepared for real (array_record,
 no TensorFlow) with a few tiny random JPEGs (soup/data/imagenet_mock.py), so
 every read goes through `tfds.data_source` as it would on the real data.
 """
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import ml_collections as mlc
 import numpy as np
 import pytest
 from PIL import Image
 
-from soup.data import imagenet, imagenet_heldout, imagenet_mock, objectnet, randaugment
+from soup.data import (
+  grain_input,
+  imagenet,
+  imagenet_heldout,
+  imagenet_mock,
+  objectnet,
+  randaugment,
+  tfds_source,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +36,12 @@ def mock(tmp_path_factory):
 
 
 def data_config(mock, **overrides):
+  """num_workers 0: the Grain pipeline in this process (cheap to start); the tests of
+  worker processes ask for them."""
   d = dict(name="imagenet", data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
            imagenet_v2_variant="matched-frequency", heldout_file=mock["heldout_file"],
            heldout_per_class=1, heldout_in_memory=True, split_seed=0, image_size=32,
-           normalization="clip", num_workers=2, cache_dir=mock["cache_dir"])
+           normalization="clip", num_workers=0, cache_dir=mock["cache_dir"])
   d.update(overrides)
   return mlc.ConfigDict(d)
 
@@ -102,7 +120,8 @@ def test_heldout_file_round_trip_and_task_split(mock, task):
 
 def test_heldout_in_memory_equals_the_stream(mock, task):
   in_memory = task.eval_splits()["ImageNet2p"]
-  streamed = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False)).eval_splits()["ImageNet2p"]
+  streamed_task = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False))
+  streamed = streamed_task.eval_splits()["ImageNet2p"]
   assert in_memory.images is not None and streamed.images is None
   np.testing.assert_array_equal(in_memory.images, np.concatenate(list(streamed.iterate(300))))
   np.testing.assert_array_equal(in_memory.labels, streamed.labels)
@@ -198,11 +217,23 @@ def test_objectnet_folder_reading(mock, task):
   assert [p.name for p in paths[:3]] == ["00.png", "01.png", "02.png"]
   split = task.eval_splits()["ObjectNet"]
   np.testing.assert_array_equal(split.labels, labels)
-  first = next(split.iterate(4))[0]
-  with Image.open(paths[0]) as im:  # 2-pixel crop, then the eval resize and center crop.
-    want = imagenet.eval_transform(objectnet.crop_border(im.convert("RGB")), 32)
-  np.testing.assert_array_equal(first, want)
   assert split.scored_logits(np.zeros((2, 1000))).shape == (2, 113)
+
+
+def test_objectnet_border_crop_is_a_switch_off_by_default(mock, task):
+  """Off (the default, as the official code ran): the whole image, red frame included, is
+  resized and center-cropped; on: 2 pixels go first."""
+  paths, _ = objectnet.list_images(mock["objectnet_dir"])
+  with Image.open(paths[0]) as im:
+    whole = im.convert("RGB")
+  uncropped = imagenet.eval_transform(whole, 32)
+  cropped = imagenet.eval_transform(objectnet.crop_border(whole), 32)
+  assert not np.array_equal(uncropped, cropped)
+  assert task.objectnet_border == 0
+  np.testing.assert_array_equal(next(task.eval_splits()["ObjectNet"].iterate(4))[0], uncropped)
+  on = imagenet.ImageNetTask(data_config(mock, objectnet_border_crop=True))
+  assert on.objectnet_border == objectnet.BORDER == 2
+  np.testing.assert_array_equal(next(on.eval_splits()["ObjectNet"].iterate(4))[0], cropped)
 
 
 # --- Streaming evaluation ---------------------------------------------------------
@@ -224,7 +255,8 @@ def test_eval_batches_are_ordered_with_a_partial_last_batch(mock, task):
 def test_eval_transform_resizes_the_shorter_side_then_center_crops():
   img = Image.fromarray(np.zeros((40, 100, 3), np.uint8))
   assert imagenet.resize_shorter_side(img, 20).size == (50, 20)
-  assert imagenet.resize_shorter_side(Image.fromarray(np.zeros((99, 30, 3), np.uint8)), 20).size == (20, 66)
+  tall = Image.fromarray(np.zeros((99, 30, 3), np.uint8))
+  assert imagenet.resize_shorter_side(tall, 20).size == (20, 66)
   x = np.zeros((20, 50, 3), np.uint8)
   x[:, 25:] = 255  # Right half white: the centered 20x20 crop is half black, half white.
   out = imagenet.eval_transform(Image.fromarray(x), 20)
@@ -281,6 +313,7 @@ def test_each_host_decodes_only_its_rows(mock):
   full_x, full_y = task.finetune_batch(8, 3, 2, {"aug": "rand-m5-n1"})
   task._local_rows_cache[8] = np.array([4, 5, 6, 7])  # As process 1 of 2 would hold.
   x, y = task.finetune_batch(8, 3, 2, {"aug": "rand-m5-n1"})
+  assert task.finetune_stream(8, 3, {"aug": "rand-m5-n1"}).read(2)[0].shape == (4, 32, 32, 3)
   np.testing.assert_array_equal(x[4:], full_x[4:])   # Same bytes: randomness is per row.
   np.testing.assert_array_equal(y[4:], full_y[4:])
   assert not x[:4].any() and not y[:4].any()
@@ -300,7 +333,8 @@ def test_randaugment_string_parsing():
   assert randaugment.parse("rand-m9-n2") == randaugment.RandAugmentSpec(9.0, 2)
   assert randaugment.parse("rand-m12-n0").num_layers == 0
   s = randaugment.parse("rand-m9-n3-mstd0.5-mmax12-p0.7")
-  assert (s.magnitude, s.num_layers, s.magnitude_std, s.magnitude_max, s.prob) == (9, 3, 0.5, 12, 0.7)
+  assert (s.magnitude, s.num_layers, s.magnitude_std, s.magnitude_max, s.prob) == (
+      9, 3, 0.5, 12, 0.7)
   for bad in ("augmix-m5", "rand-x9", "rand-m9-n2.5", "rand-m9-inc1"):
     with pytest.raises(ValueError):
       randaugment.parse(bad)
@@ -342,3 +376,212 @@ def test_randaugment_ops_have_timm_semantics():
   for name in randaugment.RAND_TRANSFORMS:
     out = randaugment.apply_op(img, name, 7, rng, (0, 0, 0))
     assert out.size == img.size and out.mode == "RGB"
+
+
+# --- The Grain pipeline: worker processes, order, resume -----------------------
+
+
+def _double(i):  # Module-level: pickled by reference into the workers.
+  return np.full((2,), 2 * i, np.int64)
+
+
+def test_stream_position_state_is_the_one_grain_reaches():
+  stream = grain_input.Stream(_double, 20, num_workers=2)
+  try:
+    assert [int(stream.read(i)[0]) for i in range(7)] == [0, 2, 4, 6, 8, 10, 12]
+    reached = stream.get_state()
+    assert reached["position"] == 7
+    assert reached["grain"] == grain_input._state_at(stream._initial, 7, 2)
+    assert int(stream.read(2)[0]) == 4 and int(stream.read(3)[0]) == 6   # Seek back, go on.
+    assert int(stream.read(19)[0]) == 38 and int(stream.read(0)[0]) == 0  # Last, then first.
+    stream.set_state(json.loads(json.dumps(reached)))                     # JSON round trip.
+    assert int(stream.read(7)[0]) == 14
+  finally:
+    stream.close()
+  with pytest.raises(IndexError):
+    stream.seek(20)
+
+
+def test_training_stream_resumes_bit_identically(mock):
+  """A member stopped after step 3 and restarted from the saved iterator state (or from
+  the step alone, as the trainer does) sees the same bytes as one that never stopped,
+  whatever the number of worker processes."""
+  hp = {"aug": "rand-m9-n2"}
+  uninterrupted = imagenet.ImageNetTask(data_config(mock, num_workers=2))
+  stream = uninterrupted.finetune_stream(16, 7, hp)
+  want = [stream.read(s) for s in range(4)]
+  saved = json.loads(json.dumps(stream.get_state()))  # A checkpoint after step 3.
+  want += [uninterrupted.finetune_batch(16, 7, s, hp) for s in range(4, 8)]
+  end = json.loads(json.dumps(stream.get_state()))
+  uninterrupted.close()
+
+  resumed = imagenet.ImageNetTask(data_config(mock, num_workers=2))  # New worker processes.
+  stream = resumed.finetune_stream(16, 7, hp)
+  stream.set_state(saved)
+  assert stream.position == 4 and end["position"] == 8
+  for s in range(4, 8):
+    x, y = stream.read(s)
+    np.testing.assert_array_equal(x, want[s][0])
+    np.testing.assert_array_equal(y, want[s][1])
+  stream.set_state(end)  # The uninterrupted stream's end state: it goes on from step 8.
+  x8, _ = stream.read(8)
+  resumed.close()
+
+  in_process = imagenet.ImageNetTask(data_config(mock))
+  for s in (5, 2, 8):  # The trainer resumes by asking for the step: any order works.
+    x, y = in_process.finetune_batch(16, 7, s, hp)
+    np.testing.assert_array_equal(x, want[s][0] if s < 8 else x8)
+  assert not np.array_equal(want[4][0], want[5][0])
+
+
+def test_eval_streams_with_workers_are_exact_and_seekable(mock):
+  task = imagenet.ImageNetTask(data_config(mock, num_workers=2, heldout_in_memory=False))
+  splits = task.eval_splits()
+  serial = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False)).eval_splits()
+  # Out of column order, twice, and one abandoned midway: every split stays exact.
+  for column in ("ImageNetR", "ImageNet", "ObjectNet", "ImageNetR", "ImageNetA"):
+    got = list(splits[column].iterate(8))
+    assert [len(b) for b in got[:-1]] == [8] * (len(got) - 1) and 0 < len(got[-1]) <= 8
+    want = np.concatenate(list(serial[column].iterate(8)))
+    np.testing.assert_array_equal(np.concatenate(got), want)
+    next(splits["ImageNetSketch"].iterate(8))
+  source = source_of(mock, "ImageNetV2", "imagenet_v2/matched-frequency")
+  want = [imagenet.eval_transform(imagenet.decode_rgb(source[i]["image"]), 32) for i in range(21)]
+  np.testing.assert_array_equal(np.concatenate(list(splits["ImageNetV2"].iterate(5))), want)
+  task.close()
+
+
+# --- The official held-out mask (imagenet_98_idxs.npy) ---------------------------
+
+
+def _official_style_mask(train_source, per_class_pick):
+  """A 0/1 float mask over ImageFolder order, as the official file: per class, hold out the
+  file whose number is per_class_pick (e.g. 4108), found by sorting the names ourselves."""
+  labels, names = tfds_source.read_fields(train_source, ("label", "file_name"))
+  names = [n.decode() for n in names]
+  imagefolder = sorted(names)  # '<wnid>_<number>.JPEG': string order = folder, then file.
+  mask = np.zeros(len(names))
+  for j, name in enumerate(imagefolder):
+    if name.endswith(f"_{per_class_pick}.JPEG"):
+      mask[j] = 1
+  return mask, names, np.asarray(labels)
+
+
+def test_imagefolder_order_sorts_file_names_as_strings():
+  wnids = ("n01440764", "n01675722")
+  names = ["n01675722_4108.JPEG", "n01440764_9.JPEG", "n01675722_10026.JPEG", "n01440764_10.JPEG"]
+  order = imagenet_heldout.imagefolder_order(names, np.array([1, 0, 1, 0]), wnids)
+  assert [names[i] for i in order] == ["n01440764_10.JPEG", "n01440764_9.JPEG",
+                                       "n01675722_10026.JPEG", "n01675722_4108.JPEG"]
+  with pytest.raises(imagenet_heldout.HeldOutError, match="do not start with their class"):
+    imagenet_heldout.imagefolder_order(names, np.array([0, 0, 1, 0]), wnids)
+
+
+def test_official_mask_maps_onto_tfds_indices_by_file_name(mock, tmp_path):
+  train = source_of(mock, "ImageNet2p")
+  mask, names, labels = _official_style_mask(train, 4108)
+  assert mask.sum() == 1000
+  path = tmp_path / "imagenet_98_idxs.npy"
+  np.save(path, mask)
+  out = tmp_path / "heldout_official.npz"
+  make = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "make_imagenet_heldout.py"),
+       f"--data_dir={mock['data_dir']}", f"--official_mask={path}", f"--out={out}",
+       "--per_class=1"],
+      capture_output=True, text=True, timeout=300)
+  assert make.returncode == 0, make.stderr
+  assert "official" in make.stdout
+  held = imagenet_heldout.load(out)
+  assert held.source == "official" and held.seed == -1 and held.per_class == 1
+  # Exactly the images the mask names, by file name: n01675722_4108.JPEG is held out, while
+  # n01675722_10026.JPEG (before it in ImageFolder order, after it numerically) is not.
+  held_names = {names[i] for i in held.indices}
+  assert "n01675722_4108.JPEG" in held_names and "n01675722_10026.JPEG" not in held_names
+  assert all(n.endswith("_4108.JPEG") for n in held_names)
+  np.testing.assert_array_equal(held.labels, labels[held.indices])
+  # The mask read in TFDS order, or over numerically sorted names, picks other images.
+  assert not np.array_equal(np.flatnonzero(mask), held.indices)
+  numeric = sorted(range(len(names)), key=lambda i: (names[i].split("_")[0],
+                                                     int(names[i].split("_")[1].split(".")[0])))
+  assert set(np.asarray(numeric)[np.flatnonzero(mask)].tolist()) != set(held.indices.tolist())
+  # The task says which list it holds out; the seeded default says so too.
+  official = imagenet.ImageNetTask(data_config(mock, heldout_file=str(out)))
+  assert official.provenance() == {"heldout_list": "official"}
+  np.testing.assert_array_equal(official.eval_splits()["ImageNet2p"].labels, held.labels)
+  seeded = imagenet_heldout.load(mock["heldout_file"])
+  assert seeded.source == "seeded" and seeded.seed == 0
+
+
+def test_official_mask_errors_say_what_is_wrong():
+  labels = np.array([0, 0, 1, 1])
+  names = ["n01440764_1.JPEG", "n01440764_2.JPEG", "n01443537_1.JPEG", "n01443537_2.JPEG"]
+  wnids = ("n01440764", "n01443537")
+  np.testing.assert_array_equal(
+      imagenet_heldout.from_official_mask(np.array([0., 1., 1., 0.]), names, labels, wnids), [1, 2])
+  with pytest.raises(imagenet_heldout.HeldOutError, match=r"expected \(4,\)"):
+    imagenet_heldout.from_official_mask(np.ones(5), names, labels, wnids)
+  with pytest.raises(imagenet_heldout.HeldOutError, match="only 0 and 1"):
+    imagenet_heldout.from_official_mask(np.array([0, 2, 0, 1]), names, labels, wnids)
+
+
+def test_heldout_module_does_not_import_the_task():
+  """imagenet_heldout and imagenet share tfds_source: no import cycle."""
+  code = ("import sys; import soup.data.imagenet_heldout, soup.data.tfds_source; "
+          "assert 'soup.data.imagenet' not in sys.modules, 'cycle'")
+  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+
+
+def test_report_says_which_heldout_list(tmp_path):
+  from soup import report, results
+  base = {"model_name": "model_1", "recipe": "individual", "ImageNet2p": 0.8, "ImageNet": 0.79,
+          **{c: 0.5 for c in results.IMAGENET.shifts}}
+  def notes(*kinds):
+    rows = [dict(base, model_name=f"model_{i + 1}", heldout_list=k) for i, k in enumerate(kinds)]
+    return " ".join(report.build_report(rows, results.IMAGENET)["notes"])
+  assert "paper's own held-out split" in notes("official", "official")
+  assert "seeded draw" in notes("seeded") and "paper's own" not in notes("seeded")
+  assert "mix held-out lists (official, seeded)" in notes("official", "seeded")
+  assert "held-out list" not in notes(None) and "seeded" not in notes(None)
+
+
+# --- Cheaper training decode (JPEG draft mode) -----------------------------------------
+
+
+def _jpeg(width, height, seed=0):
+  import io
+  rng = np.random.default_rng(seed)
+  coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize((width, height),
+                                                                             Image.BICUBIC)
+  noisy = np.asarray(coarse, np.float32) + rng.normal(0, 6, (height, width, 3))
+  out = io.BytesIO()
+  Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+  return out.getvalue()
+
+
+def test_train_example_is_train_transform_and_draft_only_changes_pixels_slightly():
+  from soup.data import transforms
+  aug = randaugment.RandAugment("rand-m9-n2", fill=(123, 117, 104))
+  small, large = _jpeg(500, 375), _jpeg(1600, 1200)
+  for data in (small, large):  # Without draft: exactly the decode-then-transform result.
+    for s in range(3):
+      want = transforms.train_transform(transforms.decode_rgb(data), 64,
+                                        np.random.default_rng(s), aug)
+      np.testing.assert_array_equal(transforms.train_example(data, 64, np.random.default_rng(s),
+                                                             aug), want)
+  reduced, diffs = 0, []
+  for s in range(12):
+    full_rng, draft_rng = np.random.default_rng(s), np.random.default_rng(s)
+    full = transforms.train_example(large, 64, full_rng, None if s % 4 == 0 else aug)
+    fast = transforms.train_example(large, 64, draft_rng, None if s % 4 == 0 else aug, draft=True)
+    assert full_rng.random() == draft_rng.random()  # Same draws: the stream stays in step.
+    if s % 4 == 0:
+      np.testing.assert_array_equal(fast, full)  # aug None is the eval transform: no draft.
+    else:
+      reduced += not np.array_equal(fast, full)
+      diffs.append(np.abs(fast.astype(int) - full.astype(int)).mean())
+  assert reduced >= 6 and max(diffs) < 6  # Drafted, and close (mean abs difference, 0..255).
+  for s in range(5):  # 500x375 at 224 px: no crop is 448 px wide and high, so no draft.
+    np.testing.assert_array_equal(
+        transforms.train_example(small, 224, np.random.default_rng(s), aug, draft=True),
+        transforms.train_example(small, 224, np.random.default_rng(s), aug))

@@ -159,6 +159,26 @@ def test_config_builds_and_is_locked(path):
     module.get_config("smok")
 
 
+def test_protocol_switches_default_to_the_official_code():
+  """Issue 10 (c)-(f): each difference from the official code is a field, official by default."""
+  from soup.models.vit import ACTIVATIONS
+  from soup.soups import greedy
+  for arg in ("", "smoke"):
+    clip = CLIP.get_config(arg)
+    assert clip.finetune.weight_decay_mask == "all"  # finetune.py: AdamW on every parameter.
+    assert (clip.soups.greedy_tie_order, clip.soups.greedy_comparison) == ("reversed", ">")
+    assert clip.probe.kind == "linear_probe" and 0 < clip.probe.validation_fraction < 1
+    vit = load(ROOT / "configs" / "vit_b16_imagenet.py").get_config(arg)
+    assert vit.model.activation == "gelu_tanh"  # big_vision's nn.gelu(x).
+    assert vit.finetune.weight_decay_mask == "all"
+  for path in CONFIGS:  # Every config's values are accepted by the code that reads them.
+    config = load(path).get_config()
+    train.decay_mask({}, config.finetune.weight_decay_mask)
+    greedy.ranked({"a": 1.0}, config.soups.greedy_tie_order)
+    assert config.model.get("activation", "gelu") in ACTIVATIONS
+    assert min(config.probe.l2_grid) > 0 and config.probe.max_iterations > 0
+
+
 @pytest.fixture(scope="module")
 def mock(tmp_path_factory):
   root = tmp_path_factory.mktemp("mock")
@@ -207,7 +227,8 @@ def test_smoke_config_trains_one_step(path, mock, request):
   assert images.dtype == np.uint8 and len(images) == config.finetune.batch_size
   init_state, step_fn = train.make_train_step(lambda p, x: model.apply({"params": p}, x),
                                               task.num_classes, task.augment, task.preprocess,
-                                              config.finetune.grad_clip)
+                                              config.finetune.grad_clip,
+                                              config.finetune.weight_decay_mask)
   hyper = train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"],
                       label_smoothing=hp["label_smoothing"], mixup=hp["mixup"],
                       aug_strength=hp["aug_strength"], total_steps=10, warmup_steps=2)

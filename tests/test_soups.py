@@ -1,5 +1,8 @@
 """Exact checks of the soup recipes (model-agnostic: plain pytrees)."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -131,11 +134,49 @@ def test_greedy_comparison_strict_vs_non_strict():
   """A candidate that ties is added with '>=' and skipped with '>'."""
   ingredients = {"a": {"w": np.array([1.0], np.float32)}, "b": {"w": np.array([3.0], np.float32)}}
   evaluate = lambda p: 0.5  # Every soup ties.
-  scores = {"a": 0.5, "b": 0.5}
-  assert soups.greedy_soup(ingredients, scores, evaluate, ">").ingredients == ["a"]
-  assert soups.greedy_soup(ingredients, scores, evaluate, ">=").ingredients == ["a", "b"]
+  scores = {"a": 0.5, "b": 0.5}  # Tied: the official order tries "b" first.
+  assert soups.greedy_soup(ingredients, scores, evaluate, ">").ingredients == ["b"]
+  assert soups.greedy_soup(ingredients, scores, evaluate, ">=").ingredients == ["b", "a"]
+  assert soups.greedy_soup(ingredients, scores, evaluate, ">=",
+                           tie_order="listed").ingredients == ["a", "b"]
   with pytest.raises(ValueError, match="comparison"):
     soups.greedy_soup(ingredients, scores, evaluate, ">>")
+
+
+def _official_order(scores):
+  """model-soups main.py lines 151-154 (commit d5398f1), verbatim but for names."""
+  import operator
+  accs = sorted(scores.items(), key=operator.itemgetter(1))
+  accs.reverse()
+  return [x[0] for x in accs]
+
+
+def test_greedy_tie_order_on_the_released_results():
+  rows = [json.loads(line) for line in
+          (Path(__file__).parent / "data" / "paper" / "individual_model_results.jsonl").open()]
+  scores = {r["model_name"]: r["ImageNet2p"] for r in rows}
+  assert scores["model_4"] == scores["model_5"]  # The released tie.
+  order = greedy.ranked(scores)
+  assert order == _official_order(scores)
+  assert order.index("model_5") + 1 == order.index("model_4")
+  listed = greedy.ranked(scores, tie_order="listed")
+  assert listed.index("model_4") + 1 == listed.index("model_5")
+  # Nothing else moves: only the tied pair differs between the two orders.
+  assert [i for i, (a, b) in enumerate(zip(order, listed)) if a != b] == [
+      order.index("model_5"), order.index("model_4")]
+
+
+def test_greedy_tie_order_synthetic_and_shared_by_the_greedy_ensemble():
+  scores = {"m0": 0.5, "m1": 0.7, "m2": 0.5, "m3": 0.7, "m4": 0.6, "m5": 0.5}
+  assert greedy.ranked(scores) == ["m3", "m1", "m4", "m5", "m2", "m0"] == _official_order(scores)
+  assert greedy.ranked(scores, "listed") == ["m1", "m3", "m4", "m0", "m2", "m5"]
+  with pytest.raises(ValueError, match="tie_order"):
+    greedy.ranked(scores, "random")
+  labels = np.arange(4) % 2
+  logits = {n: np.zeros((4, 2), np.float32) for n in scores}
+  for order in ("reversed", "listed"):
+    result = soups.greedy_ensemble(logits, labels, scores, tie_order=order)
+    assert [h["name"] for h in result.history] == greedy.ranked(scores, order)
 
 
 def test_greedy_ensemble_of_one_member_is_that_member():

@@ -226,6 +226,10 @@ class FashionMNISTTask:
   from soup.results import FASHION_MNIST as columns
   num_classes = 10
 
+  def provenance(self) -> dict:
+    """No data provenance fields: the splits are fixed by config.data (see Task.provenance)."""
+    return {}
+
   def __init__(self, data_config):
     from soup.data.task import EvalSplit
     self.splits = experiment_splits(data_config)

@@ -1,8 +1,9 @@
 """ImageNet and its five distribution shifts, streamed from TFDS without TensorFlow.
 
 Splits (result column: source):
-  ImageNet2p      imagenet2012 train, the 26,000 held-out images (imagenet_heldout.py),
-                  decoded once and kept in memory (config.data.heldout_in_memory)
+  ImageNet2p      imagenet2012 train, the 26,000 held-out images (imagenet_heldout.py:
+                  the official mask or our seeded list), decoded once and kept in
+                  memory (config.data.heldout_in_memory)
   ImageNet        imagenet2012 validation (50,000), the test set
   ImageNetV2      imagenet_v2/matched-frequency test (10,000)
   ImageNetSketch  imagenet_sketch test (50,889)
@@ -11,25 +12,23 @@ Splits (result column: source):
   ImageNetA       imagenet_a test (7,500), scored on its 200 classes
 Fine-tuning uses imagenet2012 train minus the held-out images (1,255,167).
 
-Reading. Every TFDS dataset must be prepared in the array_record format, so
-that `tfds.data_source` gives random access without TensorFlow; images are
-read as encoded bytes (`SkipDecoding`) and decoded here with PIL in a thread
-pool (PIL releases the GIL while decoding and resizing). Evaluation splits
-are streamed as ordered batches (`EvalSplit.batches`), one batch decoded
-ahead, so no split sits in memory; their labels (read once, the images
-skipped) are cached as .npy under config.data.cache_dir.
+Reading. TFDS datasets are read as array_record data sources with images
+left encoded (tfds_source.py) and decoded with PIL (transforms.py) by the
+Grain pipeline of grain_input.py: config.data.num_workers worker processes
+(0: in this process, one batch ahead; -1: one per CPU core). Evaluation splits
+are ordered batches (`EvalSplit.batches`; the last one short, which the
+evaluator pads and masks), all splits served by one worker pool, so no split
+sits in memory; their labels (read once, the images skipped) are cached as
+.npy under config.data.cache_dir.
 
-Preprocessing, as in the paper's code (CLIP's `preprocess` and timm):
-  evaluation: resize the shorter side to image_size (bicubic), center crop;
-  training with aug=None: the same (the paper's finetune.py without --timm-aug);
-  training with aug="rand-mM-nN": timm's transforms_imagenet_train, i.e. a
-    random-resized crop (scale 0.08-1, ratio 3/4-4/3, bilinear or bicubic),
-    a horizontal flip with probability 0.5, then RandAugment (randaugment.py).
-Host-side augmentation is seeded per example by (member seed, step, row), so
-a batch is a pure function of (seed, step): resuming replays it exactly, and
-which thread or host decodes a row does not matter. Normalization (CLIP
-mean/std, or [-1, 1] for big_vision ViTs) runs inside jit (`preprocess`);
-`augment` in jit is the identity.
+Preprocessing (transforms.py) is the paper's: CLIP's resize and center crop
+for evaluation, and for training either the same (aug=None) or timm's
+random-resized crop, flip and RandAugment. Host-side augmentation is seeded
+per example by (member seed, step, row), so a batch is a pure function of
+(seed, step): resuming at a step replays the stream exactly, and which worker
+or host decodes a row does not matter. Normalization (CLIP mean/std, or
+[-1, 1] for big_vision ViTs) runs inside jit (`preprocess`); `augment` in jit
+is the identity.
 
 Multi-host. `finetune_batch` returns the global batch as full-size arrays,
 but each process decodes only the rows its own devices hold in the trainer's
@@ -46,18 +45,34 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
-import io
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
 from soup import results
-from soup.data import imagenet_heldout, objectnet, randaugment
+from soup.data import grain_input, imagenet_heldout, objectnet
 from soup.data.task import EvalSplit, Task
+
+# Re-exported: these lived here before tfds_source.py and transforms.py.
+from soup.data.tfds_source import (  # noqa: F401
+  DATASETS,
+  DatasetMissingError,
+  default_data_dir,
+  imagenet_wnids,
+  open_tfds,
+  read_labels,
+)
+from soup.data.transforms import (  # noqa: F401
+  center_crop,
+  decode_rgb,
+  eval_transform,
+  random_resized_crop_box,
+  resize_shorter_side,
+  train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,139 +113,10 @@ IMAGENET_A_CLASSES = (
     981, 984, 986, 987, 988)
 
 
-@functools.lru_cache(maxsize=None)
-def imagenet_wnids() -> tuple[str, ...]:
-  """The 1000 wnids in label order, from TFDS's own imagenet2012 labels.txt."""
-  from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
-  return tuple(Path(imagenet_common.label_names_file()).read_text().split())
-
-
 def subset_wnids(classes: Sequence[int]) -> tuple[str, ...]:
   """wnids of a 200-class subset, e.g. subset_wnids(IMAGENET_R_CLASSES)[0] == 'n01443537'."""
   wnids = imagenet_wnids()
   return tuple(wnids[c] for c in classes)
-
-
-# --- Datasets: where they come from and how to prepare them ---------------
-
-DATASETS = {
-    # column: (TFDS name, split, extra `tfds build` arguments, note)
-    "ImageNet2p": ("imagenet2012", "train", " --manual_dir=DIR",
-                   "DIR holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, downloaded "
-                   "from https://image-net.org after registering"),
-    "ImageNet": ("imagenet2012", "validation", " --manual_dir=DIR", "as for ImageNet2p"),
-    "ImageNetV2": ("imagenet_v2/matched-frequency", "test", "", ""),
-    "ImageNetSketch": ("imagenet_sketch", "test", "",
-                       "if its Google Drive download fails, put the archive in "
-                       "<data_dir>/downloads/manual and retry"),
-    "ImageNetR": ("imagenet_r", "test", "", ""),
-    "ImageNetA": ("imagenet_a", "test", "", ""),
-}
-
-
-class DatasetMissingError(FileNotFoundError):
-  """A dataset is not prepared where the config says; the message says how to prepare it."""
-
-
-def default_data_dir() -> str:
-  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
-
-
-def _missing_message(column: str, name: str, data_dir: str, why: str) -> str:
-  _, _, args, note = DATASETS[column]
-  return (f"{column}: TFDS {name} {why} in {data_dir}. Prepare it once with `tfds build {name} "
-          f"--data_dir={data_dir} --file_format=array_record{args}`" + (f" ({note})" if note else "")
-          + "; building needs `pip install tensorflow` on that machine, reading here does not.")
-
-
-def open_tfds(column: str, data_dir: str, name: Optional[str] = None):
-  """The array_record data source of a column's TFDS split, images left encoded.
-
-  Raises DatasetMissingError (saying how to prepare it) when the dataset is
-  not prepared in data_dir, lacks the split, or was prepared as tfrecord.
-  """
-  import tensorflow_datasets as tfds
-
-  name = name or DATASETS[column][0]
-  split = DATASETS[column][1]
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # Unknown config, unreadable metadata...
-    raise DatasetMissingError(_missing_message(column, name, data_dir, f"cannot be opened ({e})")) from e
-  if not builder.is_prepared():
-    raise DatasetMissingError(_missing_message(column, name, data_dir, "is not prepared"))
-  if split not in builder.info.splits:
-    raise DatasetMissingError(_missing_message(column, name, data_dir, f"has no {split!r} split"))
-  file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
-  if file_format != "array_record":
-    raise DatasetMissingError(_missing_message(
-        column, name, data_dir, f"is prepared as {file_format}, which needs TensorFlow to read"))
-  return builder, builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-
-
-# --- Image transforms (host side, PIL) ------------------------------------
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-  with Image.open(io.BytesIO(data)) as img:
-    return img.convert("RGB")
-
-
-def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
-  """torchvision Resize(size, BICUBIC): shorter side to size, longer side truncated."""
-  w, h = img.size
-  if w <= h:
-    new = (size, int(size * h / w))
-  else:
-    new = (int(size * w / h), size)
-  return img if new == (w, h) else img.resize(new, Image.BICUBIC)
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-  """torchvision CenterCrop (images here are never smaller than size)."""
-  w, h = img.size
-  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-  return img.crop((left, top, left + size, top + size))
-
-
-def eval_transform(img: Image.Image, size: int) -> np.ndarray:
-  """CLIP's evaluation preprocessing, up to normalization: uint8 [size, size, 3]."""
-  return np.asarray(center_crop(resize_shorter_side(img, size), size), np.uint8)
-
-
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-  """torchvision RandomResizedCrop.get_params: (left, top, w, h), 10 tries then a center crop."""
-  area = width * height
-  log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
-  for _ in range(10):
-    target = area * rng.uniform(*scale)
-    aspect = np.exp(rng.uniform(*log_ratio))
-    w = int(round(np.sqrt(target * aspect)))
-    h = int(round(np.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    w, h = int(round(height * max(ratio))), height
-  else:
-    w, h = width, height
-  return (width - w) // 2, (height - h) // 2, w, h
-
-
-def train_transform(img: Image.Image, size: int, rng: np.random.Generator,
-                    augment: Optional[randaugment.RandAugment]) -> np.ndarray:
-  """aug None: eval preprocessing; else timm's crop, flip and RandAugment."""
-  if augment is None:
-    return eval_transform(img, size)
-  left, top, w, h = random_resized_crop_box(*img.size, rng)
-  resample = (Image.BILINEAR, Image.BICUBIC)[int(rng.integers(2))]
-  img = img.resize((size, size), resample, box=(left, top, left + w, top + h))
-  if rng.random() < 0.5:
-    img = img.transpose(Image.FLIP_LEFT_RIGHT)
-  return np.asarray(augment(img, rng), np.uint8)
 
 
 # --- Label caching --------------------------------------------------------
@@ -243,14 +129,9 @@ def _cache_dir(config_dir: str) -> Path:
   return Path(base) / "soup" / "labels"
 
 
-def read_labels(source, indices: Optional[np.ndarray] = None, chunk: int = 2048,
-                pool: Optional[concurrent.futures.Executor] = None) -> np.ndarray:
-  """Labels of a data source (all, or at `indices`), reading records with images skipped."""
-  indices = np.arange(len(source)) if indices is None else np.asarray(indices)
-  chunks = [indices[i:i + chunk].tolist() for i in range(0, len(indices), chunk)]
-  read = lambda ids: np.asarray([r["label"] for r in source.__getitems__(ids)], np.int32)
-  parts = list(pool.map(read, chunks)) if pool else [read(c) for c in chunks]
-  return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+# Elements of a training stream: steps. No member runs this many; steps past its end are
+# never read (the workers decode at most a few batches ahead).
+TRAIN_STREAM_STEPS = 2**31 - 1
 
 
 class ImageNetTask(Task):
@@ -270,28 +151,52 @@ class ImageNetTask(Task):
     mean, std = NORMALIZATIONS[d.normalization]
     self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     self.fill = tuple(min(255, round(255 * m)) for m in mean)  # timm's img_mean.
-    self.pool = concurrent.futures.ThreadPoolExecutor(d.num_workers or os.cpu_count() or 1)
-    self._prefetch = concurrent.futures.ThreadPoolExecutor(1)      # Next eval batch.
-    self._train_ahead = concurrent.futures.ThreadPoolExecutor(1)   # Next training batch.
-    self._ahead = None  # (key, future) of the training batch decoded ahead.
+    workers = int(d.num_workers)
+    if workers < -1:
+      raise ValueError(f"config.data.num_workers must be -1 (one per core), 0 (decode in this "
+                       f"process) or a number of worker processes, got {workers}.")
+    self.num_workers = (os.cpu_count() or 1) if workers == -1 else workers
+    self.objectnet_border = objectnet.BORDER if d.get("objectnet_border_crop", False) else 0
+    self.pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # Labels.
 
     self.train_builder, self.train_source = open_tfds("ImageNet2p", self.data_dir)
-    self.heldout = imagenet_heldout.load(os.path.expanduser(d.heldout_file) if d.heldout_file else None)
+    self.heldout = imagenet_heldout.load(
+        os.path.expanduser(d.heldout_file) if d.heldout_file else None)
     imagenet_heldout.verify(self.heldout, num_train=len(self.train_source),
                             per_class=d.heldout_per_class, num_classes=NUM_CLASSES,
                             tfds_version=str(self.train_builder.version))
     self.finetune_idx = self.heldout.finetune_indices()
     self._eval: Optional[dict[str, EvalSplit]] = None
+    self._eval_readers: list = []  # Image readers of the streamed evaluation splits.
     self._local_rows_cache: dict[int, np.ndarray] = {}
+    # One worker pool at a time (training, evaluation or probe examples): a stream is
+    # replaced when another kind is asked for, which bounds the memory of idle workers.
+    self._stream: Optional[grain_input.Stream] = None
+    self._stream_key: Any = None
+
+  def provenance(self) -> dict[str, Any]:
+    """What results lines should record about the data: which held-out list was used."""
+    return {"heldout_list": self.heldout.source}
+
+  def _stream_for(self, key, make: Callable[[], tuple[Callable, int]]) -> grain_input.Stream:
+    """The live stream for `key`, started (and any other closed) when needed."""
+    if self._stream is None or self._stream_key != key or self._stream.closed:
+      self.close()
+      fn, length = make()
+      self._stream = grain_input.Stream(fn, length, self.num_workers)
+      self._stream_key = key
+    return self._stream
+
+  def close(self) -> None:
+    """Stops the worker processes (a later read starts them again)."""
+    if self._stream is not None:
+      self._stream.close()
+      self._stream, self._stream_key = None, None
 
   # --- Fine-tuning ----------------------------------------------------------
 
   def finetune_size(self) -> int:
     return len(self.finetune_idx)
-
-  @functools.lru_cache(maxsize=2)
-  def _epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(self.finetune_size())
 
   def _local_rows(self, batch_size: int) -> np.ndarray:
     """Rows of a global batch held by this process's devices (all rows on one host)."""
@@ -307,60 +212,41 @@ class ImageNetTask(Task):
       self._local_rows_cache[batch_size] = rows
     return self._local_rows_cache[batch_size]
 
-  def _decode(self, source, indices: np.ndarray, transform: Callable[[int, Image.Image], np.ndarray],
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Images (decoded by `transform(position, image)` in the pool) and labels of records."""
-    records = source.__getitems__(np.asarray(indices).tolist()) if len(indices) else []
-    images = list(self.pool.map(lambda a: transform(a[0], decode_rgb(a[1]["image"])),
-                                enumerate(records)))
-    shape = (len(records), self.image_size, self.image_size, 3)
-    return (np.stack(images) if images else np.zeros(shape, np.uint8),
-            np.asarray([r["label"] for r in records], np.int32))
+  def _train_batches(self, batch_size: int, seed: int, aug: Optional[str],
+                     rows: Optional[np.ndarray] = None) -> grain_input.TrainBatches:
+    rows = self._local_rows(batch_size) if rows is None else rows
+    return grain_input.TrainBatches(self.train_source, self.finetune_idx, batch_size, seed, aug,
+                                    self.fill, self.image_size, rows,
+                                    bool(self.config.get("train_jpeg_draft", False)))
+
+  @functools.lru_cache(maxsize=2)
+  def _positions_of(self, batch_size: int, seed: int) -> grain_input.TrainBatches:
+    return self._train_batches(batch_size, seed, None, np.arange(batch_size))
 
   def batch_positions(self, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Positions in the fine-tuning split of step's batch, sorted (faster reads); each
     epoch is a permutation seeded by (seed, epoch), the last partial batch dropped."""
-    from soup.data import pipeline
-    per_epoch = pipeline.steps_per_epoch(self.finetune_size(), batch_size)
-    epoch, index = divmod(int(step), per_epoch)
-    return np.sort(self._epoch_order(int(seed), epoch)[index * batch_size:(index + 1) * batch_size])
+    return self._positions_of(int(batch_size), int(seed)).positions(int(step))
+
+  def finetune_stream(self, batch_size: int, seed: int,
+                      hparams: Optional[Mapping[str, Any]] = None) -> grain_input.Stream:
+    """The Grain stream of a member's batches (element = step; this host's rows only)."""
+    aug = (hparams or {}).get("aug")
+    rows = self._local_rows(int(batch_size))
+    key = ("train", int(batch_size), int(seed), aug, rows.tobytes())
+    return self._stream_for(key, lambda: (self._train_batches(int(batch_size), int(seed), aug),
+                                          TRAIN_STREAM_STEPS))
 
   def finetune_batch(self, batch_size: int, seed: int, step: int,
                      hparams: Optional[Mapping[str, Any]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """The global batch of `step` (batch_positions, as pipeline.train_batch), augmented
-    per hparams["aug"]. Only this process's rows are decoded (see the module docstring).
-
-    The trainer asks for steps in order, so the next step's batch is decoded in the
-    background while the device runs this one; a different request just waits for it
-    and decodes its own (the result is the same either way: batches are pure functions
-    of their arguments).
-    """
-    aug = (hparams or {}).get("aug")
-    key = (int(batch_size), int(seed), int(step), aug)
-    pending, self._ahead = self._ahead, None
-    if pending is not None and pending[0] == key:
-      batch = pending[1].result()
-    else:
-      if pending is not None:  # Let it finish (unused) rather than race it for the pool.
-        concurrent.futures.wait([pending[1]])
-      batch = self._finetune_batch(*key)
-    next_key = (key[0], key[1], key[2] + 1, aug)
-    self._ahead = (next_key, self._train_ahead.submit(self._finetune_batch, *next_key))
-    return batch
-
-  def _finetune_batch(self, batch_size: int, seed: int, step: int,
-                      aug: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
-    positions = self.batch_positions(batch_size, seed, step)
+    """The global batch of `step` (batch_positions), augmented per hparams["aug"]. Only
+    this process's rows are decoded (see the module docstring), by the worker pool,
+    which works ahead on the next steps while the devices run this one."""
+    local_images, local_labels = self.finetune_stream(batch_size, seed, hparams).read(int(step))
     rows = self._local_rows(batch_size)
-    augment = randaugment.from_string(aug, self.fill)
+    if len(rows) == batch_size:
+      return local_images, local_labels
     size = self.image_size
-
-    def transform(k, img):  # Row rows[k]'s randomness depends on (seed, step, row) only.
-      rng = np.random.default_rng([int(seed), int(step), int(rows[k]), 0x5EED])
-      return train_transform(img, size, rng, augment)
-
-    local_images, local_labels = self._decode(self.train_source, self.finetune_idx[positions[rows]],
-                                              transform)
     images = np.zeros((batch_size, size, size, 3), np.uint8)
     labels = np.zeros((batch_size,), np.int32)
     images[rows], labels[rows] = local_images, local_labels
@@ -370,30 +256,41 @@ class ImageNetTask(Task):
     """`count` fine-tuning images, eval-preprocessed, the first of a fixed random order
     (seeded by config.data.split_seed): a uniform sample over classes, for the linear probe."""
     order = np.random.default_rng(self.config.split_seed).permutation(self.finetune_size())[:count]
-    images, labels = [], []
-    for start in range(0, len(order), 1024):
-      im, lb = self._decode(self.train_source, self.finetune_idx[order[start:start + 1024]],
-                            lambda k, img: eval_transform(img, self.image_size))
-      images.append(im)
-      labels.append(lb)
-    return np.concatenate(images), np.concatenate(labels)
+    records = self.finetune_idx[order]
+    images = self._decode_once(grain_input.TfdsImages(self.train_source, records, self.image_size),
+                               ("examples", int(count)))
+    return images, read_labels(self.train_source, records, pool=self.pool)
+
+  def _decode_once(self, reader, key, batch_size: int = 1024) -> np.ndarray:
+    """All of a reader's images, decoded by a worker pool that is closed afterwards."""
+    batches = grain_input.EvalBatches([reader], batch_size)
+    stream = self._stream_for(key, lambda: (batches, len(batches)))
+    images = [np.asarray(stream.read(k)) for k in range(len(batches))]
+    self.close()
+    shape = (0, self.image_size, self.image_size, 3)
+    return np.concatenate(images) if images else np.zeros(shape, np.uint8)
 
   # --- Evaluation -------------------------------------------------------------
 
-  def _stream(self, read: Callable[[np.ndarray], np.ndarray], n: int
-              ) -> Callable[[int], Iterator[np.ndarray]]:
-    """Ordered batches of `read(positions)`, the next batch decoded while one is used."""
+  def _eval_stream(self, batch_size: int) -> tuple[grain_input.Stream, grain_input.EvalBatches]:
+    readers = tuple(self._eval_readers)
+    key = ("eval", int(batch_size), len(readers))
+
+    def make():
+      batches = grain_input.EvalBatches(list(readers), batch_size)
+      return batches, len(batches)
+    stream = self._stream_for(key, make)
+    return stream, stream.fn
+
+  def _streamed(self, reader) -> Callable[[int], Iterator[np.ndarray]]:
+    """Ordered batches of a reader's images, from the evaluation worker pool."""
+    self._eval_readers.append(reader)
+    index = len(self._eval_readers) - 1
+
     def batches(batch_size: int) -> Iterator[np.ndarray]:
-      starts = list(range(0, n, batch_size))
-      if not starts:
-        return
-      submit = lambda s: self._prefetch.submit(read, np.arange(s, min(n, s + batch_size)))
-      pending = submit(starts[0])
-      for nxt in starts[1:] + [None]:
-        batch = pending.result()
-        if nxt is not None:
-          pending = submit(nxt)
-        yield batch
+      for b in range(-(-len(reader) // batch_size)):
+        stream, table = self._eval_stream(batch_size)  # Fetched per batch: it may be replaced.
+        yield np.asarray(stream.read(table.first_batch[index] + b))
     return batches
 
   def _cached_labels(self, builder, source, key: str, indices: Optional[np.ndarray] = None
@@ -424,44 +321,39 @@ class ImageNetTask(Task):
     class subset: labels become positions in `classes`, logits are restricted to them."""
     labels = self._cached_labels(builder, source, DATASETS[column][1], indices)
     records = np.arange(len(source)) if indices is None else np.asarray(indices)
-    size = self.image_size
-    read = lambda pos: self._decode(source, records[pos], lambda k, img: eval_transform(img, size))[0]
+    reader = grain_input.TfdsImages(source, records, self.image_size)
     logits_map = None
     if classes is not None:
       classes = np.asarray(classes)
       outside = ~np.isin(labels, classes)
       if outside.any():
-        raise ValueError(f"{column}: {int(outside.sum())} labels outside its {len(classes)} classes.")
+        raise ValueError(
+            f"{column}: {int(outside.sum())} labels outside its {len(classes)} classes.")
       labels = np.searchsorted(classes, labels).astype(np.int32)
       logits_map = functools.partial(_take_classes, classes=classes)
-    return EvalSplit(labels=labels, batches=self._stream(read, len(labels)), logits_map=logits_map)
+    return EvalSplit(labels=labels, batches=self._streamed(reader), logits_map=logits_map)
 
   def _objectnet_split(self) -> EvalSplit:
     mapping = objectnet.load_mapping()
     paths, labels = objectnet.list_images(self.config.objectnet_dir, mapping)
-    size = self.image_size
-
-    def read(pos):
-      return np.stack(list(self.pool.map(
-          lambda i: eval_transform(objectnet.load_image(paths[i]), size), pos)))
-
-    return EvalSplit(labels=labels, batches=self._stream(read, len(labels)),
-                     logits_map=mapping.logits)
+    reader = grain_input.FileImages(paths, self.image_size, self.objectnet_border)
+    return EvalSplit(labels=labels, batches=self._streamed(reader), logits_map=mapping.logits)
 
   def _heldout_split(self) -> EvalSplit:
-    labels = self._cached_labels(self.train_builder, self.train_source, "train", self.heldout.indices)
+    labels = self._cached_labels(self.train_builder, self.train_source, "train",
+                                 self.heldout.indices)
     if not np.array_equal(labels, self.heldout.labels):
       raise imagenet_heldout.HeldOutError(
           "The held-out list's labels differ from the dataset's at its indices: it was made from "
           f"another preparation of imagenet2012. Remake it with `{imagenet_heldout.MAKE_COMMAND}`.")
-    split = self._tfds_split("ImageNet2p", self.train_builder, self.train_source, self.heldout.indices)
     if not self.config.heldout_in_memory:
-      return split
+      return self._tfds_split("ImageNet2p", self.train_builder, self.train_source,
+                              self.heldout.indices)
     # Selection reads the held-out set once per candidate (greedy soup: 72 times) and the
     # learned soups need it whole: decode its 26,000 images once (3.9 GB at 224 px).
-    log.info("decoding the %d held-out images into memory", len(split))
-    images = np.concatenate(list(split.iterate(1024)))
-    return EvalSplit(labels=split.labels, images=images)
+    log.info("decoding the %d held-out images into memory", len(labels))
+    reader = grain_input.TfdsImages(self.train_source, self.heldout.indices, self.image_size)
+    return EvalSplit(labels=labels, images=self._decode_once(reader, ("heldout",)))
 
   def eval_splits(self) -> dict[str, EvalSplit]:
     """Column -> EvalSplit in results.IMAGENET order; all missing datasets are reported at once."""
@@ -475,10 +367,12 @@ class ImageNetTask(Task):
             objectnet.images_dir(self.config.objectnet_dir)
             makers[column] = self._objectnet_split
           else:
-            name = f"imagenet_v2/{self.config.imagenet_v2_variant}" if column == "ImageNetV2" else None
+            name = (f"imagenet_v2/{self.config.imagenet_v2_variant}" if column == "ImageNetV2"
+                    else None)
             builder, source = open_tfds(column, self.data_dir, name)
             classes = {"ImageNetR": IMAGENET_R_CLASSES, "ImageNetA": IMAGENET_A_CLASSES}.get(column)
-            makers[column] = functools.partial(self._tfds_split, column, builder, source, None, classes)
+            makers[column] = functools.partial(self._tfds_split, column, builder, source, None,
+                                               classes)
         except (DatasetMissingError, objectnet.ObjectNetMissingError) as e:
           missing.append(str(e))
       if missing:

@@ -46,9 +46,29 @@ def _random_image(rng: np.random.Generator, min_size: int = 24, max_size: int = 
   return Image.fromarray(coarse).resize((w, h), Image.NEAREST)
 
 
+# The mock's train images of a class are numbered like these real ones (then 20000 + k):
+# n01675722_4108.JPEG sorts after n01675722_10026.JPEG in ImageFolder's (string) order.
+TRAIN_NUMBERS = (4108, 10026, 957, 12)
+
+
+def train_file_names(labels: np.ndarray) -> list[str]:
+  """ImageNet-style train file names, <wnid>_<number>.JPEG, numbered by TRAIN_NUMBERS within
+  each class: their string order (ImageFolder's) is neither their numeric order nor the
+  order of the records in TFDS."""
+  from soup.data.tfds_source import imagenet_wnids
+  wnids, seen, names = imagenet_wnids(), {}, []
+  for c in labels:
+    k = seen[int(c)] = seen.get(int(c), -1) + 1
+    number = TRAIN_NUMBERS[k] if k < len(TRAIN_NUMBERS) else 20000 + k
+    names.append(f"{wnids[int(c)]}_{number}.JPEG")
+  return names
+
+
 def _prepare(name: str, data_dir: Path, split_labels: dict[str, np.ndarray], seed: int,
-             config: str | None = None) -> None:
-  """Prepares catalog dataset `name` in data_dir with random images of the given labels."""
+             config: str | None = None, file_names: dict[str, list[str]] | None = None) -> None:
+  """Prepares catalog dataset `name` in data_dir with random images of the given labels
+  (file names f"{split}_{i}.JPEG" unless given)."""
+  file_names = file_names or {}
   import tensorflow_datasets as tfds
 
   tfds.disable_progress_bar()
@@ -67,7 +87,8 @@ def _prepare(name: str, data_dir: Path, split_labels: dict[str, np.ndarray], see
       rng = np.random.default_rng([seed, *split.encode()])
       for i, label in enumerate(split_labels[split]):
         yield f"{split}_{i}", {"image": _random_image(rng), "label": int(label),
-                               "file_name": f"{split}_{i}.JPEG"}
+                               "file_name": (file_names[split][i] if split in file_names
+                                             else f"{split}_{i}.JPEG")}
 
   kwargs = dict(config=config) if config else {}
   builder = Mock(data_dir=str(data_dir), file_format="array_record", **kwargs)
@@ -91,7 +112,8 @@ def write_datasets(root: str | Path = DEFAULT_ROOT, *, train_per_class: int = 2,
   rng = np.random.default_rng(seed)
   train = np.repeat(np.arange(imagenet.NUM_CLASSES), train_per_class)
   _prepare("imagenet2012", data_dir, {
-      "train": train, "validation": rng.integers(0, imagenet.NUM_CLASSES, eval_examples)}, seed)
+      "train": train, "validation": rng.integers(0, imagenet.NUM_CLASSES, eval_examples)}, seed,
+      file_names={"train": train_file_names(train)})
   _prepare("imagenet_v2", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed,
            config="matched-frequency")
   _prepare("imagenet_sketch", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed)

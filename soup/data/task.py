@@ -75,6 +75,10 @@ class Task:
   def eval_splits(self) -> dict[str, EvalSplit]:
     raise NotImplementedError
 
+  def provenance(self) -> dict[str, Any]:
+    """Fields results lines should carry about the data (e.g. which held-out list)."""
+    return {}
+
   def preprocess(self, images: jax.Array) -> jax.Array:
     raise NotImplementedError
 

@@ -5,6 +5,13 @@ Parameter tree (as in big_vision/models/vit.py, so its .npz checkpoints load):
   Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0,
   LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}}, Transformer/encoder_norm,
   pre_logits (optional), head.
+
+MLP activation (`activation`): big_vision's MlpBlock calls flax `nn.gelu(x)`
+(big_vision/models/vit.py, commit 0127fb6), whose default is approximate=True,
+the tanh form; google-research/vision_transformer does the same. Checkpoints
+trained there (the AugReg ViTs) want "gelu_tanh": exact GELU moves random-weight
+logits by about 1e-3. "gelu" (exact erf, torch.nn.GELU's and timm's default)
+stays the class default, for models trained here from scratch.
 """
 
 from __future__ import annotations
@@ -14,17 +21,30 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),   # Exact (erf).
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # big_vision's nn.gelu(x).
+}
+
+
+def activation_fn(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"config.model.activation must be one of {sorted(ACTIVATIONS)}, "
+                     f"got {name!r}.")
+  return ACTIVATIONS[name]
+
 
 class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                  bias_init=nn.initializers.normal(stddev=1e-6))(x)
-    x = nn.gelu(x, approximate=False)
+    x = activation_fn(self.activation)(x)
     return nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                     bias_init=nn.initializers.normal(stddev=1e-6))(x)
 
@@ -33,6 +53,7 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x):
@@ -42,7 +63,7 @@ class Encoder1DBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform())(y, y)
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype)(x)
-    return x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
+    return x + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation)(y)
 
 
 class Encoder(nn.Module):
@@ -50,11 +71,13 @@ class Encoder(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.depth):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{i}")(x)
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dtype, self.activation,
+                         name=f"encoderblock_{i}")(x)
     return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
 
 
@@ -70,6 +93,7 @@ class ViT(nn.Module):
   pool_type: str = "tok"  # "tok" (class token) or "gap".
   representation_size: Optional[int] = None
   head_zeroinit: bool = True
+  activation: str = "gelu"  # "gelu_tanh" for big_vision checkpoints (module docstring).
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -87,7 +111,7 @@ class ViT(nn.Module):
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(x.dtype), x], axis=1)
     x = Encoder(self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.dtype,
-                name="Transformer")(x)
+                self.activation, name="Transformer")(x)
     x = x[:, 0] if self.pool_type == "tok" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, name="pre_logits", dtype=self.dtype)(x))

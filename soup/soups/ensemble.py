@@ -28,11 +28,11 @@ def logit_ensemble(logits: Sequence[np.ndarray]) -> np.ndarray:
 
 def greedy_ensemble(held_out_logits: Mapping[str, np.ndarray], labels: np.ndarray,
                     held_out_scores: Optional[Mapping[str, float]] = None,
-                    comparison: str = ">") -> GreedyResult:
-  """The greedy procedure with members combined by averaging logits."""
+                    comparison: str = ">", tie_order: str = "reversed") -> GreedyResult:
+  """The greedy procedure with members combined by averaging logits (same order as the soup's)."""
   if held_out_scores is None:
     held_out_scores = {n: accuracy(x, labels) for n, x in held_out_logits.items()}
-  order = ranked({n: held_out_scores[n] for n in held_out_logits})
+  order = ranked({n: held_out_scores[n] for n in held_out_logits}, tie_order)
   state = {"sum": np.asarray(held_out_logits[order[0]], np.float64), "count": 1}
 
   def try_candidate(name):

@@ -3,6 +3,12 @@
 Sort candidates by held-out accuracy, best first; add a candidate only if the
 held-out accuracy of the result improves. The official code compares with a
 strict `>`, the paper's text with `>=`; `comparison` selects.
+
+Ties in held-out accuracy: the official main.py (model-soups commit d5398f1,
+lines 152-153) sorts the (name, accuracy) pairs ascending, a stable sort, then
+reverses the list, so tied models come in reverse listed order ("reversed", the
+default); "listed" keeps them in listed order. The released results tie model_4
+and model_5 on ImageNet2p, so the official order tries model_5 first.
 """
 
 from __future__ import annotations
@@ -30,10 +36,17 @@ class GreedyResult:
   result: Any = None              # The soup's params (or the ensemble's logits).
 
 
-def ranked(held_out_scores: Mapping[str, float]) -> list[str]:
-  """Names sorted by held-out accuracy, best first; ties keep the given order."""
+TIE_ORDERS = ("reversed", "listed")
+
+
+def ranked(held_out_scores: Mapping[str, float], tie_order: str = "reversed") -> list[str]:
+  """Names sorted by held-out accuracy, best first; ties per `tie_order` (module docstring)."""
   names = list(held_out_scores)
-  return sorted(names, key=lambda n: -held_out_scores[n])
+  if tie_order == "listed":
+    return sorted(names, key=lambda n: -held_out_scores[n])
+  if tie_order == "reversed":  # Exactly the official code: ascending, then reversed.
+    return sorted(names, key=lambda n: held_out_scores[n])[::-1]
+  raise ValueError(f"greedy tie_order must be one of {TIE_ORDERS}, got {tie_order!r}.")
 
 
 def greedy_select(order: Sequence[str], first_score: float,
@@ -64,14 +77,14 @@ def greedy_select(order: Sequence[str], first_score: float,
 
 def greedy_soup(ingredients: Mapping[str, average.Source], held_out_scores: Mapping[str, float],
                 evaluate: Callable[[PyTree], float], comparison: str = ">",
-                verify: bool = True) -> GreedyResult:
+                verify: bool = True, tie_order: str = "reversed") -> GreedyResult:
   """Greedy soup over params or checkpoint paths.
 
   Holds the running mean of the soup and one candidate at a time; each step
   costs one held-out evaluation. `held_out_scores[name]` must be the held-out
   accuracy of that ingredient alone under `evaluate`.
   """
-  order = ranked({n: held_out_scores[n] for n in ingredients})
+  order = ranked({n: held_out_scores[n] for n in ingredients}, tie_order)
   first = average.load(ingredients[order[0]], verify)
   reference = first
   state = {"mean": average._to_float32(first), "count": 1, "candidate": None}
