@@ -25,10 +25,10 @@ Smoke (same code path, about a minute on an idle machine):
 Ablations (same command, a config argument; combine with commas, e.g. weak_upstream,smoke):
   :weak_upstream  the earlier default's upstream (coarse labels, 30,000 images, 3 epochs);
   :narrow_lr      sweep lr in [1e-5, 1e-3] instead of [1e-5, 1e-2].
-Expected (one seed, 0, experiments/README.md; no spread over seeds was measured): test
-accuracy pixel baseline 82.33, initialization 83.01, best individual 83.20, greedy soup 83.40
-(3 ingredients), uniform soup 81.92, WiSE-FT 83.54, greedy ensemble 83.99; 566 CPU-seconds
-(38 min of wall time on a 2-core machine shared by other jobs; about 9-10 min idle).
+Expected (one seed, 0, experiments/README.md; no spread over seeds was measured), test
+accuracy: pixel baseline 83.53, initialization 83.39, best individual 82.79, greedy soup
+83.52 (4 ingredients), uniform soup 81.86, greedy ensemble 84.24; 657 s on 2 cores at load
+3-4 (the L-BFGS probe 78 s and pixel baseline 126 s included).
 Overrides: --config.sweep.num_members=24 --config.soups.greedy_comparison='>='
   --config.report.analysis=False.
 """
