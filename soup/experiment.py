@@ -92,7 +92,9 @@ def run(config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]],
   # --- Stage 6: results.jsonl, report.md, figure.png ----------------------------
   if "report" in stages:
     with _stage("report"):
-      return report(wd, res.columns, rows)
+      add_intervals(config, res.columns, rows)
+      figures = analysis_figures(config, wd, res, store, all_models, rows)
+      return report(wd, res.columns, rows, figures)
   return None
 
 
@@ -270,7 +272,7 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
       columns=res.columns, splits=tuple(res.splits()), held_out=held, mesh=res.mesh,
       load=store.load, logits=lambda n: model_logits(config, wd, res, store, n),
       evaluate=res.evaluate, held_out_accuracy=res.held_out_accuracy, apply_fn=res.apply_fn,
-      row=res.row)
+      row=res.row, task=res.task)
   rows = []
   for name in cfg.recipes:
     recipe = recipes.REGISTRY[name]
@@ -298,10 +300,88 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
 # --- Stage 6: results and report ------------------------------------------------
 
 
-def report(wd: Workdir, columns: results.Columns, rows: list[dict]) -> dict:
+def add_intervals(config, columns: results.Columns, rows: list[dict]) -> None:
+  """Paired bootstrap 95% intervals of every row against the best individual (soup/claims.py)."""
+  from soup import claims, stats
+  correct = {r["model_name"]: {c: stats.unpack_correct(p) for c, p in r["correct"].items()}
+             for r in rows if r.get("correct")}
+  resamples = config.get("report", {}).get("bootstrap_resamples", stats.NUM_RESAMPLES)
+  claims.add_intervals(rows, correct, columns, seed=config.seed, num_resamples=resamples)
+
+
+def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore,
+                     names: list[str], rows: list[dict]) -> dict[str, str]:
+  """The error landscape and the soups-by-ingredients curves (soup/analysis.py), if enabled.
+
+  Cached in analysis.json under the ingredients' fingerprints and the settings.
+  Returns {figure title: file name} for the report's links.
+  """
+  from soup import analysis
+  cfg = config.get("report", {})
+  if not cfg.get("analysis", False):
+    return {}
+  usable, _ = store.usable(names)
+  if not config.soups.include_initialization:
+    usable = [n for n in usable if n != "model_0"]
+  members = [n for n in usable if n != "model_0"]
+  figures = {"Error landscape (held-out error on the plane of the initialization and two "
+             "fine-tunes)": "landscape.png",
+             "Greedy and uniform soups as ingredients are added": "ingredients.png"}
+  if len(members) < 2 or "model_0" not in store.usable(names)[0]:
+    log.warning("analysis figures need model_0 and two fine-tunes; skipped.")
+    return {}
+  settings = {k: cfg.get(k) for k in ("landscape_grid", "landscape_examples")}
+  key = content_key({"settings": settings, "greedy": config.soups.greedy_comparison,
+                     "eval": eval_settings(config),
+                     "ingredients": {n: wd.fingerprint_digest(wd.ingredient_dir(n))
+                                     for n in usable}})
+  path = wd.root / "analysis.json"
+  if path.exists() and all((wd.root / f).exists() for f in figures.values()):
+    if json.loads(path.read_text()).get("key") == key:
+      return figures
+  splits = res.splits()
+  held_split, test_split = splits[res.columns.held_out], splits[res.columns.test]
+  scores = {r["model_name"]: r[res.columns.held_out] for r in rows if r["model_name"] in usable}
+  bs = config.eval.batch_size
+
+  def accuracy(split, limit: int = 0):
+    labels = split.labels[:limit] if limit else split.labels
+
+    def fn(params):
+      batches = split.iterate(bs)
+      if limit:
+        batches = (split.images[i:min(i + bs, limit)] for i in range(0, limit, bs))
+      logits = res.evaluator.logits_of_batches(params, batches)
+      return float(np.mean(np.argmax(split.scored_logits(logits), -1) == labels))
+    return fn
+
+  t = time.time()
+  a, b = sorted(members, key=lambda n: -scores[n])[:2]
+  limit = min(settings["landscape_examples"] or len(held_split), len(held_split))
+  if held_split.images is None:
+    limit = 0  # Streamed splits: the whole held-out split.
+  landscape = analysis.error_landscape(
+      store.load("model_0"), store.load(a), store.load(b), accuracy(held_split, limit),
+      grid=settings["landscape_grid"], names=("model_0 (init)", a, b))
+  curves = analysis.ingredient_curves(usable, scores, store.load, res.held_out_accuracy,
+                                      accuracy(test_split), config.soups.greedy_comparison)
+  analysis.plot_landscape(landscape, wd.root / figures[next(iter(figures))])
+  analysis.plot_ingredient_curves(curves, wd.root / "ingredients.png")
+  results.atomic_write_text(path, json.dumps({"key": key, "landscape": landscape,
+                                              "landscape_examples": limit, "curves": curves,
+                                              "seconds": round(time.time() - t, 1)}))
+  log.info("analysis figures in %.1fs", time.time() - t)
+  return figures
+
+
+def report(wd: Workdir, columns: results.Columns, rows: list[dict],
+           figures: Optional[dict[str, str]] = None) -> dict:
   from soup import report as report_lib
-  results.write(wd.root / "results.jsonl", rows)
+  # Per-example correctness stays in the soups' caches; the intervals it gave are in the rows.
+  results.write(wd.root / "results.jsonl",
+                [{k: v for k, v in r.items() if k != "correct"} for r in rows])
   built = report_lib.build_report(results.read(wd.root / "results.jsonl"), columns)
+  built["figures"] = dict(figures or {})
   results.atomic_write_text(wd.root / "report.md", report_lib.render_markdown(built))
   report_lib.plot_figure(rows, columns, wd.root / "figure.png")
   return built
@@ -376,8 +456,13 @@ class Resources:
     splits = self.splits()
     acc = {col: splits[col].accuracy(logits[col]) for col in splits}
     acc["avg_shifts"] = float(np.mean([acc[c] for c in self.columns.shifts]))
+    from soup import stats
+    # Per-example correctness, for the paired bootstrap intervals of the report stage.
+    correct = {col: stats.pack_correct(np.argmax(splits[col].scored_logits(
+        np.asarray(logits[col], np.float32)), axis=-1) == splits[col].labels) for col in splits}
     return {"model_name": name, "recipe": recipe, **acc, "ingredients": ingredients,
-            "inference_cost": cost, **self.task.provenance(), **extra}
+            "inference_cost": cost, **self.task.provenance(), **extra,
+            "correct": correct}
 
 
 # --- Tasks ----------------------------------------------------------------------

@@ -56,6 +56,7 @@ class Kitchen:
   held_out_accuracy: Callable[[PyTree], float]
   apply_fn: Callable[[], Callable]          # (params, images) -> logits
   row: Callable[..., dict]                  # results row: name, recipe, logits, ingredients, cost
+  task: Any = None                          # the dataset (soup/data/task.py), for baselines
 
   def members(self) -> list[str]:
     """The fine-tuned ingredients (no model_0); all of them if there are none."""
@@ -79,6 +80,14 @@ class Recipe:
 
 
 # --- The recipes ---------------------------------------------------------
+
+
+def pixel_linear(k: Kitchen) -> Rows:
+  """The floor: logistic regression on raw pixels of the fine-tuning split, no pretraining."""
+  from soup import baselines
+  logits = baselines.pixel_linear_logits(k.task, k.config.pixel_linear, k.seed)
+  return [k.row("pixel_linear", "pixel_linear", logits, [], 1,
+                info="logistic regression on raw pixels, trained on the fine-tuning split")]
 
 
 def best_individual(k: Kitchen) -> Rows:
@@ -197,6 +206,8 @@ def greedy_ensemble(k: Kitchen) -> Rows:
 _SHARED = ("include_initialization", "on_bad_ingredient", "verify_checksums")
 
 REGISTRY: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("pixel_linear", "Pixel logistic regression (baseline)", pixel_linear,
+           Marker("Pixel logistic regression", "x", "k", 160), settings=("pixel_linear",)),
     Recipe("initialization", "Initialization", None),
     Recipe("individual", "Individual model", None),
     Recipe("best_individual", "Best individual model", best_individual, uses=("logits",)),

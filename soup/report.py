@@ -245,7 +245,42 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
                         for r in curve],
       "n_models": n_models,
       "notes": notes,
+      **_statistics(rows, table),
   }
+
+
+def _statistics(rows: Sequence[dict], table: Sequence[dict]) -> dict:
+  """The rows' paired intervals against the best individual, and the claims they decide."""
+  from soup import claims
+  intervals = [{"method": entry["method"], **entry["line"]["vs_best_individual"]}
+               for entry in table if entry["line"].get("vs_best_individual")
+               and entry["recipe"] != "best_individual"]
+  if not intervals:
+    return {"intervals": [], "claims": []}
+  return {"intervals": intervals, "claims": claims.judge(rows)}
+
+
+def _interval_cell(interval: dict) -> str:
+  return (f"{100 * interval['diff']:+.2f} [{100 * interval['low']:+.2f}, "
+          f"{100 * interval['high']:+.2f}]")
+
+
+def statistics_markdown(report: dict) -> list[str]:
+  """The intervals table and the claims section (empty without intervals)."""
+  from soup import claims
+  if not report.get("intervals"):
+    return []
+  first = report["intervals"][0]
+  text = ["## Differences from the best individual", "",
+          f"Accuracy points minus the best individual model (`{first['against']}`), with a 95% "
+          f"paired bootstrap interval ({first['resamples']} resamples of the evaluation "
+          "examples, both models scored on the same resample; each shift split resampled on its "
+          "own for the average). An interval that excludes 0 is a difference this evaluation "
+          "can resolve.", "",
+          "| Method | Δ test [95% CI] | Δ avg. shifts [95% CI] |", "| --- | ---: | ---: |"]
+  text += [f"| {i['method']} | {_interval_cell(i['test'])} | {_interval_cell(i['avg_shifts'])} |"
+           for i in report["intervals"]]
+  return text + [""] + claims.render(report["claims"])
 
 
 def _heldout_list_note(rows: Sequence[dict], columns: R.Columns) -> str | None:
@@ -328,6 +363,12 @@ def render_markdown(report: dict) -> str:
           f"`{cols['test']}` (test) and {len(cols['shifts'])} distribution shifts.", "",
           markdown_table(report), "## Notes", ""]
   text += [f"- {note}" for note in report["notes"]]
+  stats_text = statistics_markdown(report)
+  if stats_text:
+    text += [""] + stats_text
+  if report.get("figures"):
+    text += ["## Analysis figures", ""]
+    text += [f"- [{title}]({name})" for title, name in report["figures"].items()]
   return "\n".join(text) + "\n"
 
 

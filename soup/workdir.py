@@ -33,7 +33,7 @@ from soup import checkpoints, results
 
 # Keys a rerun may change without invalidating what the workdir holds. Those that
 # reach the evaluation (data paths) are part of the caches' keys instead.
-MUTABLE_KEYS = ("stages", "sweep.only", "sweep.num_members", "soups", "data.data_dir",
+MUTABLE_KEYS = ("stages", "sweep.only", "sweep.num_members", "soups", "report", "data.data_dir",
                 "data.idx_dir", "eval.batch_size", "data.objectnet_dir", "data.num_workers",
                 "data.cache_dir", "data.heldout_in_memory", "init.bpe_path")
 # Data settings that cannot change a logit: thread counts and where caches live.

@@ -111,3 +111,23 @@ def test_train_batches_are_a_function_of_the_step():
     np.testing.assert_array_equal(x, y)
   epoch0 = np.concatenate(a[:3])
   assert len(set(epoch0.tolist())) == 96  # No repeats within an epoch.
+
+
+def test_upstream_label_spaces_and_splits_independent_of_upstream_size(fashion_mnist_ready):
+  import ml_collections as mlc
+  base = dict(data_dir="", split_seed=0, held_out_examples=200, finetune_examples=300,
+              test_examples=100, shift_examples=50)
+  fine = fashion_mnist.experiment_splits(mlc.ConfigDict(dict(
+      base, upstream_examples=2000, upstream_labels="fine")))
+  merged = fashion_mnist.experiment_splits(mlc.ConfigDict(dict(
+      base, upstream_examples=1000, upstream_labels="tops_merged")))
+  assert set(np.unique(fine["upstream"].labels)) == set(range(10))
+  assert set(np.unique(merged["upstream"].labels)) == set(range(7))
+  # T-shirt/top (0), Pullover (2), Coat (4) and Shirt (6) share one upstream label.
+  np.testing.assert_array_equal(fashion_mnist.UPSTREAM_LABELS["tops_merged"][[0, 2, 4, 6]], 0)
+  # Another upstream size leaves held-out and fine-tuning on the same images.
+  for split in ("held_out", "finetune"):
+    np.testing.assert_array_equal(fine[split].images, merged[split].images)
+  with pytest.raises(ValueError, match="upstream_labels"):
+    fashion_mnist.experiment_splits(mlc.ConfigDict(dict(base, upstream_examples=100,
+                                                        upstream_labels="bogus")))

@@ -51,6 +51,27 @@ def test_smoke_results_have_every_column(smoke_workdir):
   assert "report:" in proc.stdout and "Greedy soup" in proc.stdout
 
 
+def test_smoke_report_has_baseline_intervals_claims_and_analysis_figures(smoke_workdir):
+  workdir, _ = smoke_workdir
+  rows = {r["model_name"]: r for r in results.read(workdir / "results.jsonl")}
+  assert rows["pixel_linear"]["recipe"] == "pixel_linear"
+  assert all("correct" not in r for r in rows.values())  # Kept in the caches, not the results.
+  for name in ("greedy_soup", "uniform_soup", "model_0", "pixel_linear"):
+    ci = rows[name]["vs_best_individual"]
+    for metric in ("test", "avg_shifts"):
+      assert ci[metric]["low"] <= ci[metric]["diff"] <= ci[metric]["high"]
+  assert rows["greedy_soup"]["vs_ensemble"]["test"]["low"] <= rows["greedy_soup"]["vs_ensemble"][
+      "test"]["high"]
+  text = (workdir / "report.md").read_text()
+  assert "Pixel logistic regression (baseline)" in text and "95% paired bootstrap" in text
+  assert text.count("- **The ") == 4 and "## The paper's claims" in text
+  for figure in ("landscape.png", "ingredients.png"):
+    assert f"]({figure})" in text
+    assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  analysis = json.loads((workdir / "analysis.json").read_text())
+  assert len(analysis["curves"]["uniform_test"]) == 4  # model_0 and three members.
+
+
 def test_training_writes_jsonl_and_tensorboard_metrics(smoke_workdir):
   workdir, _ = smoke_workdir
   logs = workdir / "models" / "model_1" / "logs"

@@ -61,7 +61,8 @@ def read_idx(path: Path) -> np.ndarray:
 def check_idx_files(idx_dir: Path) -> None:
   missing = [n for pair in _FILES.values() for n in pair if not (idx_dir / n).exists()]
   if missing:
-    raise DatasetMissingError(f"Fashion-MNIST IDX files missing in {idx_dir}: {missing}. {INSTALL_HINT}")
+    raise DatasetMissingError(
+        f"Fashion-MNIST IDX files missing in {idx_dir}: {missing}. {INSTALL_HINT}")
 
 
 def _builder_class():
@@ -121,7 +122,8 @@ def load_arrays(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.n
   if not builder.is_prepared():
     raise DatasetMissingError(
         f"TFDS fashion_mnist is not prepared in {data_dir}. Run "
-        f"`python -m soup.data.prepare --data_dir={data_dir}` (or scripts/setup.sh). {INSTALL_HINT}")
+        f"`python -m soup.data.prepare --data_dir={data_dir}` (or scripts/setup.sh). "
+        f"{INSTALL_HINT}")
   cache = Path(builder.data_dir) / "in_memory_cache.npz"
   if cache.exists():
     with np.load(cache) as z:
@@ -137,7 +139,8 @@ def load_arrays(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.n
       for j, ex in zip(idx, source.__getitems__(idx)):
         images[j], labels[j] = ex["image"], ex["label"]
     out[split] = (images, labels)
-  arrays = {f"{s}_{k}": v for s, (im, lb) in out.items() for k, v in (("images", im), ("labels", lb))}
+  arrays = {f"{s}_{k}": v for s, (im, lb) in out.items()
+            for k, v in (("images", im), ("labels", lb))}
   results.atomic_write(cache, lambda f: np.savez(f, **arrays), binary=True)
   return out
 
@@ -147,6 +150,17 @@ def load_arrays(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.n
 # Upstream label space: tops / bottoms and dresses / footwear / bags.
 COARSE_OF_CLASS = np.array([0, 1, 0, 1, 0, 2, 0, 2, 3, 2], np.int32)
 COARSE_NAMES = ("top", "bottom_or_dress", "footwear", "bag")
+# Upstream label spaces (config.data.upstream_labels): class -> upstream label.
+#   coarse: the 4 groups above (the weak upstream: it never separates the four tops);
+#   tops_merged: the 10 classes but T-shirt/top, Pullover, Coat and Shirt as one "top" (7):
+#     the upstream knows most classes, as CLIP knows most of ImageNet, and fine-tuning
+#     must learn the hardest distinctions of the task;
+#   fine: the 10 classes themselves (the upstream already solves the task).
+UPSTREAM_LABELS = {
+    "coarse": COARSE_OF_CLASS,
+    "tops_merged": np.array([0, 1, 0, 2, 0, 3, 0, 4, 5, 6], np.int32),
+    "fine": np.arange(10, dtype=np.int32),
+}
 
 
 def experiment_splits(data_config) -> dict:
@@ -172,11 +186,23 @@ def experiment_splits(data_config) -> dict:
   if need > len(train_labels):
     raise ValueError(f"upstream + held_out + finetune examples = {need} > {len(train_labels)}.")
   order = np.random.default_rng(d.split_seed).permutation(len(train_labels))
-  a, b = d.upstream_examples, d.upstream_examples + d.held_out_examples
-  upstream_idx, held_idx, ft_idx = order[:a], order[a:b], order[b:b + d.finetune_examples]
+  # Held-out and fine-tuning come first, so an upstream of another size (an ablation)
+  # leaves them, and so every comparison, on the same images.
+  a, b = d.held_out_examples, d.held_out_examples + d.finetune_examples
+  held_idx, ft_idx, upstream_idx = order[:a], order[a:b], order[b:b + d.upstream_examples]
   train = Split(train_images, train_labels.astype(np.int32))
   upstream = train.take(np.sort(upstream_idx))
-  upstream = Split(upstream.images, COARSE_OF_CLASS[upstream.labels])
+  labels = d.get("upstream_labels", "coarse")
+  if labels not in UPSTREAM_LABELS:
+    raise ValueError(f"config.data.upstream_labels={labels!r}: use one of "
+                     f"{', '.join(UPSTREAM_LABELS)}.")
+  images = upstream.images
+  if d.get("upstream_transform", "none") == "resample":
+    images = shifts_lib.resample(images)  # Another rendition upstream (V2's resampling).
+  elif d.get("upstream_transform", "none") != "none":
+    raise ValueError(f"config.data.upstream_transform={d.upstream_transform!r}: use 'none' or "
+                     "'resample'.")
+  upstream = Split(images, UPSTREAM_LABELS[labels][upstream.labels])
   test = Split(test_images[: d.test_examples], test_labels[: d.test_examples].astype(np.int32))
   shifts = shifts_lib.make_shifts(test.images, test.labels, train_images[upstream_idx],
                                   train_labels[upstream_idx], d.shift_examples, d.split_seed)

@@ -1,0 +1,210 @@
+r"""The experiment under several seeds, and its aggregate report.
+
+    python -m soup.aggregate --config=configs/fashion_mnist.py --root=workdirs/seeds --seeds=3
+    python -m soup.aggregate --root=workdirs/seeds --aggregate_only   # tables from finished runs
+
+Seed k runs `soup.main` in ROOT/seed_<k> with --config.sweep.seed=k: another
+random search (hyperparameters and data order). With --share_upstream (the
+default, the paper's setting: one pretrained model, many fine-tunes) the
+upstream model and its linear probe come from seed 0's run and are copied in;
+with --noshare_upstream, --config.seed=k also pretrains a new upstream model per
+seed. The data splits stay fixed (config.data.split_seed).
+
+ROOT/aggregate.md and ROOT/aggregate.json hold, for each table row, the mean,
+standard deviation and 95% Student-t interval over seeds of its held-out, test
+and shift-average accuracy; how many seeds had the greedy soup beat the best
+individual on test and on the shifts; and the paper's claims judged over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from soup import claims as claims_lib, results as R, stats
+
+METRICS = ("held_out", "test", "avg_shifts")
+
+
+def seed_dir(root: Path, seed: int) -> Path:
+  return root / f"seed_{seed}"
+
+
+def seed_overrides(seed: int, share_upstream: bool) -> list[str]:
+  """Config overrides of seed k: a new sweep, and a new upstream unless it is shared."""
+  flags = [f"--config.sweep.seed={seed}"]
+  if not share_upstream:
+    flags.append(f"--config.seed={seed}")
+  return flags
+
+
+def share_upstream_from(source: Path, target: Path) -> None:
+  """Copies the pretrained model and model_0 (same config.seed: identical bytes) into target."""
+  for part in ("upstream/ingredient", "models/model_0/ingredient"):
+    src, dst = source / part, target / part
+    if src.is_dir() and not dst.exists():
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copytree(src, dst)
+
+
+def run_seeds(config: str, root: Path, seeds: Sequence[int], share_upstream: bool,
+              extra_flags: Sequence[str] = ()) -> dict[int, float]:
+  """Runs soup.main once per seed (skipping finished ones); returns each run's seconds."""
+  seconds = {}
+  for seed in seeds:
+    workdir = seed_dir(root, seed)
+    if (workdir / "results.jsonl").exists() and (workdir / "report.md").exists():
+      print(f"seed {seed}: {workdir} is finished; kept.", flush=True)
+      continue
+    if share_upstream and seed != seeds[0]:
+      share_upstream_from(seed_dir(root, seeds[0]), workdir)
+    command = [sys.executable, "-m", "soup.main", f"--config={config}", f"--workdir={workdir}",
+               *seed_overrides(seed, share_upstream), *extra_flags]
+    print("$ " + " ".join(command), flush=True)
+    start = time.time()
+    subprocess.run(command, check=True)
+    seconds[seed] = round(time.time() - start, 1)
+    (workdir / "wall_seconds.txt").write_text(f"{seconds[seed]}\n")
+  return seconds
+
+
+# --- Aggregation ------------------------------------------------------------
+
+
+def _table(rows: list[dict]) -> dict[str, dict]:
+  """recipe -> the report's chosen row (held_out, test, avg_shifts, ...), for one seed."""
+  from soup import report
+  built = report.build_report(rows)
+  return {r["recipe"]: r for r in built["rows"]}
+
+
+def aggregate(rows_by_seed: dict[int, list[dict]]) -> dict:
+  """Mean, std and 95% interval over seeds of every table row, plus the greedy-vs-best counts."""
+  if not rows_by_seed:
+    raise ValueError("No seeds to aggregate.")
+  tables = {seed: _table(rows) for seed, rows in sorted(rows_by_seed.items())}
+  recipes = [r for r in next(iter(tables.values()))]
+  out_rows = []
+  for recipe in recipes:
+    present = {seed: t[recipe] for seed, t in tables.items() if recipe in t}
+    row = {"recipe": recipe, "seeds": sorted(present)}
+    for metric in METRICS:
+      values = [present[s][metric] for s in sorted(present) if present[s][metric] is not None]
+      row[metric] = stats.mean_interval(values) if values else None
+      row[f"{metric}_by_seed"] = values
+    out_rows.append(row)
+  return {"seeds": sorted(tables), "rows": out_rows,
+          "greedy_vs_best": _greedy_vs_best(tables, rows_by_seed),
+          "claims": claims_lib.judge_over_seeds(tables, rows_by_seed)}
+
+
+def _greedy_vs_best(tables: dict[int, dict], rows_by_seed: dict[int, list[dict]]) -> dict:
+  out = {}
+  for metric in ("test", "avg_shifts"):
+    diffs = [t["greedy_soup"][metric] - t["best_individual"][metric]
+             for t in tables.values() if "greedy_soup" in t and "best_individual" in t]
+    out[metric] = {"wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+                   "seeds": len(diffs),
+                   "diff": stats.mean_interval(diffs) if diffs else None}
+  return out
+
+
+def _pct(x) -> str:
+  return "—" if x is None or x != x else f"{100 * x:.2f}"
+
+
+def _cell(summary: dict | None) -> str:
+  if summary is None:
+    return "—"
+  if summary["n"] == 1:
+    return _pct(summary["mean"])
+  return (f"{_pct(summary['mean'])} ± {_pct(summary['std'])} "
+          f"[{_pct(summary['low'])}, {_pct(summary['high'])}]")
+
+
+def render_markdown(agg: dict, command: str = "", seconds: dict | None = None) -> str:
+  from soup import recipes
+  n = len(agg["seeds"])
+  lines = [f"# Model soups over {n} seeds", ""]
+  if command:
+    lines += [f"Command: `{command}`", ""]
+  if seconds:
+    total = sum(seconds.values())
+    lines += ["Wall time per seed (s): " + ", ".join(f"seed {s}: {v:.0f}" for s, v in
+                                                     sorted(seconds.items()))
+              + f"; total {total:.0f} s.", ""]
+  lines += [f"Accuracy (%): mean ± standard deviation over seeds [95% Student-t interval of the "
+            f"mean]; seeds {', '.join(map(str, agg['seeds']))}.", "",
+            "| Method | held-out | test | avg. shifts |", "| --- | ---: | ---: | ---: |"]
+  for row in agg["rows"]:
+    label = recipes.REGISTRY[row["recipe"]].label if row["recipe"] in recipes.REGISTRY \
+        else row["recipe"]
+    lines.append(f"| {label} | " + " | ".join(_cell(row[m]) for m in METRICS) + " |")
+  g = agg["greedy_vs_best"]
+  lines += ["", "Greedy soup minus best individual (points): "
+            + "; ".join(f"{m.replace('avg_shifts', 'shift average')}: {_cell(g[m]['diff'])}, "
+                        f"greedy ahead in {g[m]['wins']} of {g[m]['seeds']} seeds"
+                        + (f" ({g[m]['ties']} ties)" if g[m]["ties"] else "")
+                        for m in ("test", "avg_shifts")) + ".", ""]
+  lines += claims_lib.render(agg["claims"], heading="## The paper's claims, over seeds")
+  return "\n".join(lines) + "\n"
+
+
+def load_runs(root: Path) -> tuple[dict[int, list[dict]], dict[int, float]]:
+  rows, seconds = {}, {}
+  for path in sorted(root.glob("seed_*/results.jsonl")):
+    seed = int(path.parent.name.removeprefix("seed_"))
+    rows[seed] = R.read(path)
+    wall = path.parent / "wall_seconds.txt"
+    if wall.exists():
+      seconds[seed] = float(wall.read_text())
+  if not rows:
+    raise SystemExit(f"error: no {root}/seed_*/results.jsonl; run the seeds first (drop "
+                     "--aggregate_only).")
+  return rows, seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/fashion_mnist.py")
+  parser.add_argument("--root", required=True, help="Holds one seed_<k>/ workdir per seed.")
+  parser.add_argument("--seeds", type=int, default=3, help="Seeds 0..N-1.")
+  parser.add_argument("--share_upstream", action=argparse.BooleanOptionalAction, default=True,
+                      help="One upstream model for every seed (the paper's setting).")
+  parser.add_argument("--aggregate_only", action="store_true")
+  args, extra = parser.parse_known_args(argv)
+  if any(not f.startswith("--config.") for f in extra):
+    parser.error(f"unknown flags {extra}; only --config.<key>=<value> overrides pass through.")
+  root = Path(args.root)
+  os.makedirs(root, exist_ok=True)
+  command = " ".join(["python -m soup.aggregate", f"--config={args.config}", f"--root={root}",
+                      f"--seeds={args.seeds}",
+                      "--share_upstream" if args.share_upstream else "--noshare_upstream", *extra])
+  if not args.aggregate_only:
+    R.atomic_write_text(root / "command.txt", command + "\n")
+    run_seeds(args.config, root, list(range(args.seeds)), args.share_upstream, extra)
+  elif (root / "command.txt").exists():  # The command that made the runs.
+    command = (root / "command.txt").read_text().strip()
+  else:
+    command = ""
+  rows, seconds = load_runs(root)
+  agg = aggregate(rows)
+  agg.update(command=command, seconds=seconds)
+  R.atomic_write_text(root / "aggregate.json", json.dumps(agg, indent=1))
+  text = render_markdown(agg, command, seconds)
+  R.atomic_write_text(root / "aggregate.md", text)
+  print(text)
+  print(f"aggregate: {root / 'aggregate.md'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

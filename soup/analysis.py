@@ -1,0 +1,167 @@
+"""The paper's analysis figures, from any model's parameters and an evaluation function.
+
+- The error landscape (the paper's Figure 2): held-out error on the plane
+  through the initialization and two fine-tuned solutions, as a contour plot
+  with the three points marked. Fine-tunes that share a basin have a lower
+  error between them than at either end: why averaging works.
+- Accuracy as ingredients are added: held-out and test accuracy of the greedy
+  and the uniform soup of the first k ingredients, in decreasing order of
+  held-out accuracy. The uniform soup falls when runs from outside the basin
+  join; the greedy soup never loses held-out accuracy.
+
+Nothing here knows the model: parameters are pytrees of arrays, and the caller
+passes the accuracy functions (params -> fraction correct). Outputs are plain
+dicts (written as JSON) and PNGs.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+PyTree = Any
+AccuracyFn = Callable[[PyTree], float]
+
+
+def _ravel(params: PyTree):
+  import jax
+  from jax.flatten_util import ravel_pytree
+  flat, unravel = ravel_pytree(jax.tree.map(lambda x: np.asarray(x, np.float32), params))
+  return np.asarray(flat, np.float64), unravel
+
+
+def plane_coordinates(origin: np.ndarray, a: np.ndarray, b: np.ndarray):
+  """Orthonormal basis (e1 along a - origin) of the plane of three points; their 2-D coordinates."""
+  da, db = a - origin, b - origin
+  norm_a = np.linalg.norm(da)
+  if norm_a == 0:
+    raise ValueError("The first fine-tune equals the initialization: no plane to draw.")
+  e1 = da / norm_a
+  rest = db - (db @ e1) * e1
+  norm_rest = np.linalg.norm(rest)
+  if norm_rest <= 1e-9 * max(np.linalg.norm(db), 1e-30):
+    raise ValueError("The three models are collinear: no plane to draw.")
+  e2 = rest / norm_rest
+  coords = np.array([[0.0, 0.0], [norm_a, 0.0], [db @ e1, norm_rest]])
+  return e1, e2, coords
+
+
+def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,
+                    held_out_accuracy: AccuracyFn, grid: int = 7, margin: float = 0.25,
+                    names: Sequence[str] = ("initialization", "fine-tune A", "fine-tune B"),
+                    ) -> dict:
+  """Held-out error on a grid x grid lattice of the plane through the three models."""
+  if grid < 2:
+    raise ValueError(f"The landscape grid needs at least 2 points per side, got {grid}.")
+  origin, unravel = _ravel(init)
+  a, _ = _ravel(finetune_a)
+  b, _ = _ravel(finetune_b)
+  e1, e2, coords = plane_coordinates(origin, a, b)
+  lo, hi = coords.min(axis=0), coords.max(axis=0)
+  pad = margin * (hi - lo).max()
+  xs = np.linspace(lo[0] - pad, hi[0] + pad, grid)
+  ys = np.linspace(lo[1] - pad, hi[1] + pad, grid)
+  error = np.empty((grid, grid))
+  for j, y in enumerate(ys):
+    for i, x in enumerate(xs):
+      point = (origin + x * e1 + y * e2).astype(np.float32)
+      error[j, i] = 1.0 - held_out_accuracy(unravel(point))
+  points = {name: [float(c) for c in xy] for name, xy in zip(names, coords)}
+  point_error = {name: 1.0 - held_out_accuracy(p)
+                 for name, p in zip(names, (init, finetune_a, finetune_b))}
+  return {"xs": xs.tolist(), "ys": ys.tolist(), "error": error.tolist(), "points": points,
+          "point_error": point_error}
+
+
+def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
+                      load: Callable[[str], PyTree], held_out_accuracy: AccuracyFn,
+                      test_accuracy: AccuracyFn, comparison: str = ">") -> dict:
+  """Greedy and uniform soups of the first k ingredients (held-out order), k = 1..N.
+
+  The uniform soup is a running mean; the greedy soup keeps an ingredient only
+  if the held-out accuracy of the soup with it `comparison`s the current one
+  (the official code: ">"). Test accuracy is measured only when a soup changes.
+  """
+  import jax
+  better = {">": operator.gt, ">=": operator.ge}.get(comparison)
+  if better is None:
+    raise ValueError(f"comparison must be '>' or '>=', got {comparison!r}.")
+  order = sorted(names, key=lambda n: -held_out_scores[n])
+  f32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+  uniform_sum = greedy_sum = None
+  greedy_members: list[str] = []
+  out = {"order": order, "uniform_held_out": [], "uniform_test": [], "greedy_held_out": [],
+         "greedy_test": [], "greedy_ingredients": []}
+  greedy_held = greedy_test = None
+  for k, name in enumerate(order, start=1):
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), load(name))
+    uniform_sum = params if uniform_sum is None else jax.tree.map(np.add, uniform_sum, params)
+    uniform = f32(jax.tree.map(lambda s: s / k, uniform_sum))
+    out["uniform_held_out"].append(held_out_accuracy(uniform))
+    out["uniform_test"].append(test_accuracy(uniform))
+    if greedy_sum is None:
+      greedy_sum, greedy_members = params, [name]
+      greedy_held, greedy_test = out["uniform_held_out"][0], out["uniform_test"][0]
+    else:
+      candidate_sum = jax.tree.map(np.add, greedy_sum, params)
+      candidate = f32(jax.tree.map(lambda s: s / (len(greedy_members) + 1), candidate_sum))
+      held = held_out_accuracy(candidate)
+      if better(held, greedy_held):
+        greedy_sum, greedy_members = candidate_sum, greedy_members + [name]
+        greedy_held, greedy_test = held, test_accuracy(candidate)
+    out["greedy_held_out"].append(greedy_held)
+    out["greedy_test"].append(greedy_test)
+    out["greedy_ingredients"].append(list(greedy_members))
+  return out
+
+
+def plot_landscape(landscape: dict, path: str | Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from soup import results
+
+  xs, ys = np.array(landscape["xs"]), np.array(landscape["ys"])
+  error = 100 * np.array(landscape["error"])
+  fig, ax = plt.subplots(figsize=(6.2, 5))
+  filled = ax.contourf(xs, ys, error, levels=14, cmap="viridis_r")
+  ax.contour(xs, ys, error, levels=14, colors="k", linewidths=0.3, alpha=0.5)
+  fig.colorbar(filled, ax=ax, label="held-out error (%)")
+  for (name, (x, y)), marker in zip(landscape["points"].items(), ("s", "o", "o")):
+    err = 100 * landscape["point_error"][name]
+    ax.scatter([x], [y], marker=marker, s=90, c="white", edgecolors="k", zorder=3)
+    ax.annotate(f"{name}\n{err:.1f}%", (x, y), textcoords="offset points", xytext=(6, 6),
+                fontsize=8, bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8))
+  ax.set_xlabel("along fine-tune A − initialization")
+  ax.set_ylabel("orthogonal, towards fine-tune B")
+  ax.set_title("Held-out error on the plane of the initialization\nand two fine-tunes", fontsize=10)
+  ax.set_aspect("equal", adjustable="box")
+  fig.tight_layout()
+  results.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+  plt.close(fig)
+
+
+def plot_ingredient_curves(curves: dict, path: str | Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from soup import results
+
+  k = np.arange(1, len(curves["order"]) + 1)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+  for ax, split in zip(axes, ("held_out", "test")):
+    ax.plot(k, 100 * np.array(curves[f"greedy_{split}"]), "-*", color="C4", label="Greedy soup")
+    ax.plot(k, 100 * np.array(curves[f"uniform_{split}"]), "-o", color="C0", label="Uniform soup")
+    ax.set_title(f"{split.replace('_', '-')} accuracy")
+    ax.set_xlabel("ingredients considered (in decreasing held-out accuracy)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("accuracy (%)")
+  axes[0].legend()
+  fig.tight_layout()
+  results.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+  plt.close(fig)

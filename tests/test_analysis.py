@@ -1,0 +1,74 @@
+"""Analysis figures: the plane's geometry exactly, the ingredient curves by hand, files written."""
+
+import numpy as np
+import pytest
+
+from soup import analysis
+
+
+def _acc(params):
+  """Accuracy peaks at w = (1, 1) and falls linearly with distance (a bowl-shaped basin)."""
+  return float(max(0.0, 1.0 - np.linalg.norm(params["w"] - 1.0) / 4))
+
+
+def test_plane_coordinates_reconstruct_the_three_points():
+  rng = np.random.default_rng(0)
+  origin, a, b = rng.normal(size=(3, 50))
+  e1, e2, coords = analysis.plane_coordinates(origin, a, b)
+  assert e1 @ e2 == pytest.approx(0.0, abs=1e-12)
+  assert np.linalg.norm(e1) == pytest.approx(1.0) and np.linalg.norm(e2) == pytest.approx(1.0)
+  for point, (x, y) in zip((origin, a, b), coords):
+    np.testing.assert_allclose(origin + x * e1 + y * e2, point, atol=1e-12)
+  with pytest.raises(ValueError, match="collinear"):
+    analysis.plane_coordinates(origin, a, origin + 2 * (a - origin))
+
+
+def test_error_landscape_values_and_figure(tmp_path):
+  init = {"w": np.zeros(2, np.float32)}
+  ft_a, ft_b = {"w": np.array([2.0, 0.0], np.float32)}, {"w": np.array([0.0, 2.0], np.float32)}
+  calls = []
+  land = analysis.error_landscape(init, ft_a, ft_b, lambda p: calls.append(1) or _acc(p), grid=5,
+                                  margin=0.0, names=("init", "A", "B"))
+  # margin 0: the grid spans x, y in [0, 2]; e1 = (1, 0), e2 = (0, 1), so grid point (x, y) is w.
+  np.testing.assert_allclose(land["xs"], [0, 0.5, 1, 1.5, 2])
+  err = np.array(land["error"])
+  assert err[2, 2] == pytest.approx(0.0)  # w = (1, 1): the midpoint region is the basin floor.
+  assert err[0, 0] == pytest.approx(np.sqrt(2) / 4)
+  assert land["points"] == {"init": [0.0, 0.0], "A": [2.0, 0.0], "B": [0.0, 2.0]}
+  assert land["point_error"]["A"] == pytest.approx(np.sqrt(2) / 4)
+  assert len(calls) == 25 + 3
+  path = tmp_path / "landscape.png"
+  analysis.plot_landscape(land, path)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_ingredient_curves_by_hand_and_figure(tmp_path):
+  models = {"a": np.array([1.0, 1.0]), "b": np.array([1.0, 0.2]), "c": np.array([5.0, 5.0]),
+            "d": np.array([1.0, 1.8])}
+  params = {n: {"w": w} for n, w in models.items()}
+  scores = {n: _acc(p) for n, p in params.items()}  # a 1.0, b 0.8, d 0.8, c 0.0
+  test_acc = lambda p: _acc(p) / 2  # noqa: E731
+  curves = analysis.ingredient_curves(list(params), scores, params.__getitem__, _acc, test_acc)
+  assert curves["order"] == ["a", "b", "d", "c"]  # Ties keep the given order (b before d).
+  # Uniform soups: a; mean(a, b) = (1, .6); mean(a, b, d) = (1, 1); mean of all = (2, 2).
+  expected_uniform = [1.0, 1 - 0.4 / 4, 1.0, 1 - np.sqrt(2) / 4]
+  np.testing.assert_allclose(curves["uniform_held_out"], expected_uniform)
+  np.testing.assert_allclose(curves["uniform_test"], np.array(expected_uniform) / 2)
+  # Greedy: a; a+b is worse (rejected); a+d is worse (rejected); a+c is worse (rejected).
+  assert curves["greedy_ingredients"] == [["a"]] * 4
+  np.testing.assert_allclose(curves["greedy_held_out"], [1.0] * 4)
+  # With ">=" a tie would be kept; none here, the soups stay the same.
+  path = tmp_path / "ingredients.png"
+  analysis.plot_ingredient_curves(curves, path)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_greedy_curve_keeps_an_ingredient_that_helps():
+  params = {"a": {"w": np.array([1.5, 1.0])}, "b": {"w": np.array([0.5, 1.0])}}
+  scores = {"a": 0.9, "b": 0.8}
+  curves = analysis.ingredient_curves(["b", "a"], scores, params.__getitem__, _acc, _acc)
+  assert curves["order"] == ["a", "b"]
+  assert curves["greedy_ingredients"][-1] == ["a", "b"]  # The mean (1, 1) is the optimum.
+  assert curves["greedy_held_out"] == [pytest.approx(1 - 0.5 / 4), pytest.approx(1.0)]
+  with pytest.raises(ValueError, match="comparison"):
+    analysis.ingredient_curves(["a"], scores, params.__getitem__, _acc, _acc, comparison="<")
