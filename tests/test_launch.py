@@ -395,7 +395,7 @@ def test_killed_member_resumes_to_the_uninterrupted_result(tmp_path, fashion_mni
   in another, SIGKILLed after its first train-state checkpoint and run again, as SkyPilot
   does after a preemption. Both ingredients are bit-identical."""
   overrides = ["--config.sweep.epochs=(2, 2)",  # 16 steps, a checkpoint every 4.
-               "--config.data.upstream_examples=512", "--config.probe.epochs=1"]  # Quicker setup.
+               "--config.data.upstream_examples=512", "--config.probe.l2_grid=(1e-4,)"]
   task = yaml.safe_load(launch.task_yaml("configs/fashion_mnist.py:smoke", "A100:1",
                                          extra=overrides))
   run = task["run"]
