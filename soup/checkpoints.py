@@ -203,6 +203,8 @@ def _parse_fingerprint(fp: str) -> tuple[LeafSpec, str, int]:
   dtype, _, shape = head.partition("[")
   shape = tuple(int(d) for d in shape.rstrip("]").split(",") if d.strip())
   method, _, value = tail.rpartition(":")
+  if tail == "sharded":  # soup.soups.sharded: per-shard CRCs live beside the shards.
+    return LeafSpec(shape, dtype), "sharded", 0
   return LeafSpec(shape, dtype), method or "crc32", int(value, 16)
 
 
@@ -303,6 +305,9 @@ class Ingredient:
 
   def _matches(self, name: str, leaf: np.ndarray) -> bool:
     method, expected = self._checksums[name]
+    if method == "sharded":
+      raise CheckpointError(f"{self.path} is a sharded ingredient (per-shard checksums): "
+                            "restore it with soup.soups.sharded.restore.")
     flat = leaf.reshape(-1).view(np.uint8)
     return (google_crc32c.value(flat) if method == "crc32c" else zlib.crc32(flat)) == expected
 
