@@ -218,15 +218,7 @@ def test_original_vision_transformer_names():
   # google-research/vision_transformer .npz files: pre-linen module numbers and
   # Transformer/posembed_input/pos_embedding.
   _, params = vit_params()
-  renames = {"/LayerNorm_1/": "/LayerNorm_2/",
-             "/MultiHeadDotProductAttention_0/": "/MultiHeadDotProductAttention_1/",
-             "/MlpBlock_0/": "/MlpBlock_3/"}
-  old = {}
-  for key, value in convert.flatten_params(params).items():
-    for new_name, old_name in renames.items():
-      key = key.replace(new_name, old_name)
-    old["Transformer/posembed_input/pos_embedding" if key == "pos_embedding" else key] = value
-  assert_trees_equal(convert.vit_from_big_vision_npz(old), params)
+  assert_trees_equal(convert.vit_from_big_vision_npz(augreg_layout(params)), params)
 
 
 # --------------------------------------------------------------------------- timm parity
@@ -250,9 +242,9 @@ def timm_logits(model, images):
     return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()  # NCHW.
 
 
-def augreg_layout(params, cls_row):
-  """The original vision_transformer (AugReg) npz: pre-linen module numbers and a [cls]
-  row at the front of Transformer/posembed_input/pos_embedding."""
+def augreg_layout(params, cls_row=None):
+  """The original vision_transformer (AugReg) npz: pre-linen module numbers and
+  Transformer/posembed_input/pos_embedding, with a [cls] row at its front if given."""
   renames = {"/LayerNorm_1/": "/LayerNorm_2/",
              "/MultiHeadDotProductAttention_0/": "/MultiHeadDotProductAttention_1/",
              "/MlpBlock_0/": "/MlpBlock_3/"}
@@ -261,8 +253,9 @@ def augreg_layout(params, cls_row):
     for new_name, old_name in renames.items():
       key = key.replace(new_name, old_name)
     if key == "pos_embedding":
-      key, value = ("Transformer/posembed_input/pos_embedding",
-                    np.concatenate([cls_row, value], axis=1))
+      key = "Transformer/posembed_input/pos_embedding"
+      if cls_row is not None:
+        value = np.concatenate([cls_row, value], axis=1)
     flat[key] = value
   return flat
 
