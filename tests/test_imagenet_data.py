@@ -308,10 +308,11 @@ def test_no_aug_is_the_eval_preprocessing(mock, task):
   assert not np.array_equal(x, task.finetune_batch(8, 0, 0, {"aug": "rand-m9-n0"})[0])
 
 
-def test_each_host_decodes_only_its_rows(mock):
+def test_each_host_decodes_only_its_rows(mock, monkeypatch):
   task = imagenet.ImageNetTask(data_config(mock))
   full_x, full_y = task.finetune_batch(8, 3, 2, {"aug": "rand-m5-n1"})
-  task._local_rows_cache[8] = np.array([4, 5, 6, 7])  # As process 1 of 2 would hold.
+  monkeypatch.setattr(imagenet, "local_rows",  # As process 1 of 2 would hold.
+                      lambda batch_size: np.array([4, 5, 6, 7]))
   x, y = task.finetune_batch(8, 3, 2, {"aug": "rand-m5-n1"})
   assert task.finetune_stream(8, 3, {"aug": "rand-m5-n1"}).read(2)[0].shape == (4, 32, 32, 3)
   np.testing.assert_array_equal(x[4:], full_x[4:])   # Same bytes: randomness is per row.

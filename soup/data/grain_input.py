@@ -114,6 +114,29 @@ class Stream:
         close()
 
 
+class StreamSlot:
+  """One live Stream at a time: asking for another key closes the current one, which
+  bounds the memory of idle worker processes."""
+
+  def __init__(self, num_workers: int):
+    self.num_workers = num_workers
+    self.stream: Optional[Stream] = None
+    self.key: Any = None
+
+  def get(self, key, make: Callable[[], tuple[Callable, int]]) -> Stream:
+    """The live stream for `key`, started (and any other closed) when needed."""
+    if self.stream is None or self.key != key or self.stream.closed:
+      self.close()
+      fn, length = make()
+      self.stream, self.key = Stream(fn, length, self.num_workers), key
+    return self.stream
+
+  def close(self) -> None:
+    if self.stream is not None:
+      self.stream.close()
+      self.stream, self.key = None, None
+
+
 @atexit.register
 def _close_all() -> None:  # Before interpreter teardown, so workers stop cleanly.
   for stream in list(_live):

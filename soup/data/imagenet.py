@@ -168,53 +168,25 @@ class ImageNetTask(Task):
     self.finetune_idx = self.heldout.finetune_indices()
     self._eval: Optional[dict[str, EvalSplit]] = None
     self._eval_readers: list = []  # Image readers of the streamed evaluation splits.
-    self._local_rows_cache: dict[int, np.ndarray] = {}
-    # One worker pool at a time (training, evaluation or probe examples): a stream is
-    # replaced when another kind is asked for, which bounds the memory of idle workers.
-    self._stream: Optional[grain_input.Stream] = None
-    self._stream_key: Any = None
+    # One worker pool at a time (training, evaluation or probe examples).
+    self._streams = grain_input.StreamSlot(self.num_workers)
 
   def provenance(self) -> dict[str, Any]:
     """What results lines should record about the data: which held-out list was used."""
     return {"heldout_list": self.heldout.source}
 
-  def _stream_for(self, key, make: Callable[[], tuple[Callable, int]]) -> grain_input.Stream:
-    """The live stream for `key`, started (and any other closed) when needed."""
-    if self._stream is None or self._stream_key != key or self._stream.closed:
-      self.close()
-      fn, length = make()
-      self._stream = grain_input.Stream(fn, length, self.num_workers)
-      self._stream_key = key
-    return self._stream
-
   def close(self) -> None:
     """Stops the worker processes (a later read starts them again)."""
-    if self._stream is not None:
-      self._stream.close()
-      self._stream, self._stream_key = None, None
+    self._streams.close()
 
   # --- Fine-tuning ----------------------------------------------------------
 
   def finetune_size(self) -> int:
     return len(self.finetune_idx)
 
-  def _local_rows(self, batch_size: int) -> np.ndarray:
-    """Rows of a global batch held by this process's devices (all rows on one host)."""
-    if batch_size not in self._local_rows_cache:
-      import jax
-      if jax.process_count() == 1:
-        rows = np.arange(batch_size)
-      else:
-        from soup import mesh as mesh_lib
-        sharding = mesh_lib.batch_sharding(mesh_lib.make_mesh())
-        slices = sharding.addressable_devices_indices_map((batch_size,)).values()
-        rows = np.unique(np.concatenate([np.arange(batch_size)[s[0]] for s in slices]))
-      self._local_rows_cache[batch_size] = rows
-    return self._local_rows_cache[batch_size]
-
   def _train_batches(self, batch_size: int, seed: int, aug: Optional[str],
                      rows: Optional[np.ndarray] = None) -> grain_input.TrainBatches:
-    rows = self._local_rows(batch_size) if rows is None else rows
+    rows = local_rows(batch_size) if rows is None else rows
     return grain_input.TrainBatches(self.train_source, self.finetune_idx, batch_size, seed, aug,
                                     self.fill, self.image_size, rows,
                                     bool(self.config.get("train_jpeg_draft", False)))
@@ -232,9 +204,9 @@ class ImageNetTask(Task):
                       hparams: Optional[Mapping[str, Any]] = None) -> grain_input.Stream:
     """The Grain stream of a member's batches (element = step; this host's rows only)."""
     aug = (hparams or {}).get("aug")
-    rows = self._local_rows(int(batch_size))
+    rows = local_rows(int(batch_size))
     key = ("train", int(batch_size), int(seed), aug, rows.tobytes())
-    return self._stream_for(key, lambda: (self._train_batches(int(batch_size), int(seed), aug),
+    return self._streams.get(key, lambda: (self._train_batches(int(batch_size), int(seed), aug),
                                           TRAIN_STREAM_STEPS))
 
   def finetune_batch(self, batch_size: int, seed: int, step: int,
@@ -243,7 +215,7 @@ class ImageNetTask(Task):
     this process's rows are decoded (see the module docstring), by the worker pool,
     which works ahead on the next steps while the devices run this one."""
     local_images, local_labels = self.finetune_stream(batch_size, seed, hparams).read(int(step))
-    rows = self._local_rows(batch_size)
+    rows = local_rows(batch_size)
     if len(rows) == batch_size:
       return local_images, local_labels
     size = self.image_size
@@ -264,7 +236,7 @@ class ImageNetTask(Task):
   def _decode_once(self, reader, key, batch_size: int = 1024) -> np.ndarray:
     """All of a reader's images, decoded by a worker pool that is closed afterwards."""
     batches = grain_input.EvalBatches([reader], batch_size)
-    stream = self._stream_for(key, lambda: (batches, len(batches)))
+    stream = self._streams.get(key, lambda: (batches, len(batches)))
     images = [np.asarray(stream.read(k)) for k in range(len(batches))]
     self.close()
     shape = (0, self.image_size, self.image_size, 3)
@@ -279,7 +251,7 @@ class ImageNetTask(Task):
     def make():
       batches = grain_input.EvalBatches(list(readers), batch_size)
       return batches, len(batches)
-    stream = self._stream_for(key, make)
+    stream = self._streams.get(key, make)
     return stream, stream.fn
 
   def _streamed(self, reader) -> Callable[[int], Iterator[np.ndarray]]:
@@ -293,44 +265,15 @@ class ImageNetTask(Task):
         yield np.asarray(stream.read(table.first_batch[index] + b))
     return batches
 
-  def _cached_labels(self, builder, source, key: str, indices: Optional[np.ndarray] = None
-                     ) -> np.ndarray:
-    """Labels read once and kept as .npy; the key names dataset, version, split and size."""
-    ident = f"{builder.info.full_name}_{key}_{len(source)}".replace("/", "_")
-    if indices is not None:
-      ident += "_" + hashlib.sha1(np.asarray(indices, np.int64).tobytes()).hexdigest()[:12]
-    path = _cache_dir(self.config.cache_dir) / f"{ident}.npy"
-    if path.exists():
-      labels = np.load(path)
-      if len(labels) == (len(source) if indices is None else len(indices)):
-        return labels
-    log.info("reading labels of %s %s (once; cached in %s)", builder.info.full_name, key, path)
-    labels = read_labels(source, indices, pool=self.pool)
-    try:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npy")
-      np.save(tmp, labels)
-      os.replace(tmp, path)
-    except OSError as e:  # A read-only cache only costs the re-read.
-      log.warning("cannot cache labels in %s: %s", path, e)
-    return labels
-
   def _tfds_split(self, column: str, builder, source, indices: Optional[np.ndarray] = None,
                   classes: Optional[Sequence[int]] = None) -> EvalSplit:
     """An EvalSplit over a TFDS split (or its records at `indices`), optionally scored on a
     class subset: labels become positions in `classes`, logits are restricted to them."""
-    labels = self._cached_labels(builder, source, DATASETS[column][1], indices)
+    labels = cached_labels(self.config.cache_dir, self.pool, builder, source,
+                           DATASETS[column][1], indices)
     records = np.arange(len(source)) if indices is None else np.asarray(indices)
     reader = grain_input.TfdsImages(source, records, self.image_size)
-    logits_map = None
-    if classes is not None:
-      classes = np.asarray(classes)
-      outside = ~np.isin(labels, classes)
-      if outside.any():
-        raise ValueError(
-            f"{column}: {int(outside.sum())} labels outside its {len(classes)} classes.")
-      labels = np.searchsorted(classes, labels).astype(np.int32)
-      logits_map = functools.partial(_take_classes, classes=classes)
+    labels, logits_map = restrict_to_classes(column, labels, classes)
     return EvalSplit(labels=labels, batches=self._streamed(reader), logits_map=logits_map)
 
   def _objectnet_split(self) -> EvalSplit:
@@ -340,8 +283,8 @@ class ImageNetTask(Task):
     return EvalSplit(labels=labels, batches=self._streamed(reader), logits_map=mapping.logits)
 
   def _heldout_split(self) -> EvalSplit:
-    labels = self._cached_labels(self.train_builder, self.train_source, "train",
-                                 self.heldout.indices)
+    labels = cached_labels(self.config.cache_dir, self.pool, self.train_builder,
+                           self.train_source, "train", self.heldout.indices)
     if not np.array_equal(labels, self.heldout.labels):
       raise imagenet_heldout.HeldOutError(
           "The held-out list's labels differ from the dataset's at its indices: it was made from "
@@ -390,6 +333,56 @@ class ImageNetTask(Task):
 
   def augment(self, rng, images, strength):
     return images  # Augmentation is host-side (finetune_batch).
+
+
+def local_rows(batch_size: int) -> np.ndarray:
+  """Rows of a global batch held by this process's devices (all rows on one host)."""
+  return _local_rows(int(batch_size)).copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _local_rows(batch_size: int) -> np.ndarray:
+  import jax
+  if jax.process_count() == 1:
+    return np.arange(batch_size)
+  from soup import mesh as mesh_lib
+  sharding = mesh_lib.batch_sharding(mesh_lib.make_mesh())
+  slices = sharding.addressable_devices_indices_map((batch_size,)).values()
+  return np.unique(np.concatenate([np.arange(batch_size)[s[0]] for s in slices]))
+
+
+def cached_labels(cache_dir: str, pool, builder, source, key: str,
+                  indices: Optional[np.ndarray] = None) -> np.ndarray:
+  """Labels read once and kept as .npy; the key names dataset, version, split and size."""
+  ident = f"{builder.info.full_name}_{key}_{len(source)}".replace("/", "_")
+  if indices is not None:
+    ident += "_" + hashlib.sha1(np.asarray(indices, np.int64).tobytes()).hexdigest()[:12]
+  path = _cache_dir(cache_dir) / f"{ident}.npy"
+  if path.exists():
+    labels = np.load(path)
+    if len(labels) == (len(source) if indices is None else len(indices)):
+      return labels
+  log.info("reading labels of %s %s (once; cached in %s)", builder.info.full_name, key, path)
+  labels = read_labels(source, indices, pool=pool)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results.atomic_write(path, lambda f: np.save(f, labels), binary=True)
+  except OSError as e:  # A read-only cache only costs the re-read.
+    log.warning("cannot cache labels in %s: %s", path, e)
+  return labels
+
+
+def restrict_to_classes(column: str, labels: np.ndarray, classes: Optional[Sequence[int]]):
+  """Labels as positions in `classes` and a logits map onto them (ImageNet-R/A's 200
+  classes); unchanged, with no map, when classes is None."""
+  if classes is None:
+    return labels, None
+  classes = np.asarray(classes)
+  outside = ~np.isin(labels, classes)
+  if outside.any():
+    raise ValueError(f"{column}: {int(outside.sum())} labels outside its {len(classes)} classes.")
+  labels = np.searchsorted(classes, labels).astype(np.int32)
+  return labels, functools.partial(_take_classes, classes=classes)
 
 
 def _take_classes(logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
