@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from soup import results
+
 DEFAULT_FILE = Path(__file__).parent / "imagenet2012_heldout.npz"
 PER_CLASS = 26
 NUM_CLASSES = 1000
@@ -126,14 +128,10 @@ def save(path: str | Path, indices: np.ndarray, labels: np.ndarray, *, tfds_vers
          num_train: int, per_class: int, seed: int, source: str = "seeded") -> None:
   if source not in SOURCES:
     raise ValueError(f"held-out source must be one of {SOURCES}, got {source!r}.")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez_compressed(tmp, indices=np.asarray(indices, np.int64),
-                      labels=np.asarray(labels, np.int32),
-                      tfds_version=np.array(tfds_version), num_train=np.array(num_train),
-                      per_class=np.array(per_class), seed=np.array(seed), source=np.array(source))
-  tmp.replace(path)
+  arrays = dict(indices=np.asarray(indices, np.int64), labels=np.asarray(labels, np.int32),
+                tfds_version=np.array(tfds_version), num_train=np.array(num_train),
+                per_class=np.array(per_class), seed=np.array(seed), source=np.array(source))
+  results.atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
 
 
 def load(path: str | Path | None = None) -> HeldOut:
