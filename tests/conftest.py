@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on the CPU; multi-device checks run in subprocesses."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,13 @@ def run_python(args, env_extra=None, timeout=600, check=True):
     raise AssertionError(f"python {' '.join(args)} failed ({proc.returncode}):\n"
                          f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return proc
+
+
+def free_port() -> int:
+  """A TCP port free on localhost now (jax.distributed coordinators in tests)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,12 @@ and soups of sharded ingredients over 2 processes x 4 devices (tests/fsdp_checks
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_python
+from conftest import ROOT, free_port, run_python
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from soup import sharding
@@ -111,17 +110,11 @@ def test_kill_9_and_resume_under_fsdp_is_bit_identical(env, tmp_path):
   assert "resume: ok" in proc.stdout
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_sharded_soups_on_2_processes_equal_host_soups_and_each_read_half(tmp_path):
   from soup import checkpoints, soups
   from soup.soups import ensemble
 
-  port, out = _free_port(), tmp_path / "result"
+  port, out = free_port(), tmp_path / "result"
   env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=4")
   procs = [subprocess.Popen([sys.executable, "tests/fsdp_checks.py", "soups", str(r), str(port),
                              str(tmp_path / "ingredients"), str(out)], cwd=ROOT, env=env,

@@ -1,12 +1,11 @@
 """Device-sharded and multi-process averaging, on simulated CPU devices."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
-from conftest import ROOT, run_python
+from conftest import ROOT, free_port, run_python
 
 
 def test_sharded_average_learned_soup_and_evaluation_on_8_devices():
@@ -15,18 +14,12 @@ def test_sharded_average_learned_soup_and_evaluation_on_8_devices():
   assert "single: ok" in proc.stdout
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_process_jax_distributed_average_equals_streamed_to_float32_rounding(tmp_path):
   from soup import checkpoints, soups
   sys.path.insert(0, str(ROOT / "tests"))
   from multidevice_checks import _trees
 
-  port, out = _free_port(), tmp_path / "soup.npz"
+  port, out = free_port(), tmp_path / "soup.npz"
   env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = [subprocess.Popen([sys.executable, "tests/multidevice_checks.py", "multiprocess", str(r),
                              str(port), str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
