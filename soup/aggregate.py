@@ -8,7 +8,9 @@ random search (hyperparameters and data order). With --share_upstream (the
 default, the paper's setting: one pretrained model, many fine-tunes) the
 upstream model and its linear probe come from seed 0's run and are copied in;
 with --noshare_upstream, --config.seed=k also pretrains a new upstream model per
-seed. The data splits stay fixed (config.data.split_seed).
+seed (for a config that pretrains in the run, e.g. fashion_mnist.py:upstream_here; a
+config that loads a pretrained file is refused). The data splits stay fixed
+(config.data.split_seed).
 
 ROOT/aggregate.md and ROOT/aggregate.json hold, for each table row, the mean,
 standard deviation and 95% Student-t interval over seeds of its held-out, test
@@ -171,6 +173,15 @@ def load_runs(root: Path) -> tuple[dict[int, list[dict]], dict[int, float]]:
   return rows, seconds
 
 
+def _loads_pretrained(config: str) -> bool:
+  """Whether config ("FILE[:ARG]") starts from a pretrained file rather than pretraining here."""
+  import configs
+  path, _, arg = config.partition(":")
+  module = configs.module_of(path)
+  cfg = module.get_config(arg) if arg else module.get_config()
+  return cfg.init.source == "pretrained"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,10 +190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=3, help="Seeds 0..N-1.")
   parser.add_argument("--share_upstream", action=argparse.BooleanOptionalAction, default=True,
                       help="One upstream model for every seed (the paper's setting).")
+  # absl's spelling, as the README and scripts/seeds.sh write it (argparse's is --no-share_...).
+  parser.add_argument("--noshare_upstream", dest="share_upstream", action="store_false",
+                      help="A new upstream model per seed (needs a config that pretrains).")
   parser.add_argument("--aggregate_only", action="store_true")
   args, extra = parser.parse_known_args(argv)
   if any(not f.startswith("--config.") for f in extra):
     parser.error(f"unknown flags {extra}; only --config.<key>=<value> overrides pass through.")
+  if not args.share_upstream and _loads_pretrained(args.config):
+    parser.error(f"--noshare_upstream pretrains one upstream per seed, but {args.config} loads "
+                 "a pretrained file (config.init.source='pretrained'), the same for every seed; "
+                 "add the config argument that pretrains in the run, e.g. "
+                 "--config=configs/fashion_mnist.py:upstream_here.")
   root = Path(args.root)
   os.makedirs(root, exist_ok=True)
   command = " ".join(["python -m soup.aggregate", f"--config={args.config}", f"--root={root}",

@@ -325,3 +325,20 @@ def test_vit_errors_name_the_key():
     convert.vit_from_big_vision_npz(no_embedding)
   with pytest.raises(ValueError, match="not a multiple of the patch size"):
     convert.vit_from_big_vision_npz(flat, image_size=36)
+
+
+def test_conv_stem_adds_only_its_own_params_and_is_used():
+  """stem_channels > 0 (the Fashion-MNIST hybrid) adds stem/{kernel,bias} and nothing else;
+  the plain ViT's tree, which the converters target, is unchanged without it."""
+  kwargs = dict(num_classes=3, patch_size=7, width=16, depth=1, num_heads=2, mlp_dim=32)
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  plain = ViT(**kwargs).init(jax.random.key(1), x)["params"]
+  hybrid_model = ViT(stem_channels=4, **kwargs)
+  hybrid = hybrid_model.init(jax.random.key(1), x)["params"]
+  assert set(hybrid) - set(plain) == {"stem"}
+  assert hybrid["stem"]["kernel"].shape == (3, 3, 1, 4)
+  assert hybrid["embedding"]["kernel"].shape == (7, 7, 4, 16)
+  features = lambda p: hybrid_model.apply({"params": p}, x, return_features=True)
+  moved = jax.tree.map(lambda a: a, hybrid)
+  moved["stem"] = {"kernel": hybrid["stem"]["kernel"] * 2, "bias": hybrid["stem"]["bias"] + 1}
+  assert not np.allclose(features(hybrid), features(moved))

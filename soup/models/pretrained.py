@@ -11,7 +11,8 @@ classifier that can initialize the head (config.probe.kind == "zeroshot").
   class names and the 80 prompt templates, and CLIP's BPE vocabulary at
   config.init.bpe_path.
 * model "vit": config.init.path is a big_vision / vision_transformer .npz (e.g.
-  an ImageNet-21k AugReg checkpoint). Its head and pre_logits are dropped and
+  an ImageNet-21k AugReg checkpoint, or the project's own Fashion-MNIST upstream,
+  soup/models/weights/, written by soup/models/export.py). Its head and pre_logits are dropped and
   the position embeddings resized to config.data.image_size.
 
 Either way the result is checked, key by key and shape by shape, against the
@@ -97,9 +98,10 @@ def _load_clip(config):
   return got, params
 
 
-def _check_against_model(params: dict, model, image_size: int, what: str) -> None:
+def _check_against_model(params: dict, model, image_size: int, what: str,
+                         channels: int = 3) -> None:
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
+                          jnp.zeros((1, image_size, image_size, channels), jnp.float32))["params"]
   shapes = {k: v for k, v in shapes.items() if k != "head"}
   convert.check_params_match(params, shapes, what=what)
 
@@ -165,7 +167,8 @@ def load_vit_backbone(config) -> dict:
   image_size = int(config.data.image_size)
   params = convert.vit_from_big_vision_npz(path, drop_head=True, image_size=image_size)
   rest = {k: v for k, v in dict(config.model).items() if k != "name"}
-  _check_against_model(params, ViT(num_classes=1, **rest), image_size, f"ViT checkpoint {path}")
+  _check_against_model(params, ViT(num_classes=1, **rest), image_size, f"ViT checkpoint {path}",
+                       channels=int(config.data.get("image_channels", 3)))
   return jax.tree.map(np.asarray, params)
 
 
