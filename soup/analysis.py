@@ -16,6 +16,7 @@ dicts (written as JSON) and PNGs.
 
 from __future__ import annotations
 
+import functools
 import operator
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,6 +48,24 @@ def plane_coordinates(origin: np.ndarray, a: np.ndarray, b: np.ndarray):
   e2 = rest / norm_rest
   coords = np.array([[0.0, 0.0], [norm_a, 0.0], [db @ e1, norm_rest]])
   return e1, e2, coords
+
+
+def first_plane(init: PyTree, ranked: Sequence[str], load: Callable[[str], PyTree]):
+  """The first pair (a, b) of `ranked` fine-tunes that spans a plane with init, or None.
+
+  Pairs are tried in rank order ((1, 2), (1, 3), ..., (2, 3), ...): a fine-tune equal to
+  the initialization, or a copy of a better-ranked one, is passed over.
+  """
+  origin, _ = _ravel(init)
+  flat = functools.lru_cache(maxsize=None)(lambda name: _ravel(load(name))[0])
+  for i, a in enumerate(ranked):
+    for b in ranked[i + 1:]:
+      try:
+        plane_coordinates(origin, flat(a), flat(b))
+      except ValueError:
+        continue
+      return a, b
+  return None
 
 
 def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,

@@ -336,9 +336,11 @@ def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore
                      "ingredients": {n: wd.fingerprint_digest(wd.ingredient_dir(n))
                                      for n in usable}})
   path = wd.root / "analysis.json"
-  if path.exists() and all((wd.root / f).exists() for f in figures.values()):
-    if json.loads(path.read_text()).get("key") == key:
-      return figures
+  if path.exists():
+    cached = json.loads(path.read_text())
+    written = cached.get("figures", figures)
+    if cached.get("key") == key and all((wd.root / f).exists() for f in written.values()):
+      return written
   splits = res.splits()
   held_split, test_split = splits[res.columns.held_out], splits[res.columns.test]
   scores = {r["model_name"]: r[res.columns.held_out] for r in rows if r["model_name"] in usable}
@@ -356,18 +358,28 @@ def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore
     return fn
 
   t = time.time()
-  a, b = sorted(members, key=lambda n: -scores[n])[:2]
+  # The two best fine-tunes that span a plane with model_0 (a duplicate does not).
+  pair = analysis.first_plane(store.load("model_0"), sorted(members, key=lambda n: -scores[n]),
+                              store.load)
   limit = min(settings["landscape_examples"] or len(held_split), len(held_split))
   if held_split.images is None:
     limit = 0  # Streamed splits: the whole held-out split.
-  landscape = analysis.error_landscape(
-      store.load("model_0"), store.load(a), store.load(b), accuracy(held_split, limit),
-      grid=settings["landscape_grid"], names=("model_0 (init)", a, b))
+  landscape = None
+  if pair is None:
+    log.warning("analysis: no two fine-tunes span a plane with model_0 (identical or "
+                "collinear weights); the error landscape is skipped.")
+    figures = {k: v for k, v in figures.items() if v != "landscape.png"}
+  else:
+    a, b = pair
+    landscape = analysis.error_landscape(
+        store.load("model_0"), store.load(a), store.load(b), accuracy(held_split, limit),
+        grid=settings["landscape_grid"], names=("model_0 (init)", a, b))
+    analysis.plot_landscape(landscape, wd.root / "landscape.png")
   curves = analysis.ingredient_curves(usable, scores, store.load, res.held_out_accuracy,
                                       accuracy(test_split), config.soups.greedy_comparison)
-  analysis.plot_landscape(landscape, wd.root / figures[next(iter(figures))])
   analysis.plot_ingredient_curves(curves, wd.root / "ingredients.png")
-  results.atomic_write_text(path, json.dumps({"key": key, "landscape": landscape,
+  results.atomic_write_text(path, json.dumps({"key": key, "figures": figures,
+                                              "landscape": landscape,
                                               "landscape_examples": limit, "curves": curves,
                                               "seconds": round(time.time() - t, 1)}))
   log.info("analysis figures in %.1fs", time.time() - t)

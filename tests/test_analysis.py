@@ -72,3 +72,12 @@ def test_greedy_curve_keeps_an_ingredient_that_helps():
   assert curves["greedy_held_out"] == [pytest.approx(1 - 0.5 / 4), pytest.approx(1.0)]
   with pytest.raises(ValueError, match="comparison"):
     analysis.ingredient_curves(["a"], scores, params.__getitem__, _acc, _acc, comparison="<")
+
+
+def test_first_plane_skips_a_copy_and_the_initialization():
+  init = {"w": np.zeros(3)}
+  models = {"copy_of_a": {"w": np.array([1.0, 0, 0])}, "a": {"w": np.array([1.0, 0, 0])},
+            "same_as_init": {"w": np.zeros(3)}, "b": {"w": np.array([0.0, 2, 0])}}
+  ranked = ["a", "copy_of_a", "same_as_init", "b"]
+  assert analysis.first_plane(init, ranked, models.__getitem__) == ("a", "b")
+  assert analysis.first_plane(init, ["a", "copy_of_a"], models.__getitem__) is None
