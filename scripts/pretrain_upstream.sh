@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-makes the default experiment's pretrained start, soup/models/weights/fashion_mnist_vit.npz:
 # the upstream stage of configs/fashion_mnist.py:upstream_here (12 epochs on the 48,000 upstream
-# images, about 10 minutes on 2 cores), exported as a big_vision .npz with its provenance .json.
+# images, 8-9 minutes on 2 cores), exported as a big_vision .npz with its provenance .json.
 # The same machine gives the same bytes; another machine may differ in the last bits.
 # Usage: scripts/pretrain_upstream.sh [WORKDIR] [OUT]
 set -euo pipefail
