@@ -359,8 +359,8 @@ def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore
 
   t = time.time()
   # The two best fine-tunes that span a plane with model_0 (a duplicate does not).
-  pair = analysis.first_plane(store.load("model_0"), sorted(members, key=lambda n: -scores[n]),
-                              store.load)
+  init = store.load("model_0")
+  pair = analysis.first_plane(init, sorted(members, key=lambda n: -scores[n]), store.load)
   limit = min(settings["landscape_examples"] or len(held_split), len(held_split))
   if held_split.images is None:
     limit = 0  # Streamed splits: the whole held-out split.
@@ -372,7 +372,7 @@ def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore
   else:
     a, b = pair
     landscape = analysis.error_landscape(
-        store.load("model_0"), store.load(a), store.load(b), accuracy(held_split, limit),
+        init, store.load(a), store.load(b), accuracy(held_split, limit),
         grid=settings["landscape_grid"], names=("model_0 (init)", a, b))
     analysis.plot_landscape(landscape, wd.root / "landscape.png")
   curves = analysis.ingredient_curves(usable, scores, store.load, res.held_out_accuracy,
