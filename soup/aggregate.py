@@ -14,8 +14,10 @@ config that loads a pretrained file is refused). The data splits stay fixed
 
 ROOT/aggregate.md and ROOT/aggregate.json hold, for each table row, the mean,
 standard deviation and 95% Student-t interval over seeds of its held-out, test
-and shift-average accuracy; how many seeds had the greedy soup beat the best
-individual on test and on the shifts; and the paper's claims judged over seeds.
+and shift-average accuracy; the precondition (best individual minus the
+initialization, and how many seeds hold it on their own paired interval); how
+many seeds had the greedy soup beat the best individual on test and on the
+shifts; and the paper's claims judged over seeds, the precondition first.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def aggregate(rows_by_seed: dict[int, list[dict]]) -> dict:
       row[f"{metric}_by_seed"] = values
     out_rows.append(row)
   return {"seeds": sorted(tables), "rows": out_rows,
+          "precondition": _precondition(tables, rows_by_seed),
           "greedy_vs_best": _greedy_vs_best(tables, rows_by_seed),
           "claims": claims_lib.judge_over_seeds(tables, rows_by_seed)}
 
@@ -115,6 +118,25 @@ def _greedy_vs_best(tables: dict[int, dict], rows_by_seed: dict[int, list[dict]]
     out[metric] = {"wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
                    "seeds": len(diffs),
                    "diff": stats.mean_interval(diffs) if diffs else None}
+  return out
+
+
+def _precondition(tables: dict[int, dict], rows_by_seed: dict[int, list[dict]]) -> dict:
+  """Best individual minus the initialization over seeds: the paper's setting, or not."""
+  out = {}
+  for metric in ("test", "avg_shifts"):
+    diffs = [t["best_individual"][metric] - t["initialization"][metric]
+             for t in tables.values() if "best_individual" in t and "initialization" in t
+             and t["best_individual"][metric] is not None
+             and t["initialization"][metric] is not None]
+    out[metric] = {"wins": sum(d > 0 for d in diffs), "seeds": len(diffs),
+                   "diff": stats.mean_interval(diffs) if diffs else None}
+  verdicts = {seed: claims_lib.precondition(rows)["verdict"] for seed, rows in rows_by_seed.items()}
+  out["held"] = sum(v == claims_lib.HELD for v in verdicts.values())
+  out["held_seeds"] = len(verdicts)
+  out["init_beats_every_fine_tune"] = sorted(
+      seed for seed, rows in rows_by_seed.items()
+      if claims_lib.init_beats_every_fine_tune(rows) is not None)
   return out
 
 
@@ -149,6 +171,16 @@ def render_markdown(agg: dict, command: str = "", seconds: dict | None = None) -
     label = recipes.REGISTRY[row["recipe"]].label if row["recipe"] in recipes.REGISTRY \
         else row["recipe"]
     lines.append(f"| {label} | " + " | ".join(_cell(row[m]) for m in METRICS) + " |")
+  pre = agg.get("precondition")
+  if pre and pre["test"]["seeds"]:
+    lines += ["", "Best individual minus initialization (points; the precondition, fine-tuning "
+              "improves on the initialization): "
+              + "; ".join(f"{m.replace('avg_shifts', 'shift average')}: {_cell(pre[m]['diff'])}, "
+                          f"best individual ahead in {pre[m]['wins']} of {pre[m]['seeds']} seeds"
+                          for m in ("test", "avg_shifts"))
+              + f"; held on its seed's paired test interval in {pre['held']} of "
+                f"{pre['held_seeds']} seeds; the initialization beats every fine-tune on "
+                f"held-out in {len(pre['init_beats_every_fine_tune'])} of {n} seeds."]
   g = agg["greedy_vs_best"]
   lines += ["", "Greedy soup minus best individual (points): "
             + "; ".join(f"{m.replace('avg_shifts', 'shift average')}: {_cell(g[m]['diff'])}, "

@@ -1,7 +1,10 @@
-"""The paper's four claims, judged on one run (paired bootstrap) or over seeds.
+"""The paper's precondition and four claims, judged on one run (paired bootstrap) or over seeds.
 
 Each claim is held, not held, or not resolved at this sample size, from a 95%
 interval of a paired accuracy difference:
+  0. the precondition: fine-tuning improves on the initialization (best
+     individual minus model_0, on test); the paper's soups average fine-tunes
+     that each did real work (+4.8 points on ImageNet);
   1. the greedy soup beats the best individual in distribution (test);
   2. it beats it under shift (the shift average);
   3. the uniform soup falls behind the best individual (test) when some runs
@@ -9,6 +12,10 @@ interval of a paired accuracy difference:
      the initialization's, or it diverged and was excluded;
   4. the greedy soup comes close to the ensemble of all models at 1/N of the
      inference cost: "close" is within CLOSE_POINTS on test.
+When the initialization beats every fine-tune on held-out (the selection
+split), the paper's setting does not hold: claims 1-4 compare soups with a best
+individual that is not the run's best model. The claims then say so, and
+compare each soup with the best of all models, model_0 included.
 One run's intervals come from soup/stats.py (rows carry them, see
 `add_intervals`); over seeds, from the Student-t interval of the per-seed
 differences.
@@ -20,17 +27,71 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from soup import stats
+from soup import recipes, results, stats
 
 CLOSE_POINTS = 1.0  # Claim 4: greedy soup within this many accuracy points of the ensemble.
 HELD, NOT_HELD, OPEN = "held", "not held", "not resolved at this sample size"
 CLAIMS = {
+    "fine_tuning_improves": "Fine-tuning improves on the initialization (the paper's "
+                            "precondition)",
     "greedy_in_distribution": "The greedy soup beats the best individual model in distribution",
     "greedy_under_shift": "The greedy soup beats the best individual model under shift",
     "uniform_falls_behind": "The uniform soup falls behind when some runs leave the basin",
     "greedy_close_to_ensemble": "The greedy soup comes close to the ensemble at 1/N of the "
                                 "inference cost",
 }
+# The weight-space soups, compared with the best of all models when model_0 is that model.
+SOUPS = ("uniform_soup", "greedy_soup", "learned_soup", "learned_soup_by_layer", "model_stock")
+BEST_OF_ALL = {"best_of_all_in_distribution": "{soup} beats the best of all models in distribution",
+               "best_of_all_under_shift": "{soup} beats the best of all models under shift"}
+
+
+def _held_column(row: Mapping) -> str:
+  return next(k for k in row if k.endswith("HeldOut") or k == "ImageNet2p")
+
+
+def initialization(rows: Sequence[dict]) -> dict | None:
+  """The initialization's row: model_0 if named so."""
+  inits = [r for r in rows if r.get("recipe") == "initialization"]
+  return next((r for r in inits if r["model_name"] == "model_0"), inits[0] if inits else None)
+
+
+def init_beats_every_fine_tune(rows: Sequence[dict]) -> tuple[dict, dict] | None:
+  """(initialization row, best fine-tune row) if model_0 beats every fine-tune on held-out.
+
+  Held-out is the selection split: then the best of all models is the
+  initialization, and the best individual is only the best of the rest.
+  """
+  init = initialization(rows)
+  members = [r for r in rows if r.get("recipe") == "individual"]
+  if init is None or not members:
+    return None
+  held = _held_column(init)
+  best = max(members, key=lambda r: r[held])
+  return (init, best) if init[held] > best[held] else None
+
+
+def contains_init(row: Mapping, init_name: str = "model_0") -> bool:
+  """Whether a soup's (or ensemble's) recorded ingredients include the initialization."""
+  ingredients = row.get("ingredients")
+  return (row.get("recipe") not in ("initialization", "individual", "best_individual")
+          and isinstance(ingredients, (list, tuple, dict)) and init_name in ingredients)
+
+
+def setting_warning(rows: Sequence[dict]) -> str | None:
+  """The plain statement that the paper's setting does not hold, when model_0 wins held-out."""
+  found = init_beats_every_fine_tune(rows)
+  if found is None:
+    return None
+  init, best = found
+  held = _held_column(init)
+  return (f"The paper's setting does not hold in this run: the initialization "
+          f"(`{init['model_name']}`, {100 * init[held]:.2f} held-out) beats every fine-tune on "
+          f"held-out (the best, `{best['model_name']}`: {100 * best[held]:.2f}), so fine-tuning "
+          f"did not improve on the initialization. The claims against the best individual "
+          f"compare soups with the best of the fine-tunes, not with the best model of the run: "
+          f"they are not evidence for the paper's mechanism. Each soup is also compared with "
+          f"the best of all models, `{init['model_name']}` included")
 
 
 # --- Intervals stored in the rows -------------------------------------------
@@ -42,7 +103,11 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
 
   `correct[model_name][column]` is a bool vector. Each row gets
   `vs_best_individual` = {"test": interval, "avg_shifts": interval} (fractions);
-  the greedy soup also gets `vs_ensemble`. Missing partners leave rows as they are.
+  the greedy soup also gets `vs_ensemble`; the best individual gets
+  `vs_initialization` (the precondition: it minus model_0). When the
+  initialization beats every fine-tune on held-out, each soup (SOUPS) gets
+  `vs_best_of_all`: it minus the initialization. Missing partners leave rows as
+  they are.
   """
   by_name = {r["model_name"]: r for r in rows}
   best = by_name.get("best_individual")
@@ -65,6 +130,15 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
         row["vs_best_individual"] = compare(row["model_name"], reference)
   if "greedy_soup" in correct and "ensemble" in correct and "greedy_soup" in by_name:
     by_name["greedy_soup"]["vs_ensemble"] = compare("greedy_soup", "ensemble")
+  init = initialization(rows)
+  if init is None or init["model_name"] not in correct:
+    return
+  if reference is not None and best is not None:
+    best["vs_initialization"] = compare(reference, init["model_name"])
+  if init_beats_every_fine_tune(rows) is not None:
+    for row in rows:
+      if row.get("recipe") in SOUPS and row["model_name"] in correct:
+        row["vs_best_of_all"] = compare(row["model_name"], init["model_name"])
 
 
 # --- Verdicts ----------------------------------------------------------------
@@ -85,14 +159,14 @@ def verdict(low: float, high: float, threshold: float = 0.0) -> str:
 
 def left_basin(rows: Sequence[dict]) -> tuple[int, int]:
   """(runs that left the basin, fine-tuned runs), from the models' held-out accuracy."""
-  init = next((r for r in rows if r.get("recipe") == "initialization"), None)
+  init = initialization(rows)
   members = [r for r in rows if r.get("recipe") == "individual"]
   excluded = set()
   for r in rows:
     excluded |= set((r.get("excluded") or {}).keys())
   if init is None:
     return len(excluded), len(members) + len(excluded)
-  held_col = next(k for k in init if k.endswith("HeldOut") or k == "ImageNet2p")
+  held_col = _held_column(init)
   below = sum(r[held_col] < init[held_col] for r in members)
   return below + len(excluded - {"model_0"}), len(members) + len(excluded - {"model_0"})
 
@@ -102,11 +176,116 @@ def _fmt(interval: dict) -> str:
           f"{100 * interval['high']:+.2f}]")
 
 
+def _is_num(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _negated(interval: Mapping) -> dict:
+  """b minus a from a minus b: the same paired resamples, the sign flipped (up to the
+  rounding of a percentile)."""
+  return {**interval, "diff": -interval["diff"], "low": -interval["high"],
+          "high": -interval["low"]}
+
+
+def best_individual(rows: Sequence[dict]) -> dict | None:
+  """The report's best individual: the `best_individual` line, else the best held-out member."""
+  by_name = {r["model_name"]: r for r in rows}
+  if "best_individual" in by_name:
+    return by_name["best_individual"]
+  members = [r for r in rows if r.get("recipe") == "individual"]
+  if not members:
+    return None
+  held = _held_column(members[0])
+  return max(members, key=lambda r: r[held])  # The first on ties, as the report's.
+
+
+def _contains_init_note(row: Mapping | None, label: str) -> str:
+  return f"; the {label} contains model_0 (the initialization)" if row and contains_init(row) \
+      else ""
+
+
+def precondition(rows: Sequence[dict]) -> dict:
+  """Claim 0: best individual minus the initialization on test, with its paired interval.
+
+  Judged on test, as claims 1-4; the shift average is reported alongside. The
+  interval is the best individual's `vs_initialization`, or, in results made
+  before it was stored, the initialization's `vs_best_individual` negated.
+  """
+  key = "fine_tuning_improves"
+  init, best = initialization(rows), best_individual(rows)
+  claim = {"claim": key, "text": CLAIMS[key], "verdict": OPEN}
+  if init is None or best is None:
+    return {**claim, "evidence": "no initialization and best individual in these results"}
+  found = best.get("vs_initialization")
+  if found is None and init.get("vs_best_individual"):
+    found = {m: _negated(ci) for m, ci in init["vs_best_individual"].items()
+             if isinstance(ci, Mapping) and "diff" in ci}
+  ci = (found or {}).get("test")
+  warning = setting_warning(rows)
+  if ci is None:
+    return {**claim, "evidence": "no paired interval of the best individual and the "
+            "initialization in these results", **({"warning": warning} if warning else {})}
+  result = verdict(ci["low"], ci["high"])
+  name = best.get("selected", best["model_name"])
+  evidence = (f"best individual (`{name}`, chosen on held-out) minus the initialization "
+              f"(`{init['model_name']}`) on test: {_fmt(ci)}")
+  if (found or {}).get("avg_shifts"):
+    evidence += f"; on the shift average: {_fmt(found['avg_shifts'])}"
+  if warning is None and result == NOT_HELD:
+    warning = ("The paper's setting does not hold in this run: the best individual is below "
+               "the initialization on test, so fine-tuning did not improve on the "
+               "initialization, and the claims against the best individual are not evidence "
+               "for the paper's mechanism")
+  return {**claim, "verdict": result, "evidence": evidence,
+          **({"warning": warning} if warning else {})}
+
+
+def _best_of_all(rows: Sequence[dict]) -> list[dict]:
+  """Each soup minus the best of all models, when the initialization is that model."""
+  found = init_beats_every_fine_tune(rows)
+  if found is None:
+    return []
+  init = found[0]["model_name"]
+  by_name = {r["model_name"]: r for r in rows}
+  try:
+    test = results.detect_columns(rows).test
+  except ValueError:
+    test = None
+  out = []
+  for recipe in SOUPS:
+    row = by_name.get(recipe)
+    if row is None:
+      continue
+    label = recipes.REGISTRY[recipe].label
+    for key, metric, where in (("best_of_all_in_distribution", "test", "test"),
+                               ("best_of_all_under_shift", "avg_shifts", "the shift average")):
+      claim = {"claim": key, "soup": recipe, "text": BEST_OF_ALL[key].format(soup=label)}
+      ci = (row.get("vs_best_of_all") or {}).get(metric)
+      if ci is None:  # Results made before these intervals were stored: the point difference.
+        column = test if metric == "test" else "avg_shifts"
+        point = (f"; point difference on {where}: "
+                 f"{100 * (row[column] - found[0][column]):+.2f} points"
+                 if column and _is_num(row.get(column)) and _is_num(found[0].get(column))
+                 else "")
+        out.append({**claim, "verdict": OPEN,
+                    "evidence": f"no paired interval of the {label.lower()} against `{init}` in "
+                                "these results" + point})
+        continue
+      out.append({**claim, "verdict": verdict(ci["low"], ci["high"]),
+                  "evidence": f"{label.lower()} minus the best of all models (`{init}`, the "
+                              f"initialization, best on held-out) on {where}: {_fmt(ci)}"
+                              + _contains_init_note(row, label.lower())})
+  return out
+
+
 def judge(rows: Sequence[dict]) -> list[dict]:
-  """The four claims on one run's results rows (with intervals from add_intervals)."""
+  """The precondition, the four claims and, where model_0 wins held-out, each soup against it.
+
+  Rows carry their intervals from add_intervals.
+  """
   by_name = {r["model_name"]: r for r in rows}
   greedy, uniform = by_name.get("greedy_soup"), by_name.get("uniform_soup")
-  out = []
+  out = [precondition(rows)]
 
   def add(key: str, result: str, evidence: str):
     out.append({"claim": key, "text": CLAIMS[key], "verdict": result, "evidence": evidence})
@@ -118,7 +297,8 @@ def judge(rows: Sequence[dict]) -> list[dict]:
       add(key, OPEN, "no greedy soup or best individual with intervals in these results")
     else:
       add(key, verdict(ci["low"], ci["high"]),
-          f"greedy soup minus best individual on the {where}: {_fmt(ci)}")
+          f"greedy soup minus best individual on the {where}: {_fmt(ci)}"
+          + _contains_init_note(greedy, "greedy soup"))
 
   off, runs = left_basin(rows)
   ci = (uniform or {}).get("vs_best_individual", {}).get("test")
@@ -127,11 +307,13 @@ def judge(rows: Sequence[dict]) -> list[dict]:
   elif off == 0:
     add("uniform_falls_behind", OPEN,
         f"no run left the basin (0 of {runs} below the initialization's held-out accuracy); "
-        f"uniform soup minus best individual on test: {_fmt(ci)}")
+        f"uniform soup minus best individual on test: {_fmt(ci)}"
+        + _contains_init_note(uniform, "uniform soup"))
   else:
     add("uniform_falls_behind", verdict(-ci["high"], -ci["low"]),
         f"{off} of {runs} runs left the basin (held-out accuracy below the initialization's "
-        f"or diverged); uniform soup minus best individual on test: {_fmt(ci)}")
+        f"or diverged); uniform soup minus best individual on test: {_fmt(ci)}"
+        + _contains_init_note(uniform, "uniform soup"))
 
   ci = (greedy or {}).get("vs_ensemble", {}).get("test")
   ensemble = by_name.get("ensemble")
@@ -142,7 +324,7 @@ def judge(rows: Sequence[dict]) -> list[dict]:
     add("greedy_close_to_ensemble", verdict(ci["low"], ci["high"], -CLOSE_POINTS / 100),
         f"greedy soup minus ensemble on test: {_fmt(ci)}, at 1 forward pass against {n}; "
         f"'close' is within {CLOSE_POINTS:g} point")
-  return out
+  return out + _best_of_all(rows)
 
 
 def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
@@ -150,25 +332,50 @@ def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
   """The claims from per-seed differences: the Student-t interval of their mean.
 
   `tables[seed][recipe]` is the report's chosen row (held_out, test, avg_shifts).
+  The precondition comes first, with how many seeds hold it on their own paired
+  interval; in seeds where the initialization beats every fine-tune on
+  held-out, the soups are also compared with the best of all models (model_0
+  there, the best individual elsewhere).
   """
   out = []
 
   def diffs(a: str, b: str, metric: str) -> list[float]:
     return [t[a][metric] - t[b][metric] for t in tables.values() if a in t and b in t]
 
-  def add(key, values, threshold=0.0, flip=False, note=""):
+  def add(key, values, threshold=0.0, flip=False, note="", suffix="", text=None, **extra):
+    claim = {"claim": key, "text": text or CLAIMS[key], **extra}
     if len(values) < 2:
-      out.append({"claim": key, "text": CLAIMS[key], "verdict": OPEN,
-                  "evidence": f"{len(values)} seed(s): an interval over seeds needs 2 or more"})
+      out.append({**claim, "verdict": OPEN,
+                  "evidence": f"{len(values)} seed(s): an interval over seeds needs 2 or more"
+                              + suffix})
       return
     s = stats.mean_interval(values)
     low, high = (-s["high"], -s["low"]) if flip else (s["low"], s["high"])
-    out.append({"claim": key, "text": CLAIMS[key],
-                "verdict": verdict(low, high, -threshold if flip else threshold),
+    out.append({**claim, "verdict": verdict(low, high, -threshold if flip else threshold),
                 "evidence": note + f"mean {100 * s['mean']:+.2f} points over {s['n']} seeds "
                             f"(std {100 * s['std']:.2f}) [95% CI {100 * s['low']:+.2f}, "
                             f"{100 * s['high']:+.2f}]; per seed: "
-                            + ", ".join(f"{100 * v:+.2f}" for v in values)})
+                            + ", ".join(f"{100 * v:+.2f}" for v in values) + suffix})
+
+  per_seed = {seed: precondition(rows_by_seed[seed]) for seed in tables if seed in rows_by_seed}
+  held = sum(c["verdict"] == HELD for c in per_seed.values())
+  add("fine_tuning_improves", diffs("best_individual", "initialization", "test"),
+      note="best individual minus the initialization on test: ",
+      suffix=f"; held on its own seed's paired interval in {held} of {len(per_seed)} seeds")
+  init_wins = [seed for seed in tables if seed in rows_by_seed
+               and init_beats_every_fine_tune(rows_by_seed[seed]) is not None]
+  if init_wins:
+    out[0]["warning"] = (
+        f"The paper's setting does not hold in {len(init_wins)} of {len(tables)} seeds "
+        f"({'seed' if len(init_wins) == 1 else 'seeds'} "
+        + ", ".join(map(str, init_wins)) + "): there the initialization beats every fine-tune "
+        "on held-out, so fine-tuning did not improve on the initialization, and the claims "
+        "against the best individual are not evidence for the paper's mechanism. Each soup is "
+        "also compared with the best of all models, model_0 included")
+  elif out[0]["verdict"] == NOT_HELD:
+    out[0]["warning"] = ("The paper's setting does not hold over these seeds: the best "
+                         "individual is below the initialization on test, and the claims "
+                         "against the best individual are not evidence for the paper's mechanism")
 
   add("greedy_in_distribution", diffs("greedy_soup", "best_individual", "test"),
       note="greedy soup minus best individual on test: ")
@@ -187,11 +394,34 @@ def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
   add("greedy_close_to_ensemble", diffs("greedy_soup", "ensemble", "test"),
       threshold=-CLOSE_POINTS / 100,
       note=f"greedy soup minus ensemble on test ('close': within {CLOSE_POINTS:g} point): ")
+
+  if init_wins:
+    # The best of all models per seed: model_0 where it wins held-out, else the best individual.
+    best_of_all = {seed: "initialization" if seed in init_wins else "best_individual"
+                   for seed in tables}
+    for recipe in SOUPS:
+      if not any(recipe in t for t in tables.values()):
+        continue
+      for key, metric, where in (("best_of_all_in_distribution", "test", "test"),
+                                 ("best_of_all_under_shift", "avg_shifts", "the shift average")):
+        values = [t[recipe][metric] - t[best_of_all[seed]][metric] for seed, t in tables.items()
+                  if recipe in t and best_of_all[seed] in t]
+        label = recipes.REGISTRY[recipe].label
+        add(key, values, text=BEST_OF_ALL[key].format(soup=label), soup=recipe,
+            note=f"{label.lower()} minus the best of all models (chosen on held-out: model_0 "
+                 f"in {len(init_wins)} of {len(tables)} seeds) on {where}: ")
   return out
 
 
 def render(claims: Sequence[dict], heading: str = "## The paper's claims") -> list[str]:
   lines = [heading, ""]
+  grouped = False
   for c in claims:
+    if c.get("soup") and not grouped:  # The best-of-all comparisons, under their own heading.
+      lines += ["", "### Each soup against the best of all models, the initialization included",
+                ""]
+      grouped = True
     lines.append(f"- **{c['text']}: {c['verdict']}.** {c['evidence']}.")
+    if c.get("warning"):
+      lines += ["", f"> **Warning.** {c['warning']}.", ""]
   return lines + [""]

@@ -124,24 +124,54 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
     checkpoints.save_ingredient(out / "ingredient", params, {"source": config.init.path})
     return params
   cfg, split = config.upstream, res.task.upstream
-  num_classes = int(split.labels.max()) + 1
-  model = res.model(num_classes)
-  params = model.init(jax.random.key(config.seed),
-                      res.task.preprocess(jnp.asarray(split.images[:2])))["params"]
+  objective = cfg.get("objective", "supervised")
+  if objective not in ("supervised", "simclr"):
+    raise ValueError(f"config.upstream.objective={objective!r}: use 'supervised' or 'simclr'.")
+  sample = res.task.preprocess(jnp.asarray(split.images[:2]))
   steps = cfg.epochs * pipeline.steps_per_epoch(len(split), cfg.batch_size)
   hyper = train.Hyper(lr=cfg.lr, weight_decay=cfg.weight_decay, aug_strength=cfg.aug_strength,
                       total_steps=steps, warmup_steps=cfg.warmup_steps)
-  outcome = train.train(
-      apply_fn=lambda p, x: model.apply({"params": p}, x), params=params, hyper=hyper,
-      num_classes=num_classes, mesh=res.mesh, workdir=out, seed=config.seed,
-      batch_fn=lambda s: pipeline.train_batch(split, cfg.batch_size, config.seed, s),
-      augment_fn=res.task.augment, preprocess_fn=res.task.preprocess,
-      checkpoint_every=config.finetune.checkpoint_every_steps, description="upstream",
-      sharding_rules=config.get("sharding_rules", ()))
+  common = dict(mesh=res.mesh, workdir=out, seed=config.seed,
+                batch_fn=lambda s: pipeline.train_batch(split, cfg.batch_size, config.seed, s),
+                augment_fn=res.task.augment, preprocess_fn=res.task.preprocess,
+                checkpoint_every=config.finetune.checkpoint_every_steps, description="upstream",
+                sharding_rules=config.get("sharding_rules", ()))
+  if objective == "simclr":
+    # No label is read: InfoNCE over two views (soup/contrastive.py); the head is dropped.
+    from soup import contrastive
+    model = res.model(0)
+    features = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    params = contrastive.init_params(model, model.init(jax.random.key(config.seed),
+                                                       sample)["params"],
+                                     config.model.width, cfg.projection_hidden,
+                                     cfg.projection_out, config.seed)
+    init_state, _ = train.make_train_step(features, 1, res.task.augment, res.task.preprocess,
+                                          config.finetune.grad_clip)
+    rules = config.get("sharding_rules", ())
+    step = train.jit_step(
+        contrastive.make_step(features, res.task.preprocess, temperature=cfg.temperature,
+                              hidden=cfg.projection_hidden, out=cfg.projection_out,
+                              grad_clip=config.finetune.grad_clip,
+                              crop_scale=(cfg.crop_min_scale, 1.0), jitter=cfg.jitter),
+        res.mesh, train.state_sharding_for(init_state, params, res.mesh, rules))
+    outcome = train.train(apply_fn=features, params=params, hyper=hyper, num_classes=1,
+                          compiled_step=step, grad_clip=config.finetune.grad_clip, **common)
+    backbone = {k: v for k, v in outcome.params.items() if k != "projection"}
+    info = {"objective": "simclr", "images": len(split), "labels": "none",
+            "temperature": cfg.temperature}
+  else:
+    num_classes = int(split.labels.max()) + 1
+    model = res.model(num_classes)
+    params = model.init(jax.random.key(config.seed), sample)["params"]
+    outcome = train.train(apply_fn=lambda p, x: model.apply({"params": p}, x), params=params,
+                          hyper=hyper, num_classes=num_classes, **common)
+    backbone = outcome.params
+    info = {"objective": "supervised", "images": len(split),
+            "labels": config.data.get("upstream_labels", "fine"), "classes": num_classes}
   if outcome.diverged:
     raise train.TrainingDiverged("Upstream pretraining diverged; lower config.upstream.lr.")
-  checkpoints.save_ingredient(out / "ingredient", outcome.params, {"task": "coarse-4"})
-  return outcome.params
+  checkpoints.save_ingredient(out / "ingredient", backbone, info)
+  return backbone
 
 
 # --- Stage 2: linear probe -> model_0 -------------------------------------------

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from soup import results as R
+from soup import claims, results as R
 from soup.recipes import REGISTRY
 
 DASH = "—"
@@ -171,16 +171,20 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
         "inference_cost": cost,
         "line": row,
     }
+    entry["contains_init"] = claims.contains_init(row)
     entry["cells"] = [method, _pct(entry["held_out"]), _pct(entry["test"]),
                       *(_pct(entry["shifts"][c]) for c in columns.shifts),
-                      _pct(entry["avg_shifts"]),
-                      DASH if ingredients is None else str(ingredients), _cost_str(cost)]
+                      _pct(entry["avg_shifts"]), _ingredients_cell(ingredients, entry),
+                      _cost_str(cost)]
     table.append(entry)
 
   curve = sorted((r for r in by_recipe.get("wise_ft", []) if _num(r.get("alpha")) is not None),
                  key=lambda r: r["alpha"])
 
   # Notes.
+  warning = claims.setting_warning(rows)
+  if warning:  # First: it changes how every comparison with the best individual reads.
+    notes.append(f"**{warning}.**")
   if best_info is not None:
     if best_info["source"] == "selected":
       notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by "
@@ -228,6 +232,10 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   if multi:
     notes.append("Several lines for " + ", ".join(f"`{m}`" for m in multi)
                  + ": the table shows the one with the best held-out accuracy.")
+  with_init = [entry["method"] for entry in table if entry["contains_init"]]
+  if with_init:  # A soup of model_0 and fine-tunes may mostly recover the start.
+    notes.append("These contain `model_0` (the initialization) among their ingredients: "
+                 + ", ".join(with_init) + " (marked \"incl. model_0\" in the table).")
   heldout_note = _heldout_list_note(rows, columns)
   if heldout_note:
     notes.append(heldout_note)
@@ -249,15 +257,24 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   }
 
 
+def _ingredients_cell(ingredients: int | None, entry: dict) -> str:
+  if ingredients is None:
+    return DASH
+  return f"{ingredients} (incl. model_0)" if entry["contains_init"] else str(ingredients)
+
+
 def _statistics(rows: Sequence[dict], table: Sequence[dict]) -> dict:
-  """The rows' paired intervals against the best individual, and the claims they decide."""
-  from soup import claims
+  """The rows' paired intervals (against the best individual, and against the best of all
+  models where that is the initialization), and the claims they decide."""
   intervals = [{"method": entry["method"], **entry["line"]["vs_best_individual"]}
                for entry in table if entry["line"].get("vs_best_individual")
                and entry["recipe"] != "best_individual"]
+  best_of_all = [{"method": entry["method"], **entry["line"]["vs_best_of_all"]}
+                 for entry in table if entry["line"].get("vs_best_of_all")]
   if not intervals:
-    return {"intervals": [], "claims": []}
-  return {"intervals": intervals, "claims": claims.judge(rows)}
+    return {"intervals": [], "best_of_all_intervals": [], "claims": []}
+  return {"intervals": intervals, "best_of_all_intervals": best_of_all,
+          "claims": claims.judge(rows)}
 
 
 def _interval_cell(interval: dict) -> str:
@@ -266,8 +283,7 @@ def _interval_cell(interval: dict) -> str:
 
 
 def statistics_markdown(report: dict) -> list[str]:
-  """The intervals table and the claims section (empty without intervals)."""
-  from soup import claims
+  """The intervals tables and the claims section (empty without intervals)."""
   if not report.get("intervals"):
     return []
   first = report["intervals"][0]
@@ -280,6 +296,15 @@ def statistics_markdown(report: dict) -> list[str]:
           "| Method | Δ test [95% CI] | Δ avg. shifts [95% CI] |", "| --- | ---: | ---: |"]
   text += [f"| {i['method']} | {_interval_cell(i['test'])} | {_interval_cell(i['avg_shifts'])} |"
            for i in report["intervals"]]
+  others = report.get("best_of_all_intervals")
+  if others:
+    text += ["", "## Differences from the best of all models", "",
+             f"The initialization (`{others[0]['against']}`) beats every fine-tune on held-out, "
+             "so it is the best of all models: accuracy points of each soup minus it, with the "
+             "same paired bootstrap.", "",
+             "| Method | Δ test [95% CI] | Δ avg. shifts [95% CI] |", "| --- | ---: | ---: |"]
+    text += [f"| {i['method']} | {_interval_cell(i['test'])} | "
+             f"{_interval_cell(i['avg_shifts'])} |" for i in others]
   return text + [""] + claims.render(report["claims"])
 
 

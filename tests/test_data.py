@@ -73,6 +73,23 @@ def test_experiment_splits_are_disjoint_and_sized(fashion_mnist_ready):
     assert len(split) <= 100 and split.images.dtype == np.uint8, name
 
 
+def test_self_supervised_upstream_sees_finetuning_images_but_never_held_out(fashion_mnist_ready):
+  import ml_collections as mlc
+  base = dict(data_dir="", split_seed=0, upstream_examples=1000, held_out_examples=200,
+              finetune_examples=300, test_examples=100, shift_examples=50)
+  apart = fashion_mnist.experiment_splits(mlc.ConfigDict(base))
+  s = fashion_mnist.experiment_splits(mlc.ConfigDict(dict(base, upstream_includes_finetune=True)))
+  assert len(s["upstream"]) == 1300
+  hashes = {k: {_sha(im) for im in s[k].images} for k in ("upstream", "held_out", "finetune")}
+  assert hashes["finetune"] <= hashes["upstream"]
+  assert not hashes["upstream"] & hashes["held_out"]
+  # Only the upstream changes: the scored splits and the shifts are the same images.
+  for split in ("held_out", "finetune", "test"):
+    np.testing.assert_array_equal(s[split].images, apart[split].images)
+  for name in s["shifts"]:
+    np.testing.assert_array_equal(s["shifts"][name].images, apart["shifts"][name].images)
+
+
 def test_shifts_are_deterministic_and_change_the_images():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)

@@ -222,7 +222,8 @@ def test_synthetic_every_row():
   assert rows["greedy_soup"]["inference_cost"] == 1
   assert rows["learned_soup"]["ingredients"] == 4
   assert rows["uniform_soup"]["ingredients"] == 4  # 3 individual + initialization
-  assert rows["ensemble"]["cells"][-2:] == ["4", "4 models"]
+  # The ensemble holds model_0 (the initialization): the table says so.
+  assert rows["ensemble"]["cells"][-2:] == ["4 (incl. model_0)", "4 models"]
   assert rows["greedy_ensemble"]["cells"][-2:] == ["2", "2 models"]
   assert rows["model_stock"]["cells"][-1] == "1 model"
 

@@ -191,7 +191,11 @@ def experiment_splits(data_config) -> dict:
   a, b = d.held_out_examples, d.held_out_examples + d.finetune_examples
   held_idx, ft_idx, upstream_idx = order[:a], order[a:b], order[b:b + d.upstream_examples]
   train = Split(train_images, train_labels.astype(np.int32))
-  upstream = train.take(np.sort(upstream_idx))
+  # A self-supervised upstream reads no labels, so it may see the fine-tuning images too,
+  # as CLIP's web images overlap ImageNet's kind of image; held-out and test never.
+  seen = np.concatenate([ft_idx, upstream_idx]) if d.get("upstream_includes_finetune") \
+      else upstream_idx
+  upstream = train.take(np.sort(seen))
   labels = d.get("upstream_labels", "coarse")
   if labels not in UPSTREAM_LABELS:
     raise ValueError(f"config.data.upstream_labels={labels!r}: use one of "
