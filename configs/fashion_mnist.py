@@ -41,7 +41,7 @@ import ml_collections as mlc
 
 from soup import sweep
 
-ARGS = ("smoke", "supervised_upstream", "weak_upstream", "narrow_lr", "upstream_here")
+ARGS = ("smoke", "supervised_upstream", "weak_upstream", "narrow_lr", "low_lr", "upstream_here")
 # The project's own pretrained start (scripts/pretrain_upstream.sh made it; its .json
 # beside it holds the sha256, the config and the command).
 WEIGHTS = Path(__file__).resolve().parent.parent / "soup/models/weights/fashion_mnist_vit.npz"
@@ -59,7 +59,8 @@ def get_config(arg: str = ""):
   10 classes, with its splits (10,000 to fine-tune, 48,000 upstream).
   weak_upstream: the first ablation, a weak start pretrained in the run (4 coarse classes,
   30,000 images, 3 epochs). narrow_lr: the sweep-width ablation, lr in [1e-3, 3e-3]
-  instead of [5e-4, 5e-3] (members closer together).
+  instead of [5e-4, 5e-3] (members closer together). low_lr: lr in [2e-4, 1e-3], smaller
+  steps from model_0 (members nearer the start and each other).
   """
   switches = {a.strip() for a in arg.split(",") if a.strip()}
   unknown = sorted(switches - set(ARGS))
@@ -157,6 +158,8 @@ def get_config(arg: str = ""):
                       weight_decay=1e-4, warmup_steps=100, aug_strength=0.5)
   if "narrow_lr" in switches:
     c.sweep.update(lr=(1e-3, 3e-3))
+  if "low_lr" in switches:
+    c.sweep.update(lr=(2e-4, 1e-3))
   if smoke:
     c.data.update(upstream_examples=2_000, held_out_examples=500, finetune_examples=1_024,
                   test_examples=1_000, shift_examples=300)
