@@ -209,6 +209,10 @@ def _parse_fingerprint(fp: str) -> tuple[LeafSpec, str, int]:
 
 
 RAW_LAYOUT = "zarr2-raw-chunks"  # ingredient.json's "layout": written by save_ingredient.
+# The orbax-checkpoint release whose on-disk layout (_METADATA's tree_metadata, one raw zarr2
+# chunk per leaf) _raw_chunk_files was checked against: tests/test_ingredients.py fails, with
+# a message, the day another release writes a layout it does not understand.
+RAW_LAYOUT_ORBAX = "0.12.8"
 
 
 def _raw_chunk_files(params_dir: str, specs: Mapping[str, LeafSpec],

@@ -2,6 +2,7 @@
 checked against NumPy on arrays restored by plain Orbax."""
 
 import json
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -54,6 +55,34 @@ def test_saved_ingredient_is_plain_orbax_and_read_directly(tmp_path):
   got = ingredient.read("dense/kernel", buffer)
   assert np.shares_memory(got, buffer)
   np.testing.assert_array_equal(got, params["dense"]["kernel"])
+
+
+def test_raw_reader_understands_the_installed_orbax_layout(tmp_path):
+  """The fast reader parses Orbax's private files (_METADATA, zarr chunks): this guards it.
+
+  An Orbax release that changes the layout makes the reader fall back to a full restore
+  (correct, slower) or, worse, read other bytes; either way this test says so.
+  """
+  import importlib.metadata
+  installed = importlib.metadata.version("orbax-checkpoint")
+  params = _tree(np.random.default_rng(5))
+  checkpoints.save_ingredient(tmp_path / "m", params)
+  ingredient = checkpoints.open_ingredient(tmp_path / "m")
+  hint = (f"orbax-checkpoint {installed} writes an on-disk layout that the raw reader "
+          f"(soup/checkpoints.py: _raw_chunk_files, checked with orbax-checkpoint "
+          f"{checkpoints.RAW_LAYOUT_ORBAX}) does not understand. Update _raw_chunk_files for "
+          f"the new layout and RAW_LAYOUT_ORBAX, or pin orbax-checkpoint=="
+          f"{checkpoints.RAW_LAYOUT_ORBAX} in requirements.txt.")
+  if not ingredient.direct:
+    pytest.fail("falls back to a full restore: " + hint)
+  public = trees.flatten_with_names(_orbax_restore(tmp_path / "m"))
+  for name in public:
+    got = ingredient.read(name)
+    if got.dtype != public[name].dtype or not np.array_equal(got, public[name]):
+      pytest.fail(f"{name} read raw differs from Orbax's public restore: " + hint)
+  # The requirements pin the release the reader was checked with.
+  pins = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text()
+  assert f"orbax-checkpoint=={checkpoints.RAW_LAYOUT_ORBAX}" in pins, hint
 
 
 def test_old_compressed_ingredients_still_load_and_average(tmp_path):
