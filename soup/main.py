@@ -95,6 +95,12 @@ def main(argv):
   if _DISTRIBUTED.value:
     from soup import distributed  # TPU/SLURM detected; multi-node GPU from JAX_* variables.
     distributed.initialize()
+  # Orbax's and jax's absl INFO chatter (a backend's start among it) is muted.
+  logging.set_verbosity(logging.WARNING)
+  try:  # The batches split over the mesh's data axis: every device (soup/mesh.py).
+    validate.check_devices(config, jax.device_count())
+  except validate.ConfigError as e:
+    fail(e)
   from soup import experiment  # After XLA_FLAGS is set.
 
   workdir = Path(_WORKDIR.value)
@@ -102,8 +108,7 @@ def main(argv):
   handler = std_logging.FileHandler(workdir / "log.txt")
   handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   std_logging.getLogger().addHandler(handler)
-  # Our modules log through the root logger at INFO; Orbax's absl INFO chatter is muted.
-  logging.set_verbosity(logging.WARNING)
+  # Our modules log through the root logger at INFO.
   std_logging.getLogger("soup").setLevel(std_logging.INFO)
   cache = os.environ.get("SOUP_COMPILATION_CACHE", str(Path.home() / ".cache" / "soup_jax"))
   if cache:

@@ -3,19 +3,287 @@
 `check(config, sweep_fn)` raises ConfigError (or another of USER_ERRORS) naming
 the fix. soup/main.py prints it as one line and exits with status 2; any other
 exception is a bug and keeps its traceback.
+
+Every field's rule is one row of FIELDS (field -> rule, and when the field is
+read); `check_devices` adds PER_DEVICE's once the number of devices is known.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 import os
+import shlex
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from soup import recipes, sharding, sweep as sweep_lib
 
 
 class ConfigError(ValueError):
   """The config asks for something that cannot run; the message says what to change."""
+
+
+# --- Field rules: every number of the config, checked before compute ------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What a good value is: a test, its words for the message, and a nearby good value."""
+  describe: str
+  ok: Callable[[Any], bool]
+  suggest: Callable[[Any], Any] = lambda value: None
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int, hi: Optional[int] = None, why: str = "") -> Rule:
+  """An integer in [lo, hi] (hi None: no upper bound); why: where hi comes from."""
+  words = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+  top = math.inf if hi is None else hi
+  return Rule(words + (f" ({why})" if why else ""), lambda v: _is_int(v) and lo <= v <= top,
+              lambda v: min(max(lo, v), top) if _is_int(v) and lo <= top else None)
+
+
+def number(interval: str) -> Rule:
+  """A finite number in an interval written as in maths: "(0, inf)", "[0, 1]", "(0, 1)"."""
+  lo_text, hi_text = (t.strip() for t in interval[1:-1].split(","))
+  lo, hi = float(lo_text), float(hi_text)
+  lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
+  words = (f"a number {'>' if lo_open else '>='} {lo_text}" if math.isinf(hi)
+           else f"a number in {interval}")
+
+  def ok(v) -> bool:
+    return (_is_real(v) and (v > lo if lo_open else v >= lo)
+            and (v < hi if hi_open else v <= hi))
+
+  def suggest(v):
+    if not _is_real(v):
+      return None
+    if v < lo or (v == lo and lo_open):
+      return None if lo_open else lo
+    return None if hi_open else hi
+  return Rule(words, ok, suggest)
+
+
+def pair(item: Rule) -> Rule:
+  """A (lo, hi) range of the sweep: two items, lo <= hi."""
+  def ok(v) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) == 2 and all(item.ok(x) for x in v)
+            and v[0] <= v[1])
+  return Rule(f"a pair (lo, hi) with lo <= hi, each {item.describe}", ok,
+              lambda v: (v[1], v[0]) if (isinstance(v, (tuple, list)) and len(v) == 2
+                                         and all(item.ok(x) for x in v)) else None)
+
+
+def items(item: Rule) -> Rule:
+  """A non-empty tuple of good items."""
+  return Rule(f"a non-empty tuple, each item {item.describe}",
+              lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(item.ok(x) for x in v))
+
+
+def one_of(*choices) -> Rule:
+  return Rule(f"one of {choices}", lambda v: v in choices, lambda v: choices[0])
+
+
+def member_indices(count: int) -> Rule:
+  """sweep.only: "" (every member) or comma-separated 1-based indices of the sweep's members."""
+  def ok(v) -> bool:
+    parts = [p.strip() for p in str(v).split(",") if p.strip()]
+    return all(p.isdigit() and 1 <= int(p) <= count for p in parts)
+  return Rule(f"'' (every member) or comma-separated member indices in 1..{count} "
+              "(config.sweep.num_members)", ok)
+
+
+def multiple_of(devices: int) -> Rule:
+  return Rule(f"a multiple of the {devices} devices (each batch is split over the mesh's data "
+              "axis)", lambda v: _is_int(v) and v > 0 and v % devices == 0,
+              lambda v: max(devices, -(-v // devices) * devices) if _is_int(v) else None)
+
+
+POSITIVE_INT, COUNT, SEED = integer(1), integer(0), integer(0)
+POSITIVE, NON_NEGATIVE = number("(0, inf)"), number("[0, inf)")
+UNIT = number("[0, 1]")          # Strengths and probabilities.
+FRACTION = number("(0, 1)")      # A part set aside: neither nothing nor everything.
+BOOL = Rule("True or False", lambda v: isinstance(v, bool))
+FASHION_MNIST_TRAIN = 60_000     # TFDS fashion_mnist's train split, cut by config.data.
+
+# When a field is read (a field the config lacks is skipped in any case).
+ALWAYS = lambda c: True
+FASHION = lambda c: c.data.name == "fashion_mnist"
+UPSTREAM = lambda c: c.init.source == "upstream"  # Trained here; else config.upstream is unread.
+SIMCLR = lambda c: UPSTREAM(c) and c.upstream.get("objective") == "simclr"
+LINEAR_PROBE = lambda c: c.probe.kind == "linear_probe"
+VIT = lambda c: c.model.name == "vit"
+RELEASED = lambda c: "released" in c  # The paper's released models, imported (no training).
+
+
+def _upstream_size(c) -> int:
+  return c.data.upstream_examples + (c.data.finetune_examples
+                                     if c.data.get("upstream_includes_finetune") else 0)
+
+
+# field -> rule (a Rule, or a function of the config giving one), and when it is read. Rows
+# run in order, so a rule that reads other fields comes after their own rows.
+FIELDS: tuple[tuple, ...] = (
+    ("seed", SEED),
+    ("data.split_seed", SEED),
+    ("data.image_size", POSITIVE_INT),
+    ("data.image_channels", POSITIVE_INT),
+    ("data.held_out_examples", POSITIVE_INT),
+    ("data.finetune_examples", POSITIVE_INT),
+    ("data.upstream_examples", POSITIVE_INT),
+    ("data.test_examples", POSITIVE_INT),
+    ("data.shift_examples", POSITIVE_INT),
+    ("data.upstream_labels", one_of("fine", "coarse", "tops_merged"), FASHION),
+    ("data.upstream_transform", one_of("none", "resample"), FASHION),
+    # The 60,000 training images are cut into held-out | fine-tuning | upstream, in order.
+    ("data.held_out_examples", integer(1, FASHION_MNIST_TRAIN, "Fashion-MNIST's training images"),
+     FASHION),
+    ("data.finetune_examples", lambda c: integer(
+        1, FASHION_MNIST_TRAIN - c.data.held_out_examples,
+        "Fashion-MNIST's 60,000 training images less data.held_out_examples"), FASHION),
+    ("data.upstream_examples", lambda c: integer(
+        1, FASHION_MNIST_TRAIN - c.data.held_out_examples - c.data.finetune_examples,
+        "Fashion-MNIST's 60,000 training images less data.held_out_examples and "
+        "finetune_examples"), FASHION),
+    ("data.heldout_per_class", POSITIVE_INT),
+    ("data.num_workers", integer(-1)),
+    ("model.activation", one_of("gelu", "gelu_tanh")),
+    ("model.patch_size", POSITIVE_INT, VIT),
+    ("model.width", POSITIVE_INT, VIT),
+    ("model.depth", POSITIVE_INT, VIT),
+    ("model.num_heads", POSITIVE_INT, VIT),
+    ("model.mlp_dim", POSITIVE_INT, VIT),
+    ("model.stem_channels", COUNT, VIT),
+    ("model.num_heads", lambda c: Rule(f"a divisor of model.width={c.model.width}",
+                                       lambda v: c.model.width % v == 0), VIT),
+    ("upstream.objective", one_of("supervised", "simclr"), UPSTREAM),
+    ("upstream.epochs", POSITIVE_INT, UPSTREAM),
+    ("upstream.batch_size", POSITIVE_INT, UPSTREAM),
+    ("upstream.batch_size", lambda c: integer(1, _upstream_size(c), "the upstream's images"),
+     lambda c: UPSTREAM(c) and FASHION(c)),
+    ("upstream.lr", POSITIVE, UPSTREAM),
+    ("upstream.weight_decay", UNIT, UPSTREAM),
+    ("upstream.warmup_steps", COUNT, UPSTREAM),
+    ("upstream.aug_strength", UNIT, UPSTREAM),
+    ("upstream.temperature", POSITIVE, SIMCLR),
+    ("upstream.projection_hidden", POSITIVE_INT, SIMCLR),
+    ("upstream.projection_out", POSITIVE_INT, SIMCLR),
+    ("upstream.crop_min_scale", number("(0, 1]"), SIMCLR),
+    ("upstream.jitter", UNIT, SIMCLR),
+    ("probe.kind", one_of("linear_probe", "zeroshot")),
+    ("probe.examples", COUNT, LINEAR_PROBE),  # 0: the whole fine-tuning split.
+    ("probe.l2_grid", items(POSITIVE), LINEAR_PROBE),
+    ("probe.validation_fraction", FRACTION, LINEAR_PROBE),
+    ("probe.max_iterations", POSITIVE_INT, LINEAR_PROBE),
+    ("probe.tolerance", POSITIVE, LINEAR_PROBE),
+    ("finetune.batch_size", POSITIVE_INT),
+    ("finetune.batch_size", lambda c: integer(1, c.data.finetune_examples,
+                                              "data.finetune_examples"), FASHION),
+    ("finetune.warmup_steps", COUNT),
+    ("finetune.grad_clip", POSITIVE),
+    ("finetune.checkpoint_every_steps", POSITIVE_INT),
+    ("finetune.log_every_steps", POSITIVE_INT),
+    ("finetune.weight_decay_mask", one_of("all", "matrices")),
+    # A released sweep may hold model_0 only (scripts/import_official.py); a trained one not.
+    ("sweep.num_members", lambda c: integer(0 if RELEASED(c) else 1)),
+    ("sweep.seed", SEED),
+    ("sweep.only", lambda c: member_indices(c.sweep.num_members)),
+    ("sweep.lr", pair(POSITIVE)),                     # Log-uniform: lo > 0.
+    ("sweep.weight_decay", pair(number("(0, 1]"))),   # Log-uniform: lo > 0.
+    ("sweep.epochs", pair(POSITIVE_INT)),
+    ("sweep.label_smoothing", pair(UNIT)),
+    ("sweep.mixup", pair(NON_NEGATIVE)),              # Beta(alpha, alpha)'s alpha: may pass 1.
+    ("sweep.aug_strength", pair(UNIT)),
+    ("sweep.p_zero_smoothing", UNIT),
+    ("sweep.p_zero_mixup", UNIT),
+    ("sweep.p_no_aug", UNIT),
+    ("sweep.randaug_m", pair(COUNT)),
+    ("sweep.randaug_n_probs", items(NON_NEGATIVE)),
+    ("sweep.randaug_n_probs", Rule("probabilities with a positive sum", lambda v: sum(v) > 0)),
+    ("eval.batch_size", POSITIVE_INT),
+    ("soups.include_initialization", BOOL),
+    ("soups.verify_checksums", BOOL),
+    ("soups.on_bad_ingredient", one_of("exclude", "error")),
+    ("soups.greedy_comparison", one_of(">", ">=")),
+    ("soups.greedy_tie_order", one_of("reversed", "listed")),
+    ("soups.learned.epochs", POSITIVE_INT),
+    ("soups.learned.lr", POSITIVE),
+    ("soups.learned.batch_size", POSITIVE_INT),
+    ("soups.wise_ft.alphas", items(UNIT)),  # (1 - alpha) model_0 + alpha endpoint.
+    ("soups.pixel_linear.l2_grid", items(POSITIVE)),
+    ("soups.pixel_linear.validation_fraction", FRACTION),
+    ("soups.pixel_linear.max_iterations", POSITIVE_INT),
+    ("soups.pixel_linear.tolerance", POSITIVE),
+    ("report.bootstrap_resamples", POSITIVE_INT),
+    ("report.analysis", BOOL),
+    ("report.landscape_grid", integer(2)),
+    ("report.landscape_examples", COUNT),  # 0: the whole held-out split.
+)
+
+# Batches split over the mesh's data axis (soup/mesh.py: one axis over every device).
+PER_DEVICE: tuple[tuple, ...] = (
+    ("upstream.batch_size", UPSTREAM),
+    ("finetune.batch_size", ALWAYS),
+    ("eval.batch_size", ALWAYS),
+)
+
+_MISSING = object()
+
+
+def _get(config, path: str):
+  node = config
+  for key in path.split("."):
+    if not hasattr(node, "keys") or key not in node:
+      return _MISSING
+    node = node[key]
+  return node
+
+
+def _applies(config, when) -> bool:
+  """Whether a row's condition holds; one reading a field this config lacks does not."""
+  try:
+    return bool(when(config))
+  except (AttributeError, KeyError, TypeError):
+    return False
+
+
+def _refuse(path: str, rule: Rule, value) -> None:
+  suggestion = rule.suggest(value)
+  fix = (f"e.g. --config.{path}={shlex.quote(str(suggestion))}" if suggestion is not None
+         else f"set --config.{path} to such a value")
+  raise ConfigError(f"config.{path} must be {rule.describe}, got {value!r}; {fix}.")
+
+
+def check_fields(config, num_devices: Optional[int] = None) -> None:
+  """Every row of FIELDS (and, given the number of devices, of PER_DEVICE) the config has."""
+  rows = list(FIELDS)
+  if num_devices is not None:
+    rows += [(path, multiple_of(num_devices), when) for path, when in PER_DEVICE]
+  for path, rule, *when in rows:
+    value = _get(config, path)
+    if value is _MISSING or not _applies(config, when[0] if when else ALWAYS):
+      continue
+    if not isinstance(rule, Rule):
+      try:
+        rule = rule(config)
+      except (AttributeError, KeyError, TypeError):
+        continue  # It reads a field this config lacks.
+    if not rule.ok(value):
+      _refuse(path, rule, value)
+
+
+def check_devices(config, num_devices: int) -> None:
+  """The batches split over the mesh (soup/main.py calls this once the devices are known)."""
+  check_fields(config, num_devices)
 
 
 STAGES = ("pretrain", "probe", "sweep", "evaluate", "soups", "report")
@@ -80,8 +348,10 @@ def check_paths(config, stages: tuple[str, ...], workdir: Path) -> None:
 
 
 def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...],
-          workdir: Path) -> None:
-  """Every check that needs no data and no compute."""
+          workdir: Path, num_devices: Optional[int] = None) -> None:
+  """Every check that needs no data and no compute (the batches' split over the devices too,
+  given num_devices; soup/main.py checks that with check_devices once jax knows them)."""
+  check_fields(config, num_devices)  # First: get_sweep below reads the sweep's ranges.
   try:
     recipes.check(config.soups)
   except recipes.RecipeConfigError as e:
@@ -90,26 +360,6 @@ def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...]
     sharding.check_rules(config.get("sharding_rules", ()))
   except sharding.ShardingRuleError as e:
     raise ConfigError(str(e)) from e
-  if config.probe.kind not in ("linear_probe", "zeroshot"):
-    raise ConfigError(f"config.probe.kind must be 'linear_probe' or 'zeroshot', got "
-                      f"{config.probe.kind!r}.")
-  if config.soups.on_bad_ingredient not in ("exclude", "error"):
-    raise ConfigError(f"config.soups.on_bad_ingredient must be 'exclude' or 'error', got "
-                      f"{config.soups.on_bad_ingredient!r}.")
-  if config.soups.greedy_comparison not in (">", ">="):
-    raise ConfigError(f"config.soups.greedy_comparison must be '>' or '>=', got "
-                      f"{config.soups.greedy_comparison!r}.")
-  # Issue 10's protocol switches (soup/soups/greedy.py, soup/train.py, soup/models/vit.py).
-  for field, value, allowed in (
-      ("soups.greedy_tie_order", config.soups.greedy_tie_order, ("reversed", "listed")),
-      ("finetune.weight_decay_mask", config.finetune.weight_decay_mask, ("all", "matrices")),
-      ("model.activation", config.model.get("activation", "gelu"), ("gelu", "gelu_tanh"))):
-    if value not in allowed:
-      raise ConfigError(f"config.{field} must be one of {allowed}, got {value!r}.")
-  if config.probe.kind == "linear_probe" and (
-      not config.probe.l2_grid or min(config.probe.l2_grid) <= 0):
-    raise ConfigError(f"config.probe.l2_grid must hold positive values, got "
-                      f"{tuple(config.probe.l2_grid)}.")
   try:
     sweep_lib.check_members(sweep_fn(config), "the config's get_sweep(config)")
   except sweep_lib.SweepError as e:
