@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from soup import claims as claims_lib, results as R, stats
+from soup import atomic_io, claims as claims_lib, recipes, report, results as R, stats
 
 METRICS = ("held_out", "test", "avg_shifts")
 
@@ -84,7 +84,6 @@ def run_seeds(config: str, root: Path, seeds: Sequence[int], share_upstream: boo
 
 def _table(rows: list[dict]) -> dict[str, dict]:
   """recipe -> the report's chosen row (held_out, test, avg_shifts, ...), for one seed."""
-  from soup import report
   built = report.build_report(rows)
   return {r["recipe"]: r for r in built["rows"]}
 
@@ -154,7 +153,6 @@ def _cell(summary: dict | None) -> str:
 
 
 def render_markdown(agg: dict, command: str = "", seconds: dict | None = None) -> str:
-  from soup import recipes
   n = len(agg["seeds"])
   lines = [f"# Model soups over {n} seeds", ""]
   if command:
@@ -195,7 +193,7 @@ def load_runs(root: Path) -> tuple[dict[int, list[dict]], dict[int, float]]:
   rows, seconds = {}, {}
   for path in sorted(root.glob("seed_*/results.jsonl")):
     seed = int(path.parent.name.removeprefix("seed_"))
-    rows[seed] = R.read(path)
+    rows[seed] = R.read(path, recipes.infer_recipe)
     wall = path.parent / "wall_seconds.txt"
     if wall.exists():
       seconds[seed] = float(wall.read_text())
@@ -240,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"--seeds={args.seeds}",
                       "--share_upstream" if args.share_upstream else "--noshare_upstream", *extra])
   if not args.aggregate_only:
-    R.atomic_write_text(root / "command.txt", command + "\n")
+    atomic_io.atomic_write_text(root / "command.txt", command + "\n")
     run_seeds(args.config, root, list(range(args.seeds)), args.share_upstream, extra)
   elif (root / "command.txt").exists():  # The command that made the runs.
     command = (root / "command.txt").read_text().strip()
@@ -249,9 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows, seconds = load_runs(root)
   agg = aggregate(rows)
   agg.update(command=command, seconds=seconds)
-  R.atomic_write_text(root / "aggregate.json", json.dumps(agg, indent=1))
+  atomic_io.atomic_write_text(root / "aggregate.json", json.dumps(agg, indent=1))
   text = render_markdown(agg, command, seconds)
-  R.atomic_write_text(root / "aggregate.md", text)
+  atomic_io.atomic_write_text(root / "aggregate.md", text)
   print(text)
   print(f"aggregate: {root / 'aggregate.md'}")
   return 0

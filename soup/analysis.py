@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from soup import atomic_io
+
 PyTree = Any
 AccuracyFn = Callable[[PyTree], float]
 
@@ -142,8 +144,6 @@ def plot_landscape(landscape: dict, path: str | Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from soup import results
-
   xs, ys = np.array(landscape["xs"]), np.array(landscape["ys"])
   error = 100 * np.array(landscape["error"])
   fig, ax = plt.subplots(figsize=(6.2, 5))
@@ -160,7 +160,7 @@ def plot_landscape(landscape: dict, path: str | Path) -> None:
   ax.set_title("Held-out error on the plane of the initialization\nand two fine-tunes", fontsize=10)
   ax.set_aspect("equal", adjustable="box")
   fig.tight_layout()
-  results.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+  atomic_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
   plt.close(fig)
 
 
@@ -168,8 +168,6 @@ def plot_ingredient_curves(curves: dict, path: str | Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-
-  from soup import results
 
   k = np.arange(1, len(curves["order"]) + 1)
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
@@ -182,5 +180,5 @@ def plot_ingredient_curves(curves: dict, path: str | Path) -> None:
   axes[0].set_ylabel("accuracy (%)")
   axes[0].legend()
   fig.tight_layout()
-  results.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+  atomic_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
   plt.close(fig)

@@ -37,7 +37,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: zarr dtype "bflo
 import numpy as np
 import orbax.checkpoint as ocp
 
-from soup import results
+from soup import atomic_io
 from soup.trees import flatten_with_names  # noqa: F401  (also used as checkpoints.flatten_with_names)
 
 PyTree = Any
@@ -165,7 +165,7 @@ def save_ingredient(path: str | os.PathLike, params: PyTree,
   checkpointer.close()
   info = {"fingerprints": fingerprint(params), "layout": RAW_LAYOUT,
           "metadata": dict(metadata or {})}
-  results.atomic_write_text(path / INGREDIENT_FILE, json.dumps(info, indent=1))
+  atomic_io.atomic_write_text(path / INGREDIENT_FILE, json.dumps(info, indent=1))
   release_free_memory()
 
 

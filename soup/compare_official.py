@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from soup import results
+from soup import recipes, results
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "paper"
 RELEASED_FILES = ("individual_model_results.jsonl", "uniform_soup_results.jsonl",
@@ -98,7 +98,7 @@ def released_rows(paper_dir: str | Path = PAPER_DIR) -> dict[str, dict]:
   """The released rows by name, plus best_individual: the model with the best ImageNet2p."""
   rows = {}
   for name in RELEASED_FILES:
-    for row in results.read(Path(paper_dir) / name):
+    for row in results.read(Path(paper_dir) / name, recipes.infer_recipe):
       rows[row["model_name"]] = row
   models = [r for n, r in rows.items() if n.startswith("model_")]
   best = max(models, key=lambda r: r[results.IMAGENET.held_out])

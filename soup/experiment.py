@@ -27,7 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soup import checkpoints, evaluate as evaluate_lib, mesh as mesh_lib, recipes, results, train
+from soup import (
+  atomic_io,
+  checkpoints,
+  evaluate as evaluate_lib,
+  mesh as mesh_lib,
+  recipes,
+  results,
+  train,
+)
 from soup.data import pipeline
 from soup.ingredients import IngredientStore
 from soup.linear_probe import fit_probe
@@ -408,7 +416,7 @@ def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore
   curves = analysis.ingredient_curves(usable, scores, store.load, res.held_out_accuracy,
                                       accuracy(test_split), config.soups.greedy_comparison)
   analysis.plot_ingredient_curves(curves, wd.root / "ingredients.png")
-  results.atomic_write_text(path, json.dumps({"key": key, "figures": figures,
+  atomic_io.atomic_write_text(path, json.dumps({"key": key, "figures": figures,
                                               "landscape": landscape,
                                               "landscape_examples": limit, "curves": curves,
                                               "seconds": round(time.time() - t, 1)}))
@@ -422,9 +430,10 @@ def report(wd: Workdir, columns: results.Columns, rows: list[dict],
   # Per-example correctness stays in the soups' caches; the intervals it gave are in the rows.
   results.write(wd.root / "results.jsonl",
                 [{k: v for k, v in r.items() if k != "correct"} for r in rows])
-  built = report_lib.build_report(results.read(wd.root / "results.jsonl"), columns)
+  built = report_lib.build_report(results.read(wd.root / "results.jsonl", recipes.infer_recipe),
+                                  columns)
   built["figures"] = dict(figures or {})
-  results.atomic_write_text(wd.root / "report.md", report_lib.render_markdown(built))
+  atomic_io.atomic_write_text(wd.root / "report.md", report_lib.render_markdown(built))
   report_lib.plot_figure(rows, columns, wd.root / "figure.png")
   return built
 

@@ -3,10 +3,10 @@
 A recipe is one function `make(kitchen) -> rows` plus one `Recipe` line in
 REGISTRY. The line declares its name, its label in the report's table, its
 marker in the figure, its inference cost, the config.soups settings it reads
-and what it needs: ingredient params, cached logits, or another recipe's
-output. `check` validates config.soups.recipes against the registry before any
-stage runs; the report and results take their labels, markers and row order
-from here. REGISTRY is in the paper's Table 1 order.
+and the other recipes whose output it reads. `check` validates
+config.soups.recipes against the registry before any stage runs; the report
+takes its labels, markers and row order from here, and `infer_recipe` names the
+recipe of a results line that lacks one. REGISTRY is in the paper's Table 1 order.
 
 To add a recipe, write its function below and add one line to REGISTRY (see
 README.md, "Adding a recipe"). This module imports no jax at load time, so the
@@ -16,6 +16,7 @@ report stays jax-free; the recipe functions import what they use.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Optional
 
 PyTree = Any
@@ -74,7 +75,6 @@ class Recipe:
   marker: Optional[Marker] = None                # None: drawn specially or not at all
   inference_cost: str = "one"                    # "one" forward pass, or "per_ingredient"
   settings: tuple[str, ...] = ()                 # config.soups keys it reads
-  uses: tuple[str, ...] = ()                     # "params" and/or "logits" of ingredients
   needs: Callable[[Any], tuple[str, ...]] = lambda soups_config: ()  # recipes it reads
   every_model: bool = False                      # its ingredients are all models by definition
 
@@ -210,32 +210,43 @@ REGISTRY: dict[str, Recipe] = {r.name: r for r in (
            Marker("Pixel logistic regression", "x", "k", 160), settings=("pixel_linear",)),
     Recipe("initialization", "Initialization", None),
     Recipe("individual", "Individual model", None),
-    Recipe("best_individual", "Best individual model", best_individual, uses=("logits",)),
+    Recipe("best_individual", "Best individual model", best_individual),
     Recipe("uniform_soup", "Uniform soup", uniform_soup,
-           Marker("Uniform Soup", "o", "C0", 220), settings=_SHARED, uses=("params",),
-           every_model=True),
+           Marker("Uniform Soup", "o", "C0", 220), settings=_SHARED, every_model=True),
     Recipe("greedy_soup", "Greedy soup", greedy_soup, Marker("Greedy Soup", "*", "C4", 500),
-           settings=(*_SHARED, "greedy_comparison", "greedy_tie_order"),
-           uses=("params", "logits")),
+           settings=(*_SHARED, "greedy_comparison", "greedy_tie_order")),
     Recipe("learned_soup", "Learned soup", learned_soup, Marker("Learned Soup", "P", "C1", 220),
-           settings=(*_SHARED, "learned"), uses=("params",)),
+           settings=(*_SHARED, "learned")),
     Recipe("learned_soup_by_layer", "Learned soup (by layer)", learned_soup_by_layer,
-           Marker("Learned Soup (by layer)", "X", "C8", 220), settings=(*_SHARED, "learned"),
-           uses=("params",)),
+           Marker("Learned Soup (by layer)", "X", "C8", 220), settings=(*_SHARED, "learned")),
     Recipe("model_stock", "Model stock", model_stock, Marker("Model Stock", "^", "C6", 220),
-           settings=_SHARED, uses=("params",)),
-    Recipe("wise_ft", "WiSE-FT", wise_ft, settings=(*_SHARED, "wise_ft"),
-           uses=("params", "logits"), needs=_wise_ft_needs),
+           settings=_SHARED),
+    Recipe("wise_ft", "WiSE-FT", wise_ft, settings=(*_SHARED, "wise_ft"), needs=_wise_ft_needs),
     Recipe("ensemble", "Ensemble", ensemble, Marker("Ensemble", "s", "C3", 150, zorder=4),
-           inference_cost="per_ingredient", settings=_SHARED, uses=("logits",),
-           every_model=True),
+           inference_cost="per_ingredient", settings=_SHARED, every_model=True),
     Recipe("greedy_ensemble", "Greedy ensemble", greedy_ensemble,
            Marker("Greedy Ensemble", "D", "C5", 130, zorder=4), inference_cost="per_ingredient",
-           settings=(*_SHARED, "greedy_comparison", "greedy_tie_order"), uses=("logits",)),
+           settings=(*_SHARED, "greedy_comparison", "greedy_tie_order")),
 )}
 # Rows the evaluate stage makes for each model; not listed in config.soups.recipes.
 MODEL_RECIPES = ("initialization", "individual")
 SOUP_RECIPES = tuple(name for name, r in REGISTRY.items() if r.make is not None)
+
+
+def infer_recipe(model_name: str) -> str:
+  """The recipe of a results line without one (the official files).
+
+  Official names: model_0 is the initialization, model_<k> the fine-tunes; any
+  other name starts with its recipe's (the longest match wins).
+  """
+  if model_name == "model_0":
+    return "initialization"
+  if re.fullmatch(r"model_\d+", model_name):
+    return "individual"
+  for recipe in sorted(REGISTRY, key=len, reverse=True):
+    if model_name.startswith(recipe):
+      return recipe
+  raise ValueError(f"Cannot tell the recipe of {model_name!r}; add a 'recipe' field.")
 
 
 def check(soups_config) -> None:

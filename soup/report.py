@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from soup import claims, results as R
-from soup.recipes import REGISTRY
+from soup import atomic_io, claims, results as R
+from soup.recipes import REGISTRY, infer_recipe
 
 DASH = "—"
 
@@ -48,7 +48,7 @@ def _prepare(rows: Sequence[dict], columns: R.Columns | None) -> tuple[list[dict
   for row in rows:
     row = dict(row)
     if not row.get("recipe"):
-      row["recipe"] = R.infer_recipe(row["model_name"])
+      row["recipe"] = infer_recipe(row["model_name"])
     if all(_num(row.get(c)) is not None for c in columns.shifts):
       row["avg_shifts"] = R.avg_shifts(row, columns)
     else:
@@ -473,7 +473,7 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
   fig.tight_layout()
 
   try:
-    R.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    atomic_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
   finally:
     plt.close(fig)
 
@@ -497,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows: list[dict] = []
   for path in args.results:
     try:
-      rows += R.read(path)
+      rows += R.read(path, infer_recipe)
     except (R.ResultsError, OSError) as e:  # A bad file: one line naming it, not a traceback.
       print(f"error: {e}", file=sys.stderr)
       return 2
@@ -505,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   report = build_report(rows, columns)
   out = Path(args.out)
   md_path, fig_path = out / "report.md", out / "figure.png"
-  R.atomic_write_text(md_path, render_markdown(report))
+  atomic_io.atomic_write_text(md_path, render_markdown(report))
   plot_figure(rows, columns, fig_path)
   print(markdown_table(report))
   print(f"wrote {md_path}")

@@ -5,7 +5,8 @@ paper's released files (`model_name`, `ImageNet2p`, `ImageNet`, the shifts).
 Our lines add: `recipe`, `ingredients`, `inference_cost` (forward passes per
 image), `avg_shifts` (plain mean of the shift columns) and recipe details
 (`hparams`, `alpha`, `weights`, ...). Lines without `recipe` (the official
-files) get one inferred from `model_name`.
+files) get one inferred from `model_name` by the reader's caller's rule (the
+registry's `soup.recipes.infer_recipe`): this module knows no recipes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
-from typing import IO, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
-from soup import recipes
+from soup import atomic_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,22 +40,6 @@ FASHION_MNIST = Columns("FashionMNISTHeldOut", "FashionMNIST",
                          "FashionMNISTObjectNet", "FashionMNISTA"))
 KNOWN_COLUMNS = (IMAGENET, FASHION_MNIST)
 
-# Recipes, in the order the paper's Table 1 lists them (declared in soup/recipes.py).
-RECIPES = tuple(recipes.REGISTRY)
-
-
-def infer_recipe(model_name: str) -> str:
-  """Official names: model_0 is the initialization, model_<k> the fine-tunes."""
-  if model_name == "model_0":
-    return "initialization"
-  if re.fullmatch(r"model_\d+", model_name):
-    return "individual"
-  for recipe in sorted(recipes.REGISTRY, key=len, reverse=True):
-    if model_name.startswith(recipe):
-      return recipe
-  raise ValueError(f"Cannot tell the recipe of {model_name!r}; add a 'recipe' field.")
-
-
 def detect_columns(rows: Sequence[dict]) -> Columns:
   for columns in KNOWN_COLUMNS:
     if all(c in rows[0] for c in columns.all):
@@ -73,8 +56,13 @@ class ResultsError(ValueError):
   """A results file has a line that is not a results row; the message names file and line."""
 
 
-def read(path: str | os.PathLike) -> list[dict]:
-  """Reads results; fills `recipe` and `avg_shifts` where missing."""
+def read(path: str | os.PathLike,
+         infer_recipe: Optional[Callable[[str], str]] = None) -> list[dict]:
+  """Reads results; fills `avg_shifts`, and `recipe` by `infer_recipe(model_name)`, where missing.
+
+  `infer_recipe` raises ValueError for a name it cannot place (soup.recipes.infer_recipe);
+  None leaves each row's `recipe` as the file has it.
+  """
   rows, numbers = [], []
   for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
     if not line.strip():
@@ -99,33 +87,13 @@ def read(path: str | os.PathLike) -> list[dict]:
     if missing:
       raise ResultsError(f"{path}:{number}: row {row['model_name']!r} lacks {missing}.")
     try:
-      row.setdefault("recipe", infer_recipe(row["model_name"]))
+      if infer_recipe is not None:
+        row.setdefault("recipe", infer_recipe(row["model_name"]))
       row.setdefault("avg_shifts", avg_shifts(row, columns))
     except (ValueError, TypeError) as e:
       raise ResultsError(f"{path}:{number}: {e}") from e
   return rows
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], None],
-                 binary: bool = False) -> None:
-  """Writes via a temporary file and rename: a kill never leaves half a file."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb" if binary else "w") as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  atomic_write(path, lambda f: f.write(text))
-
-
 def write(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-  atomic_write_text(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows))
+  atomic_io.atomic_write_text(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows))

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 from flax import traverse_util
 
-from soup import checkpoints, results
+from soup import atomic_io, checkpoints
 
 # Keys a rerun may change without invalidating what the workdir holds. Those that
 # reach the evaluation (data paths) are part of the caches' keys instead.
@@ -103,7 +103,7 @@ class Workdir:
         raise WorkdirMismatchError(
             f"{self.root} was made by a different config ({details}). Its results would mix "
             "two experiments: use a new --workdir, or drop those overrides. Nothing was changed.")
-    results.atomic_write_text(path, json.dumps(current, indent=1, sort_keys=True))
+    atomic_io.atomic_write_text(path, json.dumps(current, indent=1, sort_keys=True))
 
   def freeze_sweep(self, members: list[dict]) -> list[dict]:
     """The sweep's hyperparameters as first recorded; more members may be appended."""
@@ -116,7 +116,7 @@ class Workdir:
             f"The sweep in {path} differs from the config's sweep function; use a new workdir.")
       if len(members) <= len(saved):
         return saved[: len(members)]
-    results.atomic_write_text(path, json.dumps(members, indent=1))
+    atomic_io.atomic_write_text(path, json.dumps(members, indent=1))
     return members
 
   # --- Content-keyed caches --------------------------------------------------
@@ -141,7 +141,7 @@ class Workdir:
 
   def write_logits(self, name: str, key: str, logits: dict[str, np.ndarray]) -> None:
     arrays = {**logits, _KEY_ENTRY: np.asarray(key)}
-    results.atomic_write(self.root / "eval" / f"{name}.npz", lambda f: np.savez(f, **arrays),
+    atomic_io.atomic_write(self.root / "eval" / f"{name}.npz", lambda f: np.savez(f, **arrays),
                          binary=True)
 
   def read_rows(self, recipe: str, key: str) -> Optional[list[dict]]:
@@ -155,5 +155,5 @@ class Workdir:
     return saved["rows"]
 
   def write_rows(self, recipe: str, key: str, rows: list[dict]) -> None:
-    results.atomic_write_text(self.root / "soups" / f"{recipe}.json",
+    atomic_io.atomic_write_text(self.root / "soups" / f"{recipe}.json",
                               json.dumps({"key": key, "rows": rows}))

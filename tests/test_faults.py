@@ -25,7 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from soup import results as R  # noqa: E402
+from soup import atomic_io, recipes, results as R  # noqa: E402
 from soup.data.fashion_mnist import default_data_dir  # noqa: E402
 
 CONFIG = "configs/fashion_mnist.py:smoke"
@@ -89,21 +89,21 @@ elif kind == "orbax_commit":
 
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
 elif kind == "write":
-  from soup import results
-  orig_write = results.atomic_write_text
+  from soup import atomic_io
+  orig_write = atomic_io.atomic_write_text
 
   def atomic_write_text(path, text):
     if str(path).endswith(fault["path"]):
       die(f"write of {path}")
     return orig_write(path, text)
 
-  results.atomic_write_text = atomic_write_text
+  atomic_io.atomic_write_text = atomic_write_text
 elif kind == "replace":
   os.replace = lambda src, dst: die(f"os.replace({src}, {dst})")
 
 if kind == "replace":
-  from soup import results
-  results.atomic_write_text(sys.argv[1], sys.argv[2])
+  from soup import atomic_io
+  atomic_io.atomic_write_text(sys.argv[1], sys.argv[2])
 else:
   from absl import app
   sys.argv[0] = "soup.main"
@@ -503,7 +503,7 @@ def test_atomic_write_text_interrupted(tmp_path, monkeypatch, where):
   monkeypatch.undo()
   assert path.read_bytes() == old
   assert temp_leftovers(tmp_path) == []
-  R.atomic_write_text(tmp_path / "report.md", "new")  # Still writable afterwards.
+  atomic_io.atomic_write_text(tmp_path / "report.md", "new")  # Still writable afterwards.
   assert (tmp_path / "report.md").read_text() == "new" and temp_leftovers(tmp_path) == []
 
 
@@ -523,7 +523,8 @@ def test_atomic_write_text_killed(tmp_path):
 
 def test_report_figure_write_interrupted(tmp_path, monkeypatch):
   from soup import report
-  rows = R.read(REPO / "tests" / "data" / "paper" / "greedy_soup_results.jsonl")
+  rows = R.read(REPO / "tests" / "data" / "paper" / "greedy_soup_results.jsonl",
+                recipes.infer_recipe)
   fig = tmp_path / "figure.png"
   fig.write_bytes(b"old figure")
   monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))

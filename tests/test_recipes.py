@@ -26,12 +26,10 @@ def soups_config(**overrides):
 
 def test_registry_declares_every_recipe():
   config = soups_config()
-  assert results.RECIPES == tuple(recipes.REGISTRY)
   assert set(recipes.SOUP_RECIPES) == set(config.recipes)  # The default runs every recipe.
   for name, recipe in recipes.REGISTRY.items():
     assert recipe.name == name and recipe.label
     assert recipe.inference_cost in ("one", "per_ingredient")
-    assert set(recipe.uses) <= {"params", "logits"}
     for key in recipe.settings:
       assert key in config, (name, key)
     assert set(recipe.needs(config)) <= set(recipes.SOUP_RECIPES)

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from soup import report as rep, results as R  # noqa: E402
+from soup import recipes, report as rep, results as R  # noqa: E402
 
 PAPER = REPO / "tests" / "data" / "paper"
 OFFICIAL = [PAPER / f"{name}.jsonl" for name in
@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _official_rows() -> list[dict]:
   rows = []
   for path in OFFICIAL:
-    rows += R.read(path)
+    rows += R.read(path, recipes.infer_recipe)
   return rows
 
 
@@ -238,7 +238,7 @@ def test_synthetic_selection_without_best_line():
 
 
 def test_synthetic_recipe_inferred():
-  # (model_stock keeps its recipe: results.infer_recipe reads "model_stock" as an
+  # (model_stock keeps its recipe: recipes.infer_recipe reads "model_stock" as an
   # individual "model_*" name.)
   rows = [{k: v for k, v in r.items() if k != "recipe" or r["model_name"] == "model_stock"}
           for r in _synthetic_rows() if "wise_ft" not in r["model_name"]]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soup import results
+from soup import atomic_io, results
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = (
@@ -141,7 +141,7 @@ def load_arrays(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.n
     out[split] = (images, labels)
   arrays = {f"{s}_{k}": v for s, (im, lb) in out.items()
             for k, v in (("images", im), ("labels", lb))}
-  results.atomic_write(cache, lambda f: np.savez(f, **arrays), binary=True)
+  atomic_io.atomic_write(cache, lambda f: np.savez(f, **arrays), binary=True)
   return out
 
 
@@ -227,7 +227,7 @@ def _is_prepared(data_dir: str | None) -> bool:
 class FashionMNISTTask:
   """The embedded default: every split in memory, augmentation on device."""
 
-  from soup.results import FASHION_MNIST as columns
+  columns = results.FASHION_MNIST
   num_classes = 10
 
   def provenance(self) -> dict:

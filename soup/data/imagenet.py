@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from soup import results
+from soup import atomic_io, results
 from soup.data import grain_input, imagenet_heldout, objectnet
 from soup.data.task import EvalSplit, Task
 
@@ -366,7 +366,7 @@ def cached_labels(cache_dir: str, pool, builder, source, key: str,
   labels = read_labels(source, indices, pool=pool)
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    results.atomic_write(path, lambda f: np.save(f, labels), binary=True)
+    atomic_io.atomic_write(path, lambda f: np.save(f, labels), binary=True)
   except OSError as e:  # A read-only cache only costs the re-read.
     log.warning("cannot cache labels in %s: %s", path, e)
   return labels

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soup import results
+from soup import atomic_io
 
 DEFAULT_FILE = Path(__file__).parent / "imagenet2012_heldout.npz"
 PER_CLASS = 26
@@ -131,7 +131,7 @@ def save(path: str | Path, indices: np.ndarray, labels: np.ndarray, *, tfds_vers
   arrays = dict(indices=np.asarray(indices, np.int64), labels=np.asarray(labels, np.int32),
                 tfds_version=np.array(tfds_version), num_train=np.array(num_train),
                 per_class=np.array(per_class), seed=np.array(seed), source=np.array(source))
-  results.atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
+  atomic_io.atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
 
 
 def load(path: str | Path | None = None) -> HeldOut:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soup import checkpoints, results
+from soup import atomic_io, checkpoints
 from soup.models import convert
 
 
@@ -36,7 +36,7 @@ def export(workdir: Path, out: Path, command: str = "") -> dict:
                             "(scripts/pretrain_upstream.sh).")
   flat = convert.flatten_params(checkpoints.load_ingredient(source))
   out.parent.mkdir(parents=True, exist_ok=True)
-  results.atomic_write(out, lambda f: np.savez(f, **flat), binary=True)
+  atomic_io.atomic_write(out, lambda f: np.savez(f, **flat), binary=True)
   config = json.loads((workdir / "config.json").read_text())
   provenance = {
       "file": out.name, "sha256": sha256(out),
@@ -45,7 +45,7 @@ def export(workdir: Path, out: Path, command: str = "") -> dict:
       "command": command,
       "config": {k: config[k] for k in ("seed", "data", "model", "upstream") if k in config},
   }
-  results.atomic_write(out.with_suffix(".json"),
+  atomic_io.atomic_write(out.with_suffix(".json"),
                        lambda f: f.write(json.dumps(provenance, indent=1) + "\n"))
   return provenance
 

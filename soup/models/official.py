@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from soup import checkpoints, results
+from soup import atomic_io, checkpoints
 from soup.models import convert
 from soup.models.clip import CLIPConfig
 
@@ -295,7 +295,7 @@ def import_released(folder: str | os.PathLike, workdir: str | os.PathLike, confi
     summary.dropped_keys = sorted(set(summary.dropped_keys) | set(dropped))
     log(f"imported {path.name} -> {target} (sha256 {sha256[:12]}, dropped {len(dropped)} "
         "text keys)")
-  results.atomic_write_text(wd.root / IMPORT_FILE, json.dumps(
+  atomic_io.atomic_write_text(wd.root / IMPORT_FILE, json.dumps(
       {"release": RELEASE, "folder": str(folder.absolute()), "ok": summary.ok,
        **dataclasses.asdict(summary)}, indent=1))
   return summary

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from soup import checkpoints, results, sharding as sharding_lib
+from soup import atomic_io, checkpoints, sharding as sharding_lib
 from soup.soups import average, greedy
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def save_ingredient(path: str | os.PathLike, params: PyTree,
   checkpointer.save(path / "params", params)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  results.atomic_write_text(path / SHARD_FILE.format(jax.process_index()),
+  atomic_io.atomic_write_text(path / SHARD_FILE.format(jax.process_index()),
                             json.dumps(_shard_crcs(params)))
   _barrier(f"ingredient-shards:{path}")
   if jax.process_index() == 0:
@@ -89,7 +89,7 @@ def save_ingredient(path: str | os.PathLike, params: PyTree,
     info = {"fingerprints": {k: f"{np.dtype(v.dtype)}{list(v.shape)}:sharded"
                              for k, v in leaves.items()},
             "sharded": True, "metadata": dict(metadata or {})}
-    results.atomic_write_text(path / checkpoints.INGREDIENT_FILE, json.dumps(info, indent=1))
+    atomic_io.atomic_write_text(path / checkpoints.INGREDIENT_FILE, json.dumps(info, indent=1))
   _barrier(f"ingredient-done:{path}")
 
 
