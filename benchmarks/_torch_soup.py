@@ -1,8 +1,9 @@
 """The official code's uniform soup, timed; runs under a separate venv with torch.
 
 Not part of the soup package and never imported by it: benchmarks/averaging.py
-runs it as `TORCH_PYTHON benchmarks/_torch_soup.py MODE JSON` and reads the
-JSON object it prints last. Only torch and numpy are needed.
+runs it from the repository root as `TORCH_PYTHON -m benchmarks._torch_soup MODE JSON`
+and reads the JSON object it prints last. Only torch and numpy are needed (and
+benchmarks.common, which uses the standard library only).
 
 Modes:
   convert {"pairs": [[npz, pt], ...]}  .npz state dicts -> torch.save'd .pt files.
@@ -19,35 +20,7 @@ import os
 import sys
 import time
 
-
-def rss_mib():
-  cur = peak = float("nan")
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        cur = int(line.split()[1]) / 1024
-      elif line.startswith("VmHWM:"):
-        peak = int(line.split()[1]) / 1024
-  return cur, peak
-
-
-def reset_peak():
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-def drop_caches():
-  try:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-      f.write("3")
-    return True
-  except OSError:
-    return False
+from benchmarks import common
 
 
 def official_uniform_soup(torch, model_paths):
@@ -62,6 +35,9 @@ def official_uniform_soup(torch, model_paths):
 
 
 def main():
+  if len(sys.argv) != 3 or sys.argv[1] not in ("convert", "soup"):
+    print(__doc__)
+    sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
   mode, args = sys.argv[1], json.loads(sys.argv[2])
   import numpy as np
   import torch
@@ -74,17 +50,17 @@ def main():
     return
   assert mode == "soup", mode
   paths = args["paths"]
-  rss_base, _ = rss_mib()
+  rss_base, _ = common.rss_mib()
   times, peaks, checksum = [], [], None
   for _ in range(args["repeats"]):
-    if args.get("cold") and not drop_caches():
+    if args.get("cold") and not common.drop_caches():
       print(json.dumps({"error": "drop_caches refused"}))
       return
-    reset_peak()
+    common.reset_peak_rss()
     t = time.perf_counter()
     soup = official_uniform_soup(torch, paths)
     times.append(time.perf_counter() - t)
-    peaks.append(rss_mib()[1])
+    peaks.append(common.rss_mib()[1])
     checksum = float(sum(float(v.double().sum()) for v in soup.values()))
     del soup
   print(json.dumps({"times": times, "peak_mib": max(peaks), "rss_base_mib": rss_base,

@@ -1,20 +1,16 @@
-"""Averaging N ingredient checkpoints: stream_average vs the I/O floors, the code before, torch.
+"""Averaging N ingredient checkpoints: stream_average vs the I/O floors and the official loop.
 
-  python benchmarks/averaging.py                      # tiny ViT N=4,16,64 and ViT-B/32 N=4,16
-  python benchmarks/averaging.py --sizes vitb32 --vitb32-n 16 --repeats 5
-  python benchmarks/averaging.py --quick              # a smoke run (tiny, N=2,4)
+  python -m benchmarks.averaging                      # tiny ViT N=4,16,64 and ViT-B/32 N=4,16
+  python -m benchmarks.averaging --sizes vitb32 --vitb32-n 16 --repeats 5
+  python -m benchmarks.averaging --quick              # a smoke run (tiny, N=2,4)
 
 For each model size and N, each measurement in a fresh subprocess (page cache warm
 unless "cold"):
   floor (f.read)   reading every file of the N checkpoints with plain `f.read()`
   reused floor     per ingredient: its chunk files `readinto` one reused buffer, then one
-                   float32 `mean += x` pass over it (the issue's floor: read + one add)
+                   float32 `mean += x` pass over it (the floor: read + one add)
   stream           soup.soups.average.stream_average(paths, verify=True/False) on the
                    ingredients as save_ingredient writes them (raw zarr chunks, CRC-32C)
-  before           the code before this change (`git archive --before-rev`, default the
-                   commit this branch started from) on the same weights saved as it saved
-                   them (Orbax defaults: OCDBT + zstd, CRC-32 fingerprints)
-  new on old files stream_average (verify) on those old-format ingredients (Orbax fallback)
   official         the official code's loop (torch.load + running sum) in a separate venv
                    with torch (--torch-python); skipped when there is none
   peak             peak RSS of the worker during the calls above its RSS after imports,
@@ -25,7 +21,7 @@ Each subprocess waits for no soup.main / pytest process and is rerun if other
 processes took > 5% of the CPUs meanwhile (common.quiet_call); the share left is
 reported per row, and `uptime`'s load before and after.
 
-Targets (issue 9): stream verify <= 1.5x the reused floor (ViT-B/32, N=16, warm);
+Targets: stream verify <= 1.5x the reused floor (ViT-B/32, N=16, warm);
 cold <= 1.2x a cold read of the same bytes; tiny-model cost per ingredient <= 10 ms;
 peak <= 2.5x one model. Results: benchmarks/results/averaging.json.
 Ingredients are random perturbations of one random tree with the real parameter
@@ -45,8 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (also puts the repo root on sys.path)
+from benchmarks import common
 
 SIZES = {
     "tiny": dict(kwargs=dict(num_classes=10, patch_size=7, width=64, depth=4, num_heads=4,
@@ -57,16 +52,6 @@ SIZES = {
                    repeats=3, approx_params=88_224_232),
 }
 METADATA_FILES = ("commit_success.txt", "ingredient.json", "manifest.ocdbt")
-
-
-def drop_caches() -> bool:
-  try:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-      f.write("3")
-    return True
-  except OSError:
-    return False
 
 
 def files_under(paths, data_only: bool = False) -> list[str]:
@@ -93,15 +78,13 @@ def read_all(files) -> int:
 
 
 def worker(mode: str, args: dict) -> dict:
-  if args.get("code_dir"):  # The code before: its soup package shadows this checkout's.
-    sys.path.insert(0, args["code_dir"])
   import numpy as np
   rss_base, _ = common.rss_mib()
   if mode == "floor":
     files = files_under(args["paths"])
     times, nbytes = [], 0
     for _ in range(args["repeats"]):
-      if args.get("cold") and not drop_caches():
+      if args.get("cold") and not common.drop_caches():
         return {"error": "drop_caches refused"}
       t = time.perf_counter()
       nbytes = read_all(files)
@@ -116,7 +99,7 @@ def worker(mode: str, args: dict) -> dict:
     raw = memoryview(buffer.view(np.uint8))
     times = []
     for repeat in range(args["repeats"] + 1):  # The first, untimed, faults the buffers in.
-      if args.get("cold") and not drop_caches():
+      if args.get("cold") and not common.drop_caches():
         return {"error": "drop_caches refused"}
       t = time.perf_counter()
       for fs in per_ingredient:
@@ -129,7 +112,6 @@ def worker(mode: str, args: dict) -> dict:
         times.append(time.perf_counter() - t)
     return {"times": times, "bytes": sum(sizes)}
 
-  import soup
   from soup.soups import average
   rss_base, _ = common.rss_mib()  # After importing jax, orbax and the soup package.
   if mode == "add":
@@ -149,7 +131,7 @@ def worker(mode: str, args: dict) -> dict:
     rss_warm, _ = common.rss_mib()
     times, peaks, checksum = [], [], None
     for _ in range(args["repeats"]):
-      if args.get("cold") and not drop_caches():
+      if args.get("cold") and not common.drop_caches():
         return {"error": "drop_caches refused"}
       common.reset_peak_rss()
       t = time.perf_counter()
@@ -159,8 +141,7 @@ def worker(mode: str, args: dict) -> dict:
       checksum = float(sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(result)))
       del result
     return {"times": times, "peak_mib": max(peaks), "peaks_mib": peaks, "rss_base_mib": rss_base,
-            "rss_warm_mib": rss_warm, "rss_end_mib": common.rss_mib()[0], "checksum": checksum,
-            "soup_package": os.path.dirname(soup.__file__)}
+            "rss_warm_mib": rss_warm, "rss_end_mib": common.rss_mib()[0], "checksum": checksum}
   raise ValueError(mode)
 
 
@@ -179,36 +160,13 @@ def param_shapes(size: str) -> dict:
   return {k: tuple(v.shape) for k, v in trees.flatten_with_names(tree["params"]).items()}
 
 
-def save_old_format(path: Path, params) -> None:
-  """An ingredient as the code before this change saved it: StandardCheckpointer's
-  defaults (OCDBT, zstd) and zlib CRC-32 fingerprints. The new code still reads it."""
-  import zlib
-
-  import numpy as np
-  import orbax.checkpoint as ocp
-
-  from soup import checkpoints, trees
-  path = Path(path).absolute()
-  if path.exists():
-    shutil.rmtree(path)
-  path.mkdir(parents=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path / "params", params)
-  fingerprints = {n: f"{a.dtype}{list(a.shape)}:{zlib.crc32(np.ascontiguousarray(a)):08x}"
-                  for n, a in trees.flatten_with_names(params).items()}
-  (path / checkpoints.INGREDIENT_FILE).write_text(
-      json.dumps({"fingerprints": fingerprints, "metadata": {}}))
-  checkpoints.release_free_memory()
-
-
-def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
-                     old_format: bool) -> dict:
-  """Writes n ingredients (new format, and old format / .pt copies of the same weights)."""
+def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None) -> dict:
+  """Writes n ingredients (and .pt copies of the same weights for the official loop)."""
   import numpy as np
 
   from soup import checkpoints
   manifest = workdir / "manifest.json"
-  want = {"size": size, "n": n, "torch": bool(torch_python), "version": 2, "old": old_format,
+  want = {"size": size, "n": n, "torch": bool(torch_python), "version": 3,
           "checkpoints.py": common.code_version()["soup/checkpoints.py"]}
   if manifest.exists() and json.loads(manifest.read_text()) == want:
     print(f"[{size}] reusing {n} ingredients in {workdir}", file=sys.stderr)
@@ -227,19 +185,16 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None,
       flat = {k: base[k] + np.float32(1e-3 * (i + 1)) * noise[k] for k in shapes}
       checkpoints.save_ingredient(workdir / f"ing_{i:03d}", checkpoints.unflatten(flat),
                                   {"index": i})
-      if old_format:
-        save_old_format(workdir / f"old_{i:03d}", checkpoints.unflatten(flat))
       if torch_python:
         np.savez(workdir / f"sd_{i:03d}.npz", **flat)
         pairs.append([str(workdir / f"sd_{i:03d}.npz"), str(workdir / f"sd_{i:03d}.pt")])
     if pairs:
-      common.run_json([torch_python, str(Path(__file__).parent / "_torch_soup.py"), "convert",
+      common.run_json([torch_python, "-m", "benchmarks._torch_soup", "convert",
                        json.dumps({"pairs": pairs})])
     print(f"[{size}] wrote {n} ingredients in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     manifest.write_text(json.dumps(want))
   nparams = sum(int(np.prod(s)) for s in param_shapes(size).values())
   return {"ingredients": [str(workdir / f"ing_{i:03d}") for i in range(n)],
-          "old": [str(workdir / f"old_{i:03d}") for i in range(n)] if old_format else [],
           "pt": [str(workdir / f"sd_{i:03d}.pt") for i in range(n)] if torch_python else [],
           "params": nparams, "model_bytes": 4 * nparams}
 
@@ -257,12 +212,12 @@ def _monitored(cmd: list[str]) -> dict:
 
 
 def child(mode: str, args: dict) -> dict:
-  return _monitored([sys.executable, __file__, "--worker", mode, "--args", json.dumps(args)])
+  return _monitored([sys.executable, "-m", "benchmarks.averaging", "--worker", mode, "--args",
+                     json.dumps(args)])
 
 
 def torch_child(torch_python: str, args: dict) -> dict:
-  return _monitored([torch_python, str(Path(__file__).parent / "_torch_soup.py"), "soup",
-                     json.dumps(args)])
+  return _monitored([torch_python, "-m", "benchmarks._torch_soup", "soup", json.dumps(args)])
 
 
 def find_torch_python(explicit: str | None) -> tuple[str | None, str]:
@@ -277,37 +232,21 @@ def find_torch_python(explicit: str | None) -> tuple[str | None, str]:
                 "/tmp/torchvenv/bin/pip install torch==2.13.0 numpy)")
 
 
-def extract_before(rev: str, dest: Path) -> str:
-  """The soup package as of `rev`, unpacked under dest (read-only use of git)."""
-  if dest.exists():
-    shutil.rmtree(dest)
-  dest.mkdir(parents=True)
-  archive = subprocess.run(["git", "-C", str(common.ROOT), "archive", rev, "soup"],
-                           capture_output=True, check=True).stdout
-  subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-  return str(dest)
-
-
 def warm(paths) -> None:
   """Reads the files a measurement is about to read, so they are in the page cache."""
   read_all(files_under(paths))
 
 
-def uptime() -> str:
-  with open("/proc/loadavg") as f:
-    return " ".join(f.read().split()[:3])
-
-
-def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | None, cold: bool,
-               before_dir: str | None) -> dict:
-  data = make_ingredients(size, max(ns), workdir / size, torch_python, bool(before_dir))
+def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | None,
+               cold: bool) -> dict:
+  data = make_ingredients(size, max(ns), workdir / size, torch_python)
   p = data["params"]
   mb = data["model_bytes"] / 2**20
   add = child("add", {"params": p, "repeats": max(5, repeats)})
   rows = []
   for n in ns:
-    paths, olds, pts = data["ingredients"][:n], data["old"][:n], data["pt"][:n]
-    load_before = uptime()
+    paths, pts = data["ingredients"][:n], data["pt"][:n]
+    load_before = common.uptime()
     warm(paths)
     floor = child("floor", {"paths": paths, "repeats": repeats})
     reused = child("floor_reused", {"paths": paths, "repeats": repeats, "params": p})
@@ -327,20 +266,6 @@ def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | N
                    "stream_verify": sv["times"], "stream_noverify": sn["times"],
                    "stream_verify_peaks_mib": sv["peaks_mib"]},
            "other_cpu_frac": max(x["other_frac"] for x in (floor, reused, sv, sn, add))}
-    if before_dir:
-      warm(olds)
-      bv = child("stream", {"paths": olds, "verify": True, "repeats": repeats,
-                            "code_dir": before_dir})
-      nv = child("stream", {"paths": olds, "verify": True, "repeats": repeats})
-      assert bv["soup_package"].startswith(before_dir), bv["soup_package"]
-      row.update(before_verify_s=common.median(bv["times"]),
-                 before_peak_mib=bv["peak_mib"] - bv["rss_base_mib"],
-                 new_on_old_verify_s=common.median(nv["times"]),
-                 new_on_old_peak_mib=nv["peak_mib"] - nv["rss_base_mib"],
-                 before_rel_checksum_diff=abs(bv["checksum"] - sv["checksum"]) /
-                 max(abs(sv["checksum"]), 1e-30))
-      row["raw"].update(before_verify=bv["times"], new_on_old_verify=nv["times"])
-      row["other_cpu_frac"] = max(row["other_cpu_frac"], bv["other_frac"], nv["other_frac"])
     if torch_python:
       warm(pts)
       tc = torch_child(torch_python, {"paths": pts, "repeats": repeats})
@@ -348,14 +273,14 @@ def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | N
                  official_peak_mib=tc["peak_mib"] - tc["rss_base_mib"])
       row["raw"]["official"] = tc["times"]
       row["other_cpu_frac"] = max(row["other_cpu_frac"], tc["other_frac"])
-    row["load_after"] = uptime()
+    row["load_after"] = common.uptime()
     print(f"[{size}] N={n}: reused floor {row['reused_floor_s']:.3f}s stream(verify) "
-          f"{row['stream_verify_s']:.3f}s before {row.get('before_verify_s', 'n/a')} "
-          f"load {load_before} -> {row['load_after']}", file=sys.stderr)
+          f"{row['stream_verify_s']:.3f}s load {load_before} -> {row['load_after']}",
+          file=sys.stderr)
     rows.append(row)
   cold_rows, cold_note = [], None
   if cold:
-    if not drop_caches():
+    if not common.drop_caches():
       cold_note = "drop_caches refused in this sandbox: cold-cache runs skipped"
     else:
       for n in ns:
@@ -367,17 +292,8 @@ def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | N
              "reused_floor_s": common.median(fr["times"]),
              "stream_verify_s": common.median(sv["times"]),
              "other_cpu_frac": max(fl["other_frac"], fr["other_frac"], sv["other_frac"])}
-        if before_dir:
-          bv = child("stream", {"paths": data["old"][:n], "verify": True, "repeats": 1,
-                                "cold": True, "code_dir": before_dir})
-          r["before_verify_s"] = common.median(bv["times"])
-          r["other_cpu_frac"] = max(r["other_cpu_frac"], bv["other_frac"])
         cold_rows.append(r)
   return {"rows": rows, "cold_rows": cold_rows, "cold_note": cold_note, "add_pass": add}
-
-
-def _ratio(a, b):
-  return a / b if a is not None and b else "n/a"
 
 
 def report(all_rows, cold_rows) -> str:
@@ -385,17 +301,14 @@ def report(all_rows, cold_rows) -> str:
          "float32 add per ingredient. others' CPU: share of the CPUs other processes used "
          "during the row's measurements (the largest of its subprocesses).", ""]
   headers = ["model", "N", "floor (f.read)", "reused floor", "stream verify", "stream no-verify",
-             "before (verify)", "new code, old files", "official (torch)",
-             "verify / reused floor", "no-verify / reused floor", "before / verify",
+             "official (torch)", "verify / reused floor", "no-verify / reused floor",
              "per ingredient, verify (ms)", "load avg", "others' CPU"]
   rows = []
   for r in all_rows:
     rows.append([r["size"], r["n"], r["floor_s"], r["reused_floor_s"], r["stream_verify_s"],
-                 r["stream_noverify_s"], r.get("before_verify_s", "n/a"),
-                 r.get("new_on_old_verify_s", "n/a"), r.get("official_s", "n/a"),
+                 r["stream_noverify_s"], r.get("official_s", "n/a"),
                  r["stream_verify_s"] / r["reused_floor_s"],
                  r["stream_noverify_s"] / r["reused_floor_s"],
-                 _ratio(r.get("before_verify_s"), r["stream_verify_s"]),
                  1000 * r["stream_verify_s"] / r["n"], r["load_before"],
                  f"{100 * r['other_cpu_frac']:.0f}%"])
   out.append(common.table(headers, rows))
@@ -403,26 +316,23 @@ def report(all_rows, cold_rows) -> str:
           "one model's float32 size (max over the repeats, all in one process); 'after warm-up' "
           "subtracts instead the RSS after a first 2-ingredient call.", ""]
   headers = ["model", "N", "model MiB", "stream verify", "stream no-verify",
-             "stream verify, after warm-up", "before", "new code, old files", "official",
+             "stream verify, after warm-up", "official",
              "worker RSS after imports MiB"]
   rows = []
   for r in all_rows:
     m = r["model_mib"]
     x = lambda key: r[key] / m if r.get(key) is not None else "n/a"
     rows.append([r["size"], r["n"], m, x("stream_verify_peak_mib"), x("stream_noverify_peak_mib"),
-                 x("stream_verify_peak_over_warm_mib"), x("before_peak_mib"),
-                 x("new_on_old_peak_mib"), x("official_peak_mib"), r["stream_rss_base_mib"]])
+                 x("stream_verify_peak_over_warm_mib"), x("official_peak_mib"),
+                 r["stream_rss_base_mib"]])
   out.append(common.table(headers, rows))
   if cold_rows:
     out += ["", "Cold page cache (drop_caches before each call), one call each; seconds.", ""]
-    headers = ["model", "N", "cold f.read", "cold reused floor", "stream verify", "before (verify)",
-               "verify / cold f.read", "verify / cold reused floor", "before / verify",
-               "others' CPU"]
+    headers = ["model", "N", "cold f.read", "cold reused floor", "stream verify",
+               "verify / cold f.read", "verify / cold reused floor", "others' CPU"]
     out.append(common.table(headers, [
         [r["size"], r["n"], r["floor_s"], r["reused_floor_s"], r["stream_verify_s"],
-         r.get("before_verify_s", "n/a"), r["stream_verify_s"] / r["floor_s"],
-         r["stream_verify_s"] / r["reused_floor_s"],
-         _ratio(r.get("before_verify_s"), r["stream_verify_s"]),
+         r["stream_verify_s"] / r["floor_s"], r["stream_verify_s"] / r["reused_floor_s"],
          f"{100 * r['other_cpu_frac']:.0f}%"] for r in cold_rows]))
   return "\n".join(out)
 
@@ -437,8 +347,6 @@ def main():
   ap.add_argument("--vitb32-n", default="4,16")
   ap.add_argument("--repeats", type=int, default=0, help="0: 5 for tiny, 3 for vitb32")
   ap.add_argument("--no-cold", action="store_true")
-  ap.add_argument("--before-rev", default="039ec1a", help="git revision of the code before "
-                  "(its soup/ is unpacked with git archive); '' skips the before columns")
   ap.add_argument("--torch-python", default=None, help="python of a venv with torch "
                   "(default /tmp/torchvenv/bin/python); the official baseline is skipped "
                   "without one")
@@ -463,27 +371,26 @@ def main():
   workdir = Path(a.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   sizes = a.sizes.split(",")
-  # New-format ingredients, old-format copies, .pt copies (+ one .npz while converting).
-  copies = 1 + bool(a.before_rev) + 2.1 * bool(torch_python)
+  # The ingredients, .pt copies (+ one .npz while converting).
+  copies = 1 + 2.1 * bool(torch_python)
   need = sum(SIZES[s]["approx_params"] * 4 * copies * max(int(x) for x in
              getattr(a, f"{s}_n").split(",")) for s in sizes)
   free = shutil.disk_usage(workdir).free
   if need > 0.8 * free:
     sys.exit(f"Not enough disk under {workdir}: ~{need / 2**30:.1f} GiB needed, "
              f"{free / 2**30:.1f} GiB free.")
-  before_dir = extract_before(a.before_rev, workdir / "before_code") if a.before_rev else None
   results = {"targets": {"stream_verify_over_reused_floor_max": 1.5,
                          "cold_stream_over_cold_read_max": 1.2, "tiny_ms_per_ingredient_max": 10,
                          "peak_over_model_max": 2.5},
-             "torch": torch_info if torch_python else None, "before_rev": a.before_rev,
-             "busy_at_start": busy, "load_at_start": uptime(), "sizes": {}}
+             "torch": torch_info if torch_python else None,
+             "busy_at_start": busy, "load_at_start": common.uptime(), "sizes": {}}
   all_rows, all_cold = [], []
   try:
     for s in sizes:
       ns = [int(x) for x in getattr(a, f"{s}_n").split(",")]
       repeats = a.repeats or SIZES[s]["repeats"]
       t = time.perf_counter()
-      r = bench_size(s, ns, repeats, workdir, torch_python, not a.no_cold, before_dir)
+      r = bench_size(s, ns, repeats, workdir, torch_python, not a.no_cold)
       r["wall_s"] = time.perf_counter() - t
       results["sizes"][s] = r
       all_rows += r["rows"]
@@ -499,7 +406,7 @@ def main():
     text += "\n\n" + "\n".join(notes)
   print(text)
   results["busy_at_end"] = common.busy_processes()
-  results["load_at_end"] = uptime()
+  results["load_at_end"] = common.uptime()
   print("\nwrote", common.write_results(a.out, results), file=sys.stderr)
 
 

@@ -1,8 +1,9 @@
 """Shared helpers for the benchmark scripts (not a benchmark itself).
 
-Each benchmark is a script: `python benchmarks/NAME.py`. They print a markdown
-table and write JSON under benchmarks/results/. Timings are medians of repeated
-runs; ratios are taken between numbers measured in the same run.
+Each benchmark is a module run from the repository root: `python -m benchmarks.NAME`.
+They print markdown tables and write JSON under benchmarks/results/. Timings are medians
+of repeated runs; ratios are taken between numbers measured in the same run.
+Standard library only: benchmarks/_torch_soup.py imports it in a venv with just torch.
 """
 
 from __future__ import annotations
@@ -18,12 +19,41 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
 
 
 def median(xs):
   return float(statistics.median(xs))
+
+
+def timeit(fn, repeats: int) -> list[float]:
+  """Wall seconds of `repeats` calls of fn()."""
+  out = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def load_average() -> list[float]:
+  """The 1, 5 and 15 minute load averages."""
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def uptime() -> str:
+  """The load averages as `uptime` prints them: "1.23 0.98 0.75"."""
+  return " ".join(f"{x:.2f}" for x in load_average())
+
+
+def drop_caches() -> bool:
+  """Empties the page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`); False if refused."""
+  try:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+      f.write("3")
+    return True
+  except OSError:
+    return False
 
 
 def machine() -> dict:
@@ -163,10 +193,14 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def run_json(cmd: list[str], env: dict | None = None, timeout: float = 900) -> dict:
-  """Runs a child that prints one JSON object on its last stdout line."""
+  """Runs a child that prints one JSON object on its last stdout line.
+
+  The child runs in the repository root, so `[python, "-m", "benchmarks.NAME", ...]` works
+  from any working directory."""
   full_env = dict(os.environ)
   full_env.update(env or {})
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout,
+                        cwd=ROOT)
   if proc.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -15,8 +15,8 @@ Targets: v4-8 (4 chips, 32 GiB HBM each), 8x H100 (80 GB each), v4-32 (16 chips)
 Batch 1 per device, 224 px. CPU programs are scheduled by the CPU backend, so temp is
 an estimate of what TPU/GPU XLA needs (their schedulers overlap the gathers differently).
 
-  python benchmarks/giant_memory.py [--variant=ViT-bigG-14] [--targets=v4-8,8xH100,v4-32]
-  python benchmarks/giant_memory.py --targets=v4-8 --replicated_on= --layers=4 \
+  python -m benchmarks.giant_memory [--variant=ViT-bigG-14] [--targets=v4-8,8xH100,v4-32]
+  python -m benchmarks.giant_memory --targets=v4-8 --replicated_on= --layers=4 \
       --batch_per_device=1,2          # the activation bytes one more example adds, per block
 Writes benchmarks/results/giant_memory_<variant>[_L<layers>][_b<batches>]_<targets>.json
 after every row.
@@ -36,7 +36,6 @@ TARGETS = {"v4-8": (4, 32 * 2**30), "8xH100": (8, 80 * 10**9), "v4-32": (16, 32 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16 "
                       "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 
@@ -137,8 +136,9 @@ def main(argv=None):
 
 
 def write(args, rows):
+  command = " ".join(["python -m benchmarks.giant_memory"] + sys.argv[1:])
   result = {"benchmark": "giant_memory", "machine": common.machine(),
-            "busy": common.busy_processes(), "command": " ".join(["python"] + sys.argv),
+            "busy": common.busy_processes(), "command": command,
             "xla_flags": os.environ["XLA_FLAGS"], "rows": rows}
   common.RESULTS.mkdir(parents=True, exist_ok=True)
   suffix = (f"_L{args.layers}" if args.layers else "") + ("_remat" if args.remat else "") + (

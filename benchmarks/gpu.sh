@@ -11,7 +11,7 @@
 # Prints two markdown tables and writes benchmarks/results/gpu.json (gpu_tiny.json with --tiny).
 # Set PYTHON to choose the interpreter (default: python).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # The repository root: python -m benchmarks.gpu_bench runs from here.
 PY=${PYTHON:-python}
 
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -29,4 +29,4 @@ if jax.default_backend() != "gpu":
            "e.g. pip install -U 'jax[cuda12]', or run with --tiny to check the script on the CPU.")
 PYEOF
 fi
-exec "$PY" benchmarks/gpu_bench.py "$@"
+exec "$PY" -m benchmarks.gpu_bench "$@"

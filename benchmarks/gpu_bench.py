@@ -3,7 +3,7 @@
 Run through benchmarks/gpu.sh on a machine with a GPU and a CUDA jax:
   bash benchmarks/gpu.sh                    # ViT-B/32, 224x224x3, 1000 classes, bf16
   bash benchmarks/gpu.sh --batch-per-device 128 --peak-tflops 989
-  python benchmarks/gpu_bench.py --tiny     # a small model on any backend (CPU check)
+  python -m benchmarks.gpu_bench --tiny     # a small model on any backend (CPU check)
 
 Train step: soup.train.make_train_step with soup.models.vit.ViT(patch 32, width 768,
 depth 12, heads 12, mlp 3072, dtype=bfloat16) (params and optimizer state in float32,
@@ -32,8 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity).
 PEAK_BF16_TFLOPS = [
@@ -56,15 +55,6 @@ def peak_flops(device_kind: str, override_tflops: float | None) -> tuple[float |
     if key.lower() in device_kind.lower():
       return tflops * 1e12, f"table ({key})"
   return None, "unknown device kind: pass --peak-tflops"
-
-
-def timeit(fn, repeats):
-  out = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t)
-  return out
 
 
 def bench_train(cfg: dict, batch_per_device: int, steps: int, repeats: int) -> dict:
@@ -111,7 +101,7 @@ def bench_train(cfg: dict, batch_per_device: int, steps: int, repeats: int) -> d
     holder["state"] = s
 
   run()  # Warm-up.
-  step_s = common.median([t / steps for t in timeit(run, repeats)])
+  step_s = common.median([t / steps for t in common.timeit(run, repeats)])
   flops = common.vit_forward_flops(batch, cfg["image"], cfg["patch_size"], cfg["width"],
                                    cfg["depth"], cfg["mlp_dim"], cfg["num_classes"])["train_step"]
   nparams = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -149,14 +139,14 @@ def bench_average(cfg: dict, n: int, repeats: int, workdir: str | None) -> dict:
     out = {"n": n, "model_bytes": model_bytes, "backend": jax.default_backend()}
     for verify in (True, False):
       average.stream_average(paths[:2], verify=verify)  # Compile.
-      ts = timeit(lambda: average.stream_average(paths, verify=verify), repeats)
+      ts = common.timeit(lambda: average.stream_average(paths, verify=verify), repeats)
       out[f"stream_verify_{verify}_s"] = common.median(ts)
       out[f"stream_verify_{verify}_gb_per_s"] = n * model_bytes / common.median(ts) / 1e9
     # sharded_average: the running mean on the devices (split over all of them).
     from soup import mesh as mesh_lib
     mesh = mesh_lib.make_mesh()
     average.sharded_average(paths[:2], mesh)
-    ts = timeit(lambda: average.sharded_average(paths, mesh), repeats)
+    ts = common.timeit(lambda: average.sharded_average(paths, mesh), repeats)
     out["sharded_s"] = common.median(ts)
     out["sharded_gb_per_s"] = n * model_bytes / common.median(ts) / 1e9
     # The update alone, device-resident.
@@ -171,7 +161,7 @@ def bench_average(cfg: dict, n: int, repeats: int, workdir: str | None) -> dict:
         m = average.running_update(m, x, np.float32(0.5))
       jax.block_until_ready(m)
     updates()
-    upd = common.median([t / iters for t in timeit(updates, repeats)])
+    upd = common.median([t / iters for t in common.timeit(updates, repeats)])
     out["device_update_s"] = upd
     out["device_update_gb_per_s"] = model_bytes / upd / 1e9
     return out

@@ -1,7 +1,7 @@
 """Greedy soup: total time vs the sum of its held-out evaluations (overhead target < 5%).
 
-  python benchmarks/greedy.py                 # N=12 tiny-ViT ingredients, 2000 held-out images
-  python benchmarks/greedy.py --repeats 3
+  python -m benchmarks.greedy                 # N=12 tiny-ViT ingredients, 2000 held-out images
+  python -m benchmarks.greedy --repeats 3
 
 Ingredients: the default tiny ViT (configs/fashion_mnist.py) at one random init,
 perturbed 12 times (Gaussian noise of 0-20% of each leaf's std, so the held-out
@@ -30,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 
 def main():

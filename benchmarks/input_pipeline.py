@@ -1,6 +1,6 @@
 """Input pipeline throughput: the ImageNet transforms on Grain worker processes.
 
-  python benchmarks/input_pipeline.py [--images=128 --batch=32 --batches=40 --repeats=5]
+  python -m benchmarks.input_pipeline [--images=128 --batch=32 --batches=40 --repeats=5]
 
 Generates ImageNet-sized JPEGs (500x375, about 94 KB: a smooth random color
 field, oriented stripes and pixel noise, so that decoding costs what a photo
@@ -50,9 +50,9 @@ import sys
 import time
 
 import numpy as np
-from common import RESULTS, Monitor, machine, median  # Also puts the repo on sys.path.
 
-from soup.data import grain_input, randaugment, transforms  # noqa: E402
+from benchmarks import common
+from soup.data import grain_input, randaugment, transforms
 
 SIZE = 224
 AUG = "rand-m9-n2"
@@ -179,10 +179,6 @@ class Pipeline:
     self.stream.close()
 
 
-def load_average() -> list[float]:
-  return [round(x, 2) for x in os.getloadavg()]
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--images", type=int, default=128, help="distinct JPEGs generated")
@@ -191,13 +187,13 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--transfer_batch", type=int, default=256,
                       help="images per element in the transfer-only measurement")
-  parser.add_argument("--out", default=str(RESULTS / "input_pipeline.json"))
+  parser.add_argument("--out", default=str(common.RESULTS / "input_pipeline.json"))
   args = parser.parse_args(argv)
 
   rng = np.random.default_rng(0)
   jpegs = [textured_jpeg(rng) for _ in range(args.images)]
   kb = np.mean([len(j) for j in jpegs]) / 1000
-  print(f"{len(jpegs)} JPEGs, 500x375, mean {kb:.1f} KB; load average {load_average()}")
+  print(f"{len(jpegs)} JPEGs, 500x375, mean {kb:.1f} KB; load average {common.load_average()}")
   source = MemorySource(jpegs, 1_000_000)
   records = np.arange(len(source))
   train_fn = grain_input.TrainBatches(source, records, args.batch, seed=0, aug=AUG, fill=FILL,
@@ -210,22 +206,22 @@ def main(argv=None) -> int:
   sink = np.empty((args.transfer_batch, SIZE, SIZE, 3), np.uint8)
   serial_count = args.batch * args.batches // 2
   raw: dict[str, list] = {}
-  loads = [load_average()]
+  loads = [common.load_average()]
   for r in range(args.repeats):
     for kind in ("train", "eval"):
-      with Monitor() as m:
+      with common.Monitor() as m:
         rate = serial_rate(jpegs, serial_count, kind == "train")
       raw.setdefault(f"{kind}/serial", []).append(dict(rate, others=m.other_frac))
       for w in (1, 2):
         raw.setdefault(f"{kind}/workers={w}", []).append(pipelines[(kind, w)].rate(args.batches))
     raw.setdefault("transfer/workers=2", []).append(
         pipelines[("transfer", 2)].rate(args.batches, sink))
-    loads.append(load_average())
+    loads.append(common.load_average())
     print(f"repeat {r + 1}/{args.repeats}: load average {loads[-1]}", file=sys.stderr)
   for p in pipelines.values():
     p.close()
 
-  med = {k: {m: median([v[m] for v in vs]) for m in vs[0]} for k, vs in raw.items()}
+  med = {k: {m: common.median([v[m] for v in vs]) for m in vs[0]} for k, vs in raw.items()}
   summary = {}
   print("\nWall clock (img/s; the machine is shared, see the load averages below):")
   print("| transform | serial | 1 worker | 2 workers | scaling 1 -> 2 | others' CPU (serial) |")
@@ -253,7 +249,7 @@ def main(argv=None) -> int:
         f"consumer): {t['wall']:.0f} img/s wall; consumer CPU {1e6 * per_image:.1f} us per "
         f"image, i.e. at most {1 / per_image:.0f} img/s per process")
   print(f"load averages (1, 5, 15 min) at start and after each repeat: {loads}")
-  out = dict(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args),
+  out = dict(machine=common.machine(), date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args),
              jpeg_kb_mean=kb, medians=med, summary=summary, load_averages=loads, raw=raw)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:

@@ -1,7 +1,7 @@
 """Bytes per device of the learned soup's ingredient stack and of shard_flat, 8 CPU devices.
 
-  python benchmarks/learned_soup_memory.py            # N=16 (and N=12, not divisible by 8)
-  python benchmarks/learned_soup_memory.py --n 16 --devices 8
+  python -m benchmarks.learned_soup_memory            # N=16 (and N=12, not divisible by 8)
+  python -m benchmarks.learned_soup_memory --n 16 --devices 8
 
 XLA_FLAGS=--xla_force_host_platform_device_count=D is set before jax is imported.
 For N perturbed copies of the default tiny ViT (P parameters):
@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 
 def per_device_bytes(tree) -> dict:

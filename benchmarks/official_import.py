@@ -1,7 +1,7 @@
-"""Issue 17: importing one released checkpoint and evaluating it, timed; the whole job projected.
+"""Importing one released checkpoint and evaluating it, timed; the whole job projected.
 
-  python benchmarks/official_import.py                      # about 5 minutes on 2 CPU cores
-  python benchmarks/official_import.py --dtypes=float32,bfloat16   # on a GPU: both dtypes
+  python -m benchmarks.official_import                      # about 5 minutes on 2 CPU cores
+  python -m benchmarks.official_import --dtypes=float32,bfloat16   # on a GPU: both dtypes
 
 1. Import. Writes one random-weight file in the released layout at ViT-B/32 size
    (soup.models.official.released_state_dict: image tower, the text keys ModelWrapper keeps,
@@ -27,13 +27,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
 
 # Images per model: ImageNet val, the held-out ImageNet2p, and the five shifts as scored
 # (ObjectNet: the images of its 113 ImageNet classes).
@@ -168,7 +167,8 @@ def time_evaluation(work: Path, mock_root: Path, batch: int, dtypes: list[str], 
   t = time.perf_counter()
   res.evaluator.logits(params, held.images[:batch])  # Compiles.
   compile_s = time.perf_counter() - t
-  evaluate_s, other = common.quiet_call(lambda: _timed(res.evaluate, params), 0, 0)
+  evaluate_s, other = common.quiet_call(lambda: common.timeit(lambda: res.evaluate(params), 1)[0],
+                                        0, 0)
   out = {"evaluate_stage": {"images": images, "seconds": evaluate_s,
                             "img_per_s": images / evaluate_s, "compile_s": compile_s,
                             "others_cpu": other, "batch": batch,
@@ -189,12 +189,6 @@ def time_evaluation(work: Path, mock_root: Path, batch: int, dtypes: list[str], 
   out["backend"] = jax.default_backend()
   out["devices"] = [str(d) for d in jax.devices()]
   return out
-
-
-def _timed(fn, *args) -> float:
-  t = time.perf_counter()
-  fn(*args)
-  return time.perf_counter() - t
 
 
 def projection(import_s: float, cpu_img_s: float) -> dict:

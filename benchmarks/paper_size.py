@@ -1,7 +1,7 @@
 """Paper-size dress rehearsal: every soup recipe on 72 ViT-B/32-sized ingredients (25 GB).
 
-  python benchmarks/paper_size.py                   # N=72, about 15-25 minutes here
-  python benchmarks/paper_size.py --n 6 --keep      # a smoke run
+  python -m benchmarks.paper_size                   # N=72, about 15-25 minutes here
+  python -m benchmarks.paper_size --n 6 --keep      # a smoke run
 
 Writes an initialization and N fine-tunes with the real parameter shapes of
 ViT-B/32 (88M params, 353 MB each; more bytes in all than this machine has RAM, so
@@ -36,16 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 VITB32 = dict(num_classes=1000, patch_size=32, width=768, depth=12, num_heads=12, mlp_dim=3072)
 IMAGE = (224, 224, 3)
-
-
-def uptime() -> str:
-  with open("/proc/loadavg") as f:
-    return " ".join(f.read().split()[:3])
 
 
 def model_and_shapes():
@@ -172,8 +166,8 @@ def worker(recipe: str, args: dict) -> dict:
 
 def aot_worker(args: dict) -> dict:
   import jax
-  import learned_soup_memory
 
+  from benchmarks import learned_soup_memory
   from soup import mesh as mesh_lib
   return learned_soup_memory.step_memory("vitb32", args["n"], mesh_lib.make_mesh(), args["batch"],
                                          sharded_soup=True) | {"devices": len(jax.devices())}
@@ -181,11 +175,11 @@ def aot_worker(args: dict) -> dict:
 
 def run_worker(recipe: str, args: dict, devices: int = 0) -> dict:
   env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} if devices else None
-  load = uptime()
+  load = common.uptime()
   t = time.perf_counter()
-  out = common.run_json([sys.executable, __file__, "--worker", recipe, "--args", json.dumps(args)],
-                        env=env, timeout=3600)
-  out.update(process_s=time.perf_counter() - t, load_before=load, load_after=uptime())
+  out = common.run_json([sys.executable, "-m", "benchmarks.paper_size", "--worker", recipe,
+                         "--args", json.dumps(args)], env=env, timeout=3600)
+  out.update(process_s=time.perf_counter() - t, load_before=load, load_after=common.uptime())
   print(f"[{recipe}] {out}", file=sys.stderr)
   return out
 
@@ -219,7 +213,7 @@ def main():
   if need > 0.9 * free:
     sys.exit(f"Not enough disk under {workdir}: {need / 2**30:.1f} GiB needed, "
              f"{free / 2**30:.1f} GiB free.")
-  results = {"n": a.n, "load_at_start": uptime(), "busy_at_start": common.busy_processes(),
+  results = {"n": a.n, "load_at_start": common.uptime(), "busy_at_start": common.busy_processes(),
              "free_disk_gib": free / 2**30, "recipes": {}}
   t_total = time.perf_counter()
   try:
@@ -241,7 +235,7 @@ def main():
     if not a.keep:
       shutil.rmtree(workdir, ignore_errors=True)
   results["total_s"] = time.perf_counter() - t_total
-  results["load_at_end"] = uptime()
+  results["load_at_end"] = common.uptime()
   mib = model_bytes / 2**20
   rows = []
   for recipe, r in results["recipes"].items():

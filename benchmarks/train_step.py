@@ -1,7 +1,7 @@
 """Achieved FLOP/s of the default tiny-ViT train step vs a matmul, 1 and 2 host devices.
 
-  python benchmarks/train_step.py               # devices 1 and 2, a few minutes on 2 cores
-  python benchmarks/train_step.py --devices 1 --steps 20 --repeats 3
+  python -m benchmarks.train_step               # devices 1 and 2, a few minutes on 2 cores
+  python -m benchmarks.train_step --devices 1 --steps 20 --repeats 3
 
 Each device count runs in a fresh subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=D set before jax is imported.
@@ -29,19 +29,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-
-def timeit(fn, repeats: int) -> list[float]:
-  out = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t)
-  return out
+from benchmarks import common
+from benchmarks.common import timeit
 
 
 def worker(args: dict) -> dict:
@@ -147,7 +137,7 @@ def main():
   for d in [int(x) for x in a.devices.split(",")]:
     flags = (os.environ.get("XLA_FLAGS", "")
              + f" --xla_force_host_platform_device_count={d}").strip()
-    cmd = [sys.executable, __file__, "--worker",
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker",
            json.dumps({"steps": a.steps, "repeats": a.repeats})]
     r, other = common.quiet_call(lambda: common.run_json(cmd, env={"XLA_FLAGS": flags}),
                                  a.quiet_wait_s, a.retries)
