@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from soup import mesh as mesh_lib
+from soup.soups import ensemble
 
 PyTree = Any
 
@@ -53,5 +54,4 @@ class Evaluator:
 
   def accuracy(self, params: PyTree, images: np.ndarray, labels: np.ndarray,
                class_mask: Optional[np.ndarray] = None) -> float:
-    from soup.soups.ensemble import accuracy
-    return accuracy(self.logits(params, images), labels, class_mask)
+    return ensemble.accuracy(self.logits(params, images), labels, class_mask)

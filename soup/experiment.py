@@ -28,17 +28,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from soup import (
+  analysis,
   atomic_io,
   checkpoints,
+  claims,
+  contrastive,
   evaluate as evaluate_lib,
   mesh as mesh_lib,
+  models,
   recipes,
+  report as report_lib,
   results,
+  stats,
   train,
 )
 from soup.data import pipeline
+from soup.data.fashion_mnist import FashionMNISTTask
+from soup.data.imagenet import ImageNetTask
 from soup.ingredients import IngredientStore
 from soup.linear_probe import fit_probe
+from soup.models import pretrained
 from soup.validate import STAGES
 from soup.workdir import Workdir, content_key, eval_settings
 
@@ -127,7 +136,6 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
   if checkpoints.is_ingredient(out / "ingredient"):
     return checkpoints.load_ingredient(out / "ingredient")
   if config.init.source == "pretrained":
-    from soup.models import pretrained
     params = pretrained.load_pretrained(config)
     checkpoints.save_ingredient(out / "ingredient", params, {"source": config.init.path})
     return params
@@ -146,7 +154,6 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
                 sharding_rules=config.get("sharding_rules", ()))
   if objective == "simclr":
     # No label is read: InfoNCE over two views (soup/contrastive.py); the head is dropped.
-    from soup import contrastive
     model = res.model(0)
     features = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
     params = contrastive.init_params(model, model.init(jax.random.key(config.seed),
@@ -193,7 +200,6 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
   cfg = config.probe
   backbone = {k: v for k, v in upstream().items() if k != "head"}
   if cfg.kind == "zeroshot":
-    from soup.models import pretrained
     head, info = pretrained.zeroshot_head(config), {}
   elif cfg.kind == "linear_probe":
     model, preprocess = res.model(res.num_classes), res.task.preprocess
@@ -340,7 +346,6 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
 
 def add_intervals(config, columns: results.Columns, rows: list[dict]) -> None:
   """Paired bootstrap 95% intervals of every row against the best individual (soup/claims.py)."""
-  from soup import claims, stats
   correct = {r["model_name"]: {c: stats.unpack_correct(p) for c, p in r["correct"].items()}
              for r in rows if r.get("correct")}
   resamples = config.get("report", {}).get("bootstrap_resamples", stats.NUM_RESAMPLES)
@@ -354,7 +359,6 @@ def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore
   Cached in analysis.json under the ingredients' fingerprints and the settings.
   Returns {figure title: file name} for the report's links.
   """
-  from soup import analysis
   cfg = config.get("report", {})
   if not cfg.get("analysis", False):
     return {}
@@ -426,7 +430,6 @@ def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore
 
 def report(wd: Workdir, columns: results.Columns, rows: list[dict],
            figures: Optional[dict[str, str]] = None) -> dict:
-  from soup import report as report_lib
   # Per-example correctness stays in the soups' caches; the intervals it gave are in the rows.
   results.write(wd.root / "results.jsonl",
                 [{k: v for k, v in r.items() if k != "correct"} for r in rows])
@@ -469,7 +472,6 @@ class Resources:
     return self.task.eval_splits()
 
   def model(self, num_classes: int):
-    from soup import models
     return models.build(self.config.model, num_classes)
 
   def apply_fn(self, num_classes: Optional[int] = None) -> Callable:
@@ -507,7 +509,6 @@ class Resources:
     splits = self.splits()
     acc = {col: splits[col].accuracy(logits[col]) for col in splits}
     acc["avg_shifts"] = float(np.mean([acc[c] for c in self.columns.shifts]))
-    from soup import stats
     # Per-example correctness, for the paired bootstrap intervals of the report stage.
     correct = {col: stats.pack_correct(np.argmax(splits[col].scored_logits(
         np.asarray(logits[col], np.float32)), axis=-1) == splits[col].labels) for col in splits}
@@ -521,10 +522,8 @@ class Resources:
 
 def make_task(data_config):
   if data_config.name == "fashion_mnist":
-    from soup.data.fashion_mnist import FashionMNISTTask
     return FashionMNISTTask(data_config)
   if data_config.name == "imagenet":
-    from soup.data.imagenet import ImageNetTask
     return ImageNetTask(data_config)
   raise ValueError(f"Unknown config.data.name {data_config.name!r}: use fashion_mnist or imagenet.")
 

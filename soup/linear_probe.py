@@ -17,7 +17,7 @@ The paper's LP settings are not published (nor its code); the CLIP paper's own
 probes use the same recipe (L-BFGS logistic regression, L2 swept on a validation
 split). It replaces a minibatch AdamW probe: a fixed number of Adam steps at lr
 1e-3 from a zero head moves each weight by at most about lr per step, so it
-stopped far short of this optimum (issue 10, item f).
+stopped far short of this optimum.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  from soup import validate  # Light: no jax, so a user error stops within seconds.
+  from soup import validate  # jax, but no model, data or checkpoint code: refuses in seconds.
 
   start = time.time()
   config_path = flags.FLAGS["config"].config_filename.split(":")[0]

@@ -6,7 +6,6 @@ no TensorFlow) with a few tiny random JPEGs (soup/data/imagenet_mock.py), so
 every read goes through `tfds.data_source` as it would on the real data.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from soup.data import (
   objectnet,
   randaugment,
   tfds_source,
+  transforms,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,8 +226,8 @@ def test_objectnet_border_crop_is_a_switch_off_by_default(mock, task):
   paths, _ = objectnet.list_images(mock["objectnet_dir"])
   with Image.open(paths[0]) as im:
     whole = im.convert("RGB")
-  uncropped = imagenet.eval_transform(whole, 32)
-  cropped = imagenet.eval_transform(objectnet.crop_border(whole), 32)
+  uncropped = transforms.eval_transform(whole, 32)
+  cropped = transforms.eval_transform(objectnet.crop_border(whole), 32)
   assert not np.array_equal(uncropped, cropped)
   assert task.objectnet_border == 0
   np.testing.assert_array_equal(next(task.eval_splits()["ObjectNet"].iterate(4))[0], uncropped)
@@ -245,7 +245,7 @@ def test_eval_batches_are_ordered_with_a_partial_last_batch(mock, task):
   assert [len(b) for b in batches] == [8, 8, 5] and len(split) == 21
   assert all(b.shape[1:] == (32, 32, 3) and b.dtype == np.uint8 for b in batches)
   source = source_of(mock, "ImageNet")
-  want = np.stack([imagenet.eval_transform(imagenet.decode_rgb(source[i]["image"]), 32)
+  want = np.stack([transforms.eval_transform(transforms.decode_rgb(source[i]["image"]), 32)
                    for i in range(21)])
   np.testing.assert_array_equal(np.concatenate(batches), want)
   np.testing.assert_array_equal(np.concatenate(list(split.iterate(21))), want)
@@ -254,12 +254,12 @@ def test_eval_batches_are_ordered_with_a_partial_last_batch(mock, task):
 
 def test_eval_transform_resizes_the_shorter_side_then_center_crops():
   img = Image.fromarray(np.zeros((40, 100, 3), np.uint8))
-  assert imagenet.resize_shorter_side(img, 20).size == (50, 20)
+  assert transforms.resize_shorter_side(img, 20).size == (50, 20)
   tall = Image.fromarray(np.zeros((99, 30, 3), np.uint8))
-  assert imagenet.resize_shorter_side(tall, 20).size == (20, 66)
+  assert transforms.resize_shorter_side(tall, 20).size == (20, 66)
   x = np.zeros((20, 50, 3), np.uint8)
   x[:, 25:] = 255  # Right half white: the centered 20x20 crop is half black, half white.
-  out = imagenet.eval_transform(Image.fromarray(x), 20)
+  out = transforms.eval_transform(Image.fromarray(x), 20)
   assert out.shape == (20, 20, 3)
   assert (out[:, :10] == 0).all() and (out[:, 10:] == 255).all()
 
@@ -302,7 +302,7 @@ def test_no_aug_is_the_eval_preprocessing(mock, task):
   x, _ = task.finetune_batch(8, 0, 0, {"aug": None})
   train = source_of(mock, "ImageNet2p")
   idx = task.finetune_idx[task.batch_positions(8, 0, 0)]
-  want = np.stack([imagenet.eval_transform(imagenet.decode_rgb(train[int(i)]["image"]), 32)
+  want = np.stack([transforms.eval_transform(transforms.decode_rgb(train[int(i)]["image"]), 32)
                    for i in idx])
   np.testing.assert_array_equal(x, want)
   assert not np.array_equal(x, task.finetune_batch(8, 0, 0, {"aug": "rand-m9-n0"})[0])
@@ -390,13 +390,12 @@ def test_stream_position_state_is_the_one_grain_reaches():
   stream = grain_input.Stream(_double, 20, num_workers=2)
   try:
     assert [int(stream.read(i)[0]) for i in range(7)] == [0, 2, 4, 6, 8, 10, 12]
-    reached = stream.get_state()
-    assert reached["position"] == 7
-    assert reached["grain"] == grain_input._state_at(stream._initial, 7, 2)
+    assert stream.position == 7
+    reached = stream._iterator.get_state()  # Grain's own state: the one seek computes.
+    assert reached == grain_input._state_at(stream._initial, 7, 2)
     assert int(stream.read(2)[0]) == 4 and int(stream.read(3)[0]) == 6   # Seek back, go on.
     assert int(stream.read(19)[0]) == 38 and int(stream.read(0)[0]) == 0  # Last, then first.
-    stream.set_state(json.loads(json.dumps(reached)))                     # JSON round trip.
-    assert int(stream.read(7)[0]) == 14
+    assert int(stream.read(7)[0]) == 14                                   # Seek to 7 again.
   finally:
     stream.close()
   with pytest.raises(IndexError):
@@ -404,28 +403,24 @@ def test_stream_position_state_is_the_one_grain_reaches():
 
 
 def test_training_stream_resumes_bit_identically(mock):
-  """A member stopped after step 3 and restarted from the saved iterator state (or from
-  the step alone, as the trainer does) sees the same bytes as one that never stopped,
-  whatever the number of worker processes."""
+  """A member stopped after step 3 and restarted from the step alone (as the trainer
+  does) sees the same bytes as one that never stopped, whatever the number of worker
+  processes."""
   hp = {"aug": "rand-m9-n2"}
   uninterrupted = imagenet.ImageNetTask(data_config(mock, num_workers=2))
   stream = uninterrupted.finetune_stream(16, 7, hp)
   want = [stream.read(s) for s in range(4)]
-  saved = json.loads(json.dumps(stream.get_state()))  # A checkpoint after step 3.
   want += [uninterrupted.finetune_batch(16, 7, s, hp) for s in range(4, 8)]
-  end = json.loads(json.dumps(stream.get_state()))
   uninterrupted.close()
 
   resumed = imagenet.ImageNetTask(data_config(mock, num_workers=2))  # New worker processes.
   stream = resumed.finetune_stream(16, 7, hp)
-  stream.set_state(saved)
-  assert stream.position == 4 and end["position"] == 8
-  for s in range(4, 8):
+  for s in range(4, 8):  # Step 4 first: the new stream seeks there.
     x, y = stream.read(s)
     np.testing.assert_array_equal(x, want[s][0])
     np.testing.assert_array_equal(y, want[s][1])
-  stream.set_state(end)  # The uninterrupted stream's end state: it goes on from step 8.
-  x8, _ = stream.read(8)
+  assert stream.position == 8
+  x8, _ = stream.read(8)  # Goes on from step 8.
   resumed.close()
 
   in_process = imagenet.ImageNetTask(data_config(mock))
@@ -447,7 +442,8 @@ def test_eval_streams_with_workers_are_exact_and_seekable(mock):
     np.testing.assert_array_equal(np.concatenate(got), want)
     next(splits["ImageNetSketch"].iterate(8))
   source = source_of(mock, "ImageNetV2", "imagenet_v2/matched-frequency")
-  want = [imagenet.eval_transform(imagenet.decode_rgb(source[i]["image"]), 32) for i in range(21)]
+  want = [transforms.eval_transform(transforms.decode_rgb(source[i]["image"]), 32)
+          for i in range(21)]
   np.testing.assert_array_equal(np.concatenate(list(splits["ImageNetV2"].iterate(5))), want)
   task.close()
 

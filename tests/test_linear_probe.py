@@ -79,7 +79,7 @@ def test_l2_chosen_on_held_out_then_refit_matches_sklearn():
 
 
 def test_converges_where_a_fixed_adam_budget_does_not():
-  # Issue 10 (f): the replaced probe, 20 Adam steps at lr 1e-3 from a zero head, moves each
+  # The replaced probe, 20 Adam steps at lr 1e-3 from a zero head, moves each
   # weight by about 0.02 at most and stops far short of the optimum.
   x, y = blobs(5, 1000, spread=1.5)
   fit = linear_probe.fit_logistic_regression(x, y, CLASSES, 1e-4)

@@ -1,4 +1,4 @@
-"""Issue 17: the paper's released checkpoints as ingredients (soup/models/official.py).
+"""The paper's released checkpoints as ingredients (soup/models/official.py).
 
 Random weights in the released layout (a torch.save'd ModelWrapper state dict): the import
 and its errors on tiny CLIP-shaped files, parity with the official forward pass at ViT-B/32 size

@@ -159,7 +159,7 @@ def test_config_builds_and_is_locked(path):
 
 
 def test_protocol_switches_default_to_the_official_code():
-  """Issue 10 (c)-(f): each difference from the official code is a field, official by default."""
+  """Each difference from the official code is a field, official by default."""
   from soup.models.vit import ACTIVATIONS
   from soup.soups import greedy
   for arg in ("", "smoke"):

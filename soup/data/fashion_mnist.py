@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from soup import atomic_io, results
+from soup.data import pipeline
+from soup.data.pipeline import Split
+from soup.data.task import EvalSplit, Task
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = (
@@ -172,7 +175,6 @@ def experiment_splits(data_config) -> dict:
   {"upstream", "held_out", "finetune", "test", "shifts": {name: Split}}.
   """
   from soup.data import shifts as shifts_lib
-  from soup.data.pipeline import Split
 
   d = data_config
   arrays = load_arrays(d.data_dir or None) if _is_prepared(d.data_dir or None) else None
@@ -224,7 +226,7 @@ def _is_prepared(data_dir: str | None) -> bool:
   return cls(data_dir=data_dir or default_data_dir(), file_format="array_record").is_prepared()
 
 
-class FashionMNISTTask:
+class FashionMNISTTask(Task):
   """The embedded default: every split in memory, augmentation on device."""
 
   columns = results.FASHION_MNIST
@@ -235,7 +237,6 @@ class FashionMNISTTask:
     return {}
 
   def __init__(self, data_config):
-    from soup.data.task import EvalSplit
     self.splits = experiment_splits(data_config)
     self.upstream = self.splits["upstream"]
     c = self.columns
@@ -247,7 +248,6 @@ class FashionMNISTTask:
     return len(self.splits["finetune"])
 
   def finetune_batch(self, batch_size, seed, step, hparams=None):
-    from soup.data import pipeline
     return pipeline.train_batch(self.splits["finetune"], batch_size, seed, step)
 
   def finetune_examples(self, count):
@@ -258,9 +258,7 @@ class FashionMNISTTask:
     return self._eval
 
   def preprocess(self, images):
-    from soup.data import pipeline
     return pipeline.normalize(images)
 
   def augment(self, rng, images, strength):
-    from soup.data import pipeline
     return pipeline.augment(rng, images, strength)

@@ -10,9 +10,9 @@ an element's bytes depend on its index only (its randomness is seeded from it).
 
 Position. `Stream.read(i)` returns element i. Reading in order just takes the
 next element; any other index first moves the workers there (`seek`), by
-setting Grain's iterator state to the one it would have after i elements.
-`get_state`/`set_state` expose that state (JSON-able) for checkpoints; a
-restored stream continues bit-identically (tests/test_imagenet_data.py).
+setting Grain's iterator state to the one it would have after i elements, so
+a restarted member that asks for its step continues bit-identically
+(tests/test_imagenet_data.py).
 
 Processes are spawned (Grain uses the "spawn" context), so `fn` and what it
 holds (a TFDS data source, index arrays) are pickled to each worker once,
@@ -96,15 +96,6 @@ class Stream:
     element = next(self._iterator)
     self.position += 1
     return element
-
-  def get_state(self) -> dict:
-    """Grain's iterator state (JSON-able): where the stream is."""
-    return {"position": self.position, "grain": self._iterator.get_state()}
-
-  def set_state(self, state: dict) -> None:
-    """Continues from a get_state() of a stream of the same function and worker count."""
-    self._iterator.set_state(state["grain"])
-    self.position = int(state["position"])
 
   def close(self) -> None:
     if not self.closed:

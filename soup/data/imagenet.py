@@ -55,23 +55,13 @@ import numpy as np
 from soup import atomic_io, results
 from soup.data import grain_input, imagenet_heldout, objectnet
 from soup.data.task import EvalSplit, Task
-
-# Re-exported: these lived here before tfds_source.py and transforms.py.
-from soup.data.tfds_source import (  # noqa: F401
+from soup.data.tfds_source import (
   DATASETS,
   DatasetMissingError,
   default_data_dir,
   imagenet_wnids,
   open_tfds,
   read_labels,
-)
-from soup.data.transforms import (  # noqa: F401
-  center_crop,
-  decode_rgb,
-  eval_transform,
-  random_resized_crop_box,
-  resize_shorter_side,
-  train_transform,
 )
 
 log = logging.getLogger(__name__)

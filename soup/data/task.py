@@ -2,8 +2,9 @@
 
 A Task supplies fine-tuning batches, the evaluation splits under their result
 column names, and the jit-side preprocessing and augmentation. Fashion-MNIST
-holds everything in memory; ImageNet streams from TFDS. The experiment, the
-trainer and the soups see only this interface.
+holds everything in memory; ImageNet streams from TFDS. Both subclass Task.
+The trainer and the soups see only this interface; the experiment also reads
+Fashion-MNIST's `upstream` split, for the upstream pretraining stage.
 """
 
 from __future__ import annotations

@@ -130,7 +130,3 @@ class ViT(nn.Module):
     init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
     return nn.Dense(self.num_classes, name="head", kernel_init=init, dtype=self.dtype)(x)
 
-
-def features(model: ViT, params, images):
-  """The pooled representation (input of the head) for a batch of images."""
-  return model.apply({"params": params}, images, return_features=True)

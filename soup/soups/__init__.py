@@ -7,7 +7,6 @@ evaluation function (params -> held-out accuracy) or an apply function.
 from soup.soups.average import (
                                 IngredientMismatchError,
                                 check_compatible,
-                                load,
                                 sharded_average,
                                 stream_average,
                                 weighted_average,

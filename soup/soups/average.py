@@ -91,12 +91,6 @@ def as_tree(flat: dict, source) -> PyTree:
   return checkpoints.unflatten(flat)
 
 
-def load(source: Source, verify: bool = True) -> PyTree:
-  if isinstance(source, (str, os.PathLike)):
-    return checkpoints.load_ingredient(source, verify=verify)
-  return source
-
-
 def check_finite(params: PyTree, name: str) -> None:
   bad = [k for k, v in trees.flatten_with_names(params).items()
          if not np.all(np.isfinite(np.asarray(v, np.float32)))]
