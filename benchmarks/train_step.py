@@ -110,11 +110,67 @@ def worker(args: dict) -> dict:
   ev.logits(params, eval_images[:1000])  # Compile.
   eval_s = timeit(lambda: ev.logits(params, eval_images), args["repeats"])
 
+  sweep = sweep_throughput(train, step_fn, init_state, params, images, labels,
+                           args.get("members", 4), args["steps"], args["repeats"])
+
   return {"devices": len(jax.devices()), "batch": batch, "compile_s": compile_s,
+          "sweep": sweep,
           "xla_flops": xla_flops, "analytic_flops": analytic["train_step"],
           "step_s": common.median(step_s), "step_raw": step_s,
           "square_matmul": square, "own_matmul": own,
           "eval_images_per_s": 10_000 / common.median(eval_s), "eval_raw": eval_s}
+
+
+def sweep_throughput(train, step_fn, init_state, params, images, labels, members: int,
+                     steps: int, repeats: int) -> dict:
+  """Member-steps per second of K sweep members: one after another, each its own compiled
+  step (how soup.experiment's sweep runs them), against the K stacked on a leading axis
+  and vmapped in one jitted step (each with its own hyperparameters, batch and seed)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  hypers = [train.Hyper(lr=lr, weight_decay=0.1, label_smoothing=0.1 * (k % 2),
+                        mixup=0.2 * (k % 2), aug_strength=0.5, total_steps=10_000,
+                        warmup_steps=50).as_arrays()
+            for k, lr in enumerate(np.geomspace(5e-4, 5e-3, members))]
+  one = jax.jit(step_fn, donate_argnums=0)
+  states = [init_state(jax.tree.map(jnp.array, params)) for _ in range(members)]
+  x, y = jnp.asarray(images), jnp.asarray(labels)
+  holder = {"states": states}
+
+  def sequential():
+    out = []
+    for k, s in enumerate(holder["states"]):
+      for _ in range(steps):
+        s, _ = one(s, x, y, hypers[k], k)
+      out.append(s)
+    jax.block_until_ready(out)
+    holder["states"] = out
+
+  stacked_step = jax.jit(jax.vmap(step_fn), donate_argnums=0)
+  stack = lambda trees: jax.tree.map(lambda *v: jnp.stack(v), *trees)  # noqa: E731
+  stacked = {"state": stack([init_state(jax.tree.map(jnp.array, params))
+                             for _ in range(members)]),
+             "x": jnp.stack([x] * members), "y": jnp.stack([y] * members),
+             "hp": stack(hypers), "seed": jnp.arange(members)}
+
+  def vmapped():
+    s = stacked["state"]
+    for _ in range(steps):
+      s, _ = stacked_step(s, stacked["x"], stacked["y"], stacked["hp"], stacked["seed"])
+    jax.block_until_ready(s)
+    stacked["state"] = s
+
+  sequential(), vmapped()  # Compile and warm up.
+  seq, vm = [], []
+  for _ in range(repeats):  # Interleaved, so drift in the machine hits both alike.
+    seq += timeit(sequential, 1)
+    vm += timeit(vmapped, 1)
+  rate = lambda ts: members * steps / common.median(ts)  # noqa: E731
+  return {"members": members, "steps": steps, "sequential_member_steps_per_s": rate(seq),
+          "stacked_member_steps_per_s": rate(vm), "speedup": rate(vm) / rate(seq),
+          "sequential_raw": seq, "stacked_raw": vm}
 
 
 def main():
@@ -127,6 +183,7 @@ def main():
   ap.add_argument("--quiet-wait-s", type=float, default=300, help="before each subprocess, wait up "
                   "to this long for no soup.main / pytest process")
   ap.add_argument("--retries", type=int, default=2, help="reruns of a contended subprocess")
+  ap.add_argument("--members", type=int, default=4, help="sweep members, sequential vs stacked")
   ap.add_argument("--out", default="train_step")
   a = ap.parse_args()
   if a.worker:
@@ -138,7 +195,7 @@ def main():
     flags = (os.environ.get("XLA_FLAGS", "")
              + f" --xla_force_host_platform_device_count={d}").strip()
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker",
-           json.dumps({"steps": a.steps, "repeats": a.repeats})]
+           json.dumps({"steps": a.steps, "repeats": a.repeats, "members": a.members})]
     r, other = common.quiet_call(lambda: common.run_json(cmd, env={"XLA_FLAGS": flags}),
                                  a.quiet_wait_s, a.retries)
     r["other_cpu_frac"] = other
@@ -164,6 +221,11 @@ def main():
        "step GFLOP/s", "square matmul GFLOP/s", "step / square", "[B*T,64]@[64,256] GFLOP/s",
        "step / that matmul", "eval images/s (batch 500)", "others' CPU"], rows)
   print(text)
+  print(common.table(
+      ["devices", "members", "sequential member-steps/s", "stacked (vmapped) member-steps/s",
+       "stacked / sequential"],
+      [[r["devices"], r["sweep"]["members"], r["sweep"]["sequential_member_steps_per_s"],
+        r["sweep"]["stacked_member_steps_per_s"], r["sweep"]["speedup"]] for r in runs]))
   for r in runs:
     print(f"devices={r['devices']}: XLA cost_analysis of this compile: {r['xla_flops'] / 1e9:.4g} "
           f"GFLOP; compile {r['compile_s']:.1f}s", file=sys.stderr)
