@@ -65,11 +65,13 @@ def measure(variant: str, devices: int, rules, batch_per_device: int = 1, layers
   model = clip.CLIPImageClassifier(config, num_classes=classes)
   params = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, image_size, image_size, 3)))["params"]
-  init_state, step_fn = train.make_train_step(
-      lambda p, x: model.apply({"params": p}, x), classes, lambda k, x, s: x,
-      lambda x: x.astype(jnp.float32) / 255.0, grad_clip=1.0)
-  layout = train.state_sharding_for(init_state, params, mesh, rules)
-  state = jax.eval_shape(init_state, params)
+  fns = train.make_train_step(
+      lambda p, x: model.apply({"params": p}, x), classes, augment_fn=lambda k, x, s: x,
+      preprocess_fn=lambda x: x.astype(jnp.float32) / 255.0, grad_clip=1.0,
+      weight_decay_mask="matrices")
+  step = train.compile_step(fns, params, mesh, rules)
+  layout = step.state_sharding
+  state = jax.eval_shape(step.init_state, params)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, layout)
   batch, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
@@ -80,7 +82,7 @@ def measure(variant: str, devices: int, rules, batch_per_device: int = 1, layers
         for k in train.Hyper(lr=0.0, weight_decay=0.0).as_arrays()}
   seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
   t = time.time()
-  compiled = train.jit_step(step_fn, mesh, layout).lower(
+  compiled = step.fn.lower(
       abstract_state, images, labels, hp, seed).compile()
   compile_s = time.time() - t
   m = compiled.memory_analysis()

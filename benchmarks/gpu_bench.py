@@ -63,7 +63,7 @@ def bench_train(cfg: dict, batch_per_device: int, steps: int, repeats: int) -> d
   import numpy as np
 
   from soup import mesh as mesh_lib, train
-  from soup.data import pipeline
+  from soup.data import fashion_mnist
   from soup.models.vit import ViT
 
   mesh = mesh_lib.make_mesh()
@@ -74,8 +74,10 @@ def bench_train(cfg: dict, batch_per_device: int, steps: int, repeats: int) -> d
               dtype=jnp.bfloat16)
   params = model.init(jax.random.key(0), jnp.zeros((1, *cfg["image"]), jnp.float32))["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x).astype(jnp.float32)
-  init_state, step_fn = train.make_train_step(apply_fn, cfg["num_classes"], pipeline.augment,
-                                              pipeline.normalize, 1.0)
+  init_state, step_fn = train.make_train_step(apply_fn, cfg["num_classes"],
+                                              augment_fn=fashion_mnist.augment,
+                                              preprocess_fn=fashion_mnist.normalize,
+                                              grad_clip=1.0, weight_decay_mask="matrices")
   replicated = mesh_lib.replicated(mesh)
   state = jax.device_put(init_state(params), replicated)
   hp = jax.device_put(train.Hyper(lr=1e-3, weight_decay=0.1, label_smoothing=0.1, mixup=0.2,

@@ -52,14 +52,14 @@ def main():
 
   from configs import fashion_mnist
   from soup import checkpoints, evaluate, mesh as mesh_lib, models
-  from soup.data import pipeline
+  from soup.data.fashion_mnist import normalize
   from soup.soups import greedy
 
   config = fashion_mnist.get_config()
   model = models.build(config.model, 10)
   base = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
   mesh = mesh_lib.make_mesh()
-  ev = evaluate.Evaluator(lambda p, x: model.apply({"params": p}, pipeline.normalize(x)), mesh,
+  ev = evaluate.Evaluator(lambda p, x: model.apply({"params": p}, normalize(x)), mesh,
                           config.eval.batch_size)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (a.held_out, 28, 28, 1), dtype=np.uint8)

@@ -41,7 +41,7 @@ def worker(args: dict) -> dict:
 
   from configs import fashion_mnist
   from soup import evaluate, mesh as mesh_lib, models, train
-  from soup.data import pipeline
+  from soup.data.fashion_mnist import augment, normalize
 
   config = fashion_mnist.get_config()
   batch = config.finetune.batch_size
@@ -49,8 +49,9 @@ def worker(args: dict) -> dict:
   model = models.build(config.model, 10)
   params = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
   apply_fn = lambda p, x: model.apply({"params": p}, x)
-  init_state, step_fn = train.make_train_step(apply_fn, 10, pipeline.augment, pipeline.normalize,
-                                              config.finetune.grad_clip)
+  init_state, step_fn = train.make_train_step(
+      apply_fn, 10, augment_fn=augment, preprocess_fn=normalize,
+      grad_clip=config.finetune.grad_clip, weight_decay_mask=config.finetune.weight_decay_mask)
   replicated = mesh_lib.replicated(mesh)
   state = jax.device_put(init_state(jax.tree.map(jnp.array, params)), replicated)  # Donated.
   hyper = train.Hyper(lr=1e-3, weight_decay=0.1, label_smoothing=0.1, mixup=0.2,
@@ -104,7 +105,7 @@ def worker(args: dict) -> dict:
   own = matmul_bench(batch * tokens, config.model.width, config.model.mlp_dim, 200)
 
   # Evaluation throughput (Evaluator, batch 500) on 10,000 images.
-  ev = evaluate.Evaluator(lambda p, im: model.apply({"params": p}, pipeline.normalize(im)),
+  ev = evaluate.Evaluator(lambda p, im: model.apply({"params": p}, normalize(im)),
                           mesh, config.eval.batch_size)
   eval_images = rng.integers(0, 256, (10_000, 28, 28, 1), dtype=np.uint8)
   ev.logits(params, eval_images[:1000])  # Compile.

@@ -8,9 +8,10 @@ InfoNCE loss at temperature T asks each view to pick its twin among the 2B - 1
 others. No label is read. The projection head is dropped afterwards, as SimCLR
 does; the backbone is the upstream ingredient.
 
-The step has the trainer's signature and state layout ({"step", "params",
-"opt_state"}, clip-by-global-norm then Adam), so `train.train` runs it with its
-resume, checkpoints, divergence check and metrics unchanged.
+`make_step` returns the trainer's `train.StepFns`: the same state ({"step",
+"params", "opt_state"}), optimizer (clip-by-global-norm then Adam) and AdamW
+update, so it goes through `train.compile_step` and `train.train` like any
+fine-tune, with their resume, checkpoints, divergence check and metrics.
 """
 
 from __future__ import annotations
@@ -106,13 +107,15 @@ def init_params(backbone: nn.Module, params: PyTree, feature_dim: int, hidden: i
 
 
 def make_step(features_fn: Callable, preprocess_fn: Callable, *, temperature: float,
-              hidden: int, out: int, grad_clip: float, crop_scale=(0.25, 1.0),
-              jitter: float = 0.4, weight_decay_mask: str = "matrices"):
-  """A step with train's signature: (state, images, labels, hp, seed) -> (state, metrics).
+              hidden: int, out: int, grad_clip: float, weight_decay_mask: str,
+              crop_scale=(0.25, 1.0), jitter: float = 0.4) -> train.StepFns:
+  """The SimCLR step: (state, images, labels, hp, seed) -> (state, metrics), as train's.
 
-  `features_fn(backbone_params, x)` is the pooled representation. Labels are ignored.
+  `features_fn(backbone_params, x)` is the pooled representation; `preprocess_fn` the
+  task's, applied to both views. Labels are ignored.
   """
-  adam = optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam())
+  train.decay_mask({}, weight_decay_mask)  # A bad value fails here, not inside jit.
+  adam = train.optimizer(grad_clip)
   head = ProjectionHead(hidden, out)
 
   def step_fn(state, images, labels, hp, seed):
@@ -130,13 +133,8 @@ def make_step(features_fn: Callable, preprocess_fn: Callable, *, temperature: fl
       return info_nce(z1, z2, temperature)
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = adam.update(grads, state["opt_state"], state["params"])
-    lr = train.learning_rate(state["step"], hp)
-    params = jax.tree.map(
-        lambda p, u, m: p - lr * (u + hp["weight_decay"] * m * p),
-        state["params"], updates, train.decay_mask(state["params"], weight_decay_mask))
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    new_state, lr = train.apply_gradients(state, grads, adam, hp, weight_decay_mask)
     return new_state, {"loss": loss, "twin_accuracy": acc, "lr": lr,
                        "grad_norm": optax.global_norm(grads)}
 
-  return step_fn
+  return train.StepFns(train.initial_state(adam), step_fn)

@@ -42,7 +42,7 @@ from soup import (
   stats,
   train,
 )
-from soup.data import pipeline
+from soup.data import batching
 from soup.data.fashion_mnist import FashionMNISTTask
 from soup.data.imagenet import ImageNetTask
 from soup.ingredients import IngredientStore
@@ -143,46 +143,45 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
   objective = cfg.get("objective", "supervised")
   if objective not in ("supervised", "simclr"):
     raise ValueError(f"config.upstream.objective={objective!r}: use 'supervised' or 'simclr'.")
-  sample = res.task.preprocess(jnp.asarray(split.images[:2]))
-  steps = cfg.epochs * pipeline.steps_per_epoch(len(split), cfg.batch_size)
+  task, rules = res.task, config.get("sharding_rules", ())
+  sample = task.preprocess(jnp.asarray(split.images[:2]))
+  steps = cfg.epochs * batching.steps_per_epoch(len(split), cfg.batch_size)
   hyper = train.Hyper(lr=cfg.lr, weight_decay=cfg.weight_decay, aug_strength=cfg.aug_strength,
                       total_steps=steps, warmup_steps=cfg.warmup_steps)
-  common = dict(mesh=res.mesh, workdir=out, seed=config.seed,
-                batch_fn=lambda s: pipeline.train_batch(split, cfg.batch_size, config.seed, s),
-                augment_fn=res.task.augment, preprocess_fn=res.task.preprocess,
-                checkpoint_every=config.finetune.checkpoint_every_steps, description="upstream",
-                sharding_rules=config.get("sharding_rules", ()))
   if objective == "simclr":
     # No label is read: InfoNCE over two views (soup/contrastive.py); the head is dropped.
+    # The task's preprocessing on both views; the fine-tunes' clip; decay on matrices only.
     model = res.model(0)
     features = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
     params = contrastive.init_params(model, model.init(jax.random.key(config.seed),
                                                        sample)["params"],
                                      config.model.width, cfg.projection_hidden,
                                      cfg.projection_out, config.seed)
-    init_state, _ = train.make_train_step(features, 1, res.task.augment, res.task.preprocess,
-                                          config.finetune.grad_clip)
-    rules = config.get("sharding_rules", ())
-    step = train.jit_step(
-        contrastive.make_step(features, res.task.preprocess, temperature=cfg.temperature,
-                              hidden=cfg.projection_hidden, out=cfg.projection_out,
-                              grad_clip=config.finetune.grad_clip,
-                              crop_scale=(cfg.crop_min_scale, 1.0), jitter=cfg.jitter),
-        res.mesh, train.state_sharding_for(init_state, params, res.mesh, rules))
-    outcome = train.train(apply_fn=features, params=params, hyper=hyper, num_classes=1,
-                          compiled_step=step, grad_clip=config.finetune.grad_clip, **common)
-    backbone = {k: v for k, v in outcome.params.items() if k != "projection"}
+    fns = contrastive.make_step(features, task.preprocess, temperature=cfg.temperature,
+                                hidden=cfg.projection_hidden, out=cfg.projection_out,
+                                grad_clip=config.finetune.grad_clip, weight_decay_mask="matrices",
+                                crop_scale=(cfg.crop_min_scale, 1.0), jitter=cfg.jitter)
     info = {"objective": "simclr", "images": len(split), "labels": "none",
             "temperature": cfg.temperature}
   else:
+    # The task's augmentation and preprocessing; a fixed clip of 1.0 and decay on matrices
+    # only (config.upstream has no field for either).
     num_classes = int(split.labels.max()) + 1
     model = res.model(num_classes)
     params = model.init(jax.random.key(config.seed), sample)["params"]
-    outcome = train.train(apply_fn=lambda p, x: model.apply({"params": p}, x), params=params,
-                          hyper=hyper, num_classes=num_classes, **common)
-    backbone = outcome.params
+    fns = train.make_train_step(lambda p, x: model.apply({"params": p}, x), num_classes,
+                                augment_fn=task.augment, preprocess_fn=task.preprocess,
+                                grad_clip=1.0, weight_decay_mask="matrices")
     info = {"objective": "supervised", "images": len(split),
             "labels": config.data.get("upstream_labels", "fine"), "classes": num_classes}
+  outcome = train.train(
+      step=train.compile_step(fns, params, res.mesh, rules), params=params, hyper=hyper,
+      batch_fn=lambda s: batching.train_batch(split, cfg.batch_size, config.seed, s),
+      workdir=out, seed=config.seed, checkpoint_every=config.finetune.checkpoint_every_steps,
+      description="upstream")
+  backbone = outcome.params
+  if objective == "simclr":
+    backbone = {k: v for k, v in backbone.items() if k != "projection"}
   if outcome.diverged:
     raise train.TrainingDiverged("Upstream pretraining diverged; lower config.upstream.lr.")
   checkpoints.save_ingredient(out / "ingredient", backbone, info)
@@ -238,14 +237,13 @@ def sweep(config, wd: Workdir, res: Resources, members: dict[str, dict],
   cfg, task, num_classes = config.finetune, res.task, res.num_classes
   model = res.model(num_classes)
   apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-  init_state, step_fn = train.make_train_step(apply_fn, num_classes, task.augment,
-                                              task.preprocess, cfg.grad_clip,
-                                              cfg.weight_decay_mask)
+  # Every member: the task's augmentation and preprocessing, the config's clip and decay mask.
+  fns = train.make_train_step(apply_fn, num_classes, augment_fn=task.augment,
+                              preprocess_fn=task.preprocess, grad_clip=cfg.grad_clip,
+                              weight_decay_mask=cfg.weight_decay_mask)
   # One compile for every member, in the state layout of config.sharding_rules (soup/sharding.py).
-  rules = config.get("sharding_rules", ())
-  step_jit = train.jit_step(step_fn, res.mesh,
-                            train.state_sharding_for(init_state, init, res.mesh, rules))
-  per_epoch = pipeline.steps_per_epoch(task.finetune_size(), cfg.batch_size)
+  step = train.compile_step(fns, init, res.mesh, config.get("sharding_rules", ()))
+  per_epoch = batching.steps_per_epoch(task.finetune_size(), cfg.batch_size)
   for n, (_, name) in enumerate(todo):
     hp = members[name]
     hyper = train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"],
@@ -254,12 +252,10 @@ def sweep(config, wd: Workdir, res: Resources, members: dict[str, dict],
                         warmup_steps=min(cfg.warmup_steps, hp["epochs"] * per_epoch // 2))
     log.info("sweep %d/%d: %s %s", n + 1, len(todo), name, hp)
     outcome = train.train(
-        apply_fn=apply_fn, params=init, hyper=hyper, num_classes=num_classes, mesh=res.mesh,
-        workdir=wd.model_dir(name), seed=hp["seed"], compiled_step=step_jit,
+        step=step, params=init, hyper=hyper, workdir=wd.model_dir(name), seed=hp["seed"],
         batch_fn=lambda s, hp=hp: task.finetune_batch(cfg.batch_size, hp["seed"], s, hp),
         checkpoint_every=cfg.checkpoint_every_steps, log_every=cfg.log_every_steps,
-        grad_clip=cfg.grad_clip, description=f"{name} ({n + 1}/{len(todo)})",
-        sharding_rules=rules)
+        description=f"{name} ({n + 1}/{len(todo)})")
     checkpoints.save_ingredient(wd.ingredient_dir(name), outcome.params,
                                 {"recipe": "individual", "hparams": hp,
                                  "diverged": outcome.diverged, "final_loss": outcome.final_loss})

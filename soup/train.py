@@ -1,5 +1,18 @@
 """The trainer: one readable loop for upstream pretraining and every fine-tune.
 
+One path from the pieces to a run, each piece named at the call site:
+
+  fns = make_train_step(apply_fn, num_classes, augment_fn=task.augment,
+                        preprocess_fn=task.preprocess, grad_clip=..., weight_decay_mask=...)
+  step = compile_step(fns, params, mesh, sharding_rules)   # the jitted step and its layout
+  outcome = train(step=step, params=params, hyper=..., batch_fn=..., workdir=..., seed=...)
+
+`train` takes only the compiled step, never the pieces: nothing has a dataset's
+default, and nothing passed to it can be ignored. SimCLR (soup/contrastive.py)
+builds its own `StepFns` with the same state and optimizer and goes through the
+same `compile_step` and `train`. The sweep compiles once and hands the same step
+to every member.
+
 Per-run hyperparameters (lr, weight decay, label smoothing, mixup, augmentation
 strength, schedule lengths) are traced arguments of the jitted step, so one
 compilation serves the whole sweep. The train state is laid out on the mesh by
@@ -13,7 +26,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +36,6 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from soup import checkpoints, mesh as mesh_lib, sharding
-from soup.data import pipeline
 from soup.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -94,115 +106,170 @@ def decay_mask(params: PyTree, kind: str = "matrices") -> PyTree:
 # --- The train step -------------------------------------------------------
 
 
-def make_train_step(apply_fn: Callable, num_classes: int, augment_fn: Callable,
-                    preprocess_fn: Callable, grad_clip: float, weight_decay_mask: str = "matrices"):
+def mixup(rng: jax.Array, images: jax.Array, targets: jax.Array, alpha: jax.Array):
+  """Mixup with Beta(alpha, alpha); alpha 0 is the identity (lambda = 1)."""
+  k_lam, k_perm = jax.random.split(rng)
+  lam = jax.random.beta(k_lam, jnp.maximum(alpha, 1e-3), jnp.maximum(alpha, 1e-3))
+  lam = jnp.where(alpha > 0, jnp.maximum(lam, 1 - lam), 1.0)
+  perm = jax.random.permutation(k_perm, images.shape[0])
+  return lam * images + (1 - lam) * images[perm], lam * targets + (1 - lam) * targets[perm]
+
+
+class StepFns(NamedTuple):
+  """A train step before compiling: `init_state(params) -> state` and
+  `step_fn(state, images, labels, hp, seed) -> (state, metrics)`."""
+
+  init_state: Callable
+  step_fn: Callable
+
+
+def optimizer(grad_clip: float) -> optax.GradientTransformation:
+  """Clip by global norm, then Adam's moments; lr and decoupled decay are applied by hand."""
+  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam())
+
+
+def initial_state(adam: optax.GradientTransformation) -> Callable:
+  """params -> the train state {"step", "params", "opt_state"} every step here shares."""
+  return lambda params: {"step": jnp.zeros((), jnp.int32), "params": params,
+                         "opt_state": adam.init(params)}
+
+
+def apply_gradients(state: PyTree, grads: PyTree, adam: optax.GradientTransformation, hp,
+                    weight_decay_mask: str) -> tuple[PyTree, jax.Array]:
+  """One AdamW update of the state; returns (new state, this step's lr)."""
+  updates, opt_state = adam.update(grads, state["opt_state"], state["params"])
+  lr = learning_rate(state["step"], hp)
+  # AdamW with decoupled weight decay, written out so lr and wd stay traced.
+  params = jax.tree.map(
+      lambda p, u, m: p - lr * (u + hp["weight_decay"] * m * p),
+      state["params"], updates, decay_mask(state["params"], weight_decay_mask))
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, lr
+
+
+def make_train_step(apply_fn: Callable, num_classes: int, *, augment_fn: Callable,
+                    preprocess_fn: Callable, grad_clip: float,
+                    weight_decay_mask: str) -> StepFns:
+  """The supervised step: augment_fn(rng, uint8 images, strength) then preprocess_fn(images),
+  label smoothing and mixup, cross-entropy, AdamW. No piece has a default: the caller
+  names the task's augmentation and preprocessing, the clip and the decay mask."""
   # The mask is fixed per sweep (a config field), so one compile still serves every member.
   decay_mask({}, weight_decay_mask)  # A bad value fails here, not inside jit.
-  adam = optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam())
-
-  def init_state(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": adam.init(params)}
+  adam = optimizer(grad_clip)
 
   def step_fn(state, images, labels, hp, seed):
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
     k_aug, k_mix = jax.random.split(rng)
     x = preprocess_fn(augment_fn(k_aug, images, hp["aug_strength"]))
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), hp["label_smoothing"])
-    x, targets = pipeline.mixup(k_mix, x, targets, hp["mixup"])
+    x, targets = mixup(k_mix, x, targets, hp["mixup"])
 
     def loss_fn(params):
       logits = apply_fn(params, x)
       return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = adam.update(grads, state["opt_state"], state["params"])
-    lr = learning_rate(state["step"], hp)
-    # AdamW with decoupled weight decay, written out so lr and wd stay traced.
-    params = jax.tree.map(
-        lambda p, u, m: p - lr * (u + hp["weight_decay"] * m * p),
-        state["params"], updates, decay_mask(state["params"], weight_decay_mask))
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    new_state, lr = apply_gradients(state, grads, adam, hp, weight_decay_mask)
     return new_state, {"loss": loss, "lr": lr, "grad_norm": optax.global_norm(grads)}
 
-  return init_state, step_fn
+  return StepFns(initial_state(adam), step_fn)
 
 
-def jit_step(step_fn: Callable, mesh: Mesh, state_sharding: PyTree) -> Callable:
-  """The step compiled for one state layout: every run with that layout (the whole sweep)
-  reuses it. The state keeps its layout from step to step and is donated; under FSDP
-  the compiler gathers each param where it is used and reduce-scatters its gradient.
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """A step jitted for one state layout on one mesh; every run with that layout (the
+  whole sweep) reuses it. `state_shapes` are the abstract state it was laid out for."""
+
+  init_state: Callable
+  fn: Callable
+  mesh: Mesh
+  state_sharding: PyTree
+  state_shapes: PyTree
+
+
+def compile_step(fns: StepFns, params: PyTree, mesh: Mesh,
+                 sharding_rules: Sequence = sharding.REPLICATED) -> CompiledStep:
+  """The one way to a step `train` runs: `fns` jitted for the layout that `sharding_rules`
+  (soup/sharding.py) give the state of `params` (arrays or shapes only). The state keeps
+  its layout from step to step and is donated; under FSDP the compiler gathers each param
+  where it is used and reduce-scatters its gradient.
   """
+  shapes = jax.eval_shape(fns.init_state, params)
+  layout = sharding.state_shardings(shapes, mesh, sharding_rules)
   replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch, batch, replicated, replicated),
-                 out_shardings=(state_sharding, replicated), donate_argnums=0)
-
-
-def state_sharding_for(init_state: Callable, params: PyTree, mesh: Mesh,
-                       sharding_rules: Sequence = sharding.REPLICATED) -> PyTree:
-  """Shardings of the train state that init_state(params) builds (shapes only)."""
-  return sharding.state_shardings(jax.eval_shape(init_state, params), mesh, sharding_rules)
+  fn = jax.jit(fns.step_fn, in_shardings=(layout, batch, batch, replicated, replicated),
+               out_shardings=(layout, replicated), donate_argnums=0)
+  return CompiledStep(fns.init_state, fn, mesh, layout, shapes)
 
 
 # --- The loop: resume, train, checkpoint, log -----------------------------
 
 
-def train(*, apply_fn: Callable, params: PyTree, hyper: Hyper, num_classes: int,
-          batch_fn: Callable[[int], tuple[np.ndarray, np.ndarray]], mesh: Mesh,
-          workdir: str | Path, seed: int, augment_fn: Callable = pipeline.augment,
-          preprocess_fn: Callable = pipeline.normalize, grad_clip: float = 1.0,
-          checkpoint_every: int = 200, log_every: int = 20, description: str = "train",
-          compiled_step: Optional[Callable] = None,
-          weight_decay_mask: str = "matrices",
-          sharding_rules: Sequence = sharding.REPLICATED) -> Outcome:
-  """Trains params for hyper.total_steps steps, resuming from workdir/train_state.
+def _same_shapes(a: PyTree, b: PyTree) -> bool:
+  (xs, ta), (ys, tb) = jax.tree.flatten(a), jax.tree.flatten(b)
+  return ta == tb and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(xs, ys))
 
-  `batch_fn(step)` returns the global batch of that step (host arrays). A
-  non-finite loss stops the run and returns diverged=True with the last params.
-  `sharding_rules` lay out the state (soup/sharding.py); a `compiled_step` shared
-  by several runs must come from `jit_step` with the same layout.
+
+def _initial_state(step: CompiledStep, params: PyTree, workdir: Path, checkpoint_every: int,
+                   total_steps: int, description: str):
+  """(manager, first step, state): fresh, or the latest checkpoint of an interrupted run.
+
+  Each process puts only its own slices; Orbax restores each process's shards in place.
   """
-  workdir = Path(workdir)
-  init_state, step_fn = make_train_step(apply_fn, num_classes, augment_fn, preprocess_fn, grad_clip,
-                                        weight_decay_mask)
-  state_sharding = state_sharding_for(init_state, params, mesh, sharding_rules)
-  step_jit = compiled_step or jit_step(step_fn, mesh, state_sharding)
-  replicated = mesh_lib.replicated(mesh)
-
-  # Setup: fresh state, or the latest checkpoint of an interrupted run. Each process
-  # puts only its own slices; Orbax restores each process's shards straight into place.
-  params = sharding.put(params, state_sharding["params"])
-  state = jax.jit(init_state, out_shardings=state_sharding)(params)
+  if not _same_shapes(jax.eval_shape(step.init_state, params), step.state_shapes):
+    raise ValueError(f"{description}: params differ from those the step was compiled for "
+                     "(train.compile_step).")
+  layout = step.state_sharding
+  params = sharding.put(params, layout["params"])
+  state = jax.jit(step.init_state, out_shardings=layout)(params)
   manager = checkpoints.train_state_manager(workdir / "train_state", checkpoint_every)
-  abstract = sharding.abstract(state, state_sharding)
-  start, restored = checkpoints.restore_train_state(manager, abstract)
+  start, restored = checkpoints.restore_train_state(manager, sharding.abstract(state, layout))
   if restored is not None:
     state = restored
-    log.info("%s: resuming at step %d of %d", description, start, hyper.total_steps)
+    log.info("%s: resuming at step %d of %d", description, start, total_steps)
+  return manager, start, state
+
+
+def train(*, step: CompiledStep, params: PyTree, hyper: Hyper,
+          batch_fn: Callable[[int], tuple[np.ndarray, np.ndarray]], workdir: str | Path,
+          seed: int, checkpoint_every: int = 200, log_every: int = 20,
+          description: str = "train") -> Outcome:
+  """Trains params for hyper.total_steps steps of `step`, resuming from workdir/train_state.
+
+  `step` comes from `compile_step` (the model, the task's augmentation and
+  preprocessing, the clip, the decay mask and the state layout are all in it) for
+  params of these shapes. `batch_fn(step)` returns the global batch of that step
+  (host arrays). A non-finite loss stops the run and returns diverged=True with the
+  last params.
+  """
+  workdir, mesh = Path(workdir), step.mesh
+  manager, start, state = _initial_state(step, params, workdir, checkpoint_every,
+                                         hyper.total_steps, description)
+  replicated = mesh_lib.replicated(mesh)
   hp = jax.device_put(hyper.as_arrays(), replicated)
 
   diverged, loss = False, float("nan")
   with MetricWriter(workdir / "logs") as writer:
     bar = tqdm(total=hyper.total_steps, initial=start, desc=description, unit="step",
                dynamic_ncols=True, leave=False)
-    for step in range(start, hyper.total_steps):
-      images, labels = batch_fn(step)
+    for i in range(start, hyper.total_steps):
+      images, labels = batch_fn(i)
       images, labels = mesh_lib.global_batch(mesh, images, labels)
-      state, metrics = step_jit(state, images, labels, hp, seed)
+      state, metrics = step.fn(state, images, labels, hp, seed)
       bar.update(1)
-      last = step + 1 == hyper.total_steps
-      if (step + 1) % log_every == 0 or last:
+      last = i + 1 == hyper.total_steps
+      if (i + 1) % log_every == 0 or last:
         metrics = jax.device_get(metrics)
         loss = float(metrics["loss"])
-        writer.write(step + 1, {f"train/{k}": v for k, v in metrics.items()})
+        writer.write(i + 1, {f"train/{k}": v for k, v in metrics.items()})
         bar.set_postfix(loss=f"{loss:.4f}")
         if not math.isfinite(loss):
           diverged = True
           log.warning("%s: loss is %s at step %d; stopping this run as diverged.",
-                          description, loss, step + 1)
+                          description, loss, i + 1)
           break
       # The last step is saved too: a crash before the ingredient is written loses nothing.
-      if (step + 1) % checkpoint_every == 0 or last:
-        manager.save(step + 1, args=checkpoints.ocp.args.StandardSave(state), force=last)
+      if (i + 1) % checkpoint_every == 0 or last:
+        manager.save(i + 1, args=checkpoints.ocp.args.StandardSave(state), force=last)
     bar.close()
   manager.wait_until_finished()
   manager.close()

@@ -46,14 +46,24 @@ HYPER = dict(lr=1e-3, weight_decay=0.1, label_smoothing=0.1, mixup=0.2, aug_stre
              total_steps=STEPS, warmup_steps=3)
 
 
-def run(workdir, rules, batch_fn=batch, compiled_step=None, checkpoint_every=100, **hyper):
+def step_fns(model):
+  from soup import train
+  from soup.data import fashion_mnist
+  return train.make_train_step(lambda p, x: model.apply({"params": p}, x), CLASSES,
+                               augment_fn=fashion_mnist.augment,
+                               preprocess_fn=fashion_mnist.normalize, grad_clip=1.0,
+                               weight_decay_mask="matrices")
+
+
+def run(workdir, rules, batch_fn=batch, step=None, checkpoint_every=100, **hyper):
+  """train.train of the tiny ViT; `step` (compiled for `rules`) shared, or compiled here."""
   from soup import mesh as mesh_lib, train
   model = tiny_vit()
-  return train.train(apply_fn=lambda p, x: model.apply({"params": p}, x), params=init_params(model),
-                     hyper=train.Hyper(**{**HYPER, **hyper}), num_classes=CLASSES,
-                     batch_fn=batch_fn, mesh=mesh_lib.make_mesh(), workdir=workdir, seed=7,
-                     log_every=1, checkpoint_every=checkpoint_every, compiled_step=compiled_step,
-                     sharding_rules=rules)
+  params = init_params(model)
+  step = step or train.compile_step(step_fns(model), params, mesh_lib.make_mesh(), rules)
+  return train.train(step=step, params=params, hyper=train.Hyper(**{**HYPER, **hyper}),
+                     batch_fn=batch_fn, workdir=workdir, seed=7, log_every=1,
+                     checkpoint_every=checkpoint_every)
 
 
 def losses(workdir):
@@ -68,16 +78,13 @@ def layout():
   import jax
 
   from soup import mesh as mesh_lib, sharding, train
-  from soup.data import pipeline
   assert jax.device_count() == 8, jax.devices()
   mesh = mesh_lib.make_mesh()
   model = tiny_vit()
-  apply_fn = lambda p, x: model.apply({"params": p}, x)
-  init_state, step_fn = train.make_train_step(apply_fn, CLASSES, pipeline.augment,
-                                              pipeline.normalize, 1.0)
   params = init_params(model)
-  layout = train.state_sharding_for(init_state, params, mesh, sharding.FSDP)
-  state = jax.jit(init_state, out_shardings=layout)(sharding.put(params, layout["params"]))
+  step = train.compile_step(step_fns(model), params, mesh, sharding.FSDP)
+  layout = step.state_sharding
+  state = jax.jit(step.init_state, out_shardings=layout)(sharding.put(params, layout["params"]))
 
   # Per device: 1/8 of every split leaf plus the replicated ones, from the shards themselves.
   arrays = [state["params"], state["opt_state"]]
@@ -96,16 +103,15 @@ def layout():
         f"replicated {replicated}")
 
   # The step keeps the layout and donates the state.
-  step = train.jit_step(step_fn, mesh, layout)
   images, labels = mesh_lib.global_batch(mesh, *batch(0))
   hp = jax.device_put(train.Hyper(**HYPER).as_arrays(), mesh_lib.replicated(mesh))  # As train.
-  new, _ = step(state, images, labels, hp, 7)
+  new, _ = step.fn(state, images, labels, hp, 7)
   assert all(x.is_deleted() for x in jax.tree.leaves(state["params"]))
   assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding == s, new, layout))
 
   with tempfile.TemporaryDirectory() as tmp:
     # 20 steps under FSDP and under replication: same losses and params to float32 rounding.
-    fsdp = run(f"{tmp}/fsdp", sharding.FSDP, compiled_step=step)
+    fsdp = run(f"{tmp}/fsdp", sharding.FSDP, step=step)
     repl = run(f"{tmp}/repl", sharding.REPLICATED)
     a, b = losses(f"{tmp}/fsdp"), losses(f"{tmp}/repl")
     assert sorted(a) == list(range(1, STEPS + 1)), a
@@ -128,8 +134,8 @@ def layout():
 
     # The sweep's one compile: members with other hyperparameters reuse the same executable.
     for i, lr in enumerate((1e-3, 3e-4, 1e-4)):
-      run(f"{tmp}/member{i}", sharding.FSDP, compiled_step=step, lr=lr, total_steps=3 + i)
-    assert step._cache_size() == 1, step._cache_size()
+      run(f"{tmp}/member{i}", sharding.FSDP, step=step, lr=lr, total_steps=3 + i)
+    assert step.fn._cache_size() == 1, step.fn._cache_size()
   print("layout: ok")
 
 
@@ -147,13 +153,11 @@ def resume(workdir):
   import jax
 
   from soup import checkpoints, mesh as mesh_lib, sharding, train
-  from soup.data import pipeline
   # Orbax restores the sharded state straight into the FSDP layout.
   model = tiny_vit()
-  init_state, _ = train.make_train_step(lambda p, x: model.apply({"params": p}, x), CLASSES,
-                                        pipeline.augment, pipeline.normalize, 1.0)
   params = init_params(model)
-  layout = train.state_sharding_for(init_state, params, mesh_lib.make_mesh(), sharding.FSDP)
+  step = train.compile_step(step_fns(model), params, mesh_lib.make_mesh(), sharding.FSDP)
+  init_state, layout = step.init_state, step.state_sharding
   manager = checkpoints.train_state_manager(Path(workdir) / "train_state", 5)
   step, restored = checkpoints.restore_train_state(
       manager, sharding.abstract(jax.eval_shape(init_state, params), layout))
@@ -293,20 +297,21 @@ def smoke(root):
                                  "bias": np.zeros((task.num_classes,), np.float32)}}
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   mesh = mesh_lib.make_mesh()
-  init_state, _ = train.make_train_step(apply_fn, task.num_classes, task.augment, task.preprocess,
-                                        config.finetune.grad_clip)
-  layout = train.state_sharding_for(init_state, params, mesh, config.sharding_rules)
-  counts = sharding.describe(layout["params"])
+  # As the sweep builds it (soup/experiment.py): the task's pieces, the config's clip and mask.
+  fns = train.make_train_step(apply_fn, task.num_classes, augment_fn=task.augment,
+                              preprocess_fn=task.preprocess, grad_clip=config.finetune.grad_clip,
+                              weight_decay_mask=config.finetune.weight_decay_mask)
+  step = train.compile_step(fns, params, mesh, config.sharding_rules)
+  counts = sharding.describe(step.state_sharding["params"])
   assert counts["split"] > 0.9 * (counts["split"] + counts["replicated"]), counts
   hp = module.get_sweep(config)[0]
   bs = config.finetune.batch_size
   outcome = train.train(
-      apply_fn=apply_fn, params=params, num_classes=task.num_classes, mesh=mesh, seed=hp["seed"],
+      step=step, params=params, seed=hp["seed"],
       hyper=train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"], total_steps=3,
                         label_smoothing=hp["label_smoothing"], mixup=hp["mixup"]),
       batch_fn=lambda s: task.finetune_batch(bs, hp["seed"], s, hp), workdir=f"{root}/run",
-      augment_fn=task.augment, preprocess_fn=task.preprocess, log_every=1,
-      sharding_rules=config.sharding_rules)
+      log_every=1)
   first = losses(f"{root}/run")[1]
   # A zero head gives uniform logits: the first loss is ln(classes) whatever smoothing or mixup.
   assert abs(first - math.log(task.num_classes)) < 1e-4 * first, first

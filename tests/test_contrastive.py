@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 from soup import contrastive, train
-from soup.data import pipeline
+from soup.data import fashion_mnist
 from soup.models.vit import ViT
 
 
@@ -55,12 +55,14 @@ def test_step_never_reads_labels_and_learns():
   model = ViT(num_classes=0, patch_size=7, width=16, depth=1, num_heads=2, mlp_dim=32)
   images = np.random.default_rng(2).integers(0, 256, (16, 28, 28, 1)).astype(np.uint8)
   features = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-  backbone = model.init(jax.random.key(0), pipeline.normalize(jnp.asarray(images[:2])))["params"]
+  sample = fashion_mnist.normalize(jnp.asarray(images[:2]))
+  backbone = model.init(jax.random.key(0), sample)["params"]
   params = contrastive.init_params(model, backbone, 16, 32, 8, seed=0)
   assert set(params) == set(backbone) | {"projection"}
-  init_state, _ = train.make_train_step(features, 1, pipeline.augment, pipeline.normalize, 1.0)
-  step = jax.jit(contrastive.make_step(features, pipeline.normalize, temperature=0.2, hidden=32,
-                                       out=8, grad_clip=1.0))
+  init_state, step = contrastive.make_step(features, fashion_mnist.normalize, temperature=0.2,
+                                          hidden=32, out=8, grad_clip=1.0,
+                                          weight_decay_mask="matrices")
+  step = jax.jit(step)
   hp = train.Hyper(lr=3e-3, weight_decay=0.0, total_steps=40, warmup_steps=0).as_arrays()
   a, _ = step(init_state(params), images, np.zeros(16, np.int32), hp, 0)
   b, _ = step(init_state(params), images, np.arange(16, dtype=np.int32), hp, 0)

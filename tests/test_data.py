@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from soup.data import fashion_mnist, shifts
-from soup.data.pipeline import Split, train_batch
+from soup.data.batching import Split, train_batch
 
 
 def _sha(a):

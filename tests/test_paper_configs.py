@@ -224,10 +224,10 @@ def test_smoke_config_trains_one_step(path, mock, request):
   hp = module.get_sweep(config)[0]
   images, labels = task.finetune_batch(config.finetune.batch_size, hp["seed"], 0, hp)
   assert images.dtype == np.uint8 and len(images) == config.finetune.batch_size
-  init_state, step_fn = train.make_train_step(lambda p, x: model.apply({"params": p}, x),
-                                              task.num_classes, task.augment, task.preprocess,
-                                              config.finetune.grad_clip,
-                                              config.finetune.weight_decay_mask)
+  init_state, step_fn = train.make_train_step(
+      lambda p, x: model.apply({"params": p}, x), task.num_classes, augment_fn=task.augment,
+      preprocess_fn=task.preprocess, grad_clip=config.finetune.grad_clip,
+      weight_decay_mask=config.finetune.weight_decay_mask)
   hyper = train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"],
                       label_smoothing=hp["label_smoothing"], mixup=hp["mixup"],
                       aug_strength=hp["aug_strength"], total_steps=10, warmup_steps=2)

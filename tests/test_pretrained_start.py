@@ -9,7 +9,7 @@ import pytest
 
 from configs import fashion_mnist as fm_config
 from soup import aggregate, checkpoints
-from soup.data import fashion_mnist, pipeline
+from soup.data import fashion_mnist
 from soup.linear_probe import accuracy, fit_probe
 from soup.models import convert, export, pretrained
 from soup.models.vit import ViT
@@ -50,10 +50,11 @@ def test_shipped_start_knows_the_images_without_their_labels(fashion_mnist_ready
   test_x, test_y = splits["test"].images[:2000], splits["test"].labels[:2000]
   model = ViT(num_classes=0, **{k: v for k, v in config.model.items() if k != "name"})
   shipped = pretrained.load_pretrained(config)
-  random = model.init(jax.random.key(0), pipeline.normalize(jnp.asarray(train_x[:2])))["params"]
+  sample = fashion_mnist.normalize(jnp.asarray(train_x[:2]))
+  random = model.init(jax.random.key(0), sample)["params"]
 
   def probe_accuracy(params):
-    features = jax.jit(lambda x: model.apply({"params": params}, pipeline.normalize(x)))
+    features = jax.jit(lambda x: model.apply({"params": params}, fashion_mnist.normalize(x)))
     probe = fit_probe(np.asarray(features(train_x)), train_y, 10, l2_grid=(1e-4, 1e-3))
     return accuracy(probe.head, np.asarray(features(test_x)), test_y)
 

@@ -57,8 +57,10 @@ def _apply(params, x):
 def test_train_step_matches_optax_adamw(grad_clip):
   params, images, labels = _problem()
   hyper = train.Hyper(lr=0.05, weight_decay=0.3, total_steps=30, warmup_steps=4)
-  init_state, step_fn = train.make_train_step(_apply, NUM_CLASSES, lambda rng, x, s: x,
-                                              lambda x: x, grad_clip)
+  init_state, step_fn = train.make_train_step(_apply, NUM_CLASSES,
+                                              augment_fn=lambda rng, x, s: x,
+                                              preprocess_fn=lambda x: x, grad_clip=grad_clip,
+                                              weight_decay_mask="matrices")
   step_fn = jax.jit(step_fn)
   hp = hyper.as_arrays()
 

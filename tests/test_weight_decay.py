@@ -38,8 +38,9 @@ def test_mask_decays_exactly_the_chosen_tensors(mask, decayed):
   # With a zero learning signal (constant logits) Adam's update is 0, so one step
   # multiplies each decayed tensor by exactly 1 - lr * wd and leaves the rest alone.
   zero_apply = lambda p, x: 0.0 * apply_fn(p, x)
-  init_state, step = train.make_train_step(zero_apply, CLASSES, lambda k, x, s: x, lambda x: x,
-                                           1e9, weight_decay_mask=mask)
+  init_state, step = train.make_train_step(zero_apply, CLASSES, augment_fn=lambda k, x, s: x,
+                                           preprocess_fn=lambda x: x, grad_clip=1e9,
+                                           weight_decay_mask=mask)
   params = tiny_model_params()
   hyper = train.Hyper(lr=0.5, weight_decay=0.25, total_steps=10)
   lr = float(train.learning_rate(jnp.zeros((), jnp.int32), hyper.as_arrays()))
