@@ -8,10 +8,11 @@ One path from the pieces to a run, each piece named at the call site:
   outcome = train(step=step, params=params, hyper=..., batch_fn=..., workdir=..., seed=...)
 
 `train` takes only the compiled step, never the pieces: nothing has a dataset's
-default, and nothing passed to it can be ignored. SimCLR (soup/contrastive.py)
-builds its own `StepFns` with the same state and optimizer and goes through the
-same `compile_step` and `train`. The sweep compiles once and hands the same step
-to every member.
+default, and nothing passed to it can be ignored (it refuses params of other
+shapes than the step was compiled for). SimCLR (soup/contrastive.py) builds its
+own `StepFns` with the same state and optimizer and goes through the same
+`compile_step` and `train`. The sweep compiles once and hands the same step to
+every member.
 
 Per-run hyperparameters (lr, weight decay, label smoothing, mixup, augmentation
 strength, schedule lengths) are traced arguments of the jitted step, so one

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from soup import train
+from soup import mesh as mesh_lib, train
 
 NUM_CLASSES = 3
 
@@ -100,3 +100,15 @@ def test_decay_mask_is_rank_above_one():
   params, _, _ = _problem()
   assert train.decay_mask(params) == {"dense": {"kernel": 1.0, "bias": 0.0},
                                       "norm": {"scale": 0.0}}
+
+
+def test_train_refuses_params_other_than_those_its_step_was_compiled_for(tmp_path):
+  params, images, labels = _problem()
+  fns = train.make_train_step(_apply, NUM_CLASSES, augment_fn=lambda rng, x, s: x,
+                              preprocess_fn=lambda x: x, grad_clip=1.0,
+                              weight_decay_mask="matrices")
+  step = train.compile_step(fns, params, mesh_lib.make_mesh())
+  wider = {**params, "norm": {"scale": np.ones((6,), np.float32)}}
+  with pytest.raises(ValueError, match="compiled for"):
+    train.train(step=step, params=wider, hyper=train.Hyper(lr=0.1, weight_decay=0.0),
+                batch_fn=lambda s: (images, labels), workdir=tmp_path, seed=0)
