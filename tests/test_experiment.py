@@ -64,7 +64,11 @@ def test_smoke_report_has_baseline_intervals_claims_and_analysis_figures(smoke_w
       "test"]["high"]
   text = (workdir / "report.md").read_text()
   assert "Pixel logistic regression (baseline)" in text and "95% paired bootstrap" in text
-  assert text.count("- **The ") == 4 and "## The paper's claims" in text
+  claims_md = text[text.index("## The paper's claims"):]
+  # The precondition first, then the paper's four claims.
+  assert claims_md.index("- **Fine-tuning improves on the initialization") < claims_md.index(
+      "- **The greedy soup")
+  assert claims_md.count("- **The ") == 4
   for figure in ("landscape.png", "ingredients.png"):
     assert f"]({figure})" in text
     assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
