@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from conftest import ROOT, run_python
 from ml_collections import config_flags
 
 import configs
 from soup import validate
+from tests.conftest import ROOT, run_python
 
 FASHION = "configs/fashion_mnist.py"
 DEVICES = 2  # soup/main.py's default on a CPU host (--xla_force_host_platform_device_count=2).

@@ -8,7 +8,6 @@ Linear [out, in], Conv [out, in, kh, kw], fused in_proj) test the rest quickly.
 """
 
 import gzip
-import math
 from pathlib import Path
 
 import jax
@@ -19,67 +18,19 @@ import safetensors.numpy
 
 from soup.models import clip, convert, zeroshot
 from soup.models.imagenet_classnames import IMAGENET_CLASSNAMES
-
-TINY = dict(width=32, layers=2, heads=2, patch=8, image=32, embed=16, text_width=32,
-            text_layers=2, text_heads=2, context=16, vocab=100)
-HEAD_WIDTH = 16  # TINY's 32-wide towers with 2 heads.
-
+from tests.conftest import HEAD_WIDTH, TINY_CLIP, make_state_dict
 
 # --------------------------------------------------------------------------- fixtures
 
 
-def _block_weights(rng, prefix, width, mlp):
-  n = lambda *s, std=0.05: (std * rng.standard_normal(s)).astype(np.float32)
-  return {
-      f"{prefix}.ln_1.weight": 1 + n(width, std=0.1), f"{prefix}.ln_1.bias": n(width),
-      f"{prefix}.attn.in_proj_weight": n(3 * width, width, std=0.2),
-      f"{prefix}.attn.in_proj_bias": n(3 * width),
-      f"{prefix}.attn.out_proj.weight": n(width, width, std=0.2),
-      f"{prefix}.attn.out_proj.bias": n(width),
-      f"{prefix}.ln_2.weight": 1 + n(width, std=0.1), f"{prefix}.ln_2.bias": n(width),
-      f"{prefix}.mlp.c_fc.weight": n(mlp, width, std=0.2), f"{prefix}.mlp.c_fc.bias": n(mlp),
-      f"{prefix}.mlp.c_proj.weight": n(width, mlp, std=0.1),
-      f"{prefix}.mlp.c_proj.bias": n(width),
-  }
-
-
-def make_state_dict(seed=0, **overrides):
-  """A random CLIP ViT state dict with OpenAI's key names and tensor layouts.
-
-  Embedding scales are CLIP-like (small), so LayerNorm inputs have small variance and
-  a wrong LayerNorm epsilon (flax's 1e-6 instead of torch's 1e-5) shows up.
-  """
-  c = {**TINY, **overrides}
-  rng = np.random.default_rng(seed)
-  n = lambda *s, std=0.05: (std * rng.standard_normal(s)).astype(np.float32)
-  w, tw, grid = c["width"], c["text_width"], c["image"] // c["patch"]
-  sd = {
-      "visual.conv1.weight": n(w, 3, c["patch"], c["patch"], std=0.02),
-      "visual.class_embedding": n(w, std=0.05),
-      "visual.positional_embedding": n(grid * grid + 1, w, std=0.05),
-      "visual.ln_pre.weight": 1 + n(w, std=0.1), "visual.ln_pre.bias": n(w),
-      "visual.ln_post.weight": 1 + n(w, std=0.1), "visual.ln_post.bias": n(w),
-      "visual.proj": n(w, c["embed"], std=0.2),
-      "token_embedding.weight": n(c["vocab"], tw, std=0.02),
-      "positional_embedding": n(c["context"], tw, std=0.01),
-      "ln_final.weight": 1 + n(tw, std=0.1), "ln_final.bias": n(tw),
-      "text_projection": n(tw, c["embed"], std=0.2),
-      "logit_scale": np.array(math.log(1 / 0.07), np.float32),
-  }
-  for i in range(c["layers"]):
-    sd.update(_block_weights(rng, f"visual.transformer.resblocks.{i}", w, 4 * w))
-  for i in range(c["text_layers"]):
-    sd.update(_block_weights(rng, f"transformer.resblocks.{i}", tw, 4 * tw))
-  return sd
-
-
 def make_inputs(seed=1, batch=3):
   rng = np.random.default_rng(seed)
-  images = rng.standard_normal((batch, TINY["image"], TINY["image"], 3)).astype(np.float32)
+  size = TINY_CLIP["image"]
+  images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
   # Like clip.tokenize output: SOT, a few ids, EOT (the largest id), zero padding.
-  sot, eot = TINY["vocab"] - 2, TINY["vocab"] - 1
-  text = np.zeros((batch, TINY["context"]), np.int32)
-  for row, length in enumerate([5, 9, TINY["context"] - 2][:batch]):
+  sot, eot = TINY_CLIP["vocab"] - 2, TINY_CLIP["vocab"] - 1
+  text = np.zeros((batch, TINY_CLIP["context"]), np.int32)
+  for row, length in enumerate([5, 9, TINY_CLIP["context"] - 2][:batch]):
     text[row, 0] = sot
     text[row, 1:1 + length] = rng.integers(1, sot, length)
     text[row, 1 + length] = eot

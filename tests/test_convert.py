@@ -1,8 +1,6 @@
 """Checkpoint loading: file formats, big_vision ViT .npz, and error messages."""
 
 import importlib.util
-import os
-import sys
 import zipfile
 
 import jax
@@ -12,10 +10,7 @@ import pytest
 
 from soup.models import convert, vit as vit_module
 from soup.models.vit import ViT
-
-# Shared with test_clip.py; the path makes this independent of pytest's import mode.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_clip import HEAD_WIDTH, make_state_dict  # noqa: E402
+from tests.conftest import HEAD_WIDTH, make_state_dict
 
 VIT_KW = dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
 

@@ -5,9 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_python
 
 from soup import results
+from tests.conftest import run_python
 
 SMOKE = ["-m", "soup.main", "--config=configs/fashion_mnist.py:smoke"]
 

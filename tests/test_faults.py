@@ -16,17 +16,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from soup import atomic_io, recipes, results as R  # noqa: E402
-from soup.data.fashion_mnist import default_data_dir  # noqa: E402
+from soup import atomic_io, recipes, results as R
+from soup.data.fashion_mnist import default_data_dir
+from tests.conftest import ROOT as REPO, run_python
 
 CONFIG = "configs/fashion_mnist.py:smoke"
 # Only the recipes these tests compare: the learned soups would triple each run.
@@ -117,16 +114,10 @@ else:
 def run_cli(workdir: Path, *args: str, fault: dict | None = None, env: dict | None = None,
             config: str = CONFIG, timeout: float = 240) -> subprocess.CompletedProcess:
   """The CLI on the smoke config, with the test recipes, optionally with a fault armed."""
-  full_env = {**os.environ, **(env or {})}
-  full_env.pop("SOUP_FAULT", None)
-  if fault is not None:
-    full_env["SOUP_FAULT"] = json.dumps(fault)
-    cmd = [sys.executable, "-c", RUNNER]
-  else:
-    cmd = [sys.executable, "-m", "soup.main"]
+  env = {**(env or {}), "SOUP_FAULT": None if fault is None else json.dumps(fault)}
+  cmd = ["-m", "soup.main"] if fault is None else ["-c", RUNNER]
   cmd += [f"--config={config}", f"--workdir={workdir}", RECIPES, *args]
-  return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
-                        timeout=timeout)
+  return run_python(cmd, env, timeout=timeout, check=False)
 
 
 def output(proc: subprocess.CompletedProcess) -> str:
@@ -511,9 +502,8 @@ def test_atomic_write_text_killed(tmp_path):
   """kill -9 between the temp file and the rename: the old file stays whole."""
   path = tmp_path / "results.jsonl"
   path.write_text("old\n")
-  proc = subprocess.run([sys.executable, "-c", RUNNER, str(path), "new\n" * 1000], cwd=REPO,
-                        env={**os.environ, "SOUP_FAULT": json.dumps({"kind": "replace"})},
-                        capture_output=True, text=True, timeout=60)
+  proc = run_python(["-c", RUNNER, str(path), "new\n" * 1000],
+                    {"SOUP_FAULT": json.dumps({"kind": "replace"})}, timeout=60, check=False)
   expect_killed(proc)
   assert path.read_text() == "old\n"
   # A kill cannot clean up: at most one hidden, complete temp file stays, never read.

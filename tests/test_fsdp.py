@@ -2,20 +2,15 @@
 and soups of sharded ingredients over 2 processes x 4 devices (tests/fsdp_checks.py)."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, free_port, run_python
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from soup import sharding
-
-sys.path.insert(0, str(ROOT / "tests"))
-import fsdp_checks  # noqa: E402
+from tests import fsdp_checks
+from tests.conftest import free_port, run_python, run_python_together
 
 MESH8 = AbstractMesh((8,), ("data",))
 
@@ -115,14 +110,9 @@ def test_sharded_soups_on_2_processes_equal_host_soups_and_each_read_half(tmp_pa
   from soup.soups import ensemble
 
   port, out = free_port(), tmp_path / "result"
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [subprocess.Popen([sys.executable, "tests/fsdp_checks.py", "soups", str(r), str(port),
-                             str(tmp_path / "ingredients"), str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for r in (0, 1)]
-  outputs = [p.communicate(timeout=300) for p in procs]
-  for p, (o, e) in zip(procs, outputs):
-    assert p.returncode == 0, f"{o}\n{e[-4000:]}"
+  run_python_together([["tests/fsdp_checks.py", "soups", str(r), str(port),
+                        str(tmp_path / "ingredients"), str(out)] for r in (0, 1)],
+                      {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=300)
   got = [json.loads((tmp_path / f"result.{r}.json").read_text()) for r in (0, 1)]
 
   # The same soups on one host, from the same ingredients.

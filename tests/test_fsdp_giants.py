@@ -2,18 +2,14 @@
 counts, the converter on shrunken copies, and the bigG config's smoke run under FSDP."""
 
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_python
 
 from soup.models import clip, convert
-
-sys.path.insert(0, str(ROOT / "tests"))
-from test_clip import _block_weights  # noqa: E402
+from tests.conftest import block_weights, run_python
 
 # open_clip src/open_clip/model_configs/{ViT-bigG-14,ViT-g-14}.json (commit 89fb801) and the
 # parameter counts (millions) of docs/model_profile.csv in the same repository.
@@ -122,9 +118,9 @@ def shrunk_state_dict(arch, seed=0):
         "ln_final.weight": 1 + n(tw), "ln_final.bias": n(tw), "text_projection": n(tw, e, std=0.2),
         "logit_scale": np.array(math.log(1 / 0.07), np.float32)}
   for i in range(v["layers"]):
-    sd.update(_block_weights(rng, f"visual.transformer.resblocks.{i}", w, int(w * v["mlp_ratio"])))
+    sd.update(block_weights(rng, f"visual.transformer.resblocks.{i}", w, int(w * v["mlp_ratio"])))
   for i in range(t["layers"]):
-    sd.update(_block_weights(rng, f"transformer.resblocks.{i}", tw, 4 * tw))
+    sd.update(block_weights(rng, f"transformer.resblocks.{i}", tw, 4 * tw))
   return sd
 
 

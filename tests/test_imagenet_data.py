@@ -6,9 +6,6 @@ no TensorFlow) with a few tiny random JPEGs (soup/data/imagenet_mock.py), so
 every read goes through `tfds.data_source` as it would on the real data.
 """
 
-import subprocess
-import sys
-from pathlib import Path
 
 import ml_collections as mlc
 import numpy as np
@@ -25,8 +22,7 @@ from soup.data import (
   tfds_source,
   transforms,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_python
 
 
 @pytest.fixture(scope="module")
@@ -481,12 +477,8 @@ def test_official_mask_maps_onto_tfds_indices_by_file_name(mock, tmp_path):
   path = tmp_path / "imagenet_98_idxs.npy"
   np.save(path, mask)
   out = tmp_path / "heldout_official.npz"
-  make = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "make_imagenet_heldout.py"),
-       f"--data_dir={mock['data_dir']}", f"--official_mask={path}", f"--out={out}",
-       "--per_class=1"],
-      capture_output=True, text=True, timeout=300)
-  assert make.returncode == 0, make.stderr
+  make = run_python(["scripts/make_imagenet_heldout.py", f"--data_dir={mock['data_dir']}",
+                     f"--official_mask={path}", f"--out={out}", "--per_class=1"], timeout=300)
   assert "official" in make.stdout
   held = imagenet_heldout.load(out)
   assert held.source == "official" and held.seed == -1 and held.per_class == 1
@@ -525,8 +517,7 @@ def test_heldout_module_does_not_import_the_task():
   """imagenet_heldout and imagenet share tfds_source: no import cycle."""
   code = ("import sys; import soup.data.imagenet_heldout, soup.data.tfds_source; "
           "assert 'soup.data.imagenet' not in sys.modules, 'cycle'")
-  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-  assert run.returncode == 0, run.stderr
+  run_python(["-c", code], timeout=120)
 
 
 def test_report_says_which_heldout_list(tmp_path):

@@ -343,13 +343,12 @@ def test_multinode_gpu_run_command_starts_jax_distributed(tmp_path):
   task = yaml.safe_load((ROOT / "scripts/sky/clip_vit_b32_imagenet.H100-8.x2.yaml").read_text())
   probe = tmp_path / "probe.py"
   probe.write_text(
-      "import sys\nsys.path.insert(0, sys.argv[1])\n"
       "from soup import distributed\ndistributed.initialize()\nimport jax\n"
       "print('joined', jax.process_index(), jax.process_count(), jax.device_count())\n")
   cwd = fake_venv(tmp_path, f"""
 echo "$JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID $*" >&2
 case " $* " in *" --distributed "*) ;; *) echo "no --distributed" >&2; exit 9;; esac
-exec {sys.executable} {probe} {ROOT}
+exec {sys.executable} {probe}
 """)
   (tmp_path / "w" / "models" / "model_0" / "ingredient").mkdir(parents=True)
   (tmp_path / "w" / "models" / "model_0" / "ingredient" / "ingredient.json").write_text("{}")
@@ -357,7 +356,8 @@ exec {sys.executable} {probe} {ROOT}
   for rank in (0, 1):
     env = skypilot_env(task, WORKDIR=str(tmp_path / "w"), MEMBER="1", SKYPILOT_NUM_NODES="2",
                        SKYPILOT_NODE_RANK=str(rank), SKYPILOT_NODE_IPS="127.0.0.1\n127.0.0.2",
-                       JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+                       JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                       PYTHONPATH=str(ROOT))
     procs.append(subprocess.Popen(["bash", "-c", task["run"]], cwd=cwd, env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE))
   outs = [p.communicate(timeout=120) for p in procs]

@@ -15,13 +15,13 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, run_python
 
 import configs
 from soup import checkpoints, compare_official, experiment, validate
 from soup.data import imagenet_mock
 from soup.models import official
 from soup.workdir import Workdir, WorkdirMismatchError
+from tests.conftest import ROOT, run_python
 
 torch = pytest.importorskip("torch")
 CLIP = configs.module_of(ROOT / "configs" / "clip_vit_b32_imagenet.py")

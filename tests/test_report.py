@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from soup import recipes, report as rep, results as R  # noqa: E402
+from soup import recipes, report as rep, results as R
+from tests.conftest import ROOT as REPO, run_python
 
 PAPER = REPO / "tests" / "data" / "paper"
 OFFICIAL = [PAPER / f"{name}.jsonl" for name in
@@ -138,10 +133,8 @@ def test_input_rows_not_mutated():
 
 def test_cli_official(tmp_path):
   out = tmp_path / "out"
-  args = [sys.executable, "-m", "soup.report", *(f"--results={p}" for p in OFFICIAL),
-          f"--out={out}"]
-  proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr
+  proc = run_python(["-m", "soup.report", *(f"--results={p}" for p in OFFICIAL), f"--out={out}"],
+                    timeout=120)
   md = (out / "report.md").read_text()
   png = (out / "figure.png").read_bytes()
   assert png[:8] == PNG_MAGIC
@@ -277,9 +270,7 @@ def test_synthetic_markdown_and_cli(tmp_path):
     assert needle in md, needle
 
   out = tmp_path / "out"
-  proc = subprocess.run([sys.executable, "-m", "soup.report", f"--results={results}",
-                         f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr
+  proc = run_python(["-m", "soup.report", f"--results={results}", f"--out={out}"], timeout=120)
   assert "| WiSE-FT (α=0.5) | 88.50 | 86.00 |" in proc.stdout
   assert "| Greedy ensemble | 89.30 | 88.30 |" in proc.stdout
   png = (out / "figure.png").read_bytes()

@@ -1,13 +1,11 @@
 """Validate before compute: a user error is one line naming the fix, exit status 2, fast."""
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_python
+
 SMOKE = "--config=configs/fashion_mnist.py:smoke"
 
 BAD_SWEEP_CONFIG = """
@@ -23,10 +21,9 @@ def get_sweep(config):
 """
 
 
-def run_main(*args, cwd=ROOT, timeout=120):
+def run_main(*args, timeout=120):
   t = time.time()
-  proc = subprocess.run([sys.executable, "-m", "soup.main", *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=timeout)
+  proc = run_python(["-m", "soup.main", *args], timeout=timeout, check=False)
   return proc, time.time() - t
 
 
@@ -84,9 +81,8 @@ def test_report_cli_names_file_and_line_of_a_bad_row(tmp_path):
   for name, text in cases.items():
     path = tmp_path / f"{name}.jsonl"
     path.write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "soup.report", f"--results={good}",
-                           f"--results={path}", f"--out={tmp_path / 'out'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_python(["-m", "soup.report", f"--results={good}", f"--results={path}",
+                       f"--out={tmp_path / 'out'}"], timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     line = {"truncated": 2, "no_column": 3}[name]
     assert proc.stderr.strip().startswith(f"error: {path}:{line}: "), proc.stderr
