@@ -153,8 +153,8 @@ def _official_order(scores):
 
 
 def test_greedy_tie_order_on_the_released_results():
-  rows = [json.loads(line) for line in
-          (Path(__file__).parent / "data" / "paper" / "individual_model_results.jsonl").open()]
+  path = Path(__file__).parent / "data" / "paper" / "individual_model_results.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
   scores = {r["model_name"]: r["ImageNet2p"] for r in rows}
   assert scores["model_4"] == scores["model_5"]  # The released tie.
   order = greedy.ranked(scores)
