@@ -135,6 +135,6 @@ def make_step(features_fn: Callable, preprocess_fn: Callable, *, temperature: fl
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     new_state, lr = train.apply_gradients(state, grads, adam, hp, weight_decay_mask)
     return new_state, {"loss": loss, "twin_accuracy": acc, "lr": lr,
-                       "grad_norm": optax.global_norm(grads)}
+                       "grad_norm": optax.tree.norm(grads)}
 
   return train.StepFns(train.initial_state(adam), step_fn)

@@ -170,7 +170,7 @@ def make_train_step(apply_fn: Callable, num_classes: int, *, augment_fn: Callabl
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     new_state, lr = apply_gradients(state, grads, adam, hp, weight_decay_mask)
-    return new_state, {"loss": loss, "lr": lr, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "lr": lr, "grad_norm": optax.tree.norm(grads)}
 
   return StepFns(initial_state(adam), step_fn)
 
