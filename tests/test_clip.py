@@ -20,6 +20,8 @@ from soup.models import clip, convert, zeroshot
 from soup.models.imagenet_classnames import IMAGENET_CLASSNAMES
 from tests.conftest import HEAD_WIDTH, TINY_CLIP, make_state_dict
 
+pytestmark = pytest.mark.slow  # The pipeline or several processes: -m 'not slow' skips it.
+
 # --------------------------------------------------------------------------- fixtures
 
 

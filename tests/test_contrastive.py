@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from soup import contrastive, train
 from soup.data import fashion_mnist
@@ -51,6 +52,7 @@ def test_full_crop_is_the_identity_and_views_stay_in_range():
   assert not np.allclose(np.asarray(v), np.asarray(images))
 
 
+@pytest.mark.slow
 def test_step_never_reads_labels_and_learns():
   model = ViT(num_classes=0, patch_size=7, width=16, depth=1, num_heads=2, mlp_dim=32)
   images = np.random.default_rng(2).integers(0, 256, (16, 28, 28, 1)).astype(np.uint8)

@@ -9,6 +9,8 @@ import pytest
 from soup import results
 from tests.conftest import run_python
 
+pytestmark = pytest.mark.slow  # The pipeline or several processes: -m 'not slow' skips it.
+
 SMOKE = ["-m", "soup.main", "--config=configs/fashion_mnist.py:smoke"]
 
 

@@ -25,6 +25,8 @@ from soup import atomic_io, recipes, results as R
 from soup.data.fashion_mnist import default_data_dir
 from tests.conftest import ROOT as REPO, run_python
 
+pytestmark = pytest.mark.slow  # The pipeline or several processes: -m 'not slow' skips it.
+
 CONFIG = "configs/fashion_mnist.py:smoke"
 # Only the recipes these tests compare: the learned soups would triple each run.
 RECIPES = "--config.soups.recipes=('best_individual','uniform_soup','greedy_soup')"
@@ -371,6 +373,7 @@ def test_ingredient_of_another_architecture(baseline, tmp_path):
 
 DIVERGING_CONFIG = """
 from configs import fashion_mnist as _base
+
 
 get_config = _base.get_config
 

@@ -12,6 +12,8 @@ from soup import sharding
 from tests import fsdp_checks
 from tests.conftest import free_port, run_python, run_python_together
 
+pytestmark = pytest.mark.slow  # The pipeline or several processes: -m 'not slow' skips it.
+
 MESH8 = AbstractMesh((8,), ("data",))
 
 

@@ -11,6 +11,8 @@ import pytest
 from soup.models import clip, convert
 from tests.conftest import block_weights, run_python
 
+pytestmark = pytest.mark.slow  # The pipeline or several processes: -m 'not slow' skips it.
+
 # open_clip src/open_clip/model_configs/{ViT-bigG-14,ViT-g-14}.json (commit 89fb801) and the
 # parameter counts (millions) of docs/model_profile.csv in the same repository.
 OPEN_CLIP = {

@@ -398,6 +398,7 @@ def test_stream_position_state_is_the_one_grain_reaches():
     stream.seek(20)
 
 
+@pytest.mark.slow
 def test_training_stream_resumes_bit_identically(mock):
   """A member stopped after step 3 and restarted from the step alone (as the trainer
   does) sees the same bytes as one that never stopped, whatever the number of worker
@@ -426,6 +427,7 @@ def test_training_stream_resumes_bit_identically(mock):
   assert not np.array_equal(want[4][0], want[5][0])
 
 
+@pytest.mark.slow
 def test_eval_streams_with_workers_are_exact_and_seekable(mock):
   task = imagenet.ImageNetTask(data_config(mock, num_workers=2, heldout_in_memory=False))
   splits = task.eval_splits()

@@ -389,6 +389,7 @@ def train_state_steps(member_dir: Path) -> list[int]:
   return sorted(int(p.name) for p in states.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_killed_member_resumes_to_the_uninterrupted_result(tmp_path, fashion_mnist_ready):
   """The exact run command of a generated task (Fashion-MNIST smoke, one GPU node, members
   of 16 steps), run in a local workdir: setup, then member 1 uninterrupted in one copy and,

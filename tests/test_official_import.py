@@ -77,6 +77,7 @@ def mock(tmp_path_factory):
 # --- The import, end to end ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_import_then_evaluate_soups_report_on_mock_imagenet(mock, tmp_path):
   write_release(tmp_path / "release", range(3))
   config = tiny_config(mock)
@@ -148,6 +149,7 @@ class ModelWrapper(torch.nn.Module):
     return self.classification_head(features)
 
 
+@pytest.mark.slow
 def test_logits_match_the_official_model_wrapper_at_vit_b32_size(tmp_path):
   """open_clip's ViT-B-32 with QuickGELU (OpenAI's), every weight perturbed, saved in the
   released layout, imported, and run by CLIPImageClassifier: logits within 1e-5."""
@@ -233,6 +235,7 @@ def test_a_bad_file_is_named_and_nothing_of_it_is_written(case, tmp_path):
       summary.failed
 
 
+@pytest.mark.slow
 def test_gaps_are_named_and_the_rest_imported_by_the_command(tmp_path):
   write_release(tmp_path / "release", (0, 2))
   (tmp_path / "release" / "model_1.pt.part").write_bytes(b"partial download")

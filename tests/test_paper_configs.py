@@ -199,6 +199,7 @@ def smoke_config(path, mock):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_smoke_config_trains_one_step(path, mock, request):
   from soup.experiment import make_task

@@ -41,6 +41,7 @@ def test_shipped_start_is_self_supervised_on_images_never_scored():
           == now.finetune_examples + now.upstream_examples == 58_000)
 
 
+@pytest.mark.slow
 def test_shipped_start_knows_the_images_without_their_labels(fashion_mnist_ready):
   """A probe on the shipped features beats one on a random backbone's by far (9 points at
   full scale), on a slice; it need not beat pixels: fine-tuning does that work."""

@@ -1,9 +1,11 @@
 """Device-sharded and multi-process averaging, on simulated CPU devices."""
 
-
 import numpy as np
+import pytest
 
 from tests.conftest import free_port, run_python, run_python_together
+
+pytestmark = pytest.mark.slow  # The pipeline or several processes: -m 'not slow' skips it.
 
 
 def test_sharded_average_learned_soup_and_evaluation_on_8_devices():
