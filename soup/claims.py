@@ -327,6 +327,60 @@ def judge(rows: Sequence[dict]) -> list[dict]:
   return out + _best_of_all(rows)
 
 
+def _claim_over_seeds(key: str, values: Sequence[float], threshold: float = 0.0,
+                      flip: bool = False, note: str = "", suffix: str = "",
+                      text: str | None = None, **extra) -> dict:
+  """One claim from per-seed differences: the Student-t interval of their mean."""
+  claim = {"claim": key, "text": text or CLAIMS[key], **extra}
+  if len(values) < 2:
+    return {**claim, "verdict": OPEN,
+            "evidence": f"{len(values)} seed(s): an interval over seeds needs 2 or more" + suffix}
+  s = stats.mean_interval(values)
+  low, high = (-s["high"], -s["low"]) if flip else (s["low"], s["high"])
+  return {**claim, "verdict": verdict(low, high, -threshold if flip else threshold),
+          "evidence": note + f"mean {100 * s['mean']:+.2f} points over {s['n']} seeds "
+                      f"(std {100 * s['std']:.2f}) [95% CI {100 * s['low']:+.2f}, "
+                      f"{100 * s['high']:+.2f}]; per seed: "
+                      + ", ".join(f"{100 * v:+.2f}" for v in values) + suffix}
+
+
+def _setting_warning_over_seeds(init_wins: Sequence[int], seeds: int, verdict_: str) -> str | None:
+  if init_wins:
+    return (f"The paper's setting does not hold in {len(init_wins)} of {seeds} seeds "
+            f"({'seed' if len(init_wins) == 1 else 'seeds'} "
+            + ", ".join(map(str, init_wins)) + "): there the initialization beats every "
+            "fine-tune on held-out, so fine-tuning did not improve on the initialization, and "
+            "the claims against the best individual are not evidence for the paper's mechanism. "
+            "Each soup is also compared with the best of all models, model_0 included")
+  if verdict_ == NOT_HELD:
+    return ("The paper's setting does not hold over these seeds: the best individual is below "
+            "the initialization on test, and the claims against the best individual are not "
+            "evidence for the paper's mechanism")
+  return None
+
+
+def _best_of_all_over_seeds(tables: Mapping[int, Mapping[str, dict]],
+                            init_wins: Sequence[int]) -> list[dict]:
+  """Each soup minus the best of all models per seed: model_0 where it wins held-out, else the
+  best individual."""
+  best_of_all = {seed: "initialization" if seed in init_wins else "best_individual"
+                 for seed in tables}
+  out = []
+  for recipe in SOUPS:
+    if not any(recipe in t for t in tables.values()):
+      continue
+    label = recipes.REGISTRY[recipe].label
+    for key, metric, where in (("best_of_all_in_distribution", "test", "test"),
+                               ("best_of_all_under_shift", "avg_shifts", "the shift average")):
+      values = [t[recipe][metric] - t[best_of_all[seed]][metric] for seed, t in tables.items()
+                if recipe in t and best_of_all[seed] in t]
+      out.append(_claim_over_seeds(
+          key, values, text=BEST_OF_ALL[key].format(soup=label), soup=recipe,
+          note=f"{label.lower()} minus the best of all models (chosen on held-out: model_0 "
+               f"in {len(init_wins)} of {len(tables)} seeds) on {where}: "))
+  return out
+
+
 def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
                      rows_by_seed: Mapping[int, Sequence[dict]]) -> list[dict]:
   """The claims from per-seed differences: the Student-t interval of their mean.
@@ -337,80 +391,41 @@ def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
   held-out, the soups are also compared with the best of all models (model_0
   there, the best individual elsewhere).
   """
-  out = []
-
   def diffs(a: str, b: str, metric: str) -> list[float]:
     return [t[a][metric] - t[b][metric] for t in tables.values() if a in t and b in t]
 
-  def add(key, values, threshold=0.0, flip=False, note="", suffix="", text=None, **extra):
-    claim = {"claim": key, "text": text or CLAIMS[key], **extra}
-    if len(values) < 2:
-      out.append({**claim, "verdict": OPEN,
-                  "evidence": f"{len(values)} seed(s): an interval over seeds needs 2 or more"
-                              + suffix})
-      return
-    s = stats.mean_interval(values)
-    low, high = (-s["high"], -s["low"]) if flip else (s["low"], s["high"])
-    out.append({**claim, "verdict": verdict(low, high, -threshold if flip else threshold),
-                "evidence": note + f"mean {100 * s['mean']:+.2f} points over {s['n']} seeds "
-                            f"(std {100 * s['std']:.2f}) [95% CI {100 * s['low']:+.2f}, "
-                            f"{100 * s['high']:+.2f}]; per seed: "
-                            + ", ".join(f"{100 * v:+.2f}" for v in values) + suffix})
-
   per_seed = {seed: precondition(rows_by_seed[seed]) for seed in tables if seed in rows_by_seed}
   held = sum(c["verdict"] == HELD for c in per_seed.values())
-  add("fine_tuning_improves", diffs("best_individual", "initialization", "test"),
+  first = _claim_over_seeds(
+      "fine_tuning_improves", diffs("best_individual", "initialization", "test"),
       note="best individual minus the initialization on test: ",
       suffix=f"; held on its own seed's paired interval in {held} of {len(per_seed)} seeds")
   init_wins = [seed for seed in tables if seed in rows_by_seed
                and init_beats_every_fine_tune(rows_by_seed[seed]) is not None]
-  if init_wins:
-    out[0]["warning"] = (
-        f"The paper's setting does not hold in {len(init_wins)} of {len(tables)} seeds "
-        f"({'seed' if len(init_wins) == 1 else 'seeds'} "
-        + ", ".join(map(str, init_wins)) + "): there the initialization beats every fine-tune "
-        "on held-out, so fine-tuning did not improve on the initialization, and the claims "
-        "against the best individual are not evidence for the paper's mechanism. Each soup is "
-        "also compared with the best of all models, model_0 included")
-  elif out[0]["verdict"] == NOT_HELD:
-    out[0]["warning"] = ("The paper's setting does not hold over these seeds: the best "
-                         "individual is below the initialization on test, and the claims "
-                         "against the best individual are not evidence for the paper's mechanism")
+  warning = _setting_warning_over_seeds(init_wins, len(tables), first["verdict"])
+  out = [{**first, **({"warning": warning} if warning else {})}]
 
-  add("greedy_in_distribution", diffs("greedy_soup", "best_individual", "test"),
-      note="greedy soup minus best individual on test: ")
-  add("greedy_under_shift", diffs("greedy_soup", "best_individual", "avg_shifts"),
-      note="greedy soup minus best individual on the shift average: ")
+  out.append(_claim_over_seeds("greedy_in_distribution",
+                               diffs("greedy_soup", "best_individual", "test"),
+                               note="greedy soup minus best individual on test: "))
+  out.append(_claim_over_seeds("greedy_under_shift",
+                               diffs("greedy_soup", "best_individual", "avg_shifts"),
+                               note="greedy soup minus best individual on the shift average: "))
   basin = [left_basin(rows) for rows in rows_by_seed.values()]
-  left = sum(off > 0 for off, _ in basin)
   note = (f"runs that left the basin per seed: {', '.join(f'{o}/{n}' for o, n in basin)}; "
           "uniform soup minus best individual on test: ")
-  if left == 0:
+  if not any(off > 0 for off, _ in basin):
     out.append({"claim": "uniform_falls_behind", "text": CLAIMS["uniform_falls_behind"],
                 "verdict": OPEN, "evidence": note.split(";")[0] + ": no run left the basin"})
   else:
-    add("uniform_falls_behind", diffs("uniform_soup", "best_individual", "test"), flip=True,
-        note=note)
-  add("greedy_close_to_ensemble", diffs("greedy_soup", "ensemble", "test"),
+    out.append(_claim_over_seeds("uniform_falls_behind",
+                                 diffs("uniform_soup", "best_individual", "test"), flip=True,
+                                 note=note))
+  out.append(_claim_over_seeds(
+      "greedy_close_to_ensemble", diffs("greedy_soup", "ensemble", "test"),
       threshold=-CLOSE_POINTS / 100,
-      note=f"greedy soup minus ensemble on test ('close': within {CLOSE_POINTS:g} point): ")
-
-  if init_wins:
-    # The best of all models per seed: model_0 where it wins held-out, else the best individual.
-    best_of_all = {seed: "initialization" if seed in init_wins else "best_individual"
-                   for seed in tables}
-    for recipe in SOUPS:
-      if not any(recipe in t for t in tables.values()):
-        continue
-      for key, metric, where in (("best_of_all_in_distribution", "test", "test"),
-                                 ("best_of_all_under_shift", "avg_shifts", "the shift average")):
-        values = [t[recipe][metric] - t[best_of_all[seed]][metric] for seed, t in tables.items()
-                  if recipe in t and best_of_all[seed] in t]
-        label = recipes.REGISTRY[recipe].label
-        add(key, values, text=BEST_OF_ALL[key].format(soup=label), soup=recipe,
-            note=f"{label.lower()} minus the best of all models (chosen on held-out: model_0 "
-                 f"in {len(init_wins)} of {len(tables)} seeds) on {where}: ")
-  return out
+      note=f"greedy soup minus ensemble on test ('close': within {CLOSE_POINTS:g} point): "))
+  return out + (_best_of_all_over_seeds(tables, init_wins) if init_wins else [])
 
 
 def render(claims: Sequence[dict], heading: str = "## The paper's claims") -> list[str]:

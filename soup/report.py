@@ -120,9 +120,63 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   for row in rows:
     by_recipe.setdefault(row["recipe"], []).append(row)
   n_models = len({r["model_name"] for r in rows if r["recipe"] in ("individual", "initialization")})
+  chosen, best_info, multi = _choose_rows(by_recipe, columns)
+  table = [_table_entry(recipe, row, columns, n_models) for recipe, row in chosen.items()]
+  curve = sorted((r for r in by_recipe.get("wise_ft", []) if _num(r.get("alpha")) is not None),
+                 key=lambda r: r["alpha"])
 
-  chosen: dict[str, dict] = {}
+  # Notes.
   notes: list[str] = []
+  warning = claims.setting_warning(rows)
+  if warning:  # First: it changes how every comparison with the best individual reads.
+    notes.append(f"**{warning}.**")
+  if best_info is not None:
+    if best_info["source"] == "selected":
+      notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by "
+                   f"held-out accuracy (`{columns.held_out}`) among the "
+                   f"{len(by_recipe.get('individual', []))} individual models, never by the test "
+                   f"split (`{columns.test}`).")
+    else:
+      notes.append(f"The best individual model, `{best_info['model_name']}`, is the results' own "
+                   f"`best_individual` line.")
+  notes += _recipe_notes(chosen, columns)
+  if curve:
+    pts = ", ".join(f"α={r['alpha']:g}: {_pct(_num(r.get(columns.held_out)))}" for r in curve)
+    notes.append(f"WiSE-FT held-out accuracy (`{columns.held_out}`) by α: {pts}; the table shows "
+                 f"the best.")
+  if multi:
+    notes.append("Several lines for " + ", ".join(f"`{m}`" for m in multi)
+                 + ": the table shows the one with the best held-out accuracy.")
+  with_init = [entry["method"] for entry in table if entry["contains_init"]]
+  if with_init:  # A soup of model_0 and fine-tunes may mostly recover the start.
+    notes.append("These contain `model_0` (the initialization) among their ingredients: "
+                 + ", ".join(with_init) + " (marked \"incl. model_0\" in the table).")
+  heldout_note = _heldout_list_note(rows, columns)
+  if heldout_note:
+    notes.append(heldout_note)
+  notes.append(f"Avg. shifts is the plain mean of {', '.join(f'`{c}`' for c in columns.shifts)}. "
+               f"Ingredients of the uniform soup and the ensemble: all {n_models} individual and "
+               f"initialization models unless recorded.")
+
+  return {
+      "columns": {"held_out": columns.held_out, "test": columns.test,
+                  "shifts": list(columns.shifts)},
+      "rows": table,
+      "best_individual": best_info,
+      "wise_ft_curve": [{"alpha": r["alpha"], "held_out": _num(r.get(columns.held_out)),
+                         "test": _num(r.get(columns.test)), "avg_shifts": r["avg_shifts"]}
+                        for r in curve],
+      "n_models": n_models,
+      "notes": notes,
+      **_statistics(rows, table),
+  }
+
+
+def _choose_rows(by_recipe: dict[str, list[dict]], columns: R.Columns
+                 ) -> tuple[dict[str, dict], dict[str, Any] | None, list[str]]:
+  """The row each recipe shows (the best on held-out), how the best individual was found, and
+  the recipes with several lines."""
+  chosen: dict[str, dict] = {}
   multi: list[str] = []
   best_info: dict[str, Any] | None = None
   known = [r for r in REGISTRY if r != "individual"]
@@ -149,51 +203,41 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
     if len(candidates) > 1 and recipe != "wise_ft":
       multi.append(recipe)
     chosen[recipe] = _best(candidates, columns.held_out)
+  return chosen, best_info, multi
 
-  table = []
-  for recipe, row in chosen.items():
-    method = _method(recipe)
-    if recipe == "wise_ft" and _num(row.get("alpha")) is not None:
-      method = f"WiSE-FT (α={row['alpha']:g})"
-    if recipe == "best_individual":
-      method = f"{method} ({row['model_name']})"
-    ingredients = _ingredients_count(row, recipe, n_models)
-    cost = _inference_cost(row, recipe, ingredients)
-    entry = {
-        "recipe": recipe,
-        "method": method,
-        "model_name": row["model_name"],
-        "held_out": _num(row.get(columns.held_out)),
-        "test": _num(row.get(columns.test)),
-        "shifts": {c: _num(row.get(c)) for c in columns.shifts},
-        "avg_shifts": row["avg_shifts"],
-        "ingredients": ingredients,
-        "inference_cost": cost,
-        "line": row,
-    }
-    entry["contains_init"] = claims.contains_init(row)
-    entry["cells"] = [method, _pct(entry["held_out"]), _pct(entry["test"]),
-                      *(_pct(entry["shifts"][c]) for c in columns.shifts),
-                      _pct(entry["avg_shifts"]), _ingredients_cell(ingredients, entry),
-                      _cost_str(cost)]
-    table.append(entry)
 
-  curve = sorted((r for r in by_recipe.get("wise_ft", []) if _num(r.get("alpha")) is not None),
-                 key=lambda r: r["alpha"])
+def _table_entry(recipe: str, row: dict, columns: R.Columns, n_models: int) -> dict:
+  """One table row: the numbers, the formatted cells and the results line shown."""
+  method = _method(recipe)
+  if recipe == "wise_ft" and _num(row.get("alpha")) is not None:
+    method = f"WiSE-FT (α={row['alpha']:g})"
+  if recipe == "best_individual":
+    method = f"{method} ({row['model_name']})"
+  ingredients = _ingredients_count(row, recipe, n_models)
+  cost = _inference_cost(row, recipe, ingredients)
+  entry = {
+      "recipe": recipe,
+      "method": method,
+      "model_name": row["model_name"],
+      "held_out": _num(row.get(columns.held_out)),
+      "test": _num(row.get(columns.test)),
+      "shifts": {c: _num(row.get(c)) for c in columns.shifts},
+      "avg_shifts": row["avg_shifts"],
+      "ingredients": ingredients,
+      "inference_cost": cost,
+      "line": row,
+  }
+  entry["contains_init"] = claims.contains_init(row)
+  entry["cells"] = [method, _pct(entry["held_out"]), _pct(entry["test"]),
+                    *(_pct(entry["shifts"][c]) for c in columns.shifts),
+                    _pct(entry["avg_shifts"]), _ingredients_cell(ingredients, entry),
+                    _cost_str(cost)]
+  return entry
 
-  # Notes.
-  warning = claims.setting_warning(rows)
-  if warning:  # First: it changes how every comparison with the best individual reads.
-    notes.append(f"**{warning}.**")
-  if best_info is not None:
-    if best_info["source"] == "selected":
-      notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by "
-                   f"held-out accuracy (`{columns.held_out}`) among the "
-                   f"{len(by_recipe.get('individual', []))} individual models, never by the test "
-                   f"split (`{columns.test}`).")
-    else:
-      notes.append(f"The best individual model, `{best_info['model_name']}`, is the results' own "
-                   f"`best_individual` line.")
+
+def _recipe_notes(chosen: dict[str, dict], columns: R.Columns) -> list[str]:
+  """What the greedy soup and ensemble kept, the learned weights and Model Stock's ratios."""
+  notes = []
   greedy = chosen.get("greedy_soup")
   if greedy is not None:
     comparison = (greedy.get("soup_settings") or {}).get("greedy_comparison", ">")
@@ -225,36 +269,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
     notes.append(f"Model stock's ratio t (0: the initialization, 1: the members' mean) over "
                  f"{len(ratios)} parameter leaves: min {min(ratios):.3f}, mean "
                  f"{sum(ratios) / len(ratios):.3f}, max {max(ratios):.3f}.")
-  if curve:
-    pts = ", ".join(f"α={r['alpha']:g}: {_pct(_num(r.get(columns.held_out)))}" for r in curve)
-    notes.append(f"WiSE-FT held-out accuracy (`{columns.held_out}`) by α: {pts}; the table shows "
-                 f"the best.")
-  if multi:
-    notes.append("Several lines for " + ", ".join(f"`{m}`" for m in multi)
-                 + ": the table shows the one with the best held-out accuracy.")
-  with_init = [entry["method"] for entry in table if entry["contains_init"]]
-  if with_init:  # A soup of model_0 and fine-tunes may mostly recover the start.
-    notes.append("These contain `model_0` (the initialization) among their ingredients: "
-                 + ", ".join(with_init) + " (marked \"incl. model_0\" in the table).")
-  heldout_note = _heldout_list_note(rows, columns)
-  if heldout_note:
-    notes.append(heldout_note)
-  notes.append(f"Avg. shifts is the plain mean of {', '.join(f'`{c}`' for c in columns.shifts)}. "
-               f"Ingredients of the uniform soup and the ensemble: all {n_models} individual and "
-               f"initialization models unless recorded.")
-
-  return {
-      "columns": {"held_out": columns.held_out, "test": columns.test,
-                  "shifts": list(columns.shifts)},
-      "rows": table,
-      "best_individual": best_info,
-      "wise_ft_curve": [{"alpha": r["alpha"], "held_out": _num(r.get(columns.held_out)),
-                         "test": _num(r.get(columns.test)), "avg_shifts": r["avg_shifts"]}
-                        for r in curve],
-      "n_models": n_models,
-      "notes": notes,
-      **_statistics(rows, table),
-  }
+  return notes
 
 
 def _ingredients_cell(ingredients: int | None, entry: dict) -> str:
