@@ -384,6 +384,24 @@ def vit_from_big_vision_npz(
       ``jax.eval_shape(model.init, ...)['params']``) the result must match key-for-key
       and shape-for-shape; mismatches raise errors naming the key.
   """
+  tree = _vit_tree(path_or_dict)
+  if drop_pre_logits is None:
+    drop_pre_logits = drop_head
+  if drop_head:
+    tree.pop("head", None)
+  if drop_pre_logits:
+    tree.pop("pre_logits", None)
+
+  tree["pos_embedding"] = _fit_pos_embedding(tree, image_size, cls_in_pos_embedding)
+
+  if reference_params is not None:
+    check_params_match(tree, reference_params, what="ViT checkpoint")
+  return tree
+
+
+def _vit_tree(path_or_dict: Union[PathLike, Mapping[str, Any]]) -> dict:
+  """The checkpoint as a nested tree in this repo's layout (train-state prefixes stripped, the
+  original vision_transformer names renamed), with pos_embedding at the top."""
   if isinstance(path_or_dict, Mapping):
     flat = dict(path_or_dict)
   else:
@@ -408,14 +426,12 @@ def vit_from_big_vision_npz(
   for key in ("embedding", "pos_embedding", "Transformer"):
     if key not in tree:
       raise KeyError(f"ViT checkpoint: missing key {key!r} (top-level keys: {sorted(tree)})")
+  return tree
 
-  if drop_pre_logits is None:
-    drop_pre_logits = drop_head
-  if drop_head:
-    tree.pop("head", None)
-  if drop_pre_logits:
-    tree.pop("pre_logits", None)
 
+def _fit_pos_embedding(tree: dict, image_size, cls_in_pos_embedding: bool) -> np.ndarray:
+  """pos_embedding resized for image_size, with the class row added or folded into `cls` (in
+  place) to match where the target model adds it."""
   posemb = np.asarray(tree["pos_embedding"])
   if posemb.ndim != 3 or posemb.shape[0] != 1:
     raise ValueError(f"ViT checkpoint: key 'pos_embedding' has shape {posemb.shape}, "
@@ -440,11 +456,7 @@ def vit_from_big_vision_npz(
     elif not cls_in_pos_embedding and has_cls_row:
       tree["cls"] = np.asarray(tree["cls"]) + posemb[:, :1]
       posemb = posemb[:, 1:]
-  tree["pos_embedding"] = posemb
-
-  if reference_params is not None:
-    check_params_match(tree, reference_params, what="ViT checkpoint")
-  return tree
+  return posemb
 
 
 def check_params_match(params: Mapping[str, Any], reference: Mapping[str, Any], *,
