@@ -164,7 +164,7 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None)
   """Writes n ingredients (and .pt copies of the same weights for the official loop)."""
   import numpy as np
 
-  from soup import checkpoints
+  from soup import checkpoints, trees as tree_lib
   manifest = workdir / "manifest.json"
   want = {"size": size, "n": n, "torch": bool(torch_python), "version": 3,
           "checkpoints.py": common.code_version()["soup/checkpoints.py"]}
@@ -183,7 +183,7 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None)
     pairs = []
     for i in range(n):
       flat = {k: base[k] + np.float32(1e-3 * (i + 1)) * noise[k] for k in shapes}
-      checkpoints.save_ingredient(workdir / f"ing_{i:03d}", checkpoints.unflatten(flat),
+      checkpoints.save_ingredient(workdir / f"ing_{i:03d}", tree_lib.unflatten(flat),
                                   {"index": i})
       if torch_python:
         np.savez(workdir / f"sd_{i:03d}.npz", **flat)

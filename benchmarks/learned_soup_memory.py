@@ -38,8 +38,8 @@ def per_device_bytes(tree) -> dict:
 
 
 def replicated_leaves(tree) -> list[str]:
-  from soup import checkpoints
-  return [k for k, v in checkpoints.flatten_with_names(tree).items()
+  from soup import trees as tree_lib
+  return [k for k, v in tree_lib.flatten_with_names(tree).items()
           if v.sharding.is_fully_replicated and len(v.sharding.device_set) > 1]
 
 

@@ -59,7 +59,7 @@ def write_ingredients(workdir: Path, n: int) -> dict:
   pairwise cosines are ~0.3 and every recipe has something to decide."""
   import numpy as np
 
-  from soup import checkpoints
+  from soup import checkpoints, trees as tree_lib
   _, shapes = model_and_shapes()
   rng = np.random.default_rng(0)
   def normal(scale):
@@ -68,14 +68,14 @@ def write_ingredients(workdir: Path, n: int) -> dict:
 
   base, common_dir, noise = normal(0.02), normal(1e-3), normal(1.5e-3)
   t = time.perf_counter()
-  checkpoints.save_ingredient(workdir / "model_0", checkpoints.unflatten(base), {"index": 0})
+  checkpoints.save_ingredient(workdir / "model_0", tree_lib.unflatten(base), {"index": 0})
   paths = []
   for i in range(n):
     scale = np.float32(0.5 + i / n)
     flat = {k: base[k] + scale * (common_dir[k] + np.roll(noise[k], 7919 * (i + 1)))
             for k in shapes}
     path = workdir / f"model_{i + 1}"
-    checkpoints.save_ingredient(path, checkpoints.unflatten(flat), {"index": i + 1})
+    checkpoints.save_ingredient(path, tree_lib.unflatten(flat), {"index": i + 1})
     paths.append(str(path))
     del flat
   return {"init": str(workdir / "model_0"), "paths": paths, "write_s": time.perf_counter() - t,
@@ -97,7 +97,7 @@ def worker(recipe: str, args: dict) -> dict:
   if recipe == "greedy":
     import jax.numpy as jnp
 
-    from soup import checkpoints
+    from soup import checkpoints, memory
     model, _ = model_and_shapes()
     images = np.random.default_rng(1).standard_normal((args["eval_images"], *IMAGE), np.float32)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
@@ -110,7 +110,7 @@ def worker(recipe: str, args: dict) -> dict:
       eval_times.append(time.perf_counter() - t)
       return accuracy
 
-    checkpoints.release_free_memory()
+    memory.release_free_memory()
     rss_base = common.rss_mib()[0]  # After the evaluator's compile and its warm-up call.
   common.reset_peak_rss()
   t = time.perf_counter()

@@ -1,4 +1,7 @@
-"""Orbax checkpoints: params-only soup ingredients and full train states.
+"""Soup ingredients: params-only Orbax checkpoints, fingerprinted, read leaf by leaf.
+
+Full train states (resumable training) are soup/train_state.py; aligned buffers and
+malloc_trim are soup/memory.py.
 
 An ingredient is a folder:
   <dir>/params/           Orbax tree of params only (zarr arrays, uncompressed, no OCDBT)
@@ -20,9 +23,7 @@ Orbax once, then served from memory.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import logging
 import math
 import os
 import shutil
@@ -37,30 +38,19 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: zarr dtype "bflo
 import numpy as np
 import orbax.checkpoint as ocp
 
-from soup import atomic_io
-from soup.trees import flatten_with_names  # noqa: F401  (also used as checkpoints.flatten_with_names)
+from soup import atomic_io, orbax_logs
+from soup.memory import aligned_empty, aligned_tree, release_free_memory
+from soup.trees import flatten_with_names, unflatten
 
 PyTree = Any
 INGREDIENT_FILE = "ingredient.json"
-ALIGNMENT = 64  # Bytes. jax.device_put on the CPU aliases (does not copy) aligned arrays.
-
-
-class _NoOcdbtMergeWarning(logging.Filter):
-  """Orbax tries to merge OCDBT files after every save, and warns when (as here, by
-  design) there are none."""
-
-  def filter(self, record):
-    return "Skipping merge of OCDBT" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_NoOcdbtMergeWarning())
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, incomplete, corrupted or of another model."""
 
 
-# --- Fingerprints and buffers -------------------------------------------------
+# --- Fingerprints --------------------------------------------------------------
 
 
 def _crc32c(a: np.ndarray) -> int:
@@ -86,60 +76,6 @@ def fingerprint(tree: PyTree) -> dict[str, str]:
           for name, leaf in flatten_with_names(tree).items()}
 
 
-def aligned_empty(shape, dtype) -> np.ndarray:
-  """An uninitialised C-contiguous array whose data starts on an ALIGNMENT boundary."""
-  dtype = np.dtype(dtype)
-  nbytes = math.prod(shape) * dtype.itemsize
-  raw = np.empty(nbytes + ALIGNMENT, np.uint8)
-  start = -raw.ctypes.data % ALIGNMENT
-  return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
-def aligned_tree(specs: Mapping[str, Any], dtype=None) -> dict[str, np.ndarray]:
-  """Uninitialised arrays for {name: spec}, all views of one aligned block.
-
-  One allocation: glibc serves it with mmap, so freeing it returns the memory to the
-  OS at once (many medium-sized arrays would stay in malloc arenas).
-  """
-  sizes = {n: math.prod(s.shape) * np.dtype(dtype or s.dtype).itemsize for n, s in specs.items()}
-  offsets, total = {}, 0
-  for name, size in sizes.items():
-    offsets[name] = total
-    total += -(-size // ALIGNMENT) * ALIGNMENT
-  block = aligned_empty((max(total, 1),), np.uint8)
-  return {n: block[offsets[n]:offsets[n] + sizes[n]].view(dtype or s.dtype).reshape(s.shape)
-          for n, s in specs.items()}
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  """{"a/b": x} -> {"a": {"b": x}}: the inverse of flatten_with_names for dict trees."""
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
-try:
-  _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # Not glibc: nothing to trim.
-  _LIBC = None
-
-
-def release_free_memory() -> None:
-  """Returns freed heap pages to the OS (glibc's malloc_trim).
-
-  Orbax/tensorstore allocate restore buffers on their worker threads; glibc keeps
-  the freed pages in per-thread arenas, so without this the process grows by about
-  one model per restore.
-  """
-  if _LIBC is not None:
-    _LIBC.malloc_trim(0)
-
-
 # --- Ingredients ---------------------------------------------------------------
 
 
@@ -160,6 +96,7 @@ def save_ingredient(path: str | os.PathLike, params: PyTree,
     shutil.rmtree(path)  # A leftover from an interrupted write.
   path.mkdir(parents=True)
   params = jax.device_get(params)
+  orbax_logs.quiet()
   checkpointer = ocp.PyTreeCheckpointer(use_ocdbt=False, use_compression=False)
   checkpointer.save(path / "params", args=ocp.args.PyTreeSave(params))
   checkpointer.close()
@@ -404,32 +341,3 @@ def load_ingredient(path: str | os.PathLike, verify: bool = True) -> PyTree:
   if set(flatten_with_names(tree)) != set(ingredient.fingerprints):  # pragma: no cover
     raise CheckpointError(f"Ingredient {path} does not match its fingerprint file.")
   return tree
-
-
-# --- Full train states (resumable training) -------------------------------
-
-
-def train_state_manager(directory: str | os.PathLike,
-                        save_every_steps: int) -> ocp.CheckpointManager:
-  """Keeps the latest train state; Orbax commits atomically via a tmp folder."""
-  return ocp.CheckpointManager(
-      Path(directory).absolute(),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, save_interval_steps=save_every_steps, cleanup_tmp_directories=True,
-          enable_async_checkpointing=False),
-  )
-
-
-def restore_train_state(manager: ocp.CheckpointManager, abstract_state: PyTree):
-  """Returns (step, state) of the latest checkpoint, or (0, None)."""
-  step = manager.latest_step()
-  if step is None:
-    return 0, None
-  try:
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  except Exception as e:
-    raise CheckpointError(
-        f"Cannot restore the train state at step {step} in {manager.directory}: {e}. "
-        "If the model or optimizer config changed, use a new workdir; if the files are "
-        "damaged, delete that step folder to restart the member.") from e
-  return step, state

@@ -36,7 +36,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from soup import checkpoints, mesh as mesh_lib, sharding
+from soup import mesh as mesh_lib, sharding, train_state
 from soup.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,8 @@ def _initial_state(step: CompiledStep, params: PyTree, workdir: Path, checkpoint
   layout = step.state_sharding
   params = sharding.put(params, layout["params"])
   state = jax.jit(step.init_state, out_shardings=layout)(params)
-  manager = checkpoints.train_state_manager(workdir / "train_state", checkpoint_every)
-  start, restored = checkpoints.restore_train_state(manager, sharding.abstract(state, layout))
+  manager = train_state.train_state_manager(workdir / "train_state", checkpoint_every)
+  start, restored = train_state.restore_train_state(manager, sharding.abstract(state, layout))
   if restored is not None:
     state = restored
     log.info("%s: resuming at step %d of %d", description, start, total_steps)
@@ -270,7 +270,7 @@ def train(*, step: CompiledStep, params: PyTree, hyper: Hyper,
           break
       # The last step is saved too: a crash before the ingredient is written loses nothing.
       if (i + 1) % checkpoint_every == 0 or last:
-        manager.save(i + 1, args=checkpoints.ocp.args.StandardSave(state), force=last)
+        train_state.save_train_state(manager, i + 1, state, force=last)
     bar.close()
   manager.wait_until_finished()
   manager.close()

@@ -1,16 +1,18 @@
 """Naming and comparing param trees (no I/O, no models).
 
-A leaf is named by its key path joined with "/" ("Transformer/encoder_norm/scale").
+A leaf is named by its key path joined with "/" ("Transformer/encoder_norm/scale"):
+`flatten_with_names` and its inverse `unflatten` are the one flatten/unflatten of the
+project (flax.traverse_util); names come in sorted key order, as jax orders dict leaves.
 `check_compatible` is the one structure check: soups use it to compare ingredients,
 checkpoint converters to compare a converted tree with the model's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
-import jax
 import numpy as np
+from flax import traverse_util
 
 PyTree = Any
 
@@ -26,12 +28,15 @@ class MissingKeyError(TreeMismatchError, KeyError):
     return str(self.args[0])
 
 
-def key_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def flatten_with_names(tree: PyTree, sep: str = "/") -> dict[str, Any]:
+  """{"a": {"b": x}} -> {"a/b": x} for nested dicts, in sorted key order."""
+  flat = traverse_util.flatten_dict(tree)
+  return {sep.join(str(k) for k in path): flat[path] for path in sorted(flat)}
 
 
-def flatten_with_names(tree: PyTree) -> dict[str, Any]:
-  return {key_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
+  """{"a/b": x} -> {"a": {"b": x}}: the inverse of flatten_with_names."""
+  return traverse_util.unflatten_dict(dict(flat), sep=sep)
 
 
 def _shape(leaf) -> tuple[int, ...]:

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from flax import traverse_util
 
-from soup import atomic_io, checkpoints
+from soup import atomic_io, checkpoints, trees
 
 # Keys a rerun may change without invalidating what the workdir holds. Those that
 # reach the evaluation (data paths) are part of the caches' keys instead.
@@ -47,7 +46,7 @@ class WorkdirMismatchError(ValueError):
 
 def flat_config(tree: dict) -> dict[str, Any]:
   """{"a": {"b": 1}} -> {"a.b": 1}, tuples as lists (as JSON would read them back)."""
-  flat = traverse_util.flatten_dict(tree, sep=".")
+  flat = trees.flatten_with_names(tree, sep=".")
   return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
 
 

@@ -152,14 +152,14 @@ def killed(workdir, kill_at):
 def resume(workdir):
   import jax
 
-  from soup import checkpoints, mesh as mesh_lib, sharding, train
+  from soup import mesh as mesh_lib, sharding, train, train_state
   # Orbax restores the sharded state straight into the FSDP layout.
   model = tiny_vit()
   params = init_params(model)
   step = train.compile_step(step_fns(model), params, mesh_lib.make_mesh(), sharding.FSDP)
   init_state, layout = step.init_state, step.state_sharding
-  manager = checkpoints.train_state_manager(Path(workdir) / "train_state", 5)
-  step, restored = checkpoints.restore_train_state(
+  manager = train_state.train_state_manager(Path(workdir) / "train_state", 5)
+  step, restored = train_state.restore_train_state(
       manager, sharding.abstract(jax.eval_shape(init_state, params), layout))
   manager.close()
   assert step == 10, step

@@ -22,7 +22,7 @@ def _trees(n, seed=0):
 def single():
   import jax
 
-  from soup import checkpoints, mesh as mesh_lib, soups
+  from soup import checkpoints, mesh as mesh_lib, soups, trees as tree_lib
   from soup.soups import average, learned
   assert jax.device_count() == 8, jax.devices()
   mesh = mesh_lib.make_mesh()
@@ -32,17 +32,17 @@ def single():
   # into one FMA; the host's in-place numpy update rounds twice).
   sharded = soups.sharded_average(trees, mesh)
   streamed = soups.stream_average(trees)
-  for k, v in checkpoints.flatten_with_names(streamed).items():
-    np.testing.assert_allclose(checkpoints.flatten_with_names(sharded)[k], v, rtol=2e-6,
+  for k, v in tree_lib.flatten_with_names(streamed).items():
+    np.testing.assert_allclose(tree_lib.flatten_with_names(sharded)[k], v, rtol=2e-6,
                                atol=1e-7, err_msg=k)
   # A soup of identical models is that model, exactly, sharded too.
-  for k, v in checkpoints.flatten_with_names(soups.sharded_average([trees[0]] * 3, mesh)).items():
-    np.testing.assert_array_equal(v, checkpoints.flatten_with_names(trees[0])[k], err_msg=k)
+  for k, v in tree_lib.flatten_with_names(soups.sharded_average([trees[0]] * 3, mesh)).items():
+    np.testing.assert_array_equal(v, tree_lib.flatten_with_names(trees[0])[k], err_msg=k)
 
   # Each device holds ceil(size / 8) values of every parameter.
   flat = average.shard_flat(trees[0], mesh)
-  for name, leaf in checkpoints.flatten_with_names(flat).items():
-    size = checkpoints.flatten_with_names(trees[0])[name].size
+  for name, leaf in tree_lib.flatten_with_names(flat).items():
+    size = tree_lib.flatten_with_names(trees[0])[name].size
     shards = leaf.addressable_shards
     assert len(shards) == 8
     assert all(s.data.shape == (-(-size // 8),) for s in shards), (
@@ -66,8 +66,8 @@ def single():
     for path, tree in zip(paths, stack_trees):
       checkpoints.save_ingredient(path, tree)
     from_paths = learned.stack_ingredients(paths, mesh)
-    for name, leaf in checkpoints.flatten_with_names(from_paths).items():
-      expected = checkpoints.flatten_with_names(stacked)[name]
+    for name, leaf in tree_lib.flatten_with_names(from_paths).items():
+      expected = tree_lib.flatten_with_names(stacked)[name]
       assert leaf.sharding == expected.sharding, name
       np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected), err_msg=name)
 
@@ -109,8 +109,8 @@ def multiprocess(rank: int, port: int, out: str):
   trees = _trees(5)
   result = soups.sharded_average(trees, mesh)
   if rank == 0:
-    from soup import checkpoints
-    np.savez(out, **checkpoints.flatten_with_names(result))
+    from soup import trees as tree_lib
+    np.savez(out, **tree_lib.flatten_with_names(result))
   jax.distributed.shutdown()
   print(f"multiprocess {rank}: ok")
 

@@ -108,7 +108,7 @@ def test_kill_9_and_resume_under_fsdp_is_bit_identical(env, tmp_path):
 
 
 def test_sharded_soups_on_2_processes_equal_host_soups_and_each_read_half(tmp_path):
-  from soup import checkpoints, soups
+  from soup import soups, trees as tree_lib
   from soup.soups import ensemble
 
   port, out = free_port(), tmp_path / "result"
@@ -134,7 +134,7 @@ def test_sharded_soups_on_2_processes_equal_host_soups_and_each_read_half(tmp_pa
     assert g["greedy_held_out"] == greedy.held_out
   with np.load(f"{out}.npz") as soup_arrays:
     for key, expected in (("uniform", uniform), ("greedy", greedy.result)):
-      for name, value in checkpoints.flatten_with_names(expected).items():
+      for name, value in tree_lib.flatten_with_names(expected).items():
         np.testing.assert_allclose(soup_arrays[f"{key}/{name}"], value, rtol=2e-6, atol=1e-6,
                                    err_msg=f"{key}/{name}")
 

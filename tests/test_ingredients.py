@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from soup import checkpoints, soups, trees
+from soup import checkpoints, memory, soups, trees
 from soup.soups import average, interpolation, learned
 
 
@@ -50,7 +50,7 @@ def test_saved_ingredient_is_plain_orbax_and_read_directly(tmp_path):
   for name, leaf in trees.flatten_with_names(params).items():
     got = trees.flatten_with_names(loaded)[name]
     np.testing.assert_array_equal(got, leaf)
-    assert got.ctypes.data % checkpoints.ALIGNMENT == 0
+    assert got.ctypes.data % memory.ALIGNMENT == 0
   buffer = np.empty(10_000, np.float32)  # A reused buffer: the leaf lands in it.
   got = ingredient.read("dense/kernel", buffer)
   assert np.shares_memory(got, buffer)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soup import checkpoints, soups
+from soup import checkpoints, soups, trees as tree_lib
 from soup.soups import ensemble, greedy
 
 
@@ -17,7 +17,7 @@ def _tree(rng, scale=1.0, dtype=np.float32):
 
 
 def _assert_trees_equal(a, b, exact=True):
-  fa, fb = checkpoints.flatten_with_names(a), checkpoints.flatten_with_names(b)
+  fa, fb = tree_lib.flatten_with_names(a), tree_lib.flatten_with_names(b)
   assert fa.keys() == fb.keys()
   for k in fa:
     assert fa[k].dtype == fb[k].dtype, k
@@ -52,10 +52,10 @@ def test_uniform_soup_equals_numpy_mean_of_restored_ingredients(tmp_path):
     checkpoints.save_ingredient(tmp_path / f"m{i}", _tree(rng))
     paths.append(tmp_path / f"m{i}")
   restored = [checkpoints.load_ingredient(p) for p in paths]
-  expected = {k: np.mean(np.stack([checkpoints.flatten_with_names(r)[k] for r in restored]), 0,
+  expected = {k: np.mean(np.stack([tree_lib.flatten_with_names(r)[k] for r in restored]), 0,
                          dtype=np.float64).astype(np.float32)
-              for k in checkpoints.flatten_with_names(restored[0])}
-  got = checkpoints.flatten_with_names(soups.stream_average(paths))
+              for k in tree_lib.flatten_with_names(restored[0])}
+  got = tree_lib.flatten_with_names(soups.stream_average(paths))
   for k, v in expected.items():
     np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
   # Streaming from paths and averaging in memory run the same arithmetic: bit-equal.
@@ -66,9 +66,9 @@ def test_weighted_average_matches_numpy():
   rng = np.random.default_rng(2)
   trees = [_tree(rng) for _ in range(4)]
   w = np.array([0.1, 0.0, 2.0, 0.9])
-  got = checkpoints.flatten_with_names(soups.weighted_average(trees, w))
+  got = tree_lib.flatten_with_names(soups.weighted_average(trees, w))
   for k in got:
-    stacked = np.stack([checkpoints.flatten_with_names(t)[k] for t in trees]).astype(np.float64)
+    stacked = np.stack([tree_lib.flatten_with_names(t)[k] for t in trees]).astype(np.float64)
     np.testing.assert_allclose(got[k], np.tensordot(w / w.sum(), stacked, 1), rtol=1e-5, atol=1e-6)
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from soup import checkpoints, trees
+from soup import checkpoints, memory, trees
 from soup.trees import check_compatible  # noqa: F401  (re-exported: soup.soups.check_compatible)
 
 PyTree = Any
@@ -88,7 +88,7 @@ def as_tree(flat: dict, source) -> PyTree:
   tree, nested dicts (as load_ingredient gives) for a checkpoint."""
   if isinstance(source, InMemory):
     return jax.tree.unflatten(source.treedef, [flat[n] for n in source.leaves])
-  return checkpoints.unflatten(flat)
+  return trees.unflatten(flat)
 
 
 def check_finite(params: PyTree, name: str) -> None:
@@ -188,7 +188,7 @@ def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]]
   w = checked_weights(len(sources), weights)
   opened = open_sources(sources, verify)
   specs = opened[0].specs
-  mean = checkpoints.aligned_tree(specs, np.float32)
+  mean = memory.aligned_tree(specs, np.float32)
   steps = schedule(w)
   nbytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
   threads = default_threads() if threads is None else threads
@@ -198,7 +198,7 @@ def stream_average(sources: Sequence[Source], weights: Optional[Sequence[float]]
 
   def work(names: list[str]) -> None:
     biggest = max(int(np.prod(specs[n].shape)) * np.dtype(specs[n].dtype).itemsize for n in names)
-    buffer = checkpoints.aligned_empty((biggest,), np.uint8)
+    buffer = memory.aligned_empty((biggest,), np.uint8)
     scratch = np.empty(BLOCK, np.float32)
     for k, (i, coef) in enumerate(steps):
       if stop.is_set():

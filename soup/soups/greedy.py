@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from soup import checkpoints
+from soup import memory
 from soup.soups import average
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def greedy_soup(ingredients: Mapping[str, average.Source], held_out_scores: Mapp
   first = opened[order[0]]
   specs = first.specs
   biggest = max(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
-  buffer = checkpoints.aligned_empty((biggest,), np.uint8)  # Reused for every leaf read.
+  buffer = memory.aligned_empty((biggest,), np.uint8)  # Reused for every leaf read.
   state = {"mean": {n: average.to_float32(first.read(n)) for n in specs}, "count": 1,
            "candidate": None}
   first.release()
@@ -101,7 +101,7 @@ def greedy_soup(ingredients: Mapping[str, average.Source], held_out_scores: Mapp
 
   def try_candidate(name):
     state["candidate"] = None  # A rejected candidate: freed before the next is built,
-    checkpoints.release_free_memory()  # and its pages returned (glibc keeps them otherwise).
+    memory.release_free_memory()  # and its pages returned (glibc keeps them otherwise).
     coef = np.float32(1.0 / (state["count"] + 1))
     candidate = {}
     for leaf in specs:

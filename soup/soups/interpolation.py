@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from soup import checkpoints
+from soup import memory
 from soup.soups import average
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ PyTree = Any
 
 def _leaf_buffer(specs) -> np.ndarray:
   biggest = max(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
-  return checkpoints.aligned_empty((biggest,), np.uint8)
+  return memory.aligned_empty((biggest,), np.uint8)
 
 
 def wise_ft(initial: average.Source, finetuned: average.Source, alpha: float,
@@ -77,13 +77,13 @@ def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
   opened = average.open_sources([initial, *finetuned], verify)
   init, fts = opened[0], opened[1:]
   specs = init.specs
-  mean = checkpoints.aligned_tree(specs, np.float32)
-  unit_sum = checkpoints.aligned_tree(specs, np.float32)
+  mean = memory.aligned_tree(specs, np.float32)
+  unit_sum = memory.aligned_tree(specs, np.float32)
   dots = dict.fromkeys(specs, 0.0)
   zeros = dict.fromkeys(specs, 0)
   buffers = _leaf_buffer(specs), _leaf_buffer(specs)
   scratch = np.empty(average.BLOCK, np.float32)
-  delta = checkpoints.aligned_empty((max(int(np.prod(s.shape)) for s in specs.values()),),
+  delta = memory.aligned_empty((max(int(np.prod(s.shape)) for s in specs.values()),),
                                     np.float32)
   for i, ft in enumerate(fts):
     coef = np.float32(1.0 / (i + 1))

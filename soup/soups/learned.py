@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from soup import checkpoints, trees
+from soup import memory, trees
 from soup.soups import average
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,12 @@ def stack_ingredients(ingredients: Sequence[average.Source], mesh: Optional[Mesh
   specs = opened[0].specs
   n = len(opened)
   biggest = max(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
-  buffer = checkpoints.aligned_empty((biggest,), np.uint8)
+  buffer = memory.aligned_empty((biggest,), np.uint8)
   out = {}
   for name, spec in specs.items():
     shape = (n, *spec.shape)
     if mesh is None:
-      host = checkpoints.aligned_empty(shape, np.float32)
+      host = memory.aligned_empty(shape, np.float32)
       for i, source in enumerate(opened):
         np.copyto(host[i, ...], source.read(name, buffer), casting="same_kind")
       out[name] = jax.device_put(host)
@@ -79,7 +79,7 @@ def stack_ingredients(ingredients: Sequence[average.Source], mesh: Optional[Mesh
     shards = {}  # Devices holding the same slice share one host buffer.
     for b in bounds.values():
       if b not in shards:
-        shards[b] = checkpoints.aligned_empty(tuple(len(range(*r)) for r in b), np.float32)
+        shards[b] = memory.aligned_empty(tuple(len(range(*r)) for r in b), np.float32)
     for i, source in enumerate(opened):
       holders = [b for b in shards if b[0][0] <= i < b[0][1]]
       if not holders:

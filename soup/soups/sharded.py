@@ -28,9 +28,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from soup import atomic_io, checkpoints, sharding as sharding_lib
+from soup import atomic_io, checkpoints, sharding as sharding_lib, trees
 from soup.soups import average, greedy
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _index_key(index: tuple) -> str:
 def _shard_crcs(params: PyTree) -> dict[str, dict[str, str]]:
   """CRC-32 of every shard this process holds (one replica of each)."""
   out: dict[str, dict[str, str]] = {}
-  for name, leaf in checkpoints.flatten_with_names(params).items():
+  for name, leaf in trees.flatten_with_names(params).items():
     for shard in leaf.addressable_shards:
       if shard.replica_id == 0:
         data = np.ascontiguousarray(np.asarray(shard.data))
@@ -77,7 +78,7 @@ def save_ingredient(path: str | os.PathLike, params: PyTree,
     import shutil
     shutil.rmtree(path)  # A leftover from an interrupted write.
   _barrier(f"ingredient-clean:{path}")
-  checkpointer = checkpoints.ocp.StandardCheckpointer()
+  checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / "params", params)
   checkpointer.wait_until_finished()
   checkpointer.close()
@@ -85,7 +86,7 @@ def save_ingredient(path: str | os.PathLike, params: PyTree,
                             json.dumps(_shard_crcs(params)))
   _barrier(f"ingredient-shards:{path}")
   if jax.process_index() == 0:
-    leaves = checkpoints.flatten_with_names(params)
+    leaves = trees.flatten_with_names(params)
     info = {"fingerprints": {k: f"{np.dtype(v.dtype)}{list(v.shape)}:sharded"
                              for k, v in leaves.items()},
             "sharded": True, "metadata": dict(metadata or {})}
@@ -114,7 +115,7 @@ def restore(path: str | os.PathLike, shardings: PyTree, verify: bool = True) -> 
   shapes = checkpoints.ingredient_shapes(path)
   target = sharding_lib.abstract(shapes, shardings)
   try:
-    with checkpoints.ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(path / "params", target)
   except Exception as e:  # Orbax/tensorstore raise many types for broken files.
     raise checkpoints.CheckpointError(
@@ -128,7 +129,7 @@ def restore(path: str | os.PathLike, shardings: PyTree, verify: bool = True) -> 
 
 def _verify(path: Path, info: dict, params: PyTree) -> None:
   expected = info["fingerprints"]
-  leaves = checkpoints.flatten_with_names(params)
+  leaves = trees.flatten_with_names(params)
   for name, leaf in leaves.items():
     if not str(expected.get(name, "")).startswith(f"{np.dtype(leaf.dtype)}{list(leaf.shape)}:"):
       raise checkpoints.CheckpointError(
