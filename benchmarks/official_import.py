@@ -148,7 +148,7 @@ def time_evaluation(work: Path, mock_root: Path, batch: int, dtypes: list[str], 
   import jax
   import jax.numpy as jnp
 
-  from soup import checkpoints, experiment
+  from soup import checkpoints, resources
   from soup.data import imagenet_mock
   from soup.models import clip, pretrained
   if not (mock_root / "imagenet2012_heldout.npz").exists():
@@ -160,7 +160,7 @@ def time_evaluation(work: Path, mock_root: Path, batch: int, dtypes: list[str], 
                      num_workers=2, cache_dir=str(mock_root / "label_cache"))
   config.eval.batch_size = batch
   params = checkpoints.load_ingredient(work / "models" / "model_0" / "ingredient")
-  res = experiment.Resources(config)
+  res = resources.Resources(config)
   splits = res.splits()
   images = sum(len(s.labels) for s in splits.values())
   held = splits[res.columns.held_out]

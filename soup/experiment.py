@@ -11,7 +11,9 @@ by the stage that owns it.
 Files of one run, in order (README.md, "How a run flows"): the config,
 soup/main.py, this file, soup/train.py (stages 1 and 3; the probe is
 soup/linear_probe.py), soup/recipes.py (stage 5), soup/report.py (stage 6).
-Helpers: soup/workdir.py (layout, guard, caches), soup/ingredients.py.
+Helpers: soup/workdir.py (layout, guard, caches), soup/ingredients.py, soup/resources.py
+(data, model, mesh and evaluator, built on first use), soup/analysis_figures.py (the
+report's cached analysis figures).
 """
 
 from __future__ import annotations
@@ -28,14 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from soup import (
-  analysis,
+  analysis_figures,
   atomic_io,
   checkpoints,
   claims,
   contrastive,
-  evaluate as evaluate_lib,
-  mesh as mesh_lib,
-  models,
   recipes,
   report as report_lib,
   results,
@@ -43,11 +42,10 @@ from soup import (
   train,
 )
 from soup.data import batching
-from soup.data.fashion_mnist import FashionMNISTTask
-from soup.data.imagenet import ImageNetTask
 from soup.ingredients import IngredientStore
 from soup.linear_probe import fit_probe
 from soup.models import pretrained
+from soup.resources import Resources
 from soup.validate import STAGES
 from soup.workdir import Workdir, content_key, eval_settings
 
@@ -110,7 +108,7 @@ def run(config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]],
   if "report" in stages:
     with _stage("report"):
       add_intervals(config, res.columns, rows)
-      figures = analysis_figures(config, wd, res, store, all_models, rows)
+      figures = analysis_figures.build(config, wd, res, store, all_models, rows)
       return report(wd, res.columns, rows, figures)
   return None
 
@@ -348,82 +346,6 @@ def add_intervals(config, columns: results.Columns, rows: list[dict]) -> None:
   claims.add_intervals(rows, correct, columns, seed=config.seed, num_resamples=resamples)
 
 
-def analysis_figures(config, wd: Workdir, res: Resources, store: IngredientStore,
-                     names: list[str], rows: list[dict]) -> dict[str, str]:
-  """The error landscape and the soups-by-ingredients curves (soup/analysis.py), if enabled.
-
-  Cached in analysis.json under the ingredients' fingerprints and the settings.
-  Returns {figure title: file name} for the report's links.
-  """
-  cfg = config.get("report", {})
-  if not cfg.get("analysis", False):
-    return {}
-  usable, _ = store.usable(names)
-  if not config.soups.include_initialization:
-    usable = [n for n in usable if n != "model_0"]
-  members = [n for n in usable if n != "model_0"]
-  figures = {"Error landscape (held-out error on the plane of the initialization and two "
-             "fine-tunes)": "landscape.png",
-             "Greedy and uniform soups as ingredients are added": "ingredients.png"}
-  if len(members) < 2 or "model_0" not in store.usable(names)[0]:
-    log.warning("analysis figures need model_0 and two fine-tunes; skipped.")
-    return {}
-  settings = {k: cfg.get(k) for k in ("landscape_grid", "landscape_examples")}
-  key = content_key({"settings": settings, "greedy": config.soups.greedy_comparison,
-                     "eval": eval_settings(config),
-                     "ingredients": {n: wd.fingerprint_digest(wd.ingredient_dir(n))
-                                     for n in usable}})
-  path = wd.root / "analysis.json"
-  if path.exists():
-    cached = json.loads(path.read_text())
-    written = cached.get("figures", figures)
-    if cached.get("key") == key and all((wd.root / f).exists() for f in written.values()):
-      return written
-  splits = res.splits()
-  held_split, test_split = splits[res.columns.held_out], splits[res.columns.test]
-  scores = {r["model_name"]: r[res.columns.held_out] for r in rows if r["model_name"] in usable}
-  bs = config.eval.batch_size
-
-  def accuracy(split, limit: int = 0):
-    labels = split.labels[:limit] if limit else split.labels
-
-    def fn(params):
-      batches = split.iterate(bs)
-      if limit:
-        batches = (split.images[i:min(i + bs, limit)] for i in range(0, limit, bs))
-      logits = res.evaluator.logits_of_batches(params, batches)
-      return float(np.mean(np.argmax(split.scored_logits(logits), -1) == labels))
-    return fn
-
-  t = time.time()
-  # The two best fine-tunes that span a plane with model_0 (a duplicate does not).
-  init = store.load("model_0")
-  pair = analysis.first_plane(init, sorted(members, key=lambda n: -scores[n]), store.load)
-  limit = min(settings["landscape_examples"] or len(held_split), len(held_split))
-  if held_split.images is None:
-    limit = 0  # Streamed splits: the whole held-out split.
-  landscape = None
-  if pair is None:
-    log.warning("analysis: no two fine-tunes span a plane with model_0 (identical or "
-                "collinear weights); the error landscape is skipped.")
-    figures = {k: v for k, v in figures.items() if v != "landscape.png"}
-  else:
-    a, b = pair
-    landscape = analysis.error_landscape(
-        init, store.load(a), store.load(b), accuracy(held_split, limit),
-        grid=settings["landscape_grid"], names=("model_0 (init)", a, b))
-    analysis.plot_landscape(landscape, wd.root / "landscape.png")
-  curves = analysis.ingredient_curves(usable, scores, store.load, res.held_out_accuracy,
-                                      accuracy(test_split), config.soups.greedy_comparison)
-  analysis.plot_ingredient_curves(curves, wd.root / "ingredients.png")
-  atomic_io.atomic_write_text(path, json.dumps({"key": key, "figures": figures,
-                                              "landscape": landscape,
-                                              "landscape_examples": limit, "curves": curves,
-                                              "seconds": round(time.time() - t, 1)}))
-  log.info("analysis figures in %.1fs", time.time() - t)
-  return figures
-
-
 def report(wd: Workdir, columns: results.Columns, rows: list[dict],
            figures: Optional[dict[str, str]] = None) -> dict:
   # Per-example correctness stays in the soups' caches; the intervals it gave are in the rows.
@@ -435,94 +357,3 @@ def report(wd: Workdir, columns: results.Columns, rows: list[dict],
   atomic_io.atomic_write_text(wd.root / "report.md", report_lib.render_markdown(built))
   report_lib.plot_figure(rows, columns, wd.root / "figure.png")
   return built
-
-
-# --- Data, model and mesh, built on first use -----------------------------------
-
-
-class Resources:
-  """The task (data), the model, the mesh and the evaluator of one config."""
-
-  def __init__(self, config):
-    self.config = config
-    self.mesh = mesh_lib.make_mesh()
-    self.columns = task_columns(config.data)
-    self._task = None
-    self._evaluator = None
-
-  @property
-  def task(self):
-    """The dataset behind the experiment (see soup/data/task.py)."""
-    if self._task is None:
-      t = time.time()
-      self._task = make_task(self.config.data)
-      log.info("data ready in %.1fs", time.time() - t)
-    return self._task
-
-  @property
-  def num_classes(self) -> int:
-    return self.task.num_classes
-
-  def splits(self):
-    """Column name -> EvalSplit, in the results' column order."""
-    return self.task.eval_splits()
-
-  def model(self, num_classes: int):
-    return models.build(self.config.model, num_classes)
-
-  def apply_fn(self, num_classes: Optional[int] = None) -> Callable:
-    model = self.model(num_classes or self.num_classes)
-    preprocess = self.task.preprocess
-    return lambda params, images: model.apply({"params": params}, preprocess(images))
-
-  @property
-  def evaluator(self) -> evaluate_lib.Evaluator:
-    if self._evaluator is None:
-      self._evaluator = evaluate_lib.Evaluator(self.apply_fn(), self.mesh,
-                                               self.config.eval.batch_size)
-    return self._evaluator
-
-  def evaluate(self, params: PyTree) -> dict[str, np.ndarray]:
-    bs = self.config.eval.batch_size
-    return {col: self.evaluator.logits_of_batches(params, split.iterate(bs))
-            for col, split in self.splits().items()}
-
-  def held_out_accuracy(self, params: PyTree) -> float:
-    split = self.splits()[self.columns.held_out]
-    return split.accuracy(self.evaluator.logits_of_batches(
-        params, split.iterate(self.config.eval.batch_size)))
-
-  def expected_param_shapes(self) -> PyTree:
-    """Param shapes and dtypes the config's model has (no computation)."""
-    sample = next(iter(self.splits()[self.columns.held_out].iterate(1)))
-    model = self.model(self.num_classes)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), self.task.preprocess(x)),
-                          jnp.asarray(sample))["params"]
-
-  def row(self, name: str, recipe: str, logits: dict, ingredients: list[str], cost: int,
-          **extra) -> dict:
-    """A results row: accuracies on every split, their shift mean, and the recipe's details."""
-    splits = self.splits()
-    acc = {col: splits[col].accuracy(logits[col]) for col in splits}
-    acc["avg_shifts"] = float(np.mean([acc[c] for c in self.columns.shifts]))
-    # Per-example correctness, for the paired bootstrap intervals of the report stage.
-    correct = {col: stats.pack_correct(np.argmax(splits[col].scored_logits(
-        np.asarray(logits[col], np.float32)), axis=-1) == splits[col].labels) for col in splits}
-    return {"model_name": name, "recipe": recipe, **acc, "ingredients": ingredients,
-            "inference_cost": cost, **self.task.provenance(), **extra,
-            "correct": correct}
-
-
-# --- Tasks ----------------------------------------------------------------------
-
-
-def make_task(data_config):
-  if data_config.name == "fashion_mnist":
-    return FashionMNISTTask(data_config)
-  if data_config.name == "imagenet":
-    return ImageNetTask(data_config)
-  raise ValueError(f"Unknown config.data.name {data_config.name!r}: use fashion_mnist or imagenet.")
-
-
-def task_columns(data_config) -> results.Columns:
-  return {"fashion_mnist": results.FASHION_MNIST, "imagenet": results.IMAGENET}[data_config.name]

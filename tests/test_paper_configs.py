@@ -202,7 +202,7 @@ def smoke_config(path, mock):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_smoke_config_trains_one_step(path, mock, request):
-  from soup.experiment import make_task
+  from soup.resources import make_task
   module = load(path)
   config = smoke_config(path, mock)
   if config.data.name == "fashion_mnist":
