@@ -312,13 +312,10 @@ def check_paths(config, stages: tuple[str, ...], workdir: Path) -> None:
   """
   data = config.data
   if data.name == "fashion_mnist":
-    from soup.data.fashion_mnist import INSTALL_HINT, default_data_dir
+    from soup.data.fashion_mnist_tfds import default_data_dir, not_prepared_message
     tfds_dir = _path(data.data_dir or default_data_dir())
     if not (tfds_dir / "fashion_mnist").is_dir():
-      raise ConfigError(
-          f"TFDS fashion_mnist is not prepared in {tfds_dir}. Run `python -m soup.data.prepare "
-          f"--data_dir={tfds_dir}` (or scripts/setup.sh), or set --config.data.data_dir. "
-          f"{INSTALL_HINT}")
+      raise ConfigError(not_prepared_message(tfds_dir))
   elif data.name == "imagenet":
     evaluates = bool({"evaluate", "soups", "report"} & set(stages))
     for key in ("data_dir", "heldout_file", *(("objectnet_dir",) if evaluates else ())):

@@ -48,10 +48,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def fashion_mnist_ready():
-  from soup.data import fashion_mnist
+  from soup.data import fashion_mnist_tfds
   try:
-    fashion_mnist.load_arrays()
-  except fashion_mnist.DatasetMissingError as e:
+    fashion_mnist_tfds.load_arrays()
+  except fashion_mnist_tfds.DatasetMissingError as e:
     pytest.fail(f"Fashion-MNIST is not prepared; run scripts/setup.sh. ({e})")
   return True
 

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from soup.data import fashion_mnist, shifts
+from soup.data import fashion_mnist_splits, fashion_mnist_tfds, shifts
 from soup.data.batching import Split, train_batch
 
 
@@ -14,7 +14,7 @@ def _sha(a):
 
 
 def test_prepared_dataset_sizes_and_labels(fashion_mnist_ready):
-  arrays = fashion_mnist.load_arrays()
+  arrays = fashion_mnist_tfds.load_arrays()
   (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]
   assert train_x.shape == (60_000, 28, 28, 1) and train_x.dtype == np.uint8
   assert test_x.shape == (10_000, 28, 28, 1)
@@ -25,17 +25,17 @@ def test_prepared_dataset_sizes_and_labels(fashion_mnist_ready):
 
 def test_prepared_dataset_matches_the_idx_files(fashion_mnist_ready):
   """Same examples as the raw files (TFDS stores them in its own shuffled order)."""
-  arrays = fashion_mnist.load_arrays()
-  for split, (images_file, labels_file) in fashion_mnist._FILES.items():
-    raw_x = fashion_mnist.read_idx(fashion_mnist.DEBIAN_DIR / images_file)
-    raw_y = fashion_mnist.read_idx(fashion_mnist.DEBIAN_DIR / labels_file)
+  arrays = fashion_mnist_tfds.load_arrays()
+  for split, (images_file, labels_file) in fashion_mnist_tfds._FILES.items():
+    raw_x = fashion_mnist_tfds.read_idx(fashion_mnist_tfds.DEBIAN_DIR / images_file)
+    raw_y = fashion_mnist_tfds.read_idx(fashion_mnist_tfds.DEBIAN_DIR / labels_file)
     x, y = arrays[split]
     key = lambda xs, ys: sorted(_sha(im) + str(int(label)) for im, label in zip(xs, ys))
     assert key(x[..., 0], y) == key(raw_x, raw_y)
   # Spot checksums of the raw data: the first training image is an ankle boot.
-  raw_y = fashion_mnist.read_idx(fashion_mnist.DEBIAN_DIR / "train-labels-idx1-ubyte.gz")
+  raw_y = fashion_mnist_tfds.read_idx(fashion_mnist_tfds.DEBIAN_DIR / "train-labels-idx1-ubyte.gz")
   assert raw_y[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
-  raw_x = fashion_mnist.read_idx(fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz")
+  raw_x = fashion_mnist_tfds.read_idx(fashion_mnist_tfds.DEBIAN_DIR / "train-images-idx3-ubyte.gz")
   assert int(raw_x.astype(np.int64).sum()) == 3_431_114_169
   assert int(raw_x[0].astype(np.int64).sum()) == 76_247
 
@@ -46,13 +46,13 @@ def test_idx_reader_rejects_truncated_files(tmp_path):
   header = (0x0803).to_bytes(4, "big") + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
   path.write_bytes(gzip.compress(header + bytes(100)))
   with pytest.raises(ValueError, match="truncated"):
-    fashion_mnist.read_idx(path)
+    fashion_mnist_tfds.read_idx(path)
 
 
 def test_missing_idx_files_say_how_to_install(tmp_path):
-  with pytest.raises(fashion_mnist.DatasetMissingError,
+  with pytest.raises(fashion_mnist_tfds.DatasetMissingError,
                      match="apt-get install -y dataset-fashion-mnist"):
-    fashion_mnist.check_idx_files(tmp_path)
+    fashion_mnist_tfds.check_idx_files(tmp_path)
 
 
 def test_experiment_splits_are_disjoint_and_sized(fashion_mnist_ready):
@@ -60,7 +60,7 @@ def test_experiment_splits_are_disjoint_and_sized(fashion_mnist_ready):
   cfg = mlc.ConfigDict(dict(data_dir="", split_seed=0, upstream_examples=1000,
                             held_out_examples=200, finetune_examples=300, test_examples=500,
                             shift_examples=100))
-  s = fashion_mnist.experiment_splits(cfg)
+  s = fashion_mnist_splits.experiment_splits(cfg)
   sizes = (len(s["upstream"]), len(s["held_out"]), len(s["finetune"]), len(s["test"]))
   assert sizes == (1000, 200, 300, 500)
   hashes = {k: {_sha(im) for im in s[k].images} for k in ("upstream", "held_out", "finetune")}
@@ -77,8 +77,9 @@ def test_self_supervised_upstream_sees_finetuning_images_but_never_held_out(fash
   import ml_collections as mlc
   base = dict(data_dir="", split_seed=0, upstream_examples=1000, held_out_examples=200,
               finetune_examples=300, test_examples=100, shift_examples=50)
-  apart = fashion_mnist.experiment_splits(mlc.ConfigDict(base))
-  s = fashion_mnist.experiment_splits(mlc.ConfigDict(dict(base, upstream_includes_finetune=True)))
+  apart = fashion_mnist_splits.experiment_splits(mlc.ConfigDict(base))
+  s = fashion_mnist_splits.experiment_splits(
+      mlc.ConfigDict(dict(base, upstream_includes_finetune=True)))
   assert len(s["upstream"]) == 1300
   hashes = {k: {_sha(im) for im in s[k].images} for k in ("upstream", "held_out", "finetune")}
   assert hashes["finetune"] <= hashes["upstream"]
@@ -134,17 +135,18 @@ def test_upstream_label_spaces_and_splits_independent_of_upstream_size(fashion_m
   import ml_collections as mlc
   base = dict(data_dir="", split_seed=0, held_out_examples=200, finetune_examples=300,
               test_examples=100, shift_examples=50)
-  fine = fashion_mnist.experiment_splits(mlc.ConfigDict(dict(
+  fine = fashion_mnist_splits.experiment_splits(mlc.ConfigDict(dict(
       base, upstream_examples=2000, upstream_labels="fine")))
-  merged = fashion_mnist.experiment_splits(mlc.ConfigDict(dict(
+  merged = fashion_mnist_splits.experiment_splits(mlc.ConfigDict(dict(
       base, upstream_examples=1000, upstream_labels="tops_merged")))
   assert set(np.unique(fine["upstream"].labels)) == set(range(10))
   assert set(np.unique(merged["upstream"].labels)) == set(range(7))
   # T-shirt/top (0), Pullover (2), Coat (4) and Shirt (6) share one upstream label.
-  np.testing.assert_array_equal(fashion_mnist.UPSTREAM_LABELS["tops_merged"][[0, 2, 4, 6]], 0)
+  np.testing.assert_array_equal(
+      fashion_mnist_splits.UPSTREAM_LABELS["tops_merged"][[0, 2, 4, 6]], 0)
   # Another upstream size leaves held-out and fine-tuning on the same images.
   for split in ("held_out", "finetune"):
     np.testing.assert_array_equal(fine[split].images, merged[split].images)
   with pytest.raises(ValueError, match="upstream_labels"):
-    fashion_mnist.experiment_splits(mlc.ConfigDict(dict(base, upstream_examples=100,
+    fashion_mnist_splits.experiment_splits(mlc.ConfigDict(dict(base, upstream_examples=100,
                                                         upstream_labels="bogus")))

@@ -120,7 +120,7 @@ def _mtimes(paths):
 
 def test_changed_data_setting_recomputes_logits_and_rows(smoke_workdir, tmp_path):
   """Another data_dir (here: the same data behind a symlink) misses every cache."""
-  from soup.data.fashion_mnist import default_data_dir
+  from soup.data.fashion_mnist_tfds import default_data_dir
   workdir = tmp_path / "run"
   shutil.copytree(smoke_workdir[0], workdir)
   run_python([*SMOKE, f"--workdir={workdir}", *CHEAP_SOUPS])

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from soup import atomic_io, recipes, results as R
-from soup.data.fashion_mnist import default_data_dir
+from soup.data.fashion_mnist_tfds import default_data_dir
 from tests.conftest import ROOT as REPO, run_python
 
 pytestmark = pytest.mark.slow  # The pipeline or several processes: -m 'not slow' skips it.
@@ -165,8 +165,8 @@ def load_params(path: Path):
 
 
 def assert_trees_identical(a, b, what: str) -> None:
-  from soup import checkpoints
-  fa, fb = checkpoints.flatten_with_names(a), checkpoints.flatten_with_names(b)
+  from soup import trees as tree_lib
+  fa, fb = tree_lib.flatten_with_names(a), tree_lib.flatten_with_names(b)
   assert fa.keys() == fb.keys(), what
   differ = [k for k in fa if fa[k].dtype != fb[k].dtype or not np.array_equal(fa[k], fb[k])]
   assert not differ, f"{what}: leaves {differ[:5]} differ"
@@ -346,7 +346,7 @@ def test_corrupted_ingredient(baseline, tmp_path, damage):
 def test_ingredient_of_another_architecture(baseline, tmp_path):
   import jax
 
-  from soup import checkpoints, models
+  from soup import checkpoints, models, trees as tree_lib
   workdir = bad_workdir(baseline, tmp_path / "run")
   config = smoke_config().copy_and_resolve_references()
   with config.unlocked():
@@ -359,8 +359,8 @@ def test_ingredient_of_another_architecture(baseline, tmp_path):
   target = workdir / "models" / "model_2" / "ingredient"
   checkpoints.save_ingredient(target, wide, {"recipe": "individual"})
   narrow = checkpoints.ingredient_shapes(workdir / "models" / "model_0" / "ingredient")
-  differ = [k for k, v in checkpoints.flatten_with_names(narrow).items()
-            if tuple(v.shape) != checkpoints.flatten_with_names(wide)[k].shape]
+  differ = [k for k, v in tree_lib.flatten_with_names(narrow).items()
+            if tuple(v.shape) != tree_lib.flatten_with_names(wide)[k].shape]
   assert differ
 
   text = expect_failed(run_cli(workdir, EVAL_SOUPS, "--config.soups.on_bad_ingredient=error"))

@@ -9,7 +9,7 @@ import pytest
 
 from configs import fashion_mnist as fm_config
 from soup import aggregate, checkpoints
-from soup.data import fashion_mnist
+from soup.data import fashion_mnist, fashion_mnist_splits
 from soup.linear_probe import accuracy, fit_probe
 from soup.models import convert, export, pretrained
 from soup.models.vit import ViT
@@ -46,7 +46,7 @@ def test_shipped_start_knows_the_images_without_their_labels(fashion_mnist_ready
   """A probe on the shipped features beats one on a random backbone's by far (9 points at
   full scale), on a slice; it need not beat pixels: fine-tuning does that work."""
   config = fm_config.get_config()
-  splits = fashion_mnist.experiment_splits(config.data)
+  splits = fashion_mnist_splits.experiment_splits(config.data)
   train_x, train_y = splits["finetune"].images[:2000], splits["finetune"].labels[:2000]
   test_x, test_y = splits["test"].images[:2000], splits["test"].labels[:2000]
   model = ViT(num_classes=0, **{k: v for k, v in config.model.items() if k != "name"})
