@@ -156,8 +156,9 @@ def quiet_call(fn, wait_s: float = 300, retries: int = 2):
   return best
 
 
-CODE_FILES = ("soup/checkpoints.py", "soup/soups/average.py", "soup/soups/greedy.py",
-              "soup/soups/learned.py", "soup/train.py", "soup/evaluate.py", "soup/models/vit.py")
+CODE_FILES = ("soup/checkpoints.py", "soup/memory.py", "soup/trees.py", "soup/soups/average.py",
+              "soup/soups/greedy.py", "soup/soups/learned.py", "soup/train.py", "soup/evaluate.py",
+              "soup/models/vit.py")
 
 
 def code_version() -> dict:
