@@ -33,7 +33,7 @@ Ablations (same command, a config argument; combine with commas, e.g. narrow_lr,
   :low_lr               sweep lr in [2e-4, 1e-3].
 Expected (5 seeds of the sweep, one shared start; test accuracy %, mean ± std over seeds,
 experiments/fashion_mnist_seeds/aggregate.md): pixel baseline 83.6 and initialization 80.7
-(the same in every seed); best individual 85.95 ± 0.45, at least 4.7 points above the
+(the same in every seed); best individual 85.95 ± 0.45, 4.66 to 5.62 points above the
 initialization in every seed, with 10-12 of 12 fine-tunes above it on held-out; greedy soup
 85.97 ± 0.46 (the best individual alone in 4 of 5 seeds), uniform soup 83.9 ± 0.6, learned
 soup (by layer) 85.0 ± 0.2, ensemble 85.9 ± 0.4. Shift average: initialization 42.6, best
