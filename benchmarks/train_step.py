@@ -49,11 +49,15 @@ def worker(args: dict) -> dict:
   model = models.build(config.model, 10)
   params = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
   apply_fn = lambda p, x: model.apply({"params": p}, x)
-  init_state, step_fn = train.make_train_step(
+  fns = train.make_train_step(
       apply_fn, 10, augment_fn=augment, preprocess_fn=normalize,
       grad_clip=config.finetune.grad_clip, weight_decay_mask=config.finetune.weight_decay_mask)
+  init_state, step_fn = fns
+  # The step the sweep runs: train.compile_step's jit, state layout and batch split.
+  step = train.compile_step(fns, params, mesh)
   replicated = mesh_lib.replicated(mesh)
-  state = jax.device_put(init_state(jax.tree.map(jnp.array, params)), replicated)  # Donated.
+  state = jax.device_put(init_state(jax.tree.map(jnp.array, params)),
+                         step.state_sharding)  # Donated.
   hyper = train.Hyper(lr=1e-3, weight_decay=0.1, label_smoothing=0.1, mixup=0.2,
                       aug_strength=0.5, total_steps=10_000, warmup_steps=50)
   hp = jax.device_put(hyper.as_arrays(), replicated)
@@ -62,7 +66,7 @@ def worker(args: dict) -> dict:
   labels = rng.integers(0, 10, (batch,), dtype=np.int32)
   x, y = mesh_lib.global_batch(mesh, images, labels)
 
-  step_jit = jax.jit(step_fn, donate_argnums=0)
+  step_jit = step.fn
   t = time.perf_counter()
   compiled = step_jit.lower(state, x, y, hp, 0).compile()
   compile_s = time.perf_counter() - t
@@ -111,7 +115,7 @@ def worker(args: dict) -> dict:
   ev.logits(params, eval_images[:1000])  # Compile.
   eval_s = timeit(lambda: ev.logits(params, eval_images), args["repeats"])
 
-  sweep = sweep_throughput(train, step_fn, init_state, params, images, labels,
+  sweep = sweep_throughput(train, step, step_fn, params, x, y, images, labels,
                            args.get("members", 4), args["steps"], args["repeats"])
 
   return {"devices": len(jax.devices()), "batch": batch, "compile_s": compile_s,
@@ -122,11 +126,12 @@ def worker(args: dict) -> dict:
           "eval_images_per_s": 10_000 / common.median(eval_s), "eval_raw": eval_s}
 
 
-def sweep_throughput(train, step_fn, init_state, params, images, labels, members: int,
+def sweep_throughput(train, step, step_fn, params, x, y, images, labels, members: int,
                      steps: int, repeats: int) -> dict:
-  """Member-steps per second of K sweep members: one after another, each its own compiled
-  step (how soup.experiment's sweep runs them), against the K stacked on a leading axis
-  and vmapped in one jitted step (each with its own hyperparameters, batch and seed)."""
+  """Member-steps per second of K sweep members: one after another through the run's own
+  compiled step (`step`, from train.compile_step: how soup.experiment's sweep runs them, on
+  the mesh-split batch x, y), against the K stacked on a leading axis and vmapped in one
+  jitted step (each with its own hyperparameters, batch and seed)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -135,9 +140,9 @@ def sweep_throughput(train, step_fn, init_state, params, images, labels, members
                         mixup=0.2 * (k % 2), aug_strength=0.5, total_steps=10_000,
                         warmup_steps=50).as_arrays()
             for k, lr in enumerate(np.geomspace(5e-4, 5e-3, members))]
-  one = jax.jit(step_fn, donate_argnums=0)
-  states = [init_state(jax.tree.map(jnp.array, params)) for _ in range(members)]
-  x, y = jnp.asarray(images), jnp.asarray(labels)
+  one, init_state = step.fn, step.init_state
+  states = [jax.device_put(init_state(jax.tree.map(jnp.array, params)), step.state_sharding)
+            for _ in range(members)]
   holder = {"states": states}
 
   def sequential():
@@ -153,7 +158,8 @@ def sweep_throughput(train, step_fn, init_state, params, images, labels, members
   stack = lambda trees: jax.tree.map(lambda *v: jnp.stack(v), *trees)  # noqa: E731
   stacked = {"state": stack([init_state(jax.tree.map(jnp.array, params))
                              for _ in range(members)]),
-             "x": jnp.stack([x] * members), "y": jnp.stack([y] * members),
+             "x": jnp.stack([jnp.asarray(images)] * members),
+             "y": jnp.stack([jnp.asarray(labels)] * members),
              "hp": stack(hypers), "seed": jnp.arange(members)}
 
   def vmapped():
