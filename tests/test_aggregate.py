@@ -119,3 +119,16 @@ def test_add_intervals_pairs_rows_with_the_best_individual():
   assert greedy["against"] == "model_1" and greedy["test"]["low"] > 0
   assert by["greedy_soup"]["vs_ensemble"]["test"]["low"] > 0
   assert "vs_best_individual" not in by["uniform_soup"]  # No correctness given for it.
+
+
+def test_uniform_claim_over_seeds_uses_the_seeds_where_runs_left_the_basin():
+  # Seeds 0 and 1: model_2 (held-out 0.60) is below model_0 (0.80); seed 2: no run below it.
+  by_seed = {0: _seed_rows(0.84, 0.85, 0.47, uniform_test=0.74),
+             1: _seed_rows(0.86, 0.86, 0.44, uniform_test=0.76),
+             2: _seed_rows(0.88, 0.90, 0.46, uniform_test=0.87, member_held=(0.85, 0.82))}
+  claim = next(c for c in aggregate.aggregate(by_seed)["claims"]
+               if c["claim"] == "uniform_falls_behind")
+  assert claim["verdict"] == claims.HELD  # -10 points twice, where runs left the basin.
+  assert "in the 2 seed(s) where some left it: mean -10.00 points over 2 seeds" in claim[
+      "evidence"]
+  assert claim["evidence"].endswith("in the 1 seed(s) where no run left the basin: -1.00")
