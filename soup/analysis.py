@@ -19,11 +19,12 @@ from __future__ import annotations
 import functools
 import operator
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from soup import atomic_io
+from soup.soups import average
 
 PyTree = Any
 AccuracyFn = Callable[[PyTree], float]
@@ -98,41 +99,47 @@ def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,
 
 
 def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
-                      load: Callable[[str], PyTree], held_out_accuracy: AccuracyFn,
-                      test_accuracy: AccuracyFn, comparison: str = ">") -> dict:
+                      sources: Mapping[str, Any], held_out_accuracy: AccuracyFn,
+                      test_accuracy: AccuracyFn, comparison: str = ">",
+                      layout: Optional[average.Layout] = None) -> dict:
   """Greedy and uniform soups of the first k ingredients (held-out order), k = 1..N.
 
-  The uniform soup is a running mean; the greedy soup keeps an ingredient only
-  if the held-out accuracy of the soup with it `comparison`s the current one
-  (the official code: ">"). Test accuracy is measured only when a soup changes.
+  Both are the one averager's running means (soup/soups/average.py) in `layout`, fed
+  one read of each ingredient; the greedy soup keeps an ingredient only if the held-out
+  accuracy of the soup with it `comparison`s the current one (the official code: ">").
+  Test accuracy is measured only when a soup changes.
   """
-  import jax
   better = {">": operator.gt, ">=": operator.ge}.get(comparison)
   if better is None:
     raise ValueError(f"comparison must be '>' or '>=', got {comparison!r}.")
   order = sorted(names, key=lambda n: -held_out_scores[n])
-  f32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
-  uniform_sum = greedy_sum = None
+  opened = average.open_sources([sources[n] for n in order])
+  layout = layout or average.Layout.host()
+  uniform = average.RunningMean(layout, opened[0].specs)
+  greedy = average.RunningMean(layout, opened[0].specs)
+  as_params = lambda home: average.as_tree(uniform.output(home), opened[0])  # noqa: E731
   greedy_members: list[str] = []
   out = {"order": order, "uniform_held_out": [], "uniform_test": [], "greedy_held_out": [],
          "greedy_test": [], "greedy_ingredients": []}
   greedy_held = greedy_test = None
-  for k, name in enumerate(order, start=1):
-    params = jax.tree.map(lambda x: np.asarray(x, np.float64), load(name))
-    uniform_sum = params if uniform_sum is None else jax.tree.map(np.add, uniform_sum, params)
-    uniform = f32(jax.tree.map(lambda s: s / k, uniform_sum))
-    out["uniform_held_out"].append(held_out_accuracy(uniform))
-    out["uniform_test"].append(test_accuracy(uniform))
-    if greedy_sum is None:
-      greedy_sum, greedy_members = params, [name]
+  for name, source in zip(order, opened):
+    x = uniform.reader.read(source, reuse=False)  # One read feeds both soups.
+    uniform.add(x)
+    soup = as_params(uniform.mean)
+    out["uniform_held_out"].append(held_out_accuracy(soup))
+    out["uniform_test"].append(test_accuracy(soup))
+    if greedy.mean is None:
+      greedy.add(x)
+      greedy_members = [name]
       greedy_held, greedy_test = out["uniform_held_out"][0], out["uniform_test"][0]
     else:
-      candidate_sum = jax.tree.map(np.add, greedy_sum, params)
-      candidate = f32(jax.tree.map(lambda s: s / (len(greedy_members) + 1), candidate_sum))
-      held = held_out_accuracy(candidate)
+      candidate = greedy.candidate(x)
+      held = held_out_accuracy(as_params(candidate))
       if better(held, greedy_held):
-        greedy_sum, greedy_members = candidate_sum, greedy_members + [name]
-        greedy_held, greedy_test = held, test_accuracy(candidate)
+        greedy.accept(candidate)
+        greedy_members = greedy_members + [name]
+        greedy_held, greedy_test = held, test_accuracy(as_params(candidate))
+    del x
     out["greedy_held_out"].append(greedy_held)
     out["greedy_test"].append(greedy_test)
     out["greedy_ingredients"].append(list(greedy_members))

@@ -105,9 +105,9 @@ def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable
         init, store.load(a), store.load(b), _accuracy(res, held_split, bs, limit),
         grid=settings["landscape_grid"], names=("model_0 (init)", a, b))
     analysis.plot_landscape(landscape, wd.root / "landscape.png")
-  curves = analysis.ingredient_curves(usable, scores, store.load, res.held_out_accuracy,
-                                      _accuracy(res, test_split, bs),
-                                      config.soups.greedy_comparison)
+  curves = analysis.ingredient_curves(
+      usable, scores, {n: wd.ingredient_dir(n) for n in usable}, res.held_out_accuracy,
+      _accuracy(res, test_split, bs), config.soups.greedy_comparison, res.layout)
   analysis.plot_ingredient_curves(curves, wd.root / "ingredients.png")
   atomic_io.atomic_write_text(wd.root / "analysis.json",
                               json.dumps({"key": key, "figures": figures,

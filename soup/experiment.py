@@ -38,8 +38,11 @@ from soup import (
   recipes,
   report as report_lib,
   results,
+  sharding as sharding_lib,
+  soups,
   stats,
   train,
+  trees,
 )
 from soup.data import batching
 from soup.ingredients import IngredientStore
@@ -67,7 +70,7 @@ def run(config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]],
   res = Resources(config)
   frozen = wd.freeze_sweep(sweep_fn(config))
   members = dict(zip(member_names(len(frozen)), frozen))  # model_1.. -> hyperparameters
-  store = IngredientStore(wd, config.soups, res.expected_param_shapes)
+  store = IngredientStore(wd, config.soups, res.expected_param_shapes, res.layout)
   all_models = ["model_0", *members]
 
   # Each earlier stage's output, made (or read back) only when a later stage needs it.
@@ -193,7 +196,7 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
   """model_0: the upstream backbone with a linear-probe (or zero-shot) head."""
   path = wd.ingredient_dir("model_0")
   if checkpoints.is_ingredient(path):
-    return checkpoints.load_ingredient(path)
+    return soups.restore(path, res.layout)  # Each process reads only its devices' shards.
   cfg = config.probe
   backbone = {k: v for k, v in upstream().items() if k != "head"}
   if cfg.kind == "zeroshot":
@@ -215,6 +218,9 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
   else:
     raise ValueError(f"config.probe.kind must be 'linear_probe' or 'zeroshot', got {cfg.kind!r}.")
   params = {**backbone, "head": head}
+  if res.layout.kind == "sharded":  # Saved as the sweep's members are: shard by shard.
+    shardings = trees.unflatten(res.layout.output_shardings(trees.flatten_with_names(params)))
+    params = sharding_lib.put(params, shardings)
   checkpoints.save_ingredient(path, params, {"recipe": "initialization", "probe": info,
                                              "info": f"{cfg.kind} initialization"})
   return params
@@ -308,6 +314,7 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
   kitchen = recipes.Kitchen(
       config=cfg, seed=config.seed, workdir=wd, names=names, scores=scores,
       columns=res.columns, splits=tuple(res.splits()), held_out=held, mesh=res.mesh,
+      layout=res.layout,
       load=store.load, logits=lambda n: model_logits(config, wd, res, store, n),
       evaluate=res.evaluate, held_out_accuracy=res.held_out_accuracy, apply_fn=res.apply_fn,
       row=res.row, task=res.task)

@@ -23,16 +23,19 @@ BadIngredient = (checkpoints.CheckpointError, FloatingPointError, soups.Ingredie
 class IngredientStore:
   """The experiment's models by name (model_0 = initialization, model_k = members)."""
 
-  def __init__(self, workdir: Workdir, soups_config, expected_shapes: Callable[[], PyTree]):
+  def __init__(self, workdir: Workdir, soups_config, expected_shapes: Callable[[], PyTree],
+               layout: soups.Layout):
     self.workdir = workdir
     self.config = soups_config
+    self.layout = layout  # Where ingredients are evaluated (soup/soups/average.py).
     self._expected_shapes = expected_shapes  # The config's model, shapes only.
     self._verified: set[str] = set()  # Ingredients whose bytes passed load(), this process.
 
   def load(self, name: str) -> PyTree:
-    """Params of an ingredient, fingerprints (if configured) and finiteness checked."""
-    params = checkpoints.load_ingredient(self.workdir.ingredient_dir(name),
-                                         self.config.verify_checksums)
+    """Params of an ingredient in the evaluation layout (each process reads only its
+    devices' shards), checksums (if configured) and finiteness checked."""
+    params = soups.restore(self.workdir.ingredient_dir(name), self.layout,
+                           self.config.verify_checksums)
     soups.average.check_finite(params, name)
     return params
 

@@ -51,6 +51,7 @@ class Kitchen:
   splits: tuple[str, ...]                   # evaluation splits, in the results' order
   held_out: Any                             # the held-out EvalSplit
   mesh: Any
+  layout: Any                               # soup.soups.Layout: where soups are averaged
   load: Callable[[str], PyTree]             # verified params of an ingredient
   logits: Callable[[str], dict]             # cached logits of an ingredient, per split
   evaluate: Callable[[PyTree], dict]        # logits of params on every split
@@ -97,9 +98,9 @@ def best_individual(k: Kitchen) -> Rows:
 
 def uniform_soup(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
-  # Each device of the mesh reduces its own slice of every parameter.
-  params = soups.sharded_average([k.workdir.ingredient_dir(n) for n in k.names], k.mesh,
-                                 verify=k.config.verify_checksums)
+  # The one averager, in the run's layout: each device reduces its own part.
+  params = soups.weighted_average([k.workdir.ingredient_dir(n) for n in k.names], k.layout,
+                         verify=k.config.verify_checksums)
   checkpoints.save_ingredient(k.workdir.soup_dir("uniform_soup"), params,
                               {"ingredients": k.names})
   return [k.row("uniform_soup", "uniform_soup", k.evaluate(params), k.names, 1)]
@@ -108,7 +109,8 @@ def uniform_soup(k: Kitchen) -> Rows:
 def greedy_soup(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   result = soups.greedy_soup({n: k.workdir.ingredient_dir(n) for n in k.names}, k.scores,
-                             k.held_out_accuracy, comparison=k.config.greedy_comparison,
+                             k.held_out_accuracy, k.layout,
+                             comparison=k.config.greedy_comparison,
                              verify=k.config.verify_checksums,
                              tie_order=k.config.greedy_tie_order)
   checkpoints.save_ingredient(k.workdir.soup_dir("greedy_soup"), result.result,
@@ -131,12 +133,15 @@ def _learned(k: Kitchen, by_layer: bool) -> Rows:
   result = soups.learned_soup([k.workdir.ingredient_dir(n) for n in k.names], apply_fn, images,
                               held.labels, by_layer=by_layer, epochs=cfg.epochs,
                               learning_rate=cfg.lr, batch_size=cfg.batch_size, seed=k.seed,
-                              mesh=k.mesh, verify=k.config.verify_checksums)
-  weights = (dict(zip(k.names, result.weights)) if not by_layer else
-             {layer: dict(zip(k.names, w)) for layer, w in result.weights.items()})
+                              mesh=k.mesh, verify=k.config.verify_checksums, layout=k.layout)
+  # Four decimals: what float32 training reproduces whatever the process layout (the
+  # mesh's all-reduces sum in another order across processes than within one).
+  r4 = lambda w: [round(float(v), 4) for v in w]  # noqa: E731
+  weights = (dict(zip(k.names, r4(result.weights))) if not by_layer else
+             {layer: dict(zip(k.names, r4(w))) for layer, w in result.weights.items()})
   name = "learned_soup_by_layer" if by_layer else "learned_soup"
   return [k.row(name, name, k.evaluate(result.params), k.names, 1, weights=weights,
-                temperature=result.temperature)]
+                temperature=round(result.temperature, 4))]
 
 
 def learned_soup(k: Kitchen) -> Rows:
@@ -150,9 +155,9 @@ def learned_soup_by_layer(k: Kitchen) -> Rows:
 def model_stock(k: Kitchen) -> Rows:
   from soup import soups
   members = [n for n in k.names if n != "model_0"]
-  params, ratios = soups.model_stock(  # Streamed from the checkpoints: two models in memory.
+  params, ratios = soups.model_stock(  # Read once each, into the run's layout.
       k.workdir.ingredient_dir("model_0"), [k.workdir.ingredient_dir(n) for n in members],
-      verify=k.config.verify_checksums)
+      k.layout, verify=k.config.verify_checksums)
   return [k.row("model_stock", "model_stock", k.evaluate(params), ["model_0", *members], 1,
                 ratios={key: round(v, 4) for key, v in ratios.items()})]
 
@@ -163,7 +168,7 @@ WISE_FT_ENDPOINTS = ("best_individual", "uniform_soup", "greedy_soup")
 def wise_ft(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   cfg = k.config.wise_ft
-  init = k.workdir.ingredient_dir("model_0")  # Paths: wise_ft streams them leaf by leaf.
+  init = k.workdir.ingredient_dir("model_0")  # Paths: read into the run's layout.
   if cfg.endpoint == "best_individual":
     endpoint_names = [max((n for n in k.names if n != "model_0"), key=lambda n: k.scores[n])]
     endpoint = k.workdir.ingredient_dir(endpoint_names[0])
@@ -172,7 +177,7 @@ def wise_ft(k: Kitchen) -> Rows:
     endpoint_names = checkpoints.ingredient_metadata(endpoint)["metadata"]["ingredients"]
   verify = k.config.verify_checksums
   return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft",
-                k.evaluate(soups.wise_ft(init, endpoint, a, verify=verify)),
+                k.evaluate(soups.wise_ft(init, endpoint, a, k.layout, verify)),
                 sorted({"model_0", *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
           for a in cfg.alphas]
 

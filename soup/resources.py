@@ -58,6 +58,13 @@ class Resources:
     return lambda params, images: model.apply({"params": params}, preprocess(images))
 
   @property
+  def layout(self):
+    """Where soups are averaged and ingredients evaluated: the train state's shardings
+    when the config has sharding rules, else every leaf split flat over the mesh."""
+    from soup.soups import average
+    return average.Layout.of_run(self.mesh, self.config.get("sharding_rules", ()))
+
+  @property
   def evaluator(self) -> evaluate_lib.Evaluator:
     if self._evaluator is None:
       self._evaluator = evaluate_lib.Evaluator(self.apply_fn(), self.mesh,

@@ -220,7 +220,10 @@ def _initial_state(step: CompiledStep, params: PyTree, workdir: Path, checkpoint
     raise ValueError(f"{description}: params differ from those the step was compiled for "
                      "(train.compile_step).")
   layout = step.state_sharding
-  params = sharding.put(params, layout["params"])
+  # A copy of device params: the state is donated, and jit may hand its input back as
+  # the state itself, which would delete the caller's (a sweep's shared start).
+  params = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x,
+                        sharding.put(params, layout["params"]))
   state = jax.jit(step.init_state, out_shardings=layout)(params)
   manager = train_state.train_state_manager(workdir / "train_state", checkpoint_every)
   start, restored = train_state.restore_train_state(manager, sharding.abstract(state, layout))
@@ -276,8 +279,8 @@ def train(*, step: CompiledStep, params: PyTree, hyper: Hyper,
   manager.close()
   final = state["params"]
   finite = bool(jax.jit(_all_finite, out_shardings=replicated)(final))
-  if all(x.is_fully_addressable for x in jax.tree.leaves(final)):
-    final = jax.device_get(final)  # Else stays sharded: no host can hold a giant model.
+  if all(x.sharding.is_fully_replicated for x in jax.tree.leaves(final)):
+    final = jax.device_get(final)  # Sharded params stay so: saved shard by shard.
   if not diverged and not finite:
     diverged = True  # The last update alone can blow up after the last finite loss.
     log.warning("%s: parameters are not finite after training; marking the run diverged.",

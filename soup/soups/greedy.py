@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-from typing import Any, Callable, Mapping, Sequence
-
-import numpy as np
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from soup import memory
 from soup.soups import average
@@ -78,48 +76,37 @@ def greedy_select(order: Sequence[str], first_score: float,
 
 
 def greedy_soup(ingredients: Mapping[str, average.Source], held_out_scores: Mapping[str, float],
-                evaluate: Callable[[PyTree], float], comparison: str = ">",
-                verify: bool = True, tie_order: str = "reversed") -> GreedyResult:
-  """Greedy soup over params or checkpoint paths.
+                evaluate: Callable[[PyTree], float], layout: Optional[average.Layout] = None,
+                comparison: str = ">", verify: bool = True,
+                tie_order: str = "reversed") -> GreedyResult:
+  """Greedy soup over params or checkpoint paths, its running mean in `layout` (host by
+  default; soup/soups/average.py).
 
-  Holds the running mean of the soup and one candidate soup; a candidate is built
-  leaf by leaf from its checkpoint (XLA's running_update, as sharded_average), so no
-  ingredient is ever held whole. Each step costs one held-out evaluation, during
-  which the kernel reads the next candidate's files ahead. `held_out_scores[name]`
-  must be the held-out accuracy of that ingredient alone under `evaluate`.
+  Holds the running mean and one candidate soup; each candidate is read into the layout
+  (a process reads only its devices' parts) and added without committing. Each step
+  costs one held-out evaluation, during which the kernel reads the next candidate's
+  files ahead. `held_out_scores[name]` must be the held-out accuracy of that ingredient
+  alone under `evaluate`, which receives params in the layout's evaluation form.
   """
   order = ranked({n: held_out_scores[n] for n in ingredients}, tie_order)
   opened = dict(zip(order, average.open_sources([ingredients[n] for n in order], verify)))
   first = opened[order[0]]
-  specs = first.specs
-  biggest = max(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
-  buffer = memory.aligned_empty((biggest,), np.uint8)  # Reused for every leaf read.
-  state = {"mean": {n: average.to_float32(first.read(n)) for n in specs}, "count": 1,
-           "candidate": None}
-  first.release()
+  mean = average.RunningMean(layout or average.Layout.host(), first.specs)
+  mean.add(first)
   following = dict(zip(order, order[1:]))
+  state = {"candidate": None}
 
   def try_candidate(name):
     state["candidate"] = None  # A rejected candidate: freed before the next is built,
     memory.release_free_memory()  # and its pages returned (glibc keeps them otherwise).
-    coef = np.float32(1.0 / (state["count"] + 1))
-    candidate = {}
-    for leaf in specs:
-      x = opened[name].read(leaf, buffer)
-      candidate[leaf] = average.running_update(state["mean"][leaf], x, coef)
-      candidate[leaf].block_until_ready()  # Before the buffer is overwritten.
-    opened[name].release()
+    state["candidate"] = mean.candidate(opened[name])
     if name in following:
       opened[following[name]].prefetch()
-    state["candidate"] = candidate
-    # Device arrays as they are (no host copy); cast only if the ingredients are not float32.
-    cast = {n: c.astype(specs[n].dtype) for n, c in candidate.items()}
-    return float(evaluate(average.as_tree(cast, first)))
+    return float(evaluate(average.as_tree(mean.output(state["candidate"]), first)))
 
   def accept(name):
-    state["mean"], state["count"] = state["candidate"], state["count"] + 1
+    mean.accept(state["candidate"])
 
   selected, best, history = greedy_select(order, float(held_out_scores[order[0]]),
                                           try_candidate, accept, comparison, "greedy soup")
-  soup = {n: np.array(m, dtype=np.dtype(specs[n].dtype)) for n, m in state["mean"].items()}
-  return GreedyResult(selected, best, history, average.as_tree(soup, first))
+  return GreedyResult(selected, best, history, average.as_tree(mean.output(), first))

@@ -1,20 +1,22 @@
-"""Beyond the paper: WiSE-FT interpolation and Model Stock.
+"""Beyond the paper: WiSE-FT interpolation and Model Stock, both on the one averager.
 
-WiSE-FT (Wortsman et al., 2022b): theta(alpha) = (1 - alpha) theta_0 + alpha theta_ft.
+WiSE-FT (Wortsman et al., 2022b): theta(alpha) = (1 - alpha) theta_0 + alpha theta_ft,
+the weighted mean of the two with weights 1 - alpha and alpha.
 Model Stock (Jang et al., 2024): per layer, with k fine-tunes of one
 initialization theta_0 and cos the mean pairwise cosine between their deltas,
     t = k cos / (1 + (k - 1) cos),   theta = t mean(theta_i) + (1 - t) theta_0.
-Both take params or ingredient checkpoint paths and stream them leaf by leaf.
+Both take params or ingredient checkpoint paths and a layout (soup/soups/average.py).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from soup import memory
 from soup.soups import average
 
 log = logging.getLogger(__name__)
@@ -22,24 +24,10 @@ log = logging.getLogger(__name__)
 PyTree = Any
 
 
-def _leaf_buffer(specs) -> np.ndarray:
-  biggest = max(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
-  return memory.aligned_empty((biggest,), np.uint8)
-
-
 def wise_ft(initial: average.Source, finetuned: average.Source, alpha: float,
-            verify: bool = True) -> PyTree:
-  """(1 - alpha) initial + alpha finetuned, computed in float32 one leaf at a time."""
-  init, ft = average.open_sources([initial, finetuned], verify)
-  buffers = _leaf_buffer(init.specs), _leaf_buffer(init.specs)
-  out = {}
-  for name, spec in init.specs.items():
-    a, b = init.read(name, buffers[0]), ft.read(name, buffers[1])
-    out[name] = ((1 - alpha) * np.asarray(a, np.float32) + alpha * np.asarray(b, np.float32)
-                 ).astype(np.dtype(spec.dtype))
-  init.release()
-  ft.release()
-  return average.as_tree(out, init)
+            layout: Optional[average.Layout] = None, verify: bool = True) -> PyTree:
+  """(1 - alpha) initial + alpha finetuned: the running mean of the two, in float32."""
+  return average.weighted_average([initial, finetuned], layout, [1 - alpha, alpha], verify)
 
 
 def interpolation_ratio(dots: float, zeros: int, k: int) -> float:
@@ -58,68 +46,65 @@ def interpolation_ratio(dots: float, zeros: int, k: int) -> float:
   return k * cos / denominator
 
 
+@jax.jit
+def _stock_step(unit_sum, dots, zeros, x, theta0):
+  """Adds fine-tune x: per tensor, its unit delta u to the running sum S of unit deltas,
+  and S . u (before adding it) to the sum of pairwise cosines."""
+  def one(s, dot, zero, v, w):
+    d = v.astype(jnp.float32) - w.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.vdot(d, d))
+    u = jnp.where(norm > 0, d / jnp.where(norm > 0, norm, 1), 0)
+    return (s + u, dot + jnp.where(norm > 0, jnp.vdot(s, u), 0),
+            zero + jnp.where(norm > 0, 0, 1))
+  out = {n: one(unit_sum[n], dots[n], zeros[n], x[n], theta0[n]) for n in x}
+  return ({n: o[0] for n, o in out.items()}, {n: o[1] for n, o in out.items()},
+          {n: o[2] for n, o in out.items()})
+
+
+@jax.jit
+def _stock_mix(mean, theta0, ratios):
+  return {n: ratios[n] * m + (1 - ratios[n]) * theta0[n].astype(jnp.float32)
+          for n, m in mean.items()}
+
+
 def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
+                layout: Optional[average.Layout] = None,
                 verify: bool = True) -> tuple[PyTree, dict[str, float]]:
   """Returns the Model Stock params and each tensor's interpolation ratio t.
 
-  One pass over the fine-tunes, each read leaf by leaf: per tensor it keeps the
-  running mean of the fine-tunes (stream_average's arithmetic) and the running sum
-  S of the unit deltas u_i = (theta_i - theta_0) / ||theta_i - theta_0||; the sum of
-  pairwise cosines grows by S . u_i as u_i is added (vectors in float32, the sums of
-  dot products in float64). Memory: two models in float32 (mean and S) plus leaf
-  buffers; a checkpoint path for theta_0 is re-read per leaf
-  rather than held. t is clipped to [0, 1] (degenerate tensors, e.g. attention key
-  biases that only weight decay moves, have negative t) and the clipped ones logged.
+  One pass over the fine-tunes, each read once into the layout: per tensor the running
+  mean of the fine-tunes (the one averager's) and the running sum S of the unit deltas
+  u_i = (theta_i - theta_0) / ||theta_i - theta_0||; the sum of pairwise cosines grows by
+  S . u_i as u_i is added (float32). Memory: theta_0, the mean, S and one fine-tune, in
+  the layout. t is clipped to [0, 1] (degenerate tensors, e.g. attention key biases that
+  only weight decay moves, have negative t) and the clipped ones logged.
   """
   k = len(finetuned)
   if k < 2:
     raise ValueError("Model Stock needs at least two fine-tuned models.")
   opened = average.open_sources([initial, *finetuned], verify)
-  init, fts = opened[0], opened[1:]
-  specs = init.specs
-  mean = memory.aligned_tree(specs, np.float32)
-  unit_sum = memory.aligned_tree(specs, np.float32)
-  dots = dict.fromkeys(specs, 0.0)
-  zeros = dict.fromkeys(specs, 0)
-  buffers = _leaf_buffer(specs), _leaf_buffer(specs)
-  scratch = np.empty(average.BLOCK, np.float32)
-  delta = memory.aligned_empty((max(int(np.prod(s.shape)) for s in specs.values()),),
-                                    np.float32)
-  for i, ft in enumerate(fts):
-    coef = np.float32(1.0 / (i + 1))
-    for name in specs:
-      x = ft.read(name, buffers[0])
-      d = delta[:x.size]  # theta_i - theta_0 in float32, as the pairwise implementation had it.
-      np.subtract(x.reshape(-1), init.read(name, buffers[1]).reshape(-1), out=d, dtype=np.float32)
-      if i == 0:
-        np.copyto(mean[name], x, casting="same_kind")
-        unit_sum[name][...] = 0
-      else:
-        average.host_update(mean[name], x, coef, scratch)
-      norm = float(np.sqrt(np.dot(d, d)))
-      if norm == 0:
-        zeros[name] += 1
-        continue
-      d /= np.float32(norm)  # The unit delta u_i.
-      total = unit_sum[name].reshape(-1)
-      dots[name] += float(np.dot(total, d))
-      total += d
-    ft.release()
+  specs = opened[0].specs
+  mean = average.RunningMean(layout or average.Layout.host(), specs)
+  theta0 = mean.reader.read(opened[0], reuse=False)
+  unit_sum = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), theta0)
+  dots = {n: jnp.float32(0) for n in specs}
+  zeros = {n: jnp.int32(0) for n in specs}
+  for ft in opened[1:]:
+    x = mean.reader.read(ft)
+    unit_sum, dots, zeros = _stock_step(unit_sum, dots, zeros, x, theta0)
+    jax.block_until_ready(unit_sum)
+    mean.add(x)  # Blocks too: then the reader's buffers are free for the next fine-tune.
+    del x
   del unit_sum
   ratios, clipped = {}, {}
-  for name, spec in specs.items():
-    raw = interpolation_ratio(dots[name], zeros[name], k)
+  for name in specs:
+    raw = interpolation_ratio(float(dots[name]), int(zeros[name]), k)
     t = float(np.clip(raw, 0.0, 1.0))
     if t != raw:
       clipped[name] = raw
     ratios[name] = t
-    w0 = np.asarray(init.read(name, buffers[1]), np.float32)
-    m = mean[name]
-    np.multiply(m, t, out=m)  # t * mean + (1 - t) * theta_0, rounded as written.
-    m += (1 - t) * w0
-  init.release()
   if clipped:
     log.warning("model stock: t clipped to [0, 1] for %d tensor(s): %s", len(clipped),
                 ", ".join(f"{n} ({t:.3g})" for n, t in sorted(clipped.items())))
-  merged = {n: mean[n].astype(np.dtype(s.dtype), copy=False) for n, s in specs.items()}
-  return average.as_tree(merged, init), ratios
+  merged = _stock_mix(mean.mean, theta0, {n: np.float32(t) for n, t in ratios.items()})
+  return average.as_tree(mean.output(merged), opened[0]), ratios

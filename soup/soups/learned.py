@@ -47,47 +47,46 @@ def stack_spec(shape: tuple[int, ...], num_shards: int, axis: str) -> P:
 
 
 def stack_ingredients(ingredients: Sequence[average.Source], mesh: Optional[Mesh] = None,
-                      axis: str = "data", verify: bool = True) -> PyTree:
+                      axis: str = "data", verify: bool = True,
+                      layout: Optional[average.Layout] = None) -> PyTree:
   """Stacks N ingredients (params or checkpoint paths) into float32 leaves [N, ...],
-  sharded over the mesh.
+  sharded over the mesh: for a sharded layout each leaf as its rules split it (the
+  ingredient axis whole), else by stack_spec.
 
-  Each device's shard is filled straight from the ingredients, one leaf at a time:
-  a leaf of one ingredient is read once into a reused buffer and copied into the
-  shards that hold it, so no [N, ...] array is ever built on a host, and in a
-  multi-process run a process reads only the ingredients its devices hold (when D
-  divides N). Host memory beyond the device arrays: one leaf's shards. On CPU
-  devices the aligned shard buffers become the device arrays without a copy.
+  Each device's shard is filled straight from the ingredients through the averager's
+  reader (read_box), so no [N, ...] array is ever built on a host and a process reads
+  only the parts its devices hold. Host memory beyond the device arrays: one leaf's
+  shards. On CPU devices the aligned shard buffers become the device arrays without a copy.
   """
   opened = average.open_sources(ingredients, verify)
   specs = opened[0].specs
   n = len(opened)
-  biggest = max(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
-  buffer = memory.aligned_empty((biggest,), np.uint8)
+  rules = {} if layout is None or layout.kind != "sharded" else layout.output_shardings(specs)
   out = {}
   for name, spec in specs.items():
     shape = (n, *spec.shape)
     if mesh is None:
       host = memory.aligned_empty(shape, np.float32)
       for i, source in enumerate(opened):
-        np.copyto(host[i, ...], source.read(name, buffer), casting="same_kind")
+        np.copyto(host[i, ...], source.read(name), casting="same_kind")
       out[name] = jax.device_put(host)
       continue
-    sharding = NamedSharding(mesh, stack_spec(shape, mesh.shape[axis], axis))
+    stacked_spec = (P(None, *rules[name].spec) if name in rules
+                    else stack_spec(shape, mesh.shape[axis], axis))
+    sharding = NamedSharding(mesh, stacked_spec)
     index_map = sharding.addressable_devices_indices_map(shape)
-    bounds = {d: tuple(s.indices(size) for s, size in zip(idx, shape))
+    bounds = {d: tuple(s.indices(size)[:2] for s, size in zip(idx, shape))
               for d, idx in index_map.items()}
     shards = {}  # Devices holding the same slice share one host buffer.
     for b in bounds.values():
       if b not in shards:
-        shards[b] = memory.aligned_empty(tuple(len(range(*r)) for r in b), np.float32)
-    for i, source in enumerate(opened):
-      holders = [b for b in shards if b[0][0] <= i < b[0][1]]
-      if not holders:
-        continue  # Held by another process's devices: not read here.
-      x = source.read(name, buffer)
-      for b in holders:
-        np.copyto(shards[b][i - b[0][0], ...], x[tuple(slice(*r) for r in b[1:])],
-                  casting="same_kind")
+        shards[b] = memory.aligned_empty(tuple(hi - lo for lo, hi in b), np.float32)
+    for b, shard in shards.items():
+      for i in range(*b[0]):  # Only the ingredients and parts this process's devices hold.
+        if np.dtype(spec.dtype) == np.float32:
+          opened[i].read_box(name, b[1:], shard[i - b[0][0]])
+        else:
+          np.copyto(shard[i - b[0][0]], opened[i].read_box(name, b[1:]), casting="same_kind")
     arrays = [jax.device_put(shards[bounds[d]], d) for d in index_map]
     out[name] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
   for source in opened:
@@ -111,10 +110,17 @@ def init_mixing(num_leaves: int, n: int, by_layer: bool):
 
 
 def soup_shardings(stacked: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
-  """Per leaf of the mixed soup: split on its first dimension D divides (else replicated)."""
+  """Per leaf of the mixed soup: the stack's sharding without its ingredient axis when
+  that axis is whole (a sharded layout), else split on the first dimension D divides."""
   d = mesh.shape[axis]
-  return jax.tree.map(lambda x: NamedSharding(mesh, stack_spec(tuple(x.shape[1:]), d, axis)),
-                      stacked)
+
+  def one(x):
+    spec = tuple(x.sharding.spec) if isinstance(x, jax.Array) else ()
+    if spec and spec[0] is None:
+      return NamedSharding(mesh, P(*spec[1:]))
+    return NamedSharding(mesh, stack_spec(tuple(x.shape[1:]), d, axis))
+
+  return jax.tree.map(one, stacked)
 
 
 def make_step(apply_fn: Callable[[PyTree, jax.Array], jax.Array], optimizer, by_layer: bool,
@@ -154,14 +160,17 @@ def learned_soup(ingredients: Sequence[average.Source],
                  images: np.ndarray, labels: np.ndarray, *, by_layer: bool = False,
                  epochs: int = 5, learning_rate: float = 0.05, batch_size: int = 256,
                  seed: int = 0, mesh: Optional[Mesh] = None, axis: str = "data",
-                 stacked: Optional[PyTree] = None, verify: bool = True) -> LearnedSoupResult:
+                 stacked: Optional[PyTree] = None, verify: bool = True,
+                 layout: Optional[average.Layout] = None) -> LearnedSoupResult:
   """Trains the mixing weights on held-out (images, labels); returns the soup.
 
   Ingredients are params or checkpoint paths. On a mesh, the stack is split over
-  the devices (stack_ingredients) and so is each held-out batch.
+  the devices (stack_ingredients) and so is each held-out batch. With a sharded
+  layout the stack and the soup keep its shardings, and the soup stays on the devices;
+  otherwise the soup comes back as numpy arrays.
   """
   if stacked is None:
-    stacked = stack_ingredients(ingredients, mesh, axis, verify)
+    stacked = stack_ingredients(ingredients, mesh, axis, verify, layout)
   n = jax.tree.leaves(stacked)[0].shape[0]
   num_leaves = len(jax.tree.leaves(stacked))
   params = init_mixing(num_leaves, n, by_layer)
@@ -195,15 +204,23 @@ def learned_soup(ingredients: Sequence[average.Source],
   # The soup split over the devices, so that no device (or simulated device) holds it whole.
   final_mix = jax.jit(mix, static_argnums=2,
                       **({} if shardings is None else {"out_shardings": shardings}))
-  soup = jax.device_get(final_mix(stacked, params["alpha"], by_layer))
+  soup = final_mix(stacked, params["alpha"], by_layer)
+  sharded = layout is not None and layout.kind == "sharded"
+  if not sharded:
+    soup = jax.device_get(soup)
   if ingredients:
     reference = average.open_source(ingredients[0], verify=False)
-    soup = average.as_tree(average.cast_like(trees.flatten_with_names(soup), reference.specs),
-                           reference)
+    dtypes = {n: np.dtype(spec.dtype) for n, spec in reference.specs.items()}
+    flat = trees.flatten_with_names(soup)
+    soup = average.as_tree(
+        {n: x.astype(dtypes[n]) if sharded else np.asarray(x).astype(dtypes[n], copy=False)
+         for n, x in flat.items()}, reference)
   weights = np.asarray(jax.nn.softmax(params["alpha"], axis=-1))
   if by_layer:
     names = list(trees.flatten_with_names(stacked))
     weights = {name: weights[i].tolist() for i, name in enumerate(names)}
   else:
     weights = weights.tolist()
-  return LearnedSoupResult(jax.tree.map(np.array, soup), weights, float(params["beta"]), losses)
+  if not sharded:
+    soup = jax.tree.map(np.array, soup)
+  return LearnedSoupResult(soup, weights, float(params["beta"]), losses)
