@@ -89,7 +89,7 @@ from pathlib import Path
 
 import ml_collections as mlc
 
-from soup import sweep
+from soup import layout, sweep
 
 SMOKE_ROOT = "/tmp/soup_imagenet_mock"  # Where `python -m soup.data.imagenet_mock` writes.
 # The released models' hyperparameters (model-soups repo), the ":released" argument's sweep;
@@ -110,7 +110,7 @@ def get_config(arg: str = ""):
   c = mlc.ConfigDict()
   c.experiment = "clip_vit_b32_imagenet"
   c.seed = 0
-  c.stages = ("pretrain", "probe", "sweep", "evaluate", "soups", "report")
+  c.stages = layout.STAGES
 
   c.data = dict(
       name="imagenet",
@@ -193,7 +193,7 @@ def get_config(arg: str = ""):
     # only the stages that read models run. The marker keeps trained and released models apart
     # (a workdir of the other kind is refused). Use the official held-out list (the docstring's
     # --official_mask): it is what chose the released greedy soup.
-    c.stages = ("evaluate", "soups", "report")
+    c.stages = layout.EVAL_STAGES
     c.released = dict(release="model-soups v0.0.2", hparams=RELEASED_HPARAMS)
   c.lock()
   return c

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import ml_collections as mlc
 
-from soup import sweep
+from soup import layout, sweep
 
 ARGS = ("smoke", "supervised_upstream", "weak_upstream", "narrow_lr", "low_lr", "upstream_here")
 # The project's own pretrained start (scripts/pretrain_upstream.sh made it; its .json
@@ -82,7 +82,7 @@ def get_config(arg: str = ""):
   c = mlc.ConfigDict()
   c.experiment = "fashion_mnist"
   c.seed = 0
-  c.stages = ("pretrain", "probe", "sweep", "evaluate", "soups", "report")
+  c.stages = layout.STAGES
 
   # Data: splits of TFDS fashion_mnist, fixed by split_seed.
   c.data = dict(

@@ -64,11 +64,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # soup and configs, when run as scripts/launch_sweep.py.
+from soup import layout  # noqa: E402  (names only)
+
 SKY_DIR = ROOT / "scripts" / "sky"
-SETUP_STAGES = "pretrain,probe"
-MEMBER_STAGES = "pretrain,probe,sweep"
-FINAL_STAGES = "evaluate,soups,report"
-ALL_STAGES = f"{SETUP_STAGES},sweep,{FINAL_STAGES}"
+SETUP_STAGES = ",".join(layout.SETUP_STAGES)
+MEMBER_STAGES = ",".join(layout.MODEL_STAGES)
+FINAL_STAGES = ",".join(layout.EVAL_STAGES)
+ALL_STAGES = ",".join(layout.STAGES)
+MODEL_0_DONE = f"{layout.ingredient('model_0')}/{layout.INGREDIENT_FILE}"
 WORK_MOUNT = "/soup-work"  # --bucket: the workdirs.
 DATA_MOUNT = "/soup-data"  # --data_bucket: data and weights, laid out as the config's ~.
 HOME_LINKS = ("tensorflow_datasets", "data", "checkpoints")  # ~/X -> DATA_MOUNT/X.
@@ -167,7 +171,6 @@ def check_accelerator(name: str, num_nodes: int = 1) -> str:
 def load_config(spec: str):
   """get_config(arg) of the config file, as soup.main would build it (before overrides)."""
   path, _, arg = spec.partition(":")
-  sys.path.insert(0, str(ROOT))  # The configs package (and soup, which configs import).
   import configs
   module = configs.module_of(ROOT / path if not os.path.isabs(path) else path)
   return module.get_config(arg) if arg else module.get_config()
@@ -178,7 +181,6 @@ def num_members(args) -> int:
   for a in args.extra:
     if a.startswith("--config.sweep.num_members="):
       return int(a.split("=", 1)[1])
-  sys.path.insert(0, str(ROOT))
   return int(load_config(args.config).sweep.num_members)
 
 
@@ -194,7 +196,7 @@ def member_list(args) -> list[int]:
 
 
 def is_done(workdir: str, k: int) -> bool:
-  return (Path(workdir) / "models" / f"model_{k}" / "ingredient" / "ingredient.json").exists()
+  return (Path(workdir) / layout.ingredient(f"model_{k}") / layout.INGREDIENT_FILE).exists()
 
 
 def soup_main(args, stages: str, member: Optional[int] = None,
@@ -329,7 +331,7 @@ def run_script(config_spec: str, kind: str, num_nodes: int, extra: Sequence[str]
       '  echo "$(date -u +%FT%TZ) stages=$STAGES member=$MEMBER nodes=$SKYPILOT_NUM_NODES" \\',
       '    >> "$WORKDIR/launch_logs/$SKYPILOT_TASK_ID.starts"',
       "fi",
-      'if [ -n "$MEMBER" ] && [ ! -e "$WORKDIR/models/model_0/ingredient/ingredient.json" ]; then',
+      f'if [ -n "$MEMBER" ] && [ ! -e "$WORKDIR/{MODEL_0_DONE}" ]; then',
       '  echo "No model_0 in $WORKDIR: launch the setup phase first'
       ' (scripts/launch_sweep.py --phase=setup)." >&2',
       "  exit 3",
@@ -409,14 +411,15 @@ def finished_members(args) -> set[int]:
   """Members whose ingredient is in the bucket: the workdir as the jobs see it, not a local
   path (the launching machine need not mount the bucket)."""
   workdir = args.workdir or f"{WORK_MOUNT}/workdirs/{load_config(args.config).experiment}"
-  prefix = workdir[len(WORK_MOUNT) + 1:].strip("/") + "/models/"
+  prefix = workdir[len(WORK_MOUNT) + 1:].strip("/") + f"/{layout.MODELS}/"
+  done = f"/{layout.INGREDIENT}/{layout.INGREDIENT_FILE}"
   try:
-    names = bucket_names(args.bucket, prefix, "model_*/ingredient/ingredient.json")
+    names = bucket_names(args.bucket, prefix, "model_*" + done)
   except Exception as e:  # No credentials, no bucket, no network.
     raise SystemExit(f"Cannot list gs://{args.bucket}/{prefix} ({type(e).__name__}: {e}). Run "
                      "`gcloud auth application-default login` and `sky check gcp`, or pass "
                      "--print_only and launch the printed commands.")
-  pattern = re.compile(re.escape(prefix) + r"model_(\d+)/ingredient/ingredient\.json")
+  pattern = re.compile(re.escape(prefix) + r"model_(\d+)" + re.escape(done))
   return {int(m.group(1)) for m in map(pattern.fullmatch, names) if m}
 
 
@@ -484,7 +487,6 @@ def run_sky(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
-  sys.path.insert(0, str(ROOT))
   if args.mode == "sky":
     return run_sky(args)
   planned = plan(args)

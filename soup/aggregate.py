@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from soup import atomic_io, claims as claims_lib, recipes, report, results as R, stats
+from soup import atomic_io, claims as claims_lib, layout, recipes, report, results as R, stats
 
 METRICS = ("held_out", "test", "avg_shifts")
 
@@ -51,7 +51,7 @@ def seed_overrides(seed: int, share_upstream: bool) -> list[str]:
 
 def share_upstream_from(source: Path, target: Path) -> None:
   """Copies the pretrained model and model_0 (same config.seed: identical bytes) into target."""
-  for part in ("upstream/ingredient", "models/model_0/ingredient"):
+  for part in (layout.UPSTREAM_INGREDIENT, layout.ingredient("model_0")):
     src, dst = source / part, target / part
     if src.is_dir() and not dst.exists():
       dst.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def run_seeds(config: str, root: Path, seeds: Sequence[int], share_upstream: boo
   seconds = {}
   for seed in seeds:
     workdir = seed_dir(root, seed)
-    if (workdir / "results.jsonl").exists() and (workdir / "report.md").exists():
+    if (workdir / layout.RESULTS).exists() and (workdir / layout.REPORT).exists():
       print(f"seed {seed}: {workdir} is finished; kept.", flush=True)
       continue
     if share_upstream and seed != seeds[0]:
@@ -191,14 +191,14 @@ def render_markdown(agg: dict, command: str = "", seconds: dict | None = None) -
 
 def load_runs(root: Path) -> tuple[dict[int, list[dict]], dict[int, float]]:
   rows, seconds = {}, {}
-  for path in sorted(root.glob("seed_*/results.jsonl")):
+  for path in sorted(root.glob(f"seed_*/{layout.RESULTS}")):
     seed = int(path.parent.name.removeprefix("seed_"))
     rows[seed] = R.read(path, recipes.infer_recipe)
     wall = path.parent / "wall_seconds.txt"
     if wall.exists():
       seconds[seed] = float(wall.read_text())
   if not rows:
-    raise SystemExit(f"error: no {root}/seed_*/results.jsonl; run the seeds first (drop "
+    raise SystemExit(f"error: no {root}/seed_*/{layout.RESULTS}; run the seeds first (drop "
                      "--aggregate_only).")
   return rows, seconds
 

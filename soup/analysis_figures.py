@@ -12,9 +12,7 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
-
-from soup import analysis, atomic_io
+from soup import analysis, atomic_io, metrics
 from soup.ingredients import IngredientStore
 from soup.resources import Resources
 from soup.workdir import Workdir, content_key, eval_settings
@@ -77,7 +75,7 @@ def _accuracy(res: Resources, split, batch_size: int, limit: int = 0):
       batches = (split.images[i:min(i + batch_size, limit)]
                  for i in range(0, limit, batch_size))
     logits = res.evaluator.logits_of_batches(params, batches)
-    return float(np.mean(np.argmax(split.scored_logits(logits), -1) == labels))
+    return metrics.accuracy(split.scored_logits(logits), labels)
   return fn
 
 

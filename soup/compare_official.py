@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from soup import recipes, results
+from soup import layout, recipes, results
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "paper"
 RELEASED_FILES = ("individual_model_results.jsonl", "uniform_soup_results.jsonl",
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
   parser.add_argument("--tolerance", type=float, default=TOLERANCE_POINTS,
                       help="Flag differences over this many points.")
   args = parser.parse_args(argv)
-  path = Path(args.workdir) / "results.jsonl"
+  path = Path(args.workdir) / layout.RESULTS
   try:
     if not path.is_file():
       raise FileNotFoundError(f"{path} does not exist: run the report stage first "

@@ -12,8 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from soup import mesh as mesh_lib
-from soup.soups import ensemble
+from soup import mesh as mesh_lib, metrics
 
 PyTree = Any
 
@@ -54,4 +53,4 @@ class Evaluator:
 
   def accuracy(self, params: PyTree, images: np.ndarray, labels: np.ndarray,
                class_mask: Optional[np.ndarray] = None) -> float:
-    return ensemble.accuracy(self.logits(params, images), labels, class_mask)
+    return metrics.accuracy(self.logits(params, images), labels, class_mask)

@@ -33,6 +33,8 @@ import numpy as np
 import optax
 import scipy.optimize
 
+from soup import metrics
+
 log = logging.getLogger(__name__)
 
 # Decades; unit-norm CLIP features need little regularization.
@@ -135,8 +137,8 @@ def fit_logistic_regression(features: np.ndarray, labels: np.ndarray, num_classe
 
 
 def accuracy(head: dict, features: np.ndarray, labels: np.ndarray) -> float:
-  logits = np.asarray(features, np.float32) @ head["kernel"] + head["bias"]
-  return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
+  """The probe's accuracy on these features."""
+  return metrics.accuracy(np.asarray(features, np.float32) @ head["kernel"] + head["bias"], labels)
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *,

@@ -27,6 +27,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import configs  # noqa: E402
+from soup import layout  # noqa: E402  (names only: no jax)
 
 log = std_logging.getLogger("soup.main")
 USAGE_ERROR = 2  # Exit status of a user error (as argparse's).
@@ -106,7 +107,7 @@ def main(argv):
 
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
-  handler = std_logging.FileHandler(workdir / "log.txt")
+  handler = std_logging.FileHandler(workdir / layout.LOG)
   handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   std_logging.getLogger().addHandler(handler)
   # Our modules log through the root logger at INFO.
@@ -126,8 +127,8 @@ def main(argv):
   if built is not None:
     from soup import report
     print(report.markdown_table(built))
-    print(f"\nreport: {workdir / 'report.md'}\nfigure: {workdir / 'figure.png'}\n"
-          f"results: {workdir / 'results.jsonl'}\nwall time: {time.time() - start:.0f}s")
+    print(f"\nreport: {workdir / layout.REPORT}\nfigure: {workdir / layout.FIGURE}\n"
+          f"results: {workdir / layout.RESULTS}\nwall time: {time.time() - start:.0f}s")
 
 
 if __name__ == "__main__":

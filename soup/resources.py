@@ -1,7 +1,7 @@
 """What one config's run computes with, built on first use: data, model, mesh, evaluator.
 
-`Resources` is handed to every stage of soup/experiment.py; `make_task` picks the
-dataset a config names (soup/data/task.py is the interface).
+`Resources` is handed to every stage of soup/experiment.py; `make_task` builds the
+dataset a config names, from soup/data/registry.py (soup/data/task.py is the interface).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soup import evaluate as evaluate_lib, mesh as mesh_lib, models, results, rows
-from soup.data.fashion_mnist import FashionMNISTTask
-from soup.data.imagenet import ImageNetTask
+from soup.data import registry as datasets
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -99,12 +98,8 @@ class Resources:
 
 
 def make_task(data_config):
-  if data_config.name == "fashion_mnist":
-    return FashionMNISTTask(data_config)
-  if data_config.name == "imagenet":
-    return ImageNetTask(data_config)
-  raise ValueError(f"Unknown config.data.name {data_config.name!r}: use fashion_mnist or imagenet.")
+  return datasets.get(data_config.name).task(data_config)
 
 
 def task_columns(data_config) -> results.Columns:
-  return {"fashion_mnist": results.FASHION_MNIST, "imagenet": results.IMAGENET}[data_config.name]
+  return datasets.get(data_config.name).columns

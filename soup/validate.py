@@ -18,7 +18,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from soup import recipes, sharding, sweep as sweep_lib
+from soup import layout, models, recipes, sharding, sweep as sweep_lib
+from soup.data import registry as datasets
 
 
 class ConfigError(ValueError):
@@ -115,13 +116,26 @@ FRACTION = number("(0, 1)")      # A part set aside: neither nothing nor everyth
 BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 FASHION_MNIST_TRAIN = 60_000     # TFDS fashion_mnist's train split, cut by config.data.
 
+
+def _data_is(name: str) -> Callable[[Any], bool]:
+  """The condition "config.data.name is `name`", a name of soup/data/registry.py."""
+  datasets.get(name)  # A renamed entry fails here, not by silently skipping its rows.
+  return lambda c: c.data.name == name
+
+
+def _model_is(name: str) -> Callable[[Any], bool]:
+  """The condition "config.model.name is `name`", a name of soup/models/__init__.py."""
+  models.get(name)
+  return lambda c: c.model.name == name
+
+
 # When a field is read (a field the config lacks is skipped in any case).
 ALWAYS = lambda c: True
-FASHION = lambda c: c.data.name == "fashion_mnist"
+FASHION = _data_is("fashion_mnist")
 UPSTREAM = lambda c: c.init.source == "upstream"  # Trained here; else config.upstream is unread.
 SIMCLR = lambda c: UPSTREAM(c) and c.upstream.get("objective") == "simclr"
 LINEAR_PROBE = lambda c: c.probe.kind == "linear_probe"
-VIT = lambda c: c.model.name == "vit"
+VIT = _model_is("vit")
 RELEASED = lambda c: "released" in c  # The paper's released models, imported (no training).
 
 
@@ -133,6 +147,8 @@ def _upstream_size(c) -> int:
 # field -> rule (a Rule, or a function of the config giving one), and when it is read. Rows
 # run in order, so a rule that reads other fields comes after their own rows.
 FIELDS: tuple[tuple, ...] = (
+    ("data.name", one_of(*datasets.DATASETS)),
+    ("model.name", one_of(*models.MODELS)),
     ("seed", SEED),
     ("data.split_seed", SEED),
     ("data.image_size", POSITIVE_INT),
@@ -286,7 +302,7 @@ def check_devices(config, num_devices: int) -> None:
   check_fields(config, num_devices)
 
 
-STAGES = ("pretrain", "probe", "sweep", "evaluate", "soups", "report")
+STAGES = layout.STAGES  # Kept here too: soup/experiment.py imports it from this module.
 
 
 def parse_stages(stages) -> tuple[str, ...]:
@@ -308,34 +324,25 @@ def check_paths(config, stages: tuple[str, ...], workdir: Path) -> None:
   """The data and weights this run's stages will read exist (nothing is read here).
 
   A stage reads the weights only if the workdir lacks what they make (the
-  upstream ingredient, model_0), and ObjectNet only when evaluating.
+  upstream ingredient, model_0); what a dataset needs is its registry entry's
+  `missing` (soup/data/registry.py).
   """
-  data = config.data
-  if data.name == "fashion_mnist":
-    from soup.data.fashion_mnist_tfds import default_data_dir, not_prepared_message
-    tfds_dir = _path(data.data_dir or default_data_dir())
-    if not (tfds_dir / "fashion_mnist").is_dir():
-      raise ConfigError(not_prepared_message(tfds_dir))
-  elif data.name == "imagenet":
-    evaluates = bool({"evaluate", "soups", "report"} & set(stages))
-    for key in ("data_dir", "heldout_file", *(("objectnet_dir",) if evaluates else ())):
-      value = data.get(key, "")
-      if value and not _path(value).exists():
-        raise ConfigError(f"config.data.{key}={value!r} does not exist; fix the path "
-                          f"(--config.data.{key}=...).")
-  else:
-    raise ConfigError(f"config.data.name={data.name!r} is unknown; use fashion_mnist or "
-                      "imagenet.")
+  try:
+    missing = datasets.get(config.data.name).missing(config.data, stages)
+  except datasets.UnknownDatasetError as e:
+    raise ConfigError(str(e)) from e
+  if missing:
+    raise ConfigError(missing)
   if config.init.source not in ("upstream", "pretrained"):
     raise ConfigError(f"config.init.source={config.init.source!r}: use 'upstream' or "
                       "'pretrained'.")
-  makes_models = bool({"pretrain", "probe", "sweep"} & set(stages))
+  makes_models = bool(set(layout.MODEL_STAGES) & set(stages))
+  has = lambda folder: (workdir / folder / layout.INGREDIENT_FILE).exists()
   needed = []
   if (config.init.source == "pretrained" and makes_models
-      and not (workdir / "upstream" / "ingredient" / "ingredient.json").exists()):
+      and not has(layout.UPSTREAM_INGREDIENT)):
     needed.append("path")
-  if (config.probe.kind == "zeroshot" and makes_models
-      and not (workdir / "models" / "model_0" / "ingredient" / "ingredient.json").exists()):
+  if config.probe.kind == "zeroshot" and makes_models and not has(layout.ingredient("model_0")):
     needed.append("bpe_path")
   for key in needed:
     value = config.init.get(key, "")

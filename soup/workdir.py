@@ -2,16 +2,7 @@
 
 Every stage writes under the workdir atomically and skips what is already
 there, so a rerun (after a crash, a kill or an added recipe) redoes only what
-is missing. Layout:
-  config.json                 the config that made this workdir (see check_config)
-  sweep.json                  the sweep's hyperparameters, frozen at first use
-  upstream/                   pretraining run (train_state/, logs/) and ingredient/
-  models/model_<k>/           model_0 = linear probe; model_1.. = sweep members:
-                              ingredient/ (params-only Orbax), train_state/, logs/
-  eval/model_<k>.npz          logits on every split
-  soups/<recipe>.json         that recipe's results rows
-  soups/<recipe>/             the soup's params, for recipes that make one
-  results.jsonl, report.md, figure.png, log.txt
+is missing. The layout's names are soup/layout.py's.
 
 The logits and rows caches are keyed by their content's inputs: the
 ingredients' fingerprints and the evaluation settings (data, model, recipe
@@ -28,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from soup import atomic_io, checkpoints, trees
+from soup import atomic_io, checkpoints, layout, trees
 
 # Keys a rerun may change without invalidating what the workdir holds. Those that
 # reach the evaluation (data paths) are part of the caches' keys instead.
@@ -74,22 +65,22 @@ class Workdir:
 
   @property
   def upstream(self) -> Path:
-    return self.root / "upstream"
+    return self.root / layout.UPSTREAM
 
   def model_dir(self, name: str) -> Path:
-    return self.root / "models" / name
+    return self.root / layout.model_dir(name)
 
   def ingredient_dir(self, name: str) -> Path:
-    return self.model_dir(name) / "ingredient"
+    return self.root / layout.ingredient(name)
 
   def soup_dir(self, recipe: str) -> Path:
-    return self.root / "soups" / recipe
+    return self.root / layout.soup_dir(recipe)
 
   # --- The config guard and the frozen sweep --------------------------------
 
   def check_config(self, config) -> None:
     """Records the config; refuses a workdir made by a different experiment."""
-    path = self.root / "config.json"
+    path = self.root / layout.CONFIG
     current = json.loads(config.to_json())
     if path.exists():
       saved, now = flat_config(json.loads(path.read_text())), flat_config(current)
@@ -106,7 +97,7 @@ class Workdir:
 
   def freeze_sweep(self, members: list[dict]) -> list[dict]:
     """The sweep's hyperparameters as first recorded; more members may be appended."""
-    path = self.root / "sweep.json"
+    path = self.root / layout.SWEEP
     if path.exists():
       saved = json.loads(path.read_text())
       n = min(len(saved), len(members))
@@ -130,7 +121,7 @@ class Workdir:
 
   def read_logits(self, name: str, key: str) -> Optional[dict[str, np.ndarray]]:
     """eval/<name>.npz if it was computed from these inputs, else None."""
-    path = self.root / "eval" / f"{name}.npz"
+    path = self.root / layout.logits_file(name)
     if not path.exists():
       return None
     with np.load(path) as z:
@@ -140,12 +131,12 @@ class Workdir:
 
   def write_logits(self, name: str, key: str, logits: dict[str, np.ndarray]) -> None:
     arrays = {**logits, _KEY_ENTRY: np.asarray(key)}
-    atomic_io.atomic_write(self.root / "eval" / f"{name}.npz", lambda f: np.savez(f, **arrays),
+    atomic_io.atomic_write(self.root / layout.logits_file(name), lambda f: np.savez(f, **arrays),
                          binary=True)
 
   def read_rows(self, recipe: str, key: str) -> Optional[list[dict]]:
     """soups/<recipe>.json's rows if they were made from these inputs, else None."""
-    path = self.root / "soups" / f"{recipe}.json"
+    path = self.root / layout.soup_rows(recipe)
     if not path.exists():
       return None
     saved = json.loads(path.read_text())
@@ -154,5 +145,5 @@ class Workdir:
     return saved["rows"]
 
   def write_rows(self, recipe: str, key: str, rows: list[dict]) -> None:
-    atomic_io.atomic_write_text(self.root / "soups" / f"{recipe}.json",
+    atomic_io.atomic_write_text(self.root / layout.soup_rows(recipe),
                               json.dumps({"key": key, "rows": rows}))

@@ -41,6 +41,8 @@ UPSTREAM = "--config.init.source=upstream"  # Its fields are read only when it t
 
 # (overrides, the field the error must name).
 BAD = [
+    (["--config.model.name=vitt"], "model.name"),                       # Not in the registry.
+    (["--config.data.name=mnist"], "data.name"),
     (["--config.sweep.num_members=-3"], "sweep.num_members"),
     (["--config.sweep.num_members=0"], "sweep.num_members"),
     (["--config.finetune.batch_size=0"], "finetune.batch_size"),

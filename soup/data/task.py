@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
-from soup import results
+from soup import metrics, results
 
 
 @dataclasses.dataclass
@@ -51,8 +51,7 @@ class EvalSplit:
     return logits if self.logits_map is None else self.logits_map(logits)
 
   def accuracy(self, logits: np.ndarray) -> float:
-    scored = self.scored_logits(np.asarray(logits, np.float32))
-    return float(np.mean(np.argmax(scored, axis=-1) == self.labels))
+    return metrics.accuracy(self.scored_logits(np.asarray(logits, np.float32)), self.labels)
 
 
 class Task:

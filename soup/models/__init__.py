@@ -1,6 +1,59 @@
-"""Model construction from `config.model`."""
+"""The models a config may name (config.model.name), each declared once, and `build`.
+
+An entry says how to build the flax module from config.model and which loader
+of soup/models/pretrained.py reads its released weights. A model's module is
+imported when it is built: the config check reads this registry and must stay
+quick.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """One model.
+
+  Attributes:
+    build: (config.model less its name, num_classes) -> a flax module mapping preprocessed
+      images to logits.
+    pretrained_loader: the function of soup/models/pretrained.py that reads its weights
+      (config -> backbone params). Named, not held: pretrained.py reads this registry.
+  """
+  build: Callable[[dict, int], Any]
+  pretrained_loader: str
+
+
+def _build_vit(cfg: dict, num_classes: int):
+  from soup.models.vit import ViT
+  return ViT(num_classes=num_classes, **cfg)
+
+
+def _build_clip(cfg: dict, num_classes: int):
+  # config.model: variant ("ViT-B/32", "ViT-B/16", "ViT-L/14", "tiny") + CLIPConfig overrides.
+  from soup.models import clip
+  variant = cfg.pop("variant")
+  return clip.CLIPImageClassifier(config=clip.get_config(variant, **cfg), num_classes=num_classes)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "vit": ModelEntry(_build_vit, pretrained_loader="load_vit_backbone"),
+    "clip": ModelEntry(_build_clip, pretrained_loader="load_clip_image_tower"),
+}
+
+
+class UnknownModelError(ValueError):
+  """config.model.name names no registered model."""
+
+
+def get(name: str) -> ModelEntry:
+  """The entry of config.model.name; an unknown name is refused with the registered ones."""
+  if name not in MODELS:
+    raise UnknownModelError(f"config.model.name={name!r} is unknown; use one of "
+                            f"{', '.join(MODELS)}.")
+  return MODELS[name]
 
 
 def build(model_config, num_classes: int):
@@ -10,13 +63,4 @@ def build(model_config, num_classes: int):
   representation (the linear probe's input) and names its classifier `head`.
   """
   cfg = dict(model_config)
-  name = cfg.pop("name")
-  if name == "vit":
-    from soup.models.vit import ViT
-    return ViT(num_classes=num_classes, **cfg)
-  if name == "clip":
-    # config.model: variant ("ViT-B/32", "ViT-B/16", "ViT-L/14", "tiny") + CLIPConfig overrides.
-    from soup.models import clip
-    variant = cfg.pop("variant")
-    return clip.CLIPImageClassifier(config=clip.get_config(variant, **cfg), num_classes=num_classes)
-  raise ValueError(f"Unknown model name {name!r}: use 'vit' or 'clip'.")
+  return get(cfg.pop("name")).build(cfg, num_classes)

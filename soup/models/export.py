@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soup import atomic_io, checkpoints
+from soup import atomic_io, checkpoints, layout
 from soup.models import convert
 
 
@@ -30,14 +30,14 @@ def sha256(path: Path) -> str:
 def export(workdir: Path, out: Path, command: str = "") -> dict:
   """Writes out (.npz) and out.with_suffix('.json'); returns the provenance written."""
   workdir, out = Path(workdir), Path(out)
-  source = workdir / "upstream" / "ingredient"
+  source = workdir / layout.UPSTREAM_INGREDIENT
   if not checkpoints.is_ingredient(source):
     raise FileNotFoundError(f"No upstream ingredient at {source}: run the pretrain stage first "
                             "(scripts/pretrain_upstream.sh).")
   flat = convert.flatten_params(checkpoints.load_ingredient(source))
   out.parent.mkdir(parents=True, exist_ok=True)
   atomic_io.atomic_write(out, lambda f: np.savez(f, **flat), binary=True)
-  config = json.loads((workdir / "config.json").read_text())
+  config = json.loads((workdir / layout.CONFIG).read_text())
   provenance = {
       "file": out.name, "sha256": sha256(out),
       "parameters": int(sum(v.size for v in flat.values())),

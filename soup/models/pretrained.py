@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from soup import models
 from soup.models import convert
 
 CLIP_WEIGHTS_HINT = (
@@ -162,21 +163,15 @@ def zeroshot_head(config, *, classnames: Optional[Sequence[str]] = None,
 
 def load_vit_backbone(config) -> dict:
   """ViT params without head (and pre_logits), position embeddings at data.image_size."""
-  from soup.models.vit import ViT
   path = _require(_path(config), VIT_WEIGHTS_HINT.format(path=config.init.path or "<file>.npz"))
   image_size = int(config.data.image_size)
   params = convert.vit_from_big_vision_npz(path, drop_head=True, image_size=image_size)
-  rest = {k: v for k, v in dict(config.model).items() if k != "name"}
-  _check_against_model(params, ViT(num_classes=1, **rest), image_size, f"ViT checkpoint {path}",
+  _check_against_model(params, models.build(config.model, 1), image_size, f"ViT checkpoint {path}",
                        channels=int(config.data.get("image_channels", 3)))
   return jax.tree.map(np.asarray, params)
 
 
 def load_pretrained(config) -> Any:
   """The backbone params of config.model from config.init.path (no head)."""
-  name = config.model.name
-  if name == "clip":
-    return load_clip_image_tower(config)
-  if name == "vit":
-    return load_vit_backbone(config)
-  raise ValueError(f"No pretrained loader for config.model.name={name!r}; use 'clip' or 'vit'.")
+  # The registry names its loader: one of this module's functions.
+  return globals()[models.get(config.model.name).pretrained_loader](config)

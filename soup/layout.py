@@ -1,0 +1,70 @@
+"""The run's stages and the workdir's layout: the one place that names them.
+
+Plain names, no I/O and no imports, so the config check (soup/validate.py), the
+launcher (scripts/launch_sweep.py) and the configs can read them cheaply.
+soup/workdir.py joins them to a workdir's root.
+
+A workdir holds:
+  config.json                 the config that made this workdir (see Workdir.check_config)
+  sweep.json                  the sweep's hyperparameters, frozen at first use
+  upstream/                   pretraining run (train_state/, logs/) and ingredient/
+  models/model_<k>/           model_0 = linear probe; model_1.. = sweep members:
+                              ingredient/ (params-only Orbax), train_state/, logs/
+  eval/model_<k>.npz          logits on every split
+  soups/<recipe>.json         that recipe's results rows
+  soups/<recipe>/             the soup's params, for recipes that make one
+  results.jsonl, report.md, figure.png, log.txt
+
+Paths below are relative to the workdir and use "/", so they join onto a Path
+and serve as bucket prefixes alike.
+"""
+
+from __future__ import annotations
+
+# --- Stages, in the order a run takes them ------------------------------------------
+
+STAGES = ("pretrain", "probe", "sweep", "evaluate", "soups", "report")
+# Those that write upstream/ and models/ (a sweep member's job runs these).
+MODEL_STAGES = ("pretrain", "probe", "sweep")
+# Those that read the evaluation splits (the launcher's final phase).
+EVAL_STAGES = ("evaluate", "soups", "report")
+# model_0 and what it starts from, made once before members run in parallel.
+SETUP_STAGES = ("pretrain", "probe")
+
+# --- Files and folders -------------------------------------------------------------
+
+CONFIG = "config.json"
+SWEEP = "sweep.json"
+RESULTS = "results.jsonl"
+REPORT = "report.md"
+FIGURE = "figure.png"
+LOG = "log.txt"
+UPSTREAM = "upstream"
+MODELS = "models"
+EVAL = "eval"
+SOUPS = "soups"
+INGREDIENT = "ingredient"  # A model's params-only checkpoint, inside its folder.
+# Written last by checkpoints.save_ingredient: its presence means a complete ingredient.
+INGREDIENT_FILE = "ingredient.json"
+UPSTREAM_INGREDIENT = f"{UPSTREAM}/{INGREDIENT}"
+
+
+def model_dir(name: str) -> str:
+  return f"{MODELS}/{name}"
+
+
+def ingredient(name: str) -> str:
+  """The ingredient folder of model `name` (model_0, model_1, ...)."""
+  return f"{MODELS}/{name}/{INGREDIENT}"
+
+
+def logits_file(name: str) -> str:
+  return f"{EVAL}/{name}.npz"
+
+
+def soup_dir(recipe: str) -> str:
+  return f"{SOUPS}/{recipe}"
+
+
+def soup_rows(recipe: str) -> str:
+  return f"{SOUPS}/{recipe}.json"
