@@ -49,7 +49,7 @@ from pathlib import Path
 
 import ml_collections as mlc
 
-from soup import layout, sweep
+from soup import layout, recipes, sweep
 
 ARGS = ("smoke", "supervised_upstream", "weak_upstream", "narrow_lr", "low_lr", "upstream_here")
 # The project's own pretrained start (scripts/pretrain_upstream.sh made it; its .json
@@ -133,21 +133,10 @@ def get_config(arg: str = ""):
       only="",                   # Comma-separated member indices (1-based) to run here.
   )
   c.eval = dict(batch_size=500)
-  c.soups = dict(
-      recipes=("pixel_linear", "best_individual", "uniform_soup", "greedy_soup", "learned_soup",
-               "learned_soup_by_layer", "ensemble", "greedy_ensemble", "wise_ft", "model_stock"),
-      include_initialization=True,   # model_0 is an ingredient, as in the paper's 72.
-      greedy_comparison=">",         # Official code: ">"; the paper's text: ">=".
-      greedy_tie_order="reversed",   # Official: ties in reverse listed order; or "listed".
-      on_bad_ingredient="exclude",   # "exclude" (logged) or "error".
-      verify_checksums=True,
-      learned=dict(epochs=3, lr=0.05, batch_size=256),
-      wise_ft=dict(endpoint="best_individual", alphas=(0.0, 0.25, 0.5, 0.75, 1.0)),
-      # The floor: logistic regression on raw pixels of the fine-tuning split.
-      # Fitted as the probe (L-BFGS, L2 chosen on a tenth held out).
-      pixel_linear=dict(l2_grid=(1e-4, 1e-3, 1e-2), validation_fraction=0.1,
-                        max_iterations=300, tolerance=1e-4),
-  )
+  # Every recipe, its settings at their defaults (soup/recipes.py declares them).
+  c.soups = recipes.default_soups_config(
+      ("pixel_linear", "best_individual", "uniform_soup", "greedy_soup", "learned_soup",
+       "learned_soup_by_layer", "ensemble", "greedy_ensemble", "wise_ft", "model_stock"))
   # The report: paired bootstrap intervals, the claims, and the analysis figures
   # (error landscape on a landscape_grid^2 lattice of the plane, scored on the first
   # landscape_examples held-out images; soups by ingredients). analysis=False skips them.

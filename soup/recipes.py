@@ -3,21 +3,27 @@
 A recipe is one function `make(kitchen) -> rows` plus one `Recipe` line in
 REGISTRY. The line declares its name, its label in the report's table, its
 marker in the figure, its inference cost, the config.soups settings it reads
-and the other recipes whose output it reads. `check` validates
-config.soups.recipes against the registry before any stage runs; the report
-takes its labels, markers and row order from here, and `infer_recipe` names the
-recipe of a results line that lacks one. REGISTRY is in the paper's Table 1 order.
+(each a `Setting`: type, default, allowed values, help), its note under the
+report's table and the other recipes whose output it reads. From these
+declarations `default_soups_config` builds the configs' config.soups,
+soup/validate.py checks its values, `check` validates config.soups.recipes
+before any stage runs, and the report takes its labels, markers, notes and row
+order; `infer_recipe` names the recipe of a results line that lacks one.
+REGISTRY is in the paper's Table 1 order.
 
 To add a recipe, write its function below and add one line to REGISTRY (see
 README.md, "Adding a recipe"). This module imports no jax at load time, so the
-report stays jax-free; the recipe functions import what they use.
+report and the config check stay jax-free; the recipe functions import what
+they use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
+
+from soup import results
 
 PyTree = Any
 Rows = list[dict]
@@ -36,6 +42,40 @@ class Marker:
   color: str
   size: int
   zorder: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One config.soups setting a recipe reads, as mergekit's ConfigParameterDef.
+
+  soup/validate.py refuses a value of another type, outside `choices` or outside
+  `interval`; `default_soups_config` writes `default` into the configs.
+  """
+
+  path: str                      # under config.soups: "greedy_comparison", "learned.lr"
+  type: type                     # bool, int, float or str; tuple: a non-empty tuple of floats
+  default: Any
+  help: str                      # one line: what it does
+  choices: tuple = ()            # the allowed values, when they are a few
+  interval: str = ""             # the allowed numbers (a tuple's items), as in maths: "[1, inf)"
+
+  def missing(self, soups_config) -> Optional[str]:
+    """The first part of the path soups_config lacks ("learned" without learned), or None."""
+    node, keys = soups_config, self.path.split(".")
+    for i, key in enumerate(keys):
+      if not hasattr(node, "keys") or key not in node:
+        return ".".join(keys[:i + 1])
+      node = node[key]
+    return None
+
+  def value(self, soups_config) -> Any:
+    node = soups_config
+    for key in self.path.split("."):
+      node = node[key]
+    return node
+
+
+Note = Callable[[Rows, dict, Any], Optional[str]]  # (its lines, the one shown, columns) -> text
 
 
 @dataclasses.dataclass
@@ -75,9 +115,11 @@ class Recipe:
   make: Optional[Callable[[Kitchen], Rows]]      # None: rows come from evaluation itself
   marker: Optional[Marker] = None                # None: drawn specially or not at all
   inference_cost: str = "one"                    # "one" forward pass, or "per_ingredient"
-  settings: tuple[str, ...] = ()                 # config.soups keys it reads
+  settings: tuple[Setting, ...] = ()             # the config.soups settings it reads
   needs: Callable[[Any], tuple[str, ...]] = lambda soups_config: ()  # recipes it reads
   every_model: bool = False                      # its ingredients are all models by definition
+  note: Optional[Note] = None                    # its line in the report's notes, if any
+  note_first: bool = False                       # what a selection kept: noted before weights
 
 
 # --- The recipes ---------------------------------------------------------
@@ -206,32 +248,163 @@ def greedy_ensemble(k: Kitchen) -> Rows:
                 len(result.ingredients), greedy_history=result.history)]
 
 
-# --- The registry, in Table 1 order ---------------------------------------
+# --- The settings: config.soups, declared once -----------------------------
 
-_SHARED = ("include_initialization", "on_bad_ingredient", "verify_checksums")
+# Read for every recipe that touches the ingredients (soup/experiment.py, soup/ingredients.py).
+SHARED = (
+    Setting("include_initialization", bool, True,
+            "model_0 is an ingredient, as in the paper's 72"),
+    Setting("on_bad_ingredient", str, "exclude",
+            "an ingredient that fails its checks: left out (logged), or the run stops",
+            choices=("exclude", "error")),
+    Setting("verify_checksums", bool, True,
+            "check each ingredient's bytes against its fingerprint before use"),
+)
+GREEDY = (
+    Setting("greedy_comparison", str, ">",
+            "keep an ingredient if held-out accuracy improves (official code) or does not drop "
+            "(the paper's text)", choices=(">", ">=")),
+    Setting("greedy_tie_order", str, "reversed",
+            "equal held-out accuracies: in reverse listed order (official code) or as listed",
+            choices=("reversed", "listed")),
+)
+LEARNED = (
+    Setting("learned.epochs", int, 3, "passes over the held-out split", interval="[1, inf)"),
+    Setting("learned.lr", float, 0.05, "learning rate of the mixing weights",
+            interval="(0, inf)"),
+    Setting("learned.batch_size", int, 256, "held-out images per step", interval="[1, inf)"),
+)
+WISE_FT = (
+    Setting("wise_ft.endpoint", str, "best_individual",
+            "the fine-tuned end of the interpolation (a soup must run before it)",
+            choices=WISE_FT_ENDPOINTS),
+    Setting("wise_ft.alphas", tuple, (0.0, 0.25, 0.5, 0.75, 1.0),
+            "one row each: (1 - alpha) model_0 + alpha endpoint", interval="[0, 1]"),
+)
+PIXEL_LINEAR = (  # Fitted as the probe: L-BFGS, L2 chosen on a part of the fine-tuning split.
+    Setting("pixel_linear.l2_grid", tuple, (1e-4, 1e-3, 1e-2), "the L2 strengths tried",
+            interval="(0, inf)"),
+    Setting("pixel_linear.validation_fraction", float, 0.1,
+            "the part of the fine-tuning split that chooses the L2", interval="(0, 1)"),
+    Setting("pixel_linear.max_iterations", int, 300, "L-BFGS iterations", interval="[1, inf)"),
+    Setting("pixel_linear.tolerance", float, 1e-4, "L-BFGS's tolerance", interval="(0, inf)"),
+)
+
+
+# --- The notes under the report's table (soup/report.py) --------------------
+# Each takes the recipe's results lines, the one the table shows, and the columns.
+
+
+def _names(ingredients: Any) -> list[str]:
+  if isinstance(ingredients, dict):
+    return [str(k) for k in ingredients]
+  if isinstance(ingredients, (list, tuple)):
+    return [str(i) for i in ingredients]
+  return []
+
+
+def _flat(x: Any) -> list[float]:
+  if isinstance(x, dict):
+    return [v for value in x.values() for v in _flat(value)]
+  if isinstance(x, (list, tuple)):
+    return [v for value in x for v in _flat(value)]
+  v = results.number(x)
+  return [] if v is None else [v]
+
+
+def _weights_str(weights: Any, names: list[str], limit: int = 12) -> str:
+  """Compact: name=w pairs for a flat vector; a shape and summary otherwise."""
+  number = results.number
+  if isinstance(weights, dict) and all(number(v) is not None for v in weights.values()):
+    pairs = list(weights.items())
+  elif isinstance(weights, (list, tuple)) and all(number(v) is not None for v in weights):
+    keys = names if len(names) == len(weights) else [f"#{i}" for i in range(len(weights))]
+    pairs = list(zip(keys, weights))
+  else:
+    values = _flat(weights)
+    if not values:
+      return "(none)"
+    groups = len(weights) if isinstance(weights, (list, tuple, dict)) else 1
+    return (f"{groups} groups (layers) × {len(values) // max(groups, 1)} weights, "
+            f"min {min(values):.3f}, mean {sum(values) / len(values):.3f}, max {max(values):.3f}")
+  shown = ", ".join(f"{k}={float(v):.3f}" for k, v in pairs[:limit])
+  if len(pairs) > limit:
+    shown += f", … ({len(pairs) - limit} more)"
+  return shown
+
+
+def greedy_soup_note(lines: Rows, shown: dict, columns) -> str:
+  comparison = (shown.get("soup_settings") or {}).get("greedy_comparison", ">")
+  rule = ("does not drop (`>=`)" if comparison == ">="
+          else "improves (strict `>`, as the official code)")
+  text = (f"The greedy soup adds models in decreasing order of held-out accuracy "
+          f"(`{columns.held_out}`) and keeps one only if held-out accuracy {rule}.")
+  names = _names(shown.get("ingredients"))
+  if names:
+    return text + f" Ingredients ({len(names)}): " + ", ".join(f"`{n}`" for n in names) + "."
+  return text + " Its ingredients are not recorded in these results."
+
+
+def greedy_ensemble_note(lines: Rows, shown: dict, columns) -> Optional[str]:
+  names = _names(shown.get("ingredients"))
+  if names:
+    return f"Greedy ensemble members ({len(names)}): " + ", ".join(f"`{n}`" for n in names) + "."
+  return None
+
+
+def learned_note(lines: Rows, shown: dict, columns) -> Optional[str]:
+  if shown.get("weights") is None:
+    return None
+  return (f"{REGISTRY[shown['recipe']].label} weights: "
+          + _weights_str(shown["weights"], _names(shown.get("ingredients"))) + ".")
+
+
+def model_stock_note(lines: Rows, shown: dict, columns) -> Optional[str]:
+  ratios = _flat(shown.get("ratios"))
+  if not ratios:  # Model Stock records its interpolation ratio t per parameter leaf.
+    return None
+  return (f"Model stock's ratio t (0: the initialization, 1: the members' mean) over "
+          f"{len(ratios)} parameter leaves: min {min(ratios):.3f}, mean "
+          f"{sum(ratios) / len(ratios):.3f}, max {max(ratios):.3f}.")
+
+
+def wise_ft_note(lines: Rows, shown: dict, columns) -> Optional[str]:
+  curve = sorted((r for r in lines if results.number(r.get("alpha")) is not None),
+                 key=lambda r: r["alpha"])
+  if not curve:
+    return None
+  points = ", ".join(f"α={r['alpha']:g}: {results.percent(results.number(r.get(columns.held_out)))}"
+                     for r in curve)
+  return (f"WiSE-FT held-out accuracy (`{columns.held_out}`) by α: {points}; the table shows "
+          f"the best.")
+
+
+# --- The registry, in Table 1 order ---------------------------------------
 
 REGISTRY: dict[str, Recipe] = {r.name: r for r in (
     Recipe("pixel_linear", "Pixel logistic regression (baseline)", pixel_linear,
-           Marker("Pixel logistic regression", "x", "k", 160), settings=("pixel_linear",)),
+           Marker("Pixel logistic regression", "x", "k", 160), settings=PIXEL_LINEAR),
     Recipe("initialization", "Initialization", None),
     Recipe("individual", "Individual model", None),
     Recipe("best_individual", "Best individual model", best_individual),
     Recipe("uniform_soup", "Uniform soup", uniform_soup,
-           Marker("Uniform Soup", "o", "C0", 220), settings=_SHARED, every_model=True),
+           Marker("Uniform Soup", "o", "C0", 220), settings=SHARED, every_model=True),
     Recipe("greedy_soup", "Greedy soup", greedy_soup, Marker("Greedy Soup", "*", "C4", 500),
-           settings=(*_SHARED, "greedy_comparison", "greedy_tie_order")),
+           settings=(*SHARED, *GREEDY), note=greedy_soup_note, note_first=True),
     Recipe("learned_soup", "Learned soup", learned_soup, Marker("Learned Soup", "P", "C1", 220),
-           settings=(*_SHARED, "learned")),
+           settings=(*SHARED, *LEARNED), note=learned_note),
     Recipe("learned_soup_by_layer", "Learned soup (by layer)", learned_soup_by_layer,
-           Marker("Learned Soup (by layer)", "X", "C8", 220), settings=(*_SHARED, "learned")),
+           Marker("Learned Soup (by layer)", "X", "C8", 220), settings=(*SHARED, *LEARNED),
+           note=learned_note),
     Recipe("model_stock", "Model stock", model_stock, Marker("Model Stock", "^", "C6", 220),
-           settings=_SHARED),
-    Recipe("wise_ft", "WiSE-FT", wise_ft, settings=(*_SHARED, "wise_ft"), needs=_wise_ft_needs),
+           settings=SHARED, note=model_stock_note),
+    Recipe("wise_ft", "WiSE-FT", wise_ft, settings=(*SHARED, *WISE_FT), needs=_wise_ft_needs,
+           note=wise_ft_note),
     Recipe("ensemble", "Ensemble", ensemble, Marker("Ensemble", "s", "C3", 150, zorder=4),
-           inference_cost="per_ingredient", settings=_SHARED, every_model=True),
+           inference_cost="per_ingredient", settings=SHARED, every_model=True),
     Recipe("greedy_ensemble", "Greedy ensemble", greedy_ensemble,
            Marker("Greedy Ensemble", "D", "C5", 130, zorder=4), inference_cost="per_ingredient",
-           settings=(*_SHARED, "greedy_comparison", "greedy_tie_order")),
+           settings=(*SHARED, *GREEDY), note=greedy_ensemble_note, note_first=True),
 )}
 # Rows the evaluate stage makes for each model; not listed in config.soups.recipes.
 MODEL_RECIPES = ("initialization", "individual")
@@ -264,16 +437,19 @@ def check(soups_config) -> None:
           f"config.soups.recipes: unknown recipe {name!r}{hint}; choose from "
           f"{', '.join(SOUP_RECIPES)}.")
   for name in recipes:
-    missing = [key for key in REGISTRY[name].settings if key not in soups_config]
+    missing = list(dict.fromkeys(filter(None, (s.missing(soups_config)
+                                               for s in REGISTRY[name].settings))))
     if missing:
       raise RecipeConfigError(f"config.soups lacks {missing}, which recipe {name} reads; add "
                               "them to the config (see configs/fashion_mnist.py).")
   if len(set(recipes)) != len(recipes):
     raise RecipeConfigError(f"config.soups.recipes lists a recipe twice: {recipes}.")
-  if "wise_ft" in recipes and soups_config.wise_ft.endpoint not in WISE_FT_ENDPOINTS:
-    raise RecipeConfigError(
-        f"config.soups.wise_ft.endpoint must be one of {', '.join(WISE_FT_ENDPOINTS)}, got "
-        f"{soups_config.wise_ft.endpoint!r}.")
+  for setting in dict.fromkeys(s for name in recipes for s in REGISTRY[name].settings):
+    value = setting.value(soups_config)  # A choice picks a code path (wise_ft's endpoint).
+    if setting.choices and value not in setting.choices:
+      raise RecipeConfigError(
+          f"config.soups.{setting.path} must be one of {', '.join(map(str, setting.choices))}, "
+          f"got {value!r}.")
   for i, name in enumerate(recipes):
     for need in REGISTRY[name].needs(soups_config):
       if need not in recipes[:i]:
@@ -282,3 +458,21 @@ def check(soups_config) -> None:
             f"{need!r} ahead of {name!r}.")
 
 
+def settings() -> tuple[Setting, ...]:
+  """Every declared setting once: the shared ones, then the registry's, in its order."""
+  return tuple(dict.fromkeys([*SHARED, *(s for r in REGISTRY.values() for s in r.settings)]))
+
+
+def default_soups_config(names: Sequence[str]) -> dict:
+  """config.soups that runs these recipes in this order: the shared settings and the ones the
+  recipes read, at their declared defaults (a config then changes what it must)."""
+  soups: dict[str, Any] = {"recipes": tuple(names)}
+  read = {*SHARED, *(s for name in names if name in REGISTRY for s in REGISTRY[name].settings)}
+  for setting in settings():
+    if setting in read:
+      *parents, leaf = setting.path.split(".")
+      node = soups
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = setting.default
+  return soups

@@ -17,7 +17,6 @@ has several lines, the one with the best held-out accuracy is shown.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Sequence
 from soup import atomic_io, claims, results as R
 from soup.recipes import REGISTRY, infer_recipe
 
-DASH = "—"
+DASH = R.DASH
 
 
 def _method(recipe: str) -> str:
@@ -57,10 +56,7 @@ def _prepare(rows: Sequence[dict], columns: R.Columns | None) -> tuple[list[dict
   return out, columns
 
 
-def _num(value: Any) -> float | None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    return None
-  return None if math.isnan(value) else float(value)
+_num, _pct = R.number, R.percent  # A line's numbers, and how the report writes them.
 
 
 def _best(rows: Sequence[dict], key: str) -> dict | None:
@@ -139,11 +135,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
     else:
       notes.append(f"The best individual model, `{best_info['model_name']}`, is the results' own "
                    f"`best_individual` line.")
-  notes += _recipe_notes(chosen, columns)
-  if curve:
-    pts = ", ".join(f"α={r['alpha']:g}: {_pct(_num(r.get(columns.held_out)))}" for r in curve)
-    notes.append(f"WiSE-FT held-out accuracy (`{columns.held_out}`) by α: {pts}; the table shows "
-                 f"the best.")
+  notes += _recipe_notes(by_recipe, chosen, columns)
   if multi:
     notes.append("Several lines for " + ", ".join(f"`{m}`" for m in multi)
                  + ": the table shows the one with the best held-out accuracy.")
@@ -235,41 +227,13 @@ def _table_entry(recipe: str, row: dict, columns: R.Columns, n_models: int) -> d
   return entry
 
 
-def _recipe_notes(chosen: dict[str, dict], columns: R.Columns) -> list[str]:
-  """What the greedy soup and ensemble kept, the learned weights and Model Stock's ratios."""
-  notes = []
-  greedy = chosen.get("greedy_soup")
-  if greedy is not None:
-    comparison = (greedy.get("soup_settings") or {}).get("greedy_comparison", ">")
-    rule = ("does not drop (`>=`)" if comparison == ">="
-            else "improves (strict `>`, as the official code)")
-    text = (f"The greedy soup adds models in decreasing order of held-out accuracy "
-            f"(`{columns.held_out}`) and keeps one only if held-out "
-            f"accuracy {rule}.")
-    names = _names(greedy.get("ingredients"))
-    if names:
-      text += f" Ingredients ({len(names)}): " + ", ".join(f"`{n}`" for n in names) + "."
-    else:
-      text += " Its ingredients are not recorded in these results."
-    notes.append(text)
-  greedy_ens = chosen.get("greedy_ensemble")
-  if greedy_ens is not None:
-    names = _names(greedy_ens.get("ingredients"))
-    if names:
-      notes.append(f"Greedy ensemble members ({len(names)}): "
-                   + ", ".join(f"`{n}`" for n in names) + ".")
-  for recipe in ("learned_soup", "learned_soup_by_layer"):
-    row = chosen.get(recipe)
-    if row is not None and row.get("weights") is not None:
-      notes.append(f"{_method(recipe)} weights: "
-                   + _weights_str(row["weights"], _names(row.get("ingredients"))) + ".")
-  stock = chosen.get("model_stock")
-  ratios = _flat(stock.get("ratios")) if stock is not None else []
-  if ratios:  # Model Stock records its interpolation ratio t per parameter leaf.
-    notes.append(f"Model stock's ratio t (0: the initialization, 1: the members' mean) over "
-                 f"{len(ratios)} parameter leaves: min {min(ratios):.3f}, mean "
-                 f"{sum(ratios) / len(ratios):.3f}, max {max(ratios):.3f}.")
-  return notes
+def _recipe_notes(by_recipe: dict[str, list[dict]], chosen: dict[str, dict],
+                  columns: R.Columns) -> list[str]:
+  """Each shown recipe's own note (soup/recipes.py): what selections kept, then the rest."""
+  noted = sorted((r for r in REGISTRY.values() if r.note is not None and r.name in chosen),
+                 key=lambda r: not r.note_first)  # Stable: registry order within each.
+  texts = (r.note(by_recipe.get(r.name, []), chosen[r.name], columns) for r in noted)
+  return [text for text in texts if text]
 
 
 def _ingredients_cell(ingredients: int | None, entry: dict) -> str:
@@ -337,47 +301,6 @@ def _heldout_list_note(rows: Sequence[dict], columns: R.Columns) -> str | None:
     return (f"Warning: these lines mix held-out lists ({', '.join(kinds)}): their "
             f"`{columns.held_out}` accuracies are not comparable.")
   return None
-
-
-def _pct(x: float | None) -> str:
-  return DASH if x is None else f"{100 * x:.2f}"
-
-
-def _names(ingredients: Any) -> list[str]:
-  if isinstance(ingredients, dict):
-    return [str(k) for k in ingredients]
-  if isinstance(ingredients, (list, tuple)):
-    return [str(i) for i in ingredients]
-  return []
-
-
-def _flat(x: Any) -> list[float]:
-  if isinstance(x, dict):
-    return [v for value in x.values() for v in _flat(value)]
-  if isinstance(x, (list, tuple)):
-    return [v for value in x for v in _flat(value)]
-  v = _num(x)
-  return [] if v is None else [v]
-
-
-def _weights_str(weights: Any, names: list[str], limit: int = 12) -> str:
-  """Compact: name=w pairs for a flat vector; a shape and summary otherwise."""
-  if isinstance(weights, dict) and all(_num(v) is not None for v in weights.values()):
-    pairs = list(weights.items())
-  elif isinstance(weights, (list, tuple)) and all(_num(v) is not None for v in weights):
-    keys = names if len(names) == len(weights) else [f"#{i}" for i in range(len(weights))]
-    pairs = list(zip(keys, weights))
-  else:
-    values = _flat(weights)
-    if not values:
-      return "(none)"
-    groups = len(weights) if isinstance(weights, (list, tuple, dict)) else 1
-    return (f"{groups} groups (layers) × {len(values) // max(groups, 1)} weights, "
-            f"min {min(values):.3f}, mean {sum(values) / len(values):.3f}, max {max(values):.3f}")
-  shown = ", ".join(f"{k}={float(v):.3f}" for k, v in pairs[:limit])
-  if len(pairs) > limit:
-    shown += f", … ({len(pairs) - limit} more)"
-  return shown
 
 
 # ----------------------------------------------------------------------------

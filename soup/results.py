@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -50,6 +51,21 @@ def detect_columns(rows: Sequence[dict]) -> Columns:
 
 def avg_shifts(row: dict, columns: Columns) -> float:
   return sum(row[c] for c in columns.shifts) / len(columns.shifts)
+
+
+def number(value) -> Optional[float]:
+  """A line's field as a float; None when absent, not a number or NaN."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  return None if math.isnan(value) else float(value)
+
+
+DASH = "—"  # A number the lines lack, in the report's text.
+
+
+def percent(x: Optional[float]) -> str:
+  """An accuracy as the report writes it: 85.97, or a dash when there is none."""
+  return DASH if x is None else f"{100 * x:.2f}"
 
 
 class ResultsError(ValueError):

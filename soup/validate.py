@@ -5,7 +5,8 @@ the fix. soup/main.py prints it as one line and exits with status 2; any other
 exception is a bug and keeps its traceback.
 
 Every field's rule is one row of FIELDS (field -> rule, and when the field is
-read); `check_devices` adds PER_DEVICE's once the number of devices is known.
+read), config.soups's from the settings the recipes declare (soup/recipes.py);
+`check_devices` adds PER_DEVICE's once the number of devices is known.
 """
 
 from __future__ import annotations
@@ -226,24 +227,37 @@ FIELDS: tuple[tuple, ...] = (
     ("sweep.randaug_n_probs", items(NON_NEGATIVE)),
     ("sweep.randaug_n_probs", Rule("probabilities with a positive sum", lambda v: sum(v) > 0)),
     ("eval.batch_size", POSITIVE_INT),
-    ("soups.include_initialization", BOOL),
-    ("soups.verify_checksums", BOOL),
-    ("soups.on_bad_ingredient", one_of("exclude", "error")),
-    ("soups.greedy_comparison", one_of(">", ">=")),
-    ("soups.greedy_tie_order", one_of("reversed", "listed")),
-    ("soups.learned.epochs", POSITIVE_INT),
-    ("soups.learned.lr", POSITIVE),
-    ("soups.learned.batch_size", POSITIVE_INT),
-    ("soups.wise_ft.alphas", items(UNIT)),  # (1 - alpha) model_0 + alpha endpoint.
-    ("soups.pixel_linear.l2_grid", items(POSITIVE)),
-    ("soups.pixel_linear.validation_fraction", FRACTION),
-    ("soups.pixel_linear.max_iterations", POSITIVE_INT),
-    ("soups.pixel_linear.tolerance", POSITIVE),
+    # config.soups: checked after these, from the recipes' declarations (soups_fields).
     ("report.bootstrap_resamples", POSITIVE_INT),
     ("report.analysis", BOOL),
     ("report.landscape_grid", integer(2)),
     ("report.landscape_examples", COUNT),  # 0: the whole held-out split.
 )
+
+
+
+def setting_rule(setting: recipes.Setting) -> Rule:
+  """A recipe setting's rule, read from its declaration (soup/recipes.py)."""
+  if setting.choices:
+    return one_of(*setting.choices)
+  if setting.type is bool:
+    return BOOL
+  if setting.type is int:
+    if not setting.interval:
+      return Rule("an integer", _is_int)
+    lo, hi = (t.strip() for t in setting.interval[1:-1].split(","))
+    return integer(int(lo) + (setting.interval[0] == "("),
+                   None if hi == "inf" else int(hi) - (setting.interval[-1] == ")"))
+  if setting.type in (float, tuple):  # A tuple: of numbers, each in the interval.
+    item = number(setting.interval) if setting.interval else Rule("a finite number", _is_real)
+    return items(item) if setting.type is tuple else item
+  return Rule(f"a {setting.type.__name__}", lambda v: isinstance(v, setting.type))
+
+
+def soups_fields() -> list[tuple]:
+  """FIELDS' rows for config.soups: every setting the recipe registry declares."""
+  return [(f"soups.{s.path}", setting_rule(s)) for s in recipes.settings()]
+
 
 # Batches split over the mesh's data axis (soup/mesh.py: one axis over every device).
 PER_DEVICE: tuple[tuple, ...] = (
@@ -280,8 +294,9 @@ def _refuse(path: str, rule: Rule, value) -> None:
 
 
 def check_fields(config, num_devices: Optional[int] = None) -> None:
-  """Every row of FIELDS (and, given the number of devices, of PER_DEVICE) the config has."""
-  rows = list(FIELDS)
+  """Every row of FIELDS and soups_fields (and, given the number of devices, of PER_DEVICE)
+  the config has."""
+  rows = [*FIELDS, *soups_fields()]
   if num_devices is not None:
     rows += [(path, multiple_of(num_devices), when) for path, when in PER_DEVICE]
   for path, rule, *when in rows:

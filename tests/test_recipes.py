@@ -1,4 +1,5 @@
-"""The recipe registry: its checks, and that a new recipe is one function plus one line."""
+"""The recipe registry: its checks, its declared settings, and that a new recipe is one function
+plus one registry entry (README's example, run here)."""
 
 import re
 from pathlib import Path
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
-from soup import recipes, report, results
+from soup import recipes, report, results, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,8 @@ def test_registry_declares_every_recipe():
   for name, recipe in recipes.REGISTRY.items():
     assert recipe.name == name and recipe.label
     assert recipe.inference_cost in ("one", "per_ingredient")
-    for key in recipe.settings:
-      assert key in config, (name, key)
+    for setting in recipe.settings:
+      assert setting.missing(config) is None, (name, setting.path)
     assert set(recipe.needs(config)) <= set(recipes.SOUP_RECIPES)
   assert [n for n, r in recipes.REGISTRY.items() if r.make is None] == list(recipes.MODEL_RECIPES)
 
@@ -64,6 +65,24 @@ def test_check_accepts_dependencies_in_order():
   assert recipes.REGISTRY["wise_ft"].needs(soups_config()) == ()
 
 
+def test_declared_settings_are_one_per_path_and_their_defaults_pass_their_rules():
+  declared = recipes.settings()
+  assert len({s.path for s in declared}) == len(declared)  # One declaration per setting.
+  for setting in declared:
+    assert isinstance(setting.default, setting.type) and setting.help, setting.path
+    assert validate.setting_rule(setting).ok(setting.default), setting.path
+  fields = [path for path, *_ in validate.FIELDS]
+  assert not [f for f in fields if f.startswith("soups.")]  # validate.py keeps no copy.
+
+
+def test_default_soups_config_holds_what_the_listed_recipes_read():
+  soups = recipes.default_soups_config(("uniform_soup", "wise_ft"))
+  assert soups == {"recipes": ("uniform_soup", "wise_ft"), "include_initialization": True,
+                   "on_bad_ingredient": "exclude", "verify_checksums": True,
+                   "wise_ft": {"endpoint": "best_individual",
+                               "alphas": (0.0, 0.25, 0.5, 0.75, 1.0)}}
+
+
 class FakeKitchen(recipes.Kitchen):
   """Params are {"w": array}; "evaluation" returns the params as one split's logits."""
 
@@ -79,38 +98,57 @@ class FakeKitchen(recipes.Kitchen):
 
 
 def readme_example():
-  """The README's "Adding a recipe" code: the function and its registry line."""
+  """The README's "Adding a recipe" code: the functions and their registry entry."""
   text = (ROOT / "README.md").read_text()
   section = text[text.index("### Adding a recipe"):]
   code = section[section.index("```python") + len("```python"):]
   code = code[:code.index("```")]
-  function, line = code.split("# In REGISTRY:")
-  return function, line.strip().rstrip(",")
+  functions, entry = code.split("# In REGISTRY:")
+  return functions, entry.strip().rstrip(",")
 
 
-def test_readme_recipe_is_one_function_and_one_registry_line(monkeypatch):
-  function, line = readme_example()
+def test_readme_recipe_is_one_function_and_one_registry_entry(monkeypatch, tmp_path):
+  functions, entry = readme_example()
   namespace = vars(recipes).copy()
-  exec(function, namespace)  # noqa: S102 (the README's own example)
-  recipe = eval(line, namespace)  # noqa: S307
+  exec(functions, namespace)  # noqa: S102 (the README's own example)
+  recipe = eval(entry, namespace)  # noqa: S307
   monkeypatch.setitem(recipes.REGISTRY, recipe.name, recipe)
   monkeypatch.setattr(recipes, "SOUP_RECIPES", (*recipes.SOUP_RECIPES, recipe.name))
+  (new,) = [s for s in recipe.settings if s not in recipes.SHARED]
 
-  # The config check accepts it ...
-  recipes.check(soups_config(recipes=("uniform_soup", recipe.name)))
-  # ... it soups the two best members ...
+  # A config that lists it gets its settings at their defaults, and the config check (the
+  # registry's and validate.py's) accepts it ...
+  config = fashion_mnist.get_config("smoke")
+  config.unlock()
+  config.soups = recipes.default_soups_config(("uniform_soup", recipe.name))
+  validate.check(config, fashion_mnist.get_sweep, (), tmp_path / "run")
+  # ... and refuses a bad value of its new setting, naming it.
+  *parents, leaf = new.path.split(".")
+  node = config.soups
+  for key in parents:
+    node = node[key]
+  node[leaf] = 0
+  with pytest.raises(validate.ConfigError, match=re.escape(f"config.soups.{new.path} must be")):
+    validate.check(config, fashion_mnist.get_sweep, (), tmp_path / "run")
+  config.soups = recipes.default_soups_config(("uniform_soup", recipe.name))
+
+  # It soups the two best members, as the soups stage calls it ...
   kitchen = FakeKitchen({"model_0": {"w": np.array([0.0])}, "model_1": {"w": np.array([1.0])},
                          "model_2": {"w": np.array([2.0])}, "model_3": {"w": np.array([4.0])}},
                         {"model_0": 0.9, "model_1": 0.5, "model_2": 0.7, "model_3": 0.8})
+  kitchen.config = config.soups
   (row,) = recipe.make(kitchen)
   assert row["ingredients"] == ["model_3", "model_2"]
   np.testing.assert_allclose(row["logits"]["split"], [3.0])
-  # ... and the report names it by its label, after the registry's earlier recipes.
+  # ... and the report names it by its label, after the registry's earlier recipes, draws its
+  # marker and prints its note.
   base = {"FashionMNISTHeldOut": 0.5, "FashionMNIST": 0.5, **{c: 0.5 for c in
           results.FASHION_MNIST.shifts}}
   rows = [{"model_name": "model_0", "recipe": "initialization", **base},
           {"model_name": "uniform_soup", "recipe": "uniform_soup", **base},
-          {"model_name": "top2", "recipe": recipe.name, **base, "ingredients": ["a", "b"]}]
+          {"model_name": recipe.name, "recipe": recipe.name, **base, "ingredients": ["a", "b"]}]
   built = report.build_report(rows)
   assert [r["method"] for r in built["rows"]] == ["Initialization", "Uniform soup", recipe.label]
   assert recipe.marker.label in report._markers()[recipe.name].label
+  note = recipe.note([rows[2]], rows[2], results.FASHION_MNIST)
+  assert note and note in built["notes"]
