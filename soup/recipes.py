@@ -141,8 +141,8 @@ def best_individual(k: Kitchen) -> Rows:
 def uniform_soup(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   # The one averager, in the run's layout: each device reduces its own part.
-  params = soups.weighted_average([k.workdir.ingredient_dir(n) for n in k.names], k.layout,
-                         verify=k.config.verify_checksums)
+  params = soups.weighted_average([k.workdir.ingredient_dir(n) for n in k.names],
+                                  layout=k.layout, verify=k.config.verify_checksums)
   checkpoints.save_ingredient(k.workdir.soup_dir("uniform_soup"), params,
                               {"ingredients": k.names})
   return [k.row("uniform_soup", "uniform_soup", k.evaluate(params), k.names, 1)]
@@ -151,7 +151,7 @@ def uniform_soup(k: Kitchen) -> Rows:
 def greedy_soup(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   result = soups.greedy_soup({n: k.workdir.ingredient_dir(n) for n in k.names}, k.scores,
-                             k.held_out_accuracy, k.layout,
+                             k.held_out_accuracy, layout=k.layout,
                              comparison=k.config.greedy_comparison,
                              verify=k.config.verify_checksums,
                              tie_order=k.config.greedy_tie_order)
@@ -176,14 +176,11 @@ def _learned(k: Kitchen, by_layer: bool) -> Rows:
                               held.labels, by_layer=by_layer, epochs=cfg.epochs,
                               learning_rate=cfg.lr, batch_size=cfg.batch_size, seed=k.seed,
                               mesh=k.mesh, verify=k.config.verify_checksums, layout=k.layout)
-  # Four decimals: what float32 training reproduces whatever the process layout (the
-  # mesh's all-reduces sum in another order across processes than within one).
-  r4 = lambda w: [round(float(v), 4) for v in w]  # noqa: E731
-  weights = (dict(zip(k.names, r4(result.weights))) if not by_layer else
-             {layer: dict(zip(k.names, r4(w))) for layer, w in result.weights.items()})
+  weights = (dict(zip(k.names, result.weights)) if not by_layer else
+             {layer: dict(zip(k.names, w)) for layer, w in result.weights.items()})
   name = "learned_soup_by_layer" if by_layer else "learned_soup"
   return [k.row(name, name, k.evaluate(result.params), k.names, 1, weights=weights,
-                temperature=round(result.temperature, 4))]
+                temperature=result.temperature)]
 
 
 def learned_soup(k: Kitchen) -> Rows:

@@ -3,7 +3,6 @@
   python tests/fsdp_checks.py layout            per-device bytes, FSDP == replicated, one compile
   python tests/fsdp_checks.py killed WORKDIR K  FSDP training that SIGKILLs itself before step K
   python tests/fsdp_checks.py resume WORKDIR    resumes it, compares with an uninterrupted run
-  python tests/fsdp_checks.py smoke ROOT       the bigG config's smoke argument on mock data
   python tests/fsdp_checks.py soups RANK PORT DIR OUT   one of 2 processes x 4 devices
 
 All but soups need XLA_FLAGS=--xla_force_host_platform_device_count=8. Each mode
@@ -210,17 +209,16 @@ def soups(rank, port, directory, out):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=rank)
-  from soup import mesh as mesh_lib, sharding
+  from soup import checkpoints, mesh as mesh_lib, sharding, soups as soup_lib
   from soup.evaluate import Evaluator
-  from soup.soups import sharded
   assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
   mesh = mesh_lib.make_mesh()
   directory = Path(directory)
   names = [f"model_{i}" for i in range(4)]
   trees = soup_ingredients()
-  layout = sharding.shardings(trees[0], mesh, sharding.FSDP)
+  shardings = sharding.shardings(trees[0], mesh, sharding.FSDP)
   for name, tree in zip(names, trees):  # Written sharded: each process its own shards.
-    sharded.save_ingredient(directory / name, sharding.put(tree, layout), {"name": name})
+    checkpoints.save_ingredient(directory / name, sharding.put(tree, shardings), {"name": name})
 
   x, y = soup_heldout()
   evaluator = Evaluator(soup_apply, mesh, batch_size=32)
@@ -231,13 +229,14 @@ def soups(rank, port, directory, out):
     return evaluator.accuracy(params, x, y)
 
   paths = [directory / n for n in names]
-  layout = sharded.ingredient_shardings(paths[0], mesh)
-  read_before = _rchar()
-  uniform = sharded.uniform_soup(paths, layout)
-  scores = {n: evaluate(sharded.restore(directory / n, layout)) for n in names}
-  greedy = sharded.greedy_soup({n: directory / n for n in names}, scores, evaluate, layout)
-  wise = sharded.wise_ft(paths[0], paths[1], (0.0, 0.5, 1.0), layout, evaluate)
-  read = _rchar() - read_before
+  layout = soup_lib.Layout.sharded(mesh, sharding.FSDP)
+  read_before = sum(checkpoints.bytes_read().values())
+  uniform = soup_lib.weighted_average(paths, layout=layout)
+  scores = {n: evaluate(soup_lib.restore(directory / n, layout)) for n in names}
+  greedy = soup_lib.greedy_soup({n: directory / n for n in names}, scores, evaluate,
+                                layout=layout)
+  wise = {a: evaluate(soup_lib.wise_ft(paths[0], paths[1], a, layout)) for a in (0.0, 0.5, 1.0)}
+  read = sum(checkpoints.bytes_read().values()) - read_before
   assert all(seen), seen  # Every held-out evaluation got sharded params.
   assert all(not v.sharding.is_fully_replicated for k, v in uniform.items() if k != "b")
 
@@ -254,73 +253,6 @@ def soups(rank, port, directory, out):
   print(f"soups {rank}: ok")
 
 
-def _rchar():
-  """Bytes this process got from read() calls (page cache included), per /proc."""
-  for line in Path("/proc/self/io").read_text().splitlines():
-    if line.startswith("rchar:"):
-      return int(line.split()[1])
-  raise RuntimeError("no rchar in /proc/self/io")
-
-
-# --- The giant config's smoke argument ---------------------------------------
-
-
-def smoke(root):
-  """configs/clip_vit_bigg14_imagenet.py:smoke trains on mock ImageNet with its FSDP rules."""
-  import importlib.util
-  import math
-
-  import jax
-
-  from soup import mesh as mesh_lib, models, sharding, train
-  from soup.data import imagenet_mock
-  from soup.data.imagenet import ImageNetTask
-  from soup.models import pretrained
-  assert jax.device_count() == 8, jax.devices()
-  path = Path(__file__).resolve().parents[1] / "configs" / "clip_vit_bigg14_imagenet.py"
-  spec = importlib.util.spec_from_file_location("bigg_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
-  mock = imagenet_mock.write_all(root)
-  with config.unlocked():
-    config.data.update(data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
-                       heldout_file=mock["heldout_file"], cache_dir=f"{root}/cache")
-    config.init.update(path=mock["clip_path"], bpe_path=mock["bpe_path"])
-  assert config.sharding_rules == sharding.FSDP and config.model.act == "gelu"
-
-  task = ImageNetTask(config.data)
-  model = models.build(config.model, task.num_classes)
-  backbone = pretrained.load_pretrained(config)
-  embed = backbone["visual"]["proj"].shape[1]
-  params = {**backbone, "head": {"kernel": np.zeros((embed, task.num_classes), np.float32),
-                                 "bias": np.zeros((task.num_classes,), np.float32)}}
-  apply_fn = lambda p, x: model.apply({"params": p}, x)
-  mesh = mesh_lib.make_mesh()
-  # As the sweep builds it (soup/experiment.py): the task's pieces, the config's clip and mask.
-  fns = train.make_train_step(apply_fn, task.num_classes, augment_fn=task.augment,
-                              preprocess_fn=task.preprocess, grad_clip=config.finetune.grad_clip,
-                              weight_decay_mask=config.finetune.weight_decay_mask)
-  step = train.compile_step(fns, params, mesh, config.sharding_rules)
-  counts = sharding.describe(step.state_sharding["params"])
-  assert counts["split"] > 0.9 * (counts["split"] + counts["replicated"]), counts
-  hp = module.get_sweep(config)[0]
-  bs = config.finetune.batch_size
-  outcome = train.train(
-      step=step, params=params, seed=hp["seed"],
-      hyper=train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"], total_steps=3,
-                        label_smoothing=hp["label_smoothing"], mixup=hp["mixup"]),
-      batch_fn=lambda s: task.finetune_batch(bs, hp["seed"], s, hp), workdir=f"{root}/run",
-      log_every=1)
-  first = losses(f"{root}/run")[1]
-  # A zero head gives uniform logits: the first loss is ln(classes) whatever smoothing or mixup.
-  assert abs(first - math.log(task.num_classes)) < 1e-4 * first, first
-  assert outcome.steps == 3 and not outcome.diverged
-  assert np.abs(outcome.params["head"]["kernel"]).max() > 0
-  print(f"smoke: {counts}, losses {losses(f'{root}/run')}")
-  print("smoke: ok")
-
-
 if __name__ == "__main__":
   mode = sys.argv[1]
   if mode == "layout":
@@ -329,8 +261,6 @@ if __name__ == "__main__":
     killed(sys.argv[2], int(sys.argv[3]))
   elif mode == "resume":
     resume(sys.argv[2])
-  elif mode == "smoke":
-    smoke(sys.argv[2])
   elif mode == "soups":
     soups(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
   else:

@@ -28,20 +28,23 @@ def single():
   mesh = mesh_lib.make_mesh()
   trees = _trees(5)
 
-  # Sharded average == streamed average to float32 rounding (XLA fuses the update
+  # The flat layout's average == the host's to float32 rounding (XLA fuses the update
   # into one FMA; the host's in-place numpy update rounds twice).
-  sharded = soups.sharded_average(trees, mesh)
-  streamed = soups.stream_average(trees)
+  flat_layout = soups.Layout.flat(mesh)
+  sharded = soups.weighted_average(trees, layout=flat_layout)
+  streamed = soups.weighted_average(trees)
   for k, v in tree_lib.flatten_with_names(streamed).items():
     np.testing.assert_allclose(tree_lib.flatten_with_names(sharded)[k], v, rtol=2e-6,
                                atol=1e-7, err_msg=k)
   # A soup of identical models is that model, exactly, sharded too.
-  for k, v in tree_lib.flatten_with_names(soups.sharded_average([trees[0]] * 3, mesh)).items():
+  for k, v in tree_lib.flatten_with_names(
+      soups.weighted_average([trees[0]] * 3, layout=flat_layout)).items():
     np.testing.assert_array_equal(v, tree_lib.flatten_with_names(trees[0])[k], err_msg=k)
 
   # Each device holds ceil(size / 8) values of every parameter.
-  flat = average.shard_flat(trees[0], mesh)
-  for name, leaf in tree_lib.flatten_with_names(flat).items():
+  mean = average.RunningMean(flat_layout, average.open_source(trees[0]).specs)
+  mean.add(trees[0])
+  for name, leaf in mean.mean.items():
     size = tree_lib.flatten_with_names(trees[0])[name].size
     shards = leaf.addressable_shards
     assert len(shards) == 8
@@ -107,7 +110,7 @@ def multiprocess(rank: int, port: int, out: str):
   assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.devices())
   mesh = mesh_lib.make_mesh()
   trees = _trees(5)
-  result = soups.sharded_average(trees, mesh)
+  result = soups.weighted_average(trees, layout=soups.Layout.flat(mesh))
   if rank == 0:
     from soup import trees as tree_lib
     np.savez(out, **tree_lib.flatten_with_names(result))

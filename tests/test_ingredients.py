@@ -94,7 +94,7 @@ def test_old_compressed_ingredients_still_load_and_average(tmp_path):
   for name, leaf in trees.flatten_with_names(old).items():
     np.testing.assert_array_equal(trees.flatten_with_names(
         checkpoints.load_ingredient(tmp_path / "old"))[name], leaf)
-  got = trees.flatten_with_names(soups.stream_average([tmp_path / "old", tmp_path / "new"]))
+  got = trees.flatten_with_names(soups.weighted_average([tmp_path / "old", tmp_path / "new"]))
   for name in got:
     expected = (trees.flatten_with_names(old)[name].astype(np.float64)
                 + trees.flatten_with_names(new)[name]) / 2
@@ -113,7 +113,7 @@ def test_stream_average_equals_numpy_mean_of_orbax_restores(tmp_path, monkeypatc
   restored = [trees.flatten_with_names(_orbax_restore(p)) for p in paths]
   weights = np.array([0.5, 1.0, 0.0, 2.0, 1.5, 0.25, 1.0])
   for w in (None, weights):
-    got = trees.flatten_with_names(soups.stream_average(paths, w, threads=threads))
+    got = trees.flatten_with_names(soups.weighted_average(paths, w, threads=threads))
     ww = np.ones(len(paths)) if w is None else w
     for name in got:
       stack = np.stack([r[name] for r in restored]).astype(np.float64)
@@ -121,8 +121,8 @@ def test_stream_average_equals_numpy_mean_of_orbax_restores(tmp_path, monkeypatc
       np.testing.assert_allclose(got[name], expected, rtol=2e-6, atol=2e-6 * np.abs(stack).max(),
                                  err_msg=name)
   # Threads own disjoint leaves and run the same arithmetic: bit-equal to one thread.
-  one = trees.flatten_with_names(soups.stream_average(paths, weights, threads=1))
-  many = trees.flatten_with_names(soups.stream_average(paths, weights, threads=threads))
+  one = trees.flatten_with_names(soups.weighted_average(paths, weights, threads=1))
+  many = trees.flatten_with_names(soups.weighted_average(paths, weights, threads=threads))
   for name in one:
     np.testing.assert_array_equal(one[name], many[name])
 
@@ -132,7 +132,7 @@ def test_soup_of_identical_bfloat16_checkpoints_is_that_checkpoint(tmp_path):
   params = {"w": rng.normal(size=(5, 6)).astype(ml_dtypes.bfloat16)}
   for i in range(3):
     checkpoints.save_ingredient(tmp_path / f"m{i}", params)
-  got = soups.stream_average([tmp_path / f"m{i}" for i in range(3)])
+  got = soups.weighted_average([tmp_path / f"m{i}" for i in range(3)])
   assert got["w"].dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(got["w"], params["w"])
 
@@ -151,9 +151,9 @@ def test_damaged_chunk_is_a_clear_error(tmp_path, damage):
   else:
     chunk.unlink()
   with pytest.raises(checkpoints.CheckpointError, match="m.*(corrupt|truncated|incomplete)"):
-    soups.stream_average([tmp_path / "m", tmp_path / "m"])
+    soups.weighted_average([tmp_path / "m", tmp_path / "m"])
   if damage == "flip":  # Without verification the flipped bit goes through, as asked.
-    soups.stream_average([tmp_path / "m"], verify=False)
+    soups.weighted_average([tmp_path / "m"], verify=False)
 
 
 def _model_stock_reference(initial, finetuned):
@@ -236,7 +236,7 @@ def test_wise_ft_streams_paths(tmp_path):
                                + 0.3 * trees.flatten_with_names(b)[name], rtol=1e-6, atol=1e-6)
 
 
-def test_greedy_soup_from_paths_equals_in_memory_and_xla_sharded_average(tmp_path):
+def test_greedy_soup_from_paths_equals_in_memory_and_the_flat_layouts_average(tmp_path):
   rng = np.random.default_rng(7)
   x, y = rng.normal(size=(200, 37)).astype(np.float32), rng.integers(0, 29, 200)
   base = _tree(rng)
@@ -251,12 +251,13 @@ def test_greedy_soup_from_paths_equals_in_memory_and_xla_sharded_average(tmp_pat
   for n, p in ingredients.items():
     checkpoints.save_ingredient(tmp_path / n, p)
     paths[n] = tmp_path / n
-  in_memory = soups.greedy_soup(ingredients, scores, evaluate)
-  from_paths = soups.greedy_soup(paths, scores, evaluate)
-  assert from_paths.ingredients == in_memory.ingredients
   from soup import mesh as mesh_lib
+  layout = soups.Layout.flat(mesh_lib.make_mesh())
+  in_memory = soups.greedy_soup(ingredients, scores, evaluate)
+  from_paths = soups.greedy_soup(paths, scores, evaluate, layout=layout)
+  assert from_paths.ingredients == in_memory.ingredients
   sharded = trees.flatten_with_names(
-      soups.sharded_average([paths[n] for n in from_paths.ingredients], mesh_lib.make_mesh()))
+      soups.weighted_average([paths[n] for n in from_paths.ingredients], layout=layout))
   for name, leaf in trees.flatten_with_names(from_paths.result).items():
     np.testing.assert_array_equal(leaf, trees.flatten_with_names(in_memory.result)[name])
     np.testing.assert_array_equal(leaf, sharded[name])  # Both XLA's update: bit-equal.

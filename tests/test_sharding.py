@@ -22,7 +22,7 @@ def test_two_process_jax_distributed_average_equals_streamed_to_float32_rounding
   run_python_together([["tests/multidevice_checks.py", "multiprocess", str(r), str(port),
                         str(out)] for r in (0, 1)],
                       {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=300)
-  expected = tree_lib.flatten_with_names(soups.stream_average(_trees(5)))
+  expected = tree_lib.flatten_with_names(soups.weighted_average(_trees(5)))
   with np.load(out) as got:
     assert set(got.files) == set(expected)
     for k, v in expected.items():

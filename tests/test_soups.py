@@ -33,7 +33,7 @@ def test_soup_of_identical_checkpoints_is_that_checkpoint(tmp_path):
   for i in range(5):
     checkpoints.save_ingredient(tmp_path / f"m{i}", params)
     paths.append(tmp_path / f"m{i}")
-  _assert_trees_equal(soups.stream_average(paths), params)
+  _assert_trees_equal(soups.weighted_average(paths), params)
   _assert_trees_equal(soups.weighted_average([params] * 3, [0.2, 0.5, 0.3]), params)
 
 
@@ -55,11 +55,11 @@ def test_uniform_soup_equals_numpy_mean_of_restored_ingredients(tmp_path):
   expected = {k: np.mean(np.stack([tree_lib.flatten_with_names(r)[k] for r in restored]), 0,
                          dtype=np.float64).astype(np.float32)
               for k in tree_lib.flatten_with_names(restored[0])}
-  got = tree_lib.flatten_with_names(soups.stream_average(paths))
+  got = tree_lib.flatten_with_names(soups.weighted_average(paths))
   for k, v in expected.items():
     np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
   # Streaming from paths and averaging in memory run the same arithmetic: bit-equal.
-  _assert_trees_equal(soups.stream_average(paths), soups.weighted_average(restored))
+  _assert_trees_equal(soups.weighted_average(paths), soups.weighted_average(restored))
 
 
 def test_weighted_average_matches_numpy():

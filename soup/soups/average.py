@@ -367,7 +367,13 @@ class RunningMean:
     self.total = 0.0
 
   def _read(self, source):
-    return source if isinstance(source, dict) else self.reader.read(source)
+    """An ingredient's home arrays: read from a source, or given already read."""
+    placements = self.reader.placements
+    if (isinstance(source, dict) and source.keys() == placements.keys()
+        and all(isinstance(v, jax.Array) and v.shape == placements[n].shape
+                and v.sharding == placements[n].sharding for n, v in source.items())):
+      return source
+    return self.reader.read(open_source(source))
 
   def add(self, source, weight: float = 1.0) -> None:
     if weight <= 0:
@@ -395,9 +401,9 @@ class RunningMean:
     return self.reader.output(self.mean if home is None else home, self.specs)
 
 
-def weighted_average(sources: Sequence[Source], layout: Optional[Layout] = None,
-            weights: Optional[Sequence[float]] = None, verify: bool = True,
-            threads: Optional[int] = None) -> PyTree:
+def weighted_average(sources: Sequence[Source], weights: Optional[Sequence[float]] = None,
+                     layout: Optional[Layout] = None, *, verify: bool = True,
+                     threads: Optional[int] = None) -> PyTree:
   """The weighted mean of N ingredients (params or checkpoint paths), float32, in `layout`
   (host by default). Weights are normalised; zero weights are skipped.
 

@@ -76,9 +76,9 @@ def greedy_select(order: Sequence[str], first_score: float,
 
 
 def greedy_soup(ingredients: Mapping[str, average.Source], held_out_scores: Mapping[str, float],
-                evaluate: Callable[[PyTree], float], layout: Optional[average.Layout] = None,
-                comparison: str = ">", verify: bool = True,
-                tie_order: str = "reversed") -> GreedyResult:
+                evaluate: Callable[[PyTree], float], comparison: str = ">",
+                verify: bool = True, tie_order: str = "reversed",
+                layout: Optional[average.Layout] = None) -> GreedyResult:
   """Greedy soup over params or checkpoint paths, its running mean in `layout` (host by
   default; soup/soups/average.py).
 

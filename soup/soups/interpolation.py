@@ -27,7 +27,8 @@ PyTree = Any
 def wise_ft(initial: average.Source, finetuned: average.Source, alpha: float,
             layout: Optional[average.Layout] = None, verify: bool = True) -> PyTree:
   """(1 - alpha) initial + alpha finetuned: the running mean of the two, in float32."""
-  return average.weighted_average([initial, finetuned], layout, [1 - alpha, alpha], verify)
+  return average.weighted_average([initial, finetuned], [1 - alpha, alpha], layout,
+                                  verify=verify)
 
 
 def interpolation_ratio(dots: float, zeros: int, k: int) -> float:
