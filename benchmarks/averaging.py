@@ -1,4 +1,4 @@
-"""Averaging N ingredient checkpoints: stream_average vs the I/O floors and the official loop.
+"""Averaging N ingredient checkpoints: the function the recipes call vs the I/O floors.
 
   python -m benchmarks.averaging                      # tiny ViT N=4,16,64 and ViT-B/32 N=4,16
   python -m benchmarks.averaging --sizes vitb32 --vitb32-n 16 --repeats 5
@@ -9,8 +9,12 @@ unless "cold"):
   floor (f.read)   reading every file of the N checkpoints with plain `f.read()`
   reused floor     per ingredient: its chunk files `readinto` one reused buffer, then one
                    float32 `mean += x` pass over it (the floor: read + one add)
-  stream           soup.soups.average.stream_average(paths, verify=True/False) on the
-                   ingredients as save_ingredient writes them (raw zarr chunks, CRC-32C)
+  run path         soup.soups.weighted_average(paths, layout=Layout.of_run(mesh)), what the
+                   uniform_soup recipe calls, on soup.main's default mesh (2 CPU devices: the
+                   flat layout, each device reducing its half), checksums on and off, on the
+                   ingredients as save_ingredient writes them (raw zarr chunks, CRC-32C per MiB)
+  8 devices        the same on 8 simulated CPU devices (--devices-8)
+  host layout      weighted_average(paths) (Layout.host(): the mean in numpy, threads)
   official         the official code's loop (torch.load + running sum) in a separate venv
                    with torch (--torch-python); skipped when there is none
   peak             peak RSS of the worker during the calls above its RSS after imports,
@@ -21,7 +25,7 @@ Each subprocess waits for no soup.main / pytest process and is rerun if other
 processes took > 5% of the CPUs meanwhile (common.quiet_call); the share left is
 reported per row, and `uptime`'s load before and after.
 
-Targets: stream verify <= 1.5x the reused floor (ViT-B/32, N=16, warm);
+Targets: run path, verify <= 1.5x the reused floor (ViT-B/32, N=4 and 16, warm; 8 devices: 2x);
 cold <= 1.2x a cold read of the same bytes; tiny-model cost per ingredient <= 10 ms;
 peak <= 2.5x one model. Results: benchmarks/results/averaging.json.
 Ingredients are random perturbations of one random tree with the real parameter
@@ -124,10 +128,16 @@ def worker(mode: str, args: dict) -> dict:
       times.append(time.perf_counter() - t)
     return {"times": times}
 
-  if mode == "stream":
+  if mode == "average":
     import jax
+
+    from soup import mesh as mesh_lib
     paths, verify = args["paths"], args["verify"]
-    average.stream_average(paths[:1] * 2, verify=verify)  # Compiles / sets up, not timed.
+    assert jax.device_count() == args["devices"], jax.devices()
+    layout = (average.Layout.host() if args["layout"] == "host"
+              else average.Layout.of_run(mesh_lib.make_mesh()))
+    run = lambda p: average.weighted_average(p, layout=layout, verify=verify)  # noqa: E731
+    run(paths[:1] * 2)  # Compiles / sets up, not timed.
     rss_warm, _ = common.rss_mib()
     times, peaks, checksum = [], [], None
     for _ in range(args["repeats"]):
@@ -135,7 +145,7 @@ def worker(mode: str, args: dict) -> dict:
         return {"error": "drop_caches refused"}
       common.reset_peak_rss()
       t = time.perf_counter()
-      result = average.stream_average(paths, verify=verify)
+      result = run(paths)
       times.append(time.perf_counter() - t)
       peaks.append(common.rss_mib()[1])
       checksum = float(sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(result)))
@@ -202,9 +212,9 @@ def make_ingredients(size: str, n: int, workdir: Path, torch_python: str | None)
 QUIET = {"wait_s": 300.0, "retries": 2}
 
 
-def _monitored(cmd: list[str]) -> dict:
-  out, other = common.quiet_call(lambda: common.run_json(cmd, timeout=1800), QUIET["wait_s"],
-                                 QUIET["retries"])
+def _monitored(cmd: list[str], env: dict | None = None) -> dict:
+  out, other = common.quiet_call(lambda: common.run_json(cmd, env, timeout=1800),
+                                 QUIET["wait_s"], QUIET["retries"])
   if "error" in out:
     raise OSError(out["error"])
   out["other_frac"] = other
@@ -212,8 +222,10 @@ def _monitored(cmd: list[str]) -> dict:
 
 
 def child(mode: str, args: dict) -> dict:
+  devices = args.get("devices", 2)  # soup.main's default on a CPU host.
   return _monitored([sys.executable, "-m", "benchmarks.averaging", "--worker", mode, "--args",
-                     json.dumps(args)])
+                     json.dumps(args)],
+                    {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
 
 
 def torch_child(torch_python: str, args: dict) -> dict:
@@ -237,12 +249,21 @@ def warm(paths) -> None:
   read_all(files_under(paths))
 
 
+VARIANTS = {  # name -> worker args: the run path first.
+    "run_verify": {"layout": "run", "devices": 2, "verify": True},
+    "run_noverify": {"layout": "run", "devices": 2, "verify": False},
+    "host_verify": {"layout": "host", "devices": 2, "verify": True},
+    "dev8_verify": {"layout": "run", "devices": 8, "verify": True},
+}
+
+
 def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | None,
-               cold: bool) -> dict:
+               cold: bool, devices_8: bool) -> dict:
   data = make_ingredients(size, max(ns), workdir / size, torch_python)
   p = data["params"]
   mb = data["model_bytes"] / 2**20
   add = child("add", {"params": p, "repeats": max(5, repeats)})
+  variants = {k: v for k, v in VARIANTS.items() if devices_8 or v["devices"] != 8}
   rows = []
   for n in ns:
     paths, pts = data["ingredients"][:n], data["pt"][:n]
@@ -250,22 +271,19 @@ def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | N
     warm(paths)
     floor = child("floor", {"paths": paths, "repeats": repeats})
     reused = child("floor_reused", {"paths": paths, "repeats": repeats, "params": p})
-    sv = child("stream", {"paths": paths, "verify": True, "repeats": repeats})
-    sn = child("stream", {"paths": paths, "verify": False, "repeats": repeats})
+    runs = {k: child("average", {**v, "paths": paths, "repeats": repeats})
+            for k, v in variants.items()}
     row = {"size": size, "n": n, "params": p, "model_mib": mb, "load_before": load_before,
            "floor_s": common.median(floor["times"]), "floor_bytes": floor["bytes"],
            "reused_floor_s": common.median(reused["times"]),
            "add_pass_s": common.median(add["times"]),
-           "stream_verify_s": common.median(sv["times"]),
-           "stream_noverify_s": common.median(sn["times"]),
-           "stream_verify_peak_mib": sv["peak_mib"] - sv["rss_base_mib"],
-           "stream_noverify_peak_mib": sn["peak_mib"] - sn["rss_base_mib"],
-           "stream_verify_peak_over_warm_mib": sv["peak_mib"] - sv["rss_warm_mib"],
-           "stream_rss_base_mib": sv["rss_base_mib"], "stream_rss_end_mib": sv["rss_end_mib"],
-           "raw": {"floor": floor["times"], "reused_floor": reused["times"],
-                   "stream_verify": sv["times"], "stream_noverify": sn["times"],
-                   "stream_verify_peaks_mib": sv["peaks_mib"]},
-           "other_cpu_frac": max(x["other_frac"] for x in (floor, reused, sv, sn, add))}
+           "raw": {"floor": floor["times"], "reused_floor": reused["times"]},
+           "other_cpu_frac": max(x["other_frac"] for x in (floor, reused, add, *runs.values()))}
+    for k, r in runs.items():
+      row[f"{k}_s"] = common.median(r["times"])
+      row[f"{k}_peak_mib"] = r["peak_mib"] - r["rss_base_mib"]
+      row[f"{k}_peak_over_warm_mib"] = r["peak_mib"] - r["rss_warm_mib"]
+      row["raw"][k] = r["times"]
     if torch_python:
       warm(pts)
       tc = torch_child(torch_python, {"paths": pts, "repeats": repeats})
@@ -274,8 +292,8 @@ def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | N
       row["raw"]["official"] = tc["times"]
       row["other_cpu_frac"] = max(row["other_cpu_frac"], tc["other_frac"])
     row["load_after"] = common.uptime()
-    print(f"[{size}] N={n}: reused floor {row['reused_floor_s']:.3f}s stream(verify) "
-          f"{row['stream_verify_s']:.3f}s load {load_before} -> {row['load_after']}",
+    print(f"[{size}] N={n}: reused floor {row['reused_floor_s']:.3f}s run path (verify) "
+          f"{row['run_verify_s']:.3f}s load {load_before} -> {row['load_after']}",
           file=sys.stderr)
     rows.append(row)
   cold_rows, cold_note = [], None
@@ -287,52 +305,55 @@ def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | N
         paths = data["ingredients"][:n]
         fl = child("floor", {"paths": paths, "repeats": 1, "cold": True})
         fr = child("floor_reused", {"paths": paths, "repeats": 1, "cold": True, "params": p})
-        sv = child("stream", {"paths": paths, "verify": True, "repeats": 1, "cold": True})
-        r = {"size": size, "n": n, "floor_s": common.median(fl["times"]),
-             "reused_floor_s": common.median(fr["times"]),
-             "stream_verify_s": common.median(sv["times"]),
-             "other_cpu_frac": max(fl["other_frac"], fr["other_frac"], sv["other_frac"])}
-        cold_rows.append(r)
+        sv = child("average", {**VARIANTS["run_verify"], "paths": paths, "repeats": 1,
+                               "cold": True})
+        cold_rows.append({"size": size, "n": n, "floor_s": common.median(fl["times"]),
+                          "reused_floor_s": common.median(fr["times"]),
+                          "run_verify_s": common.median(sv["times"]),
+                          "other_cpu_frac": max(fl["other_frac"], fr["other_frac"],
+                                                sv["other_frac"])})
   return {"rows": rows, "cold_rows": cold_rows, "cold_note": cold_note, "add_pass": add}
 
 
 def report(all_rows, cold_rows) -> str:
-  out = ["Warm page cache, medians; seconds. reused floor: readinto a reused buffer + one "
-         "float32 add per ingredient. others' CPU: share of the CPUs other processes used "
-         "during the row's measurements (the largest of its subprocesses).", ""]
-  headers = ["model", "N", "floor (f.read)", "reused floor", "stream verify", "stream no-verify",
-             "official (torch)", "verify / reused floor", "no-verify / reused floor",
-             "per ingredient, verify (ms)", "load avg", "others' CPU"]
+  out = ["Warm page cache, medians; seconds (x: over the reused floor = readinto one reused "
+         "buffer + one float32 add pass per ingredient). run path: weighted_average in the "
+         "run's layout on soup.main's default 2-device mesh; 8 dev: the same on 8 simulated "
+         "devices; host: the host layout. others' CPU: share of the CPUs other processes used "
+         "during the row's measurements.", ""]
+  headers = ["model", "N", "floor (f.read)", "reused floor", "run path verify", "x",
+             "run path no-verify", "x", "host verify", "x", "8 dev verify", "x",
+             "official (torch)", "load avg", "others' CPU"]
   rows = []
   for r in all_rows:
-    rows.append([r["size"], r["n"], r["floor_s"], r["reused_floor_s"], r["stream_verify_s"],
-                 r["stream_noverify_s"], r.get("official_s", "n/a"),
-                 r["stream_verify_s"] / r["reused_floor_s"],
-                 r["stream_noverify_s"] / r["reused_floor_s"],
-                 1000 * r["stream_verify_s"] / r["n"], r["load_before"],
-                 f"{100 * r['other_cpu_frac']:.0f}%"])
+    cells = [r["size"], r["n"], r["floor_s"], r["reused_floor_s"]]
+    for k in ("run_verify", "run_noverify", "host_verify", "dev8_verify"):
+      v = r.get(f"{k}_s")
+      cells += [v if v is not None else "n/a",
+                v / r["reused_floor_s"] if v is not None else "n/a"]
+    rows.append(cells + [r.get("official_s", "n/a"), r["load_before"],
+                         f"{100 * r['other_cpu_frac']:.0f}%"])
   out.append(common.table(headers, rows))
   out += ["", "Peak RSS during the call above the worker's RSS after imports, as a multiple of "
           "one model's float32 size (max over the repeats, all in one process); 'after warm-up' "
           "subtracts instead the RSS after a first 2-ingredient call.", ""]
-  headers = ["model", "N", "model MiB", "stream verify", "stream no-verify",
-             "stream verify, after warm-up", "official",
-             "worker RSS after imports MiB"]
+  headers = ["model", "N", "model MiB", "run path verify", "run path, after warm-up",
+             "host verify", "8 dev verify", "official"]
   rows = []
   for r in all_rows:
     m = r["model_mib"]
-    x = lambda key: r[key] / m if r.get(key) is not None else "n/a"
-    rows.append([r["size"], r["n"], m, x("stream_verify_peak_mib"), x("stream_noverify_peak_mib"),
-                 x("stream_verify_peak_over_warm_mib"), x("official_peak_mib"),
-                 r["stream_rss_base_mib"]])
+    x = lambda key: r[key] / m if r.get(key) is not None else "n/a"  # noqa: E731
+    rows.append([r["size"], r["n"], m, x("run_verify_peak_mib"),
+                 x("run_verify_peak_over_warm_mib"), x("host_verify_peak_mib"),
+                 x("dev8_verify_peak_mib"), x("official_peak_mib")])
   out.append(common.table(headers, rows))
   if cold_rows:
     out += ["", "Cold page cache (drop_caches before each call), one call each; seconds.", ""]
-    headers = ["model", "N", "cold f.read", "cold reused floor", "stream verify",
+    headers = ["model", "N", "cold f.read", "cold reused floor", "run path verify",
                "verify / cold f.read", "verify / cold reused floor", "others' CPU"]
     out.append(common.table(headers, [
-        [r["size"], r["n"], r["floor_s"], r["reused_floor_s"], r["stream_verify_s"],
-         r["stream_verify_s"] / r["floor_s"], r["stream_verify_s"] / r["reused_floor_s"],
+        [r["size"], r["n"], r["floor_s"], r["reused_floor_s"], r["run_verify_s"],
+         r["run_verify_s"] / r["floor_s"], r["run_verify_s"] / r["reused_floor_s"],
          f"{100 * r['other_cpu_frac']:.0f}%"] for r in cold_rows]))
   return "\n".join(out)
 
@@ -347,6 +368,7 @@ def main():
   ap.add_argument("--vitb32-n", default="4,16")
   ap.add_argument("--repeats", type=int, default=0, help="0: 5 for tiny, 3 for vitb32")
   ap.add_argument("--no-cold", action="store_true")
+  ap.add_argument("--no-devices-8", action="store_true", help="skip the 8-device variant")
   ap.add_argument("--torch-python", default=None, help="python of a venv with torch "
                   "(default /tmp/torchvenv/bin/python); the official baseline is skipped "
                   "without one")
@@ -379,8 +401,9 @@ def main():
   if need > 0.8 * free:
     sys.exit(f"Not enough disk under {workdir}: ~{need / 2**30:.1f} GiB needed, "
              f"{free / 2**30:.1f} GiB free.")
-  results = {"targets": {"stream_verify_over_reused_floor_max": 1.5,
-                         "cold_stream_over_cold_read_max": 1.2, "tiny_ms_per_ingredient_max": 10,
+  results = {"targets": {"run_verify_over_reused_floor_max": 1.5,
+                         "dev8_verify_over_reused_floor_goal": 2.0,
+                         "cold_run_over_cold_read_max": 1.2, "tiny_ms_per_ingredient_max": 10,
                          "peak_over_model_max": 2.5},
              "torch": torch_info if torch_python else None,
              "busy_at_start": busy, "load_at_start": common.uptime(), "sizes": {}}
@@ -390,7 +413,7 @@ def main():
       ns = [int(x) for x in getattr(a, f"{s}_n").split(",")]
       repeats = a.repeats or SIZES[s]["repeats"]
       t = time.perf_counter()
-      r = bench_size(s, ns, repeats, workdir, torch_python, not a.no_cold)
+      r = bench_size(s, ns, repeats, workdir, torch_python, not a.no_cold, not a.no_devices_8)
       r["wall_s"] = time.perf_counter() - t
       results["sizes"][s] = r
       all_rows += r["rows"]

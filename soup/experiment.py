@@ -116,6 +116,13 @@ def run(config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]],
   return None
 
 
+def record_reads(workdir: str | Path) -> None:
+  """reads.process<k>.json: the bytes this process read of each ingredient (a process of a
+  sharded run reads only its devices' shards)."""
+  atomic_io.atomic_write_text(Path(workdir) / f"reads.process{jax.process_index()}.json",
+                              json.dumps(checkpoints.bytes_read(), indent=1, sort_keys=True))
+
+
 @contextlib.contextmanager
 def _stage(name: str):
   t = time.time()

@@ -11,7 +11,6 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
 import os
 
 # Two host "devices" on a 2-core CPU: the default runs (and its committed results) use this
@@ -120,10 +119,7 @@ def main(argv):
     built = experiment.run(config, workdir, module.get_sweep, stages)
   except user_errors() as e:
     fail(e)
-  from soup import atomic_io, checkpoints
-  # What this process read of each ingredient: a process of a sharded run reads its shards.
-  atomic_io.atomic_write_text(workdir / f"reads.process{jax.process_index()}.json",
-                              json.dumps(checkpoints.bytes_read(), indent=1, sort_keys=True))
+  experiment.record_reads(workdir)
   if built is not None:
     from soup import report
     print(report.markdown_table(built))

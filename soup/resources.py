@@ -16,6 +16,7 @@ import numpy as np
 
 from soup import evaluate as evaluate_lib, mesh as mesh_lib, models, results, rows
 from soup.data import registry as datasets
+from soup.soups import average
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -60,7 +61,6 @@ class Resources:
   def layout(self):
     """Where soups are averaged and ingredients evaluated: the train state's shardings
     when the config has sharding rules, else every leaf split flat over the mesh."""
-    from soup.soups import average
     return average.Layout.of_run(self.mesh, self.config.get("sharding_rules", ()))
 
   @property

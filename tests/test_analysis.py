@@ -48,7 +48,7 @@ def test_ingredient_curves_by_hand_and_figure(tmp_path):
   params = {n: {"w": w} for n, w in models.items()}
   scores = {n: _acc(p) for n, p in params.items()}  # a 1.0, b 0.8, d 0.8, c 0.0
   test_acc = lambda p: _acc(p) / 2  # noqa: E731
-  curves = analysis.ingredient_curves(list(params), scores, params.__getitem__, _acc, test_acc)
+  curves = analysis.ingredient_curves(list(params), scores, params, _acc, test_acc)
   assert curves["order"] == ["a", "b", "d", "c"]  # Ties keep the given order (b before d).
   # Uniform soups: a; mean(a, b) = (1, .6); mean(a, b, d) = (1, 1); mean of all = (2, 2).
   expected_uniform = [1.0, 1 - 0.4 / 4, 1.0, 1 - np.sqrt(2) / 4]
@@ -66,12 +66,12 @@ def test_ingredient_curves_by_hand_and_figure(tmp_path):
 def test_greedy_curve_keeps_an_ingredient_that_helps():
   params = {"a": {"w": np.array([1.5, 1.0])}, "b": {"w": np.array([0.5, 1.0])}}
   scores = {"a": 0.9, "b": 0.8}
-  curves = analysis.ingredient_curves(["b", "a"], scores, params.__getitem__, _acc, _acc)
+  curves = analysis.ingredient_curves(["b", "a"], scores, params, _acc, _acc)
   assert curves["order"] == ["a", "b"]
   assert curves["greedy_ingredients"][-1] == ["a", "b"]  # The mean (1, 1) is the optimum.
   assert curves["greedy_held_out"] == [pytest.approx(1 - 0.5 / 4), pytest.approx(1.0)]
   with pytest.raises(ValueError, match="comparison"):
-    analysis.ingredient_curves(["a"], scores, params.__getitem__, _acc, _acc, comparison="<")
+    analysis.ingredient_curves(["a"], scores, params, _acc, _acc, comparison="<")
 
 
 def test_first_plane_skips_a_copy_and_the_initialization():

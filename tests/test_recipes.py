@@ -89,7 +89,7 @@ class FakeKitchen(recipes.Kitchen):
   def __init__(self, params_by_name, scores):
     super().__init__(
         config=None, seed=0, workdir=None, names=list(params_by_name), scores=scores,
-        columns=None, splits=("split",), held_out=None, mesh=None,
+        columns=None, splits=("split",), held_out=None, mesh=None, layout=None,
         load=lambda n: params_by_name[n], logits=None,
         evaluate=lambda p: {"split": np.asarray(p["w"])}, held_out_accuracy=None,
         apply_fn=None, row=lambda name, recipe, logits, ingredients, cost, **extra: {

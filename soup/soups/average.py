@@ -359,7 +359,8 @@ class RunningMean:
   """
 
   def __init__(self, layout: Layout, specs: dict, threads: Optional[int] = None):
-    if layout.kind == "host":
+    self.on_host = layout.kind == "host"
+    if self.on_host:
       layout = Layout.flat(_cpu_mesh())  # Device kernels on the host's own CPU device.
     self.layout, self.specs = layout, specs
     self.reader = Reader(specs, layout, threads)
@@ -398,7 +399,15 @@ class RunningMean:
     self.mean, self.total = candidate, self.total + weight
 
   def output(self, home: Optional[dict] = None) -> dict:
-    return self.reader.output(self.mean if home is None else home, self.specs)
+    """The mean (or a candidate) as params: in the evaluation layout, or numpy arrays for
+    the host layout; in the ingredients' dtype."""
+    home = self.mean if home is None else home
+    if not self.on_host:
+      return self.reader.output(home, self.specs)
+    as_f32 = {n: checkpoints.LeafSpec(s.shape, np.float32) for n, s in self.specs.items()}
+    out = jax.device_get(self.reader.output(home, as_f32))
+    return {n: np.asarray(x).astype(np.dtype(self.specs[n].dtype), copy=False)
+            for n, x in out.items()}
 
 
 def weighted_average(sources: Sequence[Source], weights: Optional[Sequence[float]] = None,
