@@ -453,11 +453,11 @@ class Ingredient:
     end = leaf.chunk_bytes
     inner_a = -(-a // block) * block  # The whole blocks inside [a, b) are read in place ...
     inner_b = b if b == end else b // block * block
-    if inner_a < inner_b:
-      self._pread(fd, file, out[inner_a - a:], inner_a, inner_b)
-      for lo in range(inner_a, inner_b, block):
-        if google_crc32c.value(out[lo - a:min(lo + block, end) - a]) != crcs[lo // block]:
-          raise self._corrupted(name)
+    for lo in range(inner_a, inner_b, block):  # Each block checked while still in cache.
+      hi = min(lo + block, inner_b)
+      self._pread(fd, file, out[lo - a:], lo, hi)
+      if google_crc32c.value(out[lo - a:hi - a]) != crcs[lo // block]:
+        raise self._corrupted(name)
     for j in sorted({a // block, (b - 1) // block}):  # ... the partial ones at the edges apart.
       s, e = j * block, min((j + 1) * block, end)
       if inner_a <= s and e <= inner_b:

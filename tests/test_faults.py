@@ -309,9 +309,9 @@ def check_excluded(workdir: Path, baseline: Path, bad: str, reason: str) -> None
     assert bad not in row["ingredients"] and row["ingredients_considered"] == rest
   from soup import mesh as mesh_lib, soups as soup_lib
   paths = {n: baseline / "models" / n / "ingredient" for n in rest}
-  # The experiment averages in the flat layout with XLA's (fused) update; so does this
-  # call, on any mesh, which makes the comparison exact.
-  layout = soup_lib.Layout.flat(mesh_lib.make_mesh())
+  # The experiment averages in the run's layout (the host's, numpy's update, for a config
+  # without sharding rules); so does this call, which makes the comparison exact.
+  layout = soup_lib.Layout.of_run(mesh_lib.make_mesh())
   assert_trees_identical(load_params(workdir / "soups" / "uniform_soup"),
                          soup_lib.weighted_average([paths[n] for n in rest], layout=layout),
                          "uniform soup vs. the mean of the remaining members")

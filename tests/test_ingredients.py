@@ -252,15 +252,16 @@ def test_greedy_soup_from_paths_equals_in_memory_and_the_flat_layouts_average(tm
     checkpoints.save_ingredient(tmp_path / n, p)
     paths[n] = tmp_path / n
   from soup import mesh as mesh_lib
-  layout = soups.Layout.flat(mesh_lib.make_mesh())
-  in_memory = soups.greedy_soup(ingredients, scores, evaluate)
-  from_paths = soups.greedy_soup(paths, scores, evaluate, layout=layout)
-  assert from_paths.ingredients == in_memory.ingredients
-  sharded = trees.flatten_with_names(
-      soups.weighted_average([paths[n] for n in from_paths.ingredients], layout=layout))
-  for name, leaf in trees.flatten_with_names(from_paths.result).items():
-    np.testing.assert_array_equal(leaf, trees.flatten_with_names(in_memory.result)[name])
-    np.testing.assert_array_equal(leaf, sharded[name])  # Both XLA's update: bit-equal.
+  for layout in (soups.Layout.host(), soups.Layout.flat(mesh_lib.make_mesh())):
+    in_memory = soups.greedy_soup(ingredients, scores, evaluate, layout=layout)
+    from_paths = soups.greedy_soup(paths, scores, evaluate, layout=layout)
+    assert from_paths.ingredients == in_memory.ingredients
+    uniform = trees.flatten_with_names(
+        soups.weighted_average([paths[n] for n in from_paths.ingredients], layout=layout))
+    for name, leaf in trees.flatten_with_names(from_paths.result).items():
+      np.testing.assert_array_equal(leaf, trees.flatten_with_names(in_memory.result)[name])
+      # The same layout, the same update (numpy's on the host, XLA's on devices): bit-equal.
+      np.testing.assert_array_equal(leaf, uniform[name])
 
 
 def test_learned_soup_stack_from_paths_equals_numpy_stack(tmp_path):

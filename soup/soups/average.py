@@ -221,8 +221,9 @@ class Layout:
 
   @classmethod
   def of_run(cls, mesh: Mesh, rules: sharding_lib.Rules = ()) -> "Layout":
-    """The experiment's: the train state's shardings if the config has rules, else flat."""
-    return cls.sharded(mesh, rules) if rules else cls.flat(mesh)
+    """The experiment's: the train state's shardings if the config has rules, else the
+    host (on this machine's CPUs the fastest: docs/benchmarks.md)."""
+    return cls.sharded(mesh, rules) if rules else cls.host()
 
   def output_shardings(self, specs: dict) -> dict[str, NamedSharding]:
     """Per leaf, where a soup (or a restored ingredient) is evaluated: the rules' sharding,
@@ -262,85 +263,133 @@ class _Placement:
       self.parts.setdefault(box, []).append(device)
 
   def buffers(self) -> dict:
-    """Host buffers, one per part, zero-filled so a flat leaf's padding stays zero."""
-    out = {}
-    for box in self.parts:
-      buf = memory.aligned_empty(tuple(b - a for a, b in box), self.spec.dtype)
-      buf.fill(0)
-      out[box] = buf
+    """Host buffers, one per part. A flat leaf's parts are views of one contiguous buffer
+    (its padding zeroed), which can then hold the leaf-shaped soup without new pages."""
+    if not self.flat:
+      return {box: memory.aligned_empty(tuple(b - a for a, b in box), self.spec.dtype)
+              for box in self.parts}
+    whole = memory.aligned_empty(self.shape, self.spec.dtype)
+    whole[math.prod(self.spec.shape):] = 0
+    out = {box: whole[box[0][0]:box[0][1]] for box in self.parts}
+    out[None] = whole
     return out
 
   def read(self, source, buffers: dict) -> None:
-    for box, buf in buffers.items():
-      if self.flat:
-        (a, b), = box
-        stop = min(b, math.prod(self.spec.shape))
-        if stop > a:
-          source.read_flat(self.name, a, stop, buf[:stop - a])
-      else:
+    if not self.flat:
+      for box, buf in buffers.items():
         source.read_box(self.name, box, buf)
+      return
+    # Adjacent parts (this process's devices) are one range of the leaf: one aligned read.
+    size, whole = math.prod(self.spec.shape), buffers[None]
+    for a, b in _merged(sorted(box[0] for box in self.parts)):
+      if min(b, size) > a:
+        source.read_flat(self.name, a, min(b, size), whole[a:min(b, size)])
 
-  def put(self, buffers: dict) -> jax.Array:
-    arrays = [jax.device_put(buf, device) for box, buf in buffers.items()
-              for device in self.parts[box]]
-    order = [device for box in buffers for device in self.parts[box]]
-    arrays = [arrays[order.index(d)] for d in self.devices]
+  def device_buffers(self, buffers: dict) -> tuple[list, list]:
+    """(host buffers, devices) to transfer, in the order of self.devices."""
+    by_device = {d: buffers[box] for box in self.parts for d in self.parts[box]}
+    return [by_device[d] for d in self.devices], self.devices
+
+  def assemble(self, arrays: list) -> jax.Array:
     return jax.make_array_from_single_device_arrays(self.shape, self.sharding, arrays)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+  out: list[tuple[int, int]] = []
+  for a, b in ranges:
+    if out and out[-1][1] == a:
+      out[-1] = (out[-1][0], b)
+    else:
+      out.append((a, b))
+  return out
+
+
+GROUP_BYTES = 16 << 20  # Leaves are read and added in groups of about this many bytes.
 
 
 class Reader:
   """Reads ingredients into a device layout: each process only its devices' parts, into
-  host buffers made once and reused for every ingredient (threads share the leaves)."""
+  host buffers made once and reused for every ingredient."""
 
   def __init__(self, specs: dict, layout: Layout, threads: Optional[int] = None):
     self.layout = layout
     self.out_shardings = layout.output_shardings(specs)
     self.placements = {n: _Placement(n, s, layout, self.out_shardings[n])
                        for n, s in specs.items()}
+    self.groups = _groups(specs)
     self._buffers: Optional[dict] = None
     nbytes = sum(_nbytes(s) for s in specs.values())
+    # Reads release the GIL: a second thread keeps the other core busy while one checksums.
     self.threads = (threads or default_threads()) if nbytes >= THREADED_MIN_BYTES else 1
 
-  def read(self, source, reuse: bool = True) -> dict[str, jax.Array]:
-    """{name: home array} of one ingredient. With `reuse`, the arrays may alias this
-    reader's buffers: use them before the next read, then drop them."""
-    if reuse and self._buffers is None:
-      self._buffers = {n: p.buffers() for n, p in self.placements.items()}
-    buffers = self._buffers if reuse else {n: p.buffers() for n, p in self.placements.items()}
-    names = list(self.placements)
-    if self.threads > 1:
-      with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-        list(pool.map(lambda n: self.placements[n].read(source, buffers[n]), names))
-    else:
-      for n in names:
-        self.placements[n].read(source, buffers[n])
-    source.release()
-    return {n: self.placements[n].put(buffers[n]) for n in names}
+  def read(self, source, reuse: bool = True, names: Optional[Sequence[str]] = None
+           ) -> dict[str, jax.Array]:
+    """{name: home array} of one ingredient (of `names`, default all). With `reuse`, the
+    arrays may alias this reader's buffers: use them before the next read, then drop them."""
+    names = list(self.placements) if names is None else names
+    buffers = self.buffers() if reuse else {n: self.placements[n].buffers() for n in names}
+    for n in names:
+      self.placements[n].read(source, buffers[n])
+    hosts, devices, counts = [], [], []
+    for n in names:
+      h, d = self.placements[n].device_buffers(buffers[n])
+      hosts += h
+      devices += d
+      counts.append(len(h))
+    arrays = iter(jax.device_put(hosts, devices))  # One transfer call for the whole group.
+    return {n: self.placements[n].assemble([next(arrays) for _ in range(c)])
+            for n, c in zip(names, counts)}
 
-  def output(self, home: dict, specs: dict) -> dict:
-    """Home arrays in the evaluation layout and the ingredients' dtype."""
+  def buffers(self) -> dict:
+    """The reused host buffers, made on first use."""
+    if self._buffers is None:
+      self._buffers = {n: p.buffers() for n, p in self.placements.items()}
+    return self._buffers
+
+  def release_buffers(self) -> None:
+    self._buffers = None
+
+  def output(self, home: dict, specs: dict, into_buffers: bool = False) -> dict:
+    """Home arrays as params in the ingredients' dtype: in the rules' shardings for the
+    sharded layout; as host arrays (on every process) for the flat one. `into_buffers`
+    (a last output: the reader is done) writes float32 leaves into the read buffers."""
     if self.layout.kind == "sharded":
       return _cast(home, {n: s.dtype for n, s in specs.items()})
-    shapes = {n: tuple(s.shape) for n, s in specs.items()}
-    dtypes = {n: np.dtype(s.dtype) for n, s in specs.items()}
-    return _unflat(home, shapes, dtypes, self.out_shardings)
+    if into_buffers and self._buffers is not None and jax.process_count() == 1:
+      out = {}
+      for n, s in specs.items():
+        whole = self._buffers[n][None]
+        if whole.dtype != np.float32:
+          break
+        for shard in home[n].addressable_shards:
+          np.copyto(whole[shard.index], np.asarray(shard.data))
+        out[n] = whole[:math.prod(s.shape)].reshape(s.shape)
+      else:
+        self._buffers = None
+        return out
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      flat = multihost_utils.process_allgather(home, tiled=True)
+    else:
+      flat = jax.device_get(home)
+    return {n: np.asarray(flat[n])[:math.prod(s.shape)].reshape(s.shape).astype(
+        np.dtype(s.dtype), copy=False) for n, s in specs.items()}
+
+
+def _groups(specs: dict) -> list[list[str]]:
+  """Leaf names in order, cut into groups of about GROUP_BYTES."""
+  groups, size = [[]], 0
+  for name, spec in specs.items():
+    if groups[-1] and size + _nbytes(spec) > GROUP_BYTES:
+      groups.append([])
+      size = 0
+    groups[-1].append(name)
+    size += _nbytes(spec)
+  return groups
 
 
 def _cast(home: dict, dtypes: dict) -> dict:
   return {n: x if x.dtype == dtypes[n] else x.astype(dtypes[n]) for n, x in home.items()}
-
-
-def _unflat(home: dict, shapes: dict, dtypes: dict, shardings: dict) -> dict:
-  key = (tuple(sorted(shapes.items())), tuple(sorted((n, str(d)) for n, d in dtypes.items())))
-  fn = _UNFLAT.get(key)
-  if fn is None:
-    fn = jax.jit(lambda h: {n: h[n][:math.prod(shapes[n])].reshape(shapes[n]).astype(dtypes[n])
-                            for n in h}, out_shardings=shardings)
-    _UNFLAT[key] = fn
-  return fn(home)
-
-
-_UNFLAT: dict = {}
 
 
 def default_threads() -> int:
@@ -350,64 +399,151 @@ def default_threads() -> int:
 # --- The running mean -------------------------------------------------------------------
 
 
+class HostReader:
+  """Reads whole leaves into host buffers made once and reused (the host layout)."""
+
+  def __init__(self, specs: dict, threads: Optional[int] = None):
+    self.specs = specs
+    nbytes = sum(_nbytes(s) for s in specs.values())
+    self.threads = (threads or default_threads()) if nbytes >= THREADED_MIN_BYTES else 1
+    self.groups = split_by_bytes(specs, self.threads)  # One per thread.
+    self._buffers: Optional[dict] = None
+
+  def buffers(self) -> dict:
+    if self._buffers is None:
+      self._buffers = memory.aligned_tree(self.specs)
+    return self._buffers
+
+  def release_buffers(self) -> None:
+    self._buffers = None
+
+  def read(self, source, reuse: bool = True, names: Optional[Sequence[str]] = None) -> dict:
+    names = list(self.specs) if names is None else names
+    buffers = self.buffers() if reuse else memory.aligned_tree(
+        {n: self.specs[n] for n in names})
+    return {n: source.read(n, buffers[n]) for n in names}
+
+  def output(self, home: dict, specs: dict, into_buffers: bool = False) -> dict:
+    del into_buffers  # The host mean is already host memory.
+    return {n: np.asarray(home[n]).astype(np.dtype(s.dtype), copy=False)
+            for n, s in specs.items()}
+
+
 class RunningMean:
   """The running weighted mean of ingredients in a layout, grown one ingredient at a time.
 
   `add` commits an ingredient; `candidate` computes the mean with one more without
   committing (the greedy soup's try), `accept` commits a candidate; `output` gives the
-  current mean as params in the evaluation layout.
+  current mean as params. An ingredient given as a source is read group by group of
+  leaves by reader threads: on devices XLA adds one group while the next is read; on
+  the host each thread adds the leaves it read (numpy, as host_update).
   """
 
   def __init__(self, layout: Layout, specs: dict, threads: Optional[int] = None):
-    self.on_host = layout.kind == "host"
-    if self.on_host:
-      layout = Layout.flat(_cpu_mesh())  # Device kernels on the host's own CPU device.
     self.layout, self.specs = layout, specs
-    self.reader = Reader(specs, layout, threads)
+    self.on_host = layout.kind == "host"
+    self.reader = HostReader(specs, threads) if self.on_host else Reader(specs, layout, threads)
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.reader.threads)
     self.mean: Optional[dict] = None
+    self._spare: Optional[dict] = None  # The host layout's candidate buffers, reused.
     self.total = 0.0
 
-  def _read(self, source):
-    """An ingredient's home arrays: read from a source, or given already read."""
+  def _is_home(self, source) -> bool:
+    if not isinstance(source, dict) or source.keys() != self.specs.keys():
+      return False
+    if self.on_host:
+      return all(isinstance(v, (np.ndarray, jax.Array)) and v.shape == self.specs[n].shape
+                 for n, v in source.items())
     placements = self.reader.placements
-    if (isinstance(source, dict) and source.keys() == placements.keys()
-        and all(isinstance(v, jax.Array) and v.shape == placements[n].shape
-                and v.sharding == placements[n].sharding for n, v in source.items())):
-      return source
-    return self.reader.read(open_source(source))
+    return all(isinstance(v, jax.Array) and v.shape == placements[n].shape
+               and v.sharding == placements[n].sharding for n, v in source.items())
+
+  def _combine(self, source, coef: Optional[np.float32], commit: bool) -> dict:
+    """mean + coef (x - mean) (the first ingredient: a float32 copy of x), group by group;
+    committed into self.mean or returned as a candidate."""
+    if self.on_host:
+      return self._combine_host(source, coef, commit)
+    if self._is_home(source):
+      parts = [(list(source), source)]
+    else:  # The reader threads read ahead, group by group, while XLA adds the groups read.
+      source = open_source(source)
+      jax.block_until_ready(self.mean)  # The buffers' last use (the previous add) is done.
+      self.reader.buffers()
+      parts = [(g, self._pool.submit(self.reader.read, source, True, g))
+               for g in self.reader.groups]
+    out = {}
+    for names, x in parts:
+      if isinstance(x, concurrent.futures.Future):
+        x = x.result()
+      if coef is None:
+        new = _first(x)
+      else:
+        mean = {n: self.mean[n] for n in names}
+        new = (_update_donated if commit else running_update)(mean, x, coef)
+      out.update(new)
+      if commit:
+        self.mean = {**(self.mean or {}), **new}
+      del x
+    if not isinstance(source, dict):
+      source.release()
+    jax.block_until_ready(out)  # Before anyone overwrites the reader's buffers.
+    return out
+
+  def _combine_host(self, source, coef: Optional[np.float32], commit: bool) -> dict:
+    home = self._is_home(source)
+    if not home:
+      source = open_source(source)
+    if self.mean is None:
+      self.mean = memory.aligned_tree(self.specs, np.float32)
+    if commit:
+      target = self.mean
+    else:
+      self._spare = self._spare or memory.aligned_tree(self.specs, np.float32)
+      target = self._spare
+
+    def work(names):
+      scratch = np.empty(BLOCK, np.float32)
+      buffer = None if home else memory.aligned_empty(
+          (max(_nbytes(self.specs[n]) for n in names),), np.uint8)  # One leaf at a time.
+      for n in names:
+        x = np.asarray(source[n]) if home else source.read(n, buffer)
+        if coef is None:
+          np.copyto(target[n], x, casting="same_kind")
+        elif commit:
+          host_update(target[n], x, coef, scratch)
+        else:  # The same rounding as host_update, into the candidate's buffer.
+          np.subtract(x, self.mean[n], out=target[n], dtype=np.float32)
+          np.multiply(target[n], coef, out=target[n])
+          np.add(self.mean[n], target[n], out=target[n])
+
+    for f in [self._pool.submit(work, g) for g in self.reader.groups]:
+      f.result()
+    if not home:
+      source.release()
+    return target
 
   def add(self, source, weight: float = 1.0) -> None:
     if weight <= 0:
       return
-    x = self._read(source)
     self.total += weight
-    if self.mean is None:
-      self.mean = _first(x)
-    else:
-      self.mean = _update_donated(self.mean, x, np.float32(weight / self.total))
-    jax.block_until_ready(self.mean)  # Before the reader's buffers are overwritten.
-    del x
+    first = self.mean is None
+    self._combine(source, None if first else np.float32(weight / self.total), commit=True)
 
   def candidate(self, source, weight: float = 1.0) -> dict:
-    x = self._read(source)
-    out = running_update(self.mean, x, np.float32(weight / (self.total + weight)))
-    jax.block_until_ready(out)
-    del x
-    return out
+    return self._combine(source, np.float32(weight / (self.total + weight)), commit=False)
 
   def accept(self, candidate: dict, weight: float = 1.0) -> None:
+    if self.on_host and candidate is self._spare:  # Swap: the old mean is the next spare.
+      self._spare = self.mean
     self.mean, self.total = candidate, self.total + weight
 
   def output(self, home: Optional[dict] = None) -> dict:
-    """The mean (or a candidate) as params: in the evaluation layout, or numpy arrays for
-    the host layout; in the ingredients' dtype."""
-    home = self.mean if home is None else home
-    if not self.on_host:
-      return self.reader.output(home, self.specs)
-    as_f32 = {n: checkpoints.LeafSpec(s.shape, np.float32) for n, s in self.specs.items()}
-    out = jax.device_get(self.reader.output(home, as_f32))
-    return {n: np.asarray(x).astype(np.dtype(self.specs[n].dtype), copy=False)
-            for n, x in out.items()}
+    """The mean (or a candidate) as params in the ingredients' dtype: in the rules'
+    shardings for a sharded layout, else host (numpy) arrays."""
+    out = self.reader.output(self.mean if home is None else home, self.specs)
+    if self.on_host and home is None:  # A copy: the running mean changes with the next add.
+      out = {n: np.array(x) for n, x in out.items()}
+    return out
 
 
 def weighted_average(sources: Sequence[Source], weights: Optional[Sequence[float]] = None,
@@ -430,7 +566,8 @@ def weighted_average(sources: Sequence[Source], weights: Optional[Sequence[float
     if k + 1 < len(steps):
       opened[steps[k + 1][0]].prefetch()  # The kernel reads the next while this one adds.
     mean.add(opened[i], w[i])
-  return as_tree(mean.output(), opened[0])
+  # The soup lands in the read buffers: no new pages at the peak.
+  return as_tree(mean.reader.output(mean.mean, mean.specs, into_buffers=True), opened[0])
 
 
 def _host_average(opened: list, w: np.ndarray, threads: Optional[int]) -> PyTree:
@@ -497,13 +634,11 @@ def split_by_bytes(specs: dict, parts: int) -> list[list[str]]:
 
 
 def restore(source: Source, layout: Layout, verify: bool = True) -> PyTree:
-  """One ingredient in the evaluation layout of `layout` (each process reads only what its
-  devices hold for a sharded layout); numpy arrays for the host layout."""
+  """One ingredient as `layout` evaluates it: in the rules' shardings for a sharded layout
+  (each process reads only what its devices hold), else host (numpy) arrays."""
   opened = open_source(source, verify)
-  if layout.kind == "host":
+  if layout.kind != "sharded":  # Evaluated replicated: every process reads it whole.
     return as_tree({n: np.array(opened.read(n)) for n in opened.specs}, opened)
-  target = layout if layout.kind == "sharded" else Layout("sharded", layout.mesh, (),
-                                                          layout.axis)
-  reader = Reader(opened.specs, target)  # Rules () replicate: every process reads it whole.
-  home = reader.read(opened, reuse=False)
+  home = Reader(opened.specs, layout).read(opened, reuse=False)
+  opened.release()
   return as_tree(home, opened)
