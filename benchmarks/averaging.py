@@ -10,11 +10,13 @@ unless "cold"):
   reused floor     per ingredient: its chunk files `readinto` one reused buffer, then one
                    float32 `mean += x` pass over it (the floor: read + one add)
   run path         soup.soups.weighted_average(paths, layout=Layout.of_run(mesh)), what the
-                   uniform_soup recipe calls, on soup.main's default mesh (2 CPU devices: the
-                   flat layout, each device reducing its half), checksums on and off, on the
-                   ingredients as save_ingredient writes them (raw zarr chunks, CRC-32C per MiB)
-  8 devices        the same on 8 simulated CPU devices (--devices-8)
-  host layout      weighted_average(paths) (Layout.host(): the mean in numpy, threads)
+                   uniform_soup recipe calls, on soup.main's default mesh (2 CPU devices; a
+                   config without sharding rules averages in the host layout), checksums on
+                   and off, on the ingredients as save_ingredient writes them (raw zarr
+                   chunks, CRC-32C per MiB)
+  8 devices        the same on 8 simulated CPU devices (skip: --no-devices-8)
+  flat layout      weighted_average(paths, layout=Layout.flat(mesh)): the mean split over the
+                   devices (2 and 8), each device adding its part, XLA's update
   official         the official code's loop (torch.load + running sum) in a separate venv
                    with torch (--torch-python); skipped when there is none
   peak             peak RSS of the worker during the calls above its RSS after imports,
@@ -134,8 +136,9 @@ def worker(mode: str, args: dict) -> dict:
     from soup import mesh as mesh_lib
     paths, verify = args["paths"], args["verify"]
     assert jax.device_count() == args["devices"], jax.devices()
-    layout = (average.Layout.host() if args["layout"] == "host"
-              else average.Layout.of_run(mesh_lib.make_mesh()))
+    mesh = mesh_lib.make_mesh()
+    layout = (average.Layout.flat(mesh) if args["layout"] == "flat"
+              else average.Layout.of_run(mesh))
     run = lambda p: average.weighted_average(p, layout=layout, verify=verify)  # noqa: E731
     run(paths[:1] * 2)  # Compiles / sets up, not timed.
     rss_warm, _ = common.rss_mib()
@@ -252,8 +255,9 @@ def warm(paths) -> None:
 VARIANTS = {  # name -> worker args: the run path first.
     "run_verify": {"layout": "run", "devices": 2, "verify": True},
     "run_noverify": {"layout": "run", "devices": 2, "verify": False},
-    "host_verify": {"layout": "host", "devices": 2, "verify": True},
     "dev8_verify": {"layout": "run", "devices": 8, "verify": True},
+    "flat2_verify": {"layout": "flat", "devices": 2, "verify": True},
+    "flat8_verify": {"layout": "flat", "devices": 8, "verify": True},
 }
 
 
@@ -318,16 +322,17 @@ def bench_size(size: str, ns, repeats: int, workdir: Path, torch_python: str | N
 def report(all_rows, cold_rows) -> str:
   out = ["Warm page cache, medians; seconds (x: over the reused floor = readinto one reused "
          "buffer + one float32 add pass per ingredient). run path: weighted_average in the "
-         "run's layout on soup.main's default 2-device mesh; 8 dev: the same on 8 simulated "
-         "devices; host: the host layout. others' CPU: share of the CPUs other processes used "
-         "during the row's measurements.", ""]
+         "run's layout (the host's, no sharding rules) on soup.main's default 2-device mesh; "
+         "8 dev: the same on 8 simulated devices; flat: the flat device layout. others' CPU: "
+         "share of the CPUs other processes used during the row's measurements.", ""]
   headers = ["model", "N", "floor (f.read)", "reused floor", "run path verify", "x",
-             "run path no-verify", "x", "host verify", "x", "8 dev verify", "x",
+             "run path no-verify", "x", "8 dev verify", "x", "flat, 2 dev", "x",
+             "flat, 8 dev", "x",
              "official (torch)", "load avg", "others' CPU"]
   rows = []
   for r in all_rows:
     cells = [r["size"], r["n"], r["floor_s"], r["reused_floor_s"]]
-    for k in ("run_verify", "run_noverify", "host_verify", "dev8_verify"):
+    for k in ("run_verify", "run_noverify", "dev8_verify", "flat2_verify", "flat8_verify"):
       v = r.get(f"{k}_s")
       cells += [v if v is not None else "n/a",
                 v / r["reused_floor_s"] if v is not None else "n/a"]
@@ -338,14 +343,14 @@ def report(all_rows, cold_rows) -> str:
           "one model's float32 size (max over the repeats, all in one process); 'after warm-up' "
           "subtracts instead the RSS after a first 2-ingredient call.", ""]
   headers = ["model", "N", "model MiB", "run path verify", "run path, after warm-up",
-             "host verify", "8 dev verify", "official"]
+             "8 dev verify", "flat, 2 dev", "flat, 8 dev", "official"]
   rows = []
   for r in all_rows:
     m = r["model_mib"]
     x = lambda key: r[key] / m if r.get(key) is not None else "n/a"  # noqa: E731
     rows.append([r["size"], r["n"], m, x("run_verify_peak_mib"),
-                 x("run_verify_peak_over_warm_mib"), x("host_verify_peak_mib"),
-                 x("dev8_verify_peak_mib"), x("official_peak_mib")])
+                 x("run_verify_peak_over_warm_mib"), x("dev8_verify_peak_mib"),
+                 x("flat2_verify_peak_mib"), x("flat8_verify_peak_mib"), x("official_peak_mib")])
   out.append(common.table(headers, rows))
   if cold_rows:
     out += ["", "Cold page cache (drop_caches before each call), one call each; seconds.", ""]

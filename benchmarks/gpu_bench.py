@@ -1,4 +1,4 @@
-"""GPU benchmark: ViT-B/32 bf16 train step (images/s, MFU) and stream_average bandwidth.
+"""GPU benchmark: ViT-B/32 bf16 train step (images/s, MFU) and the averager's bandwidth.
 
 Run through benchmarks/gpu.sh on a machine with a GPU and a CUDA jax:
   bash benchmarks/gpu.sh                    # ViT-B/32, 224x224x3, 1000 classes, bf16
@@ -16,10 +16,10 @@ are reported beside it.
 
 Averaging: --avg-n ingredients of the same model (random float32 params) saved with
 soup.checkpoints.save_ingredient under a temp dir (page cache warm), then
-soup.soups.average.stream_average(paths, verify=True/False) (restore and running mean on the
-host), soup.soups.average.sharded_average(paths, mesh) (running mean on the devices): GB/s of
-ingredient bytes averaged; and the on-device update alone (the jitted running-mean update on
-arrays already on the device), in GB/s of ingredient bytes.
+soup.soups.weighted_average(paths, layout=...) with the host layout (verify=True/False; the
+running mean in numpy) and the flat layout (the running mean split over the GPUs, restored
+into device memory): GB/s of ingredient bytes averaged; and the on-device update alone (the
+jitted running-mean update on arrays already on the device), in GB/s of ingredient bytes.
 Results: benchmarks/results/gpu.json (gpu_tiny.json with --tiny).
 """
 
@@ -140,19 +140,19 @@ def bench_average(cfg: dict, n: int, repeats: int, workdir: str | None) -> dict:
         p.read_bytes()
     out = {"n": n, "model_bytes": model_bytes, "backend": jax.default_backend()}
     for verify in (True, False):
-      average.stream_average(paths[:2], verify=verify)  # Compile.
-      ts = common.timeit(lambda: average.stream_average(paths, verify=verify), repeats)
+      average.weighted_average(paths[:2], verify=verify)  # Set-up.
+      ts = common.timeit(lambda: average.weighted_average(paths, verify=verify), repeats)
       out[f"stream_verify_{verify}_s"] = common.median(ts)
       out[f"stream_verify_{verify}_gb_per_s"] = n * model_bytes / common.median(ts) / 1e9
-    # sharded_average: the running mean on the devices (split over all of them).
+    # The flat layout: the running mean on the devices (split over all of them).
     from soup import mesh as mesh_lib
-    mesh = mesh_lib.make_mesh()
-    average.sharded_average(paths[:2], mesh)
-    ts = common.timeit(lambda: average.sharded_average(paths, mesh), repeats)
+    flat = average.Layout.flat(mesh_lib.make_mesh())
+    average.weighted_average(paths[:2], layout=flat)
+    ts = common.timeit(lambda: average.weighted_average(paths, layout=flat), repeats)
     out["sharded_s"] = common.median(ts)
     out["sharded_gb_per_s"] = n * model_bytes / common.median(ts) / 1e9
     # The update alone, device-resident.
-    mean = average.to_float32(params)
+    mean = average._first(jax.device_put(params))
     x = jax.device_put(params)
     jax.block_until_ready((mean, x))
     iters = 20
@@ -215,10 +215,10 @@ def main():
   if not a.skip_average:
     av = bench_average(cfg, avg_n, repeats, a.avg_dir)
     results["average"] = av
-    print(f"\nstream_average of {av['n']} {name} ingredients ({av['model_bytes'] / 2**20:.1f} MiB "
-          f"each), backend {av['backend']}, page cache warm\n")
+    print(f"\nweighted_average of {av['n']} {name} ingredients "
+          f"({av['model_bytes'] / 2**20:.1f} MiB each), backend {av['backend']}, page cache warm\n")
     print(common.table(
-        ["stream verify s", "GB/s", "stream no-verify s", "GB/s", "sharded_average (verify) s",
+        ["host verify s", "GB/s", "host no-verify s", "GB/s", "flat on devices (verify) s",
          "GB/s", "device update ms", "GB/s"],
         [[av["stream_verify_True_s"], av["stream_verify_True_gb_per_s"],
           av["stream_verify_False_s"], av["stream_verify_False_gb_per_s"], av["sharded_s"],

@@ -1,4 +1,4 @@
-"""Bytes per device of the learned soup's ingredient stack and of shard_flat, 8 CPU devices.
+"""Bytes per device of the learned soup's stack and of the flat layout's mean, 8 CPU devices.
 
   python -m benchmarks.learned_soup_memory            # N=16 (and N=12, not divisible by 8)
   python -m benchmarks.learned_soup_memory --n 16 --devices 8
@@ -7,7 +7,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=D is set before jax is imported
 For N perturbed copies of the default tiny ViT (P parameters):
   stack_ingredients(ingredients, mesh)  sum of addressable_shards' nbytes per device vs the
                                         design figure N * P * 4 / D
-  shard_flat(one model, mesh)           the same per device vs P * 4 / D (sharded_average's
+  RunningMean(Layout.flat(mesh))        the same per device vs P * 4 / D (the flat layout's
                                         running mean and ingredient each take this much)
 And the compiled learned-soup step (by layer, AdamW, the batch split over the devices):
 XLA's memory analysis per device (compiled.memory_analysis(): arguments + outputs -
@@ -71,7 +71,7 @@ def main():
   mesh = mesh_lib.make_mesh()
   d = mesh.shape[mesh_lib.DATA_AXIS]
   rng = np.random.default_rng(0)
-  rows, out = [], {"params": p, "devices": d, "stack": {}, "shard_flat": None}
+  rows, out = [], {"params": p, "devices": d, "stack": {}, "flat_mean": None}
   for n in [int(x) for x in a.n.split(",")]:
     ingredients = [jax.tree.map(lambda x: (x + 0.01 * rng.standard_normal(x.shape)).astype(x.dtype),
                                 base) for _ in range(n)]
@@ -85,11 +85,12 @@ def main():
     rows.append([f"stack_ingredients, N={n}", n * p * 4, min(vals), max(vals), f"{design:.1f}",
                  f"{max(vals) / design:.5f}", len(reps)])
     del stacked
-  flat = average.shard_flat(base, mesh)
-  per = list(per_device_bytes(flat).values())
+  running = average.RunningMean(average.Layout.flat(mesh), average.open_source(base).specs)
+  running.add(base)
+  per = list(per_device_bytes(running.mean).values())
   design = p * 4 / d
-  out["shard_flat"] = {"per_device": [int(v) for v in per], "design": design}
-  rows.append(["shard_flat, one model", p * 4, min(per), max(per), f"{design:.1f}",
+  out["flat_mean"] = {"per_device": [int(v) for v in per], "design": design}
+  rows.append(["flat layout's mean, one model", p * 4, min(per), max(per), f"{design:.1f}",
                f"{max(per) / design:.5f}", 0])
   print(f"tiny ViT: P = {p} params, D = {d} devices\n")
   print(common.table(["array", "total bytes (unsharded)", "min bytes/device", "max bytes/device",

@@ -6,21 +6,23 @@
 Writes an initialization and N fine-tunes with the real parameter shapes of
 ViT-B/32 (88M params, 353 MB each; more bytes in all than this machine has RAM, so
 the page cache cannot hold them) with soup.checkpoints.save_ingredient, then runs
-each recipe from the checkpoint paths in a fresh subprocess, reporting its wall time
-and its peak RSS above the subprocess's RSS after imports (VmHWM), as a multiple of
-one model's float32 bytes:
-  uniform       stream_average(paths), verified; its soup is saved (WiSE-FT's endpoint)
+each recipe from the checkpoint paths in a fresh subprocess, as soup/recipes.py calls it
+(the one averager, in the run's layout: Layout.of_run(mesh), the host's for a config without
+sharding rules), reporting its wall time and its peak RSS above the subprocess's RSS after
+imports (VmHWM), as a multiple of one model's float32 bytes:
+  uniform       weighted_average(paths, layout=...), verified; its soup is saved (WiSE-FT's
+                endpoint)
   greedy        greedy_soup(paths) with held-out scores given (ingredient i ranked i-th)
                 and a cheap evaluator: the ViT-B/32 forward pass on --eval-images images
                 labelled by the initialization; overhead = time outside the evaluations
-  model_stock   model_stock(init path, paths), streamed
+  model_stock   model_stock(init path, paths, layout)
   learned       one step of the learned soup by layer on 8 simulated CPU devices
                 (XLA_FLAGS=--xla_force_host_platform_device_count=8), on --learned-n
                 ingredients: the stack is N*P*4 bytes of device memory by design, and
                 simulated devices are host RAM, so N=72 (25 GB) cannot run here; the
                 step is also compiled for N=72 from abstract shapes, and XLA's per-device
                 memory analysis is reported next to N*P*4/8
-  wise_ft       wise_ft(init path, uniform soup path, alpha) for --alphas
+  wise_ft       wise_ft(init path, uniform soup path, alpha, layout) for --alphas
 Target: no recipe above 3x one model of host RAM (the learned soup's device stack
 aside). Checks free disk first; deletes its files at the end unless --keep.
 Results: benchmarks/results/paper_size.json.
@@ -89,8 +91,9 @@ def worker(recipe: str, args: dict) -> dict:
   import jax
   import numpy as np
 
-  from soup import soups
+  from soup import mesh as mesh_lib, soups
   from soup.soups import learned
+  layout = soups.Layout.of_run(mesh_lib.make_mesh())  # What the recipes get (no rules here).
   rss_base = common.rss_mib()[0]
   paths, init = args["paths"], args["init"]
   extra = {}
@@ -116,7 +119,7 @@ def worker(recipe: str, args: dict) -> dict:
   t = time.perf_counter()
   if recipe == "uniform":
     from soup import checkpoints
-    soup = soups.stream_average(paths)
+    soup = soups.weighted_average(paths, layout=layout)
     wall = time.perf_counter() - t
     cur, peak = common.rss_mib()
     t_save = time.perf_counter()
@@ -126,23 +129,22 @@ def worker(recipe: str, args: dict) -> dict:
     return {"wall_s": wall, "peak_mib": peak, "rss_base_mib": rss_base, "rss_end_mib": cur, **extra}
   elif recipe == "greedy":
     scores = {p: 1.0 - i / 1000 for i, p in enumerate(paths)}  # Ranked in order.
-    result = soups.greedy_soup({p: p for p in paths}, scores, evaluate)
+    result = soups.greedy_soup({p: p for p in paths}, scores, evaluate, layout=layout)
     wall = time.perf_counter() - t
     extra.update(kept=len(result.ingredients), evaluations=len(eval_times),
                  eval_s=sum(eval_times), overhead=wall / sum(eval_times) - 1)
   elif recipe == "model_stock":
-    _, ratios = soups.model_stock(init, paths)
+    _, ratios = soups.model_stock(init, paths, layout)
     wall = time.perf_counter() - t
     t_values = np.array(list(ratios.values()))
     extra.update(t_min=float(t_values.min()), t_median=float(np.median(t_values)),
                  t_max=float(t_values.max()))
   elif recipe == "wise_ft":
     for alpha in args["alphas"]:
-      soups.wise_ft(init, args["soup_path"], alpha)
+      soups.wise_ft(init, args["soup_path"], alpha, layout)
     wall = time.perf_counter() - t
     extra["alphas"] = args["alphas"]
   elif recipe == "learned":
-    from soup import mesh as mesh_lib
     model, _ = model_and_shapes()
     mesh = mesh_lib.make_mesh()
     n = args["learned_n"]
