@@ -406,7 +406,8 @@ class HostReader:
     self.specs = specs
     nbytes = sum(_nbytes(s) for s in specs.values())
     self.threads = (threads or default_threads()) if nbytes >= THREADED_MIN_BYTES else 1
-    self.groups = split_by_bytes(specs, self.threads)  # One per thread.
+    self.groups = _groups(specs)
+    self.thread_groups = split_by_bytes(specs, self.threads)  # One per thread.
     self._buffers: Optional[dict] = None
 
   def buffers(self) -> dict:
@@ -516,11 +517,29 @@ class RunningMean:
           np.multiply(target[n], coef, out=target[n])
           np.add(self.mean[n], target[n], out=target[n])
 
-    for f in [self._pool.submit(work, g) for g in self.reader.groups]:
+    for f in [self._pool.submit(work, g) for g in self.reader.thread_groups]:
       f.result()
     if not home:
       source.release()
     return target
+
+  def add_part(self, part: dict, coef: Optional[np.float32]) -> None:
+    """Adds some leaves of one ingredient, read by the caller (coef None: the first
+    ingredient). A caller that adds every leaf this way keeps the weights itself."""
+    if not self.on_host:
+      new = (_first(part) if coef is None else
+             _update_donated({n: self.mean[n] for n in part}, part, coef))
+      self.mean = {**(self.mean or {}), **new}
+      jax.block_until_ready(new)
+      return
+    if self.mean is None:
+      self.mean = memory.aligned_tree(self.specs, np.float32)
+    scratch = np.empty(BLOCK, np.float32)
+    for n, x in part.items():
+      if coef is None:
+        np.copyto(self.mean[n], np.asarray(x), casting="same_kind")
+      else:
+        host_update(self.mean[n], np.asarray(x), coef, scratch)
 
   def add(self, source, weight: float = 1.0) -> None:
     if weight <= 0:

@@ -10,13 +10,16 @@ Both take params or ingredient checkpoint paths and a layout (soup/soups/average
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from soup import memory
 from soup.soups import average
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ def interpolation_ratio(dots: float, zeros: int, k: int) -> float:
   return k * cos / denominator
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _stock_step(unit_sum, dots, zeros, x, theta0):
   """Adds fine-tune x: per tensor, its unit delta u to the running sum S of unit deltas,
   and S . u (before adding it) to the sum of pairwise cosines."""
@@ -62,6 +65,22 @@ def _stock_step(unit_sum, dots, zeros, x, theta0):
           {n: o[2] for n, o in out.items()})
 
 
+def _stock_step_host(unit_sum, dots, zeros, x, theta0, delta) -> None:
+  """_stock_step in numpy, in place (the host layout: S stays in host memory)."""
+  for n in x:
+    d = delta[:np.size(x[n])]
+    np.subtract(np.asarray(x[n]).reshape(-1), np.asarray(theta0[n]).reshape(-1), out=d,
+                dtype=np.float32)
+    norm = float(np.sqrt(np.dot(d, d)))
+    if norm == 0:
+      zeros[n] += 1
+      continue
+    d /= np.float32(norm)
+    total = unit_sum[n].reshape(-1)
+    dots[n] += float(np.dot(total, d))
+    total += d
+
+
 @jax.jit
 def _stock_mix(mean, theta0, ratios):
   return {n: ratios[n] * m + (1 - ratios[n]) * theta0[n].astype(jnp.float32)
@@ -73,29 +92,50 @@ def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
                 verify: bool = True) -> tuple[PyTree, dict[str, float]]:
   """Returns the Model Stock params and each tensor's interpolation ratio t.
 
-  One pass over the fine-tunes, each read once into the layout: per tensor the running
-  mean of the fine-tunes (the one averager's) and the running sum S of the unit deltas
-  u_i = (theta_i - theta_0) / ||theta_i - theta_0||; the sum of pairwise cosines grows by
-  S . u_i as u_i is added (float32). Memory: theta_0, the mean, S and one fine-tune, in
-  the layout. t is clipped to [0, 1] (degenerate tensors, e.g. attention key biases that
+  One pass over the fine-tunes, each read once into the layout, group by group of
+  leaves: per tensor the running mean of the fine-tunes (the one averager's) and the
+  running sum S of the unit deltas u_i = (theta_i - theta_0) / ||theta_i - theta_0||; the
+  sum of pairwise cosines grows by S . u_i as u_i is added (float32). theta_0's group is
+  re-read with each (from the page cache) rather than held: memory is the mean, S and
+  one group. t is clipped to [0, 1] (degenerate tensors, e.g. attention key biases that
   only weight decay moves, have negative t) and the clipped ones logged.
   """
   k = len(finetuned)
   if k < 2:
     raise ValueError("Model Stock needs at least two fine-tuned models.")
   opened = average.open_sources([initial, *finetuned], verify)
-  specs = opened[0].specs
+  init, specs = opened[0], opened[0].specs
   mean = average.RunningMean(layout or average.Layout.host(), specs)
-  theta0 = mean.reader.read(opened[0], reuse=False)
-  unit_sum = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), theta0)
-  dots = {n: jnp.float32(0) for n in specs}
-  zeros = {n: jnp.int32(0) for n in specs}
-  for ft in opened[1:]:
-    x = mean.reader.read(ft)
-    unit_sum, dots, zeros = _stock_step(unit_sum, dots, zeros, x, theta0)
-    jax.block_until_ready(unit_sum)
-    mean.add(x)  # Blocks too: then the reader's buffers are free for the next fine-tune.
-    del x
+  reader = mean.reader
+  on_host = mean.on_host
+  if on_host:  # S and the sums in host memory (numpy; the sums of dot products in float64).
+    unit_sum = memory.aligned_tree(specs, np.float32)
+    for v in unit_sum.values():
+      v[...] = 0
+    dots, zeros = dict.fromkeys(specs, 0.0), dict.fromkeys(specs, 0)
+    delta = memory.aligned_empty((max(math.prod(s.shape) for s in specs.values()),), np.float32)
+  else:
+    unit_sum = {}
+    dots = {n: jnp.float32(0) for n in specs}
+    zeros = {n: jnp.int32(0) for n in specs}
+  for i, ft in enumerate(opened[1:]):
+    coef = None if i == 0 else np.float32(1.0 / (i + 1))
+    for names in reader.groups:
+      x = reader.read(ft, reuse=False, names=names)
+      theta0 = reader.read(init, reuse=False, names=names)
+      if on_host:
+        _stock_step_host(unit_sum, dots, zeros, x, theta0, delta)
+      else:
+        part = {n: unit_sum.get(n, jnp.zeros(np.shape(x[n]), jnp.float32)) for n in names}
+        new_sum, new_dots, new_zeros = _stock_step(part, {n: dots[n] for n in names},
+                                                   {n: zeros[n] for n in names}, x, theta0)
+        unit_sum.update(new_sum)
+        dots.update(new_dots)
+        zeros.update(new_zeros)
+      mean.add_part(x, coef)
+      del x, theta0
+    ft.release()
+    memory.release_free_memory()  # The groups' buffers: back to the OS, not kept by glibc.
   del unit_sum
   ratios, clipped = {}, {}
   for name in specs:
@@ -107,5 +147,17 @@ def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
   if clipped:
     log.warning("model stock: t clipped to [0, 1] for %d tensor(s): %s", len(clipped),
                 ", ".join(f"{n} ({t:.3g})" for n, t in sorted(clipped.items())))
-  merged = _stock_mix(mean.mean, theta0, {n: np.float32(t) for n, t in ratios.items()})
+  merged = {}
+  for names in reader.groups:  # t mean + (1 - t) theta_0, group by group.
+    theta0 = reader.read(init, reuse=False, names=names)
+    if on_host:  # In place in the mean, rounded as written.
+      for n in names:
+        m, t = mean.mean[n], ratios[n]
+        np.multiply(m, t, out=m)
+        m += (1 - t) * np.asarray(theta0[n], np.float32)
+        merged[n] = m
+    else:
+      merged.update(_stock_mix({n: mean.mean[n] for n in names}, theta0,
+                               {n: np.float32(ratios[n]) for n in names}))
+  init.release()
   return average.as_tree(mean.output(merged), opened[0]), ratios
