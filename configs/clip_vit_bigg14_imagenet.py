@@ -17,7 +17,12 @@ selection), except:
   * sharding_rules: FSDP. Params and both AdamW moments are split over the data axis
     (soup/sharding.py): 12 bytes/param is 22 GB for bigG's image tower; replicated, the
     step's peak is 34 GiB per chip, more than a v4 chip holds (docs/benchmarks.md).
-    Ingredient soups restore straight into the same layout (soup/soups/sharded.py).
+    The sweep and the probe save ingredients in that layout, shard by shard (no gather to
+    one host); the evaluate stage and every recipe read them back into it through the one
+    averager (soup/soups/average.py, Layout.sharded), each process only its devices' shards.
+    The smoke argument runs all six stages on 8 simulated devices and on 2 processes x 4
+    devices with the same results rows, each process reading half the ingredient bytes
+    (tests/test_fsdp_giants.py).
   * num_members 58 and epochs 4..8: the paper's ViT-G sweep had 58 members, fine-tuned
     "at a batch size of 512 for either 10,000 or 20,000 steps (approximately 4 or 8
     epochs)" at 518 px; we keep open_clip's 224 px (518 px means 1369 tokens instead of
@@ -36,8 +41,15 @@ Run (each member a SkyPilot managed job on its own spot v4-8, scripts/sky/ has t
   python scripts/launch_sweep.py --config=configs/clip_vit_bigg14_imagenet.py --mode=sky \
       --accelerator=tpu-v4-8 --bucket=my-soup-work --data_bucket=my-soup-data
 Smoke (tiny CLIP width, same rules, mock data; needs `python -m soup.data.imagenet_mock`):
-  python -m soup.main --config=configs/clip_vit_bigg14_imagenet.py:smoke \
-      --workdir=/tmp/soup_bigg_smoke
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m soup.main \
+      --config=configs/clip_vit_bigg14_imagenet.py:smoke --workdir=/tmp/soup_bigg_smoke
+  # Or 2 processes x 4 devices (run both, PROCESS=0 and 1; about 2.5 minutes on 2 cores):
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_COORDINATOR_ADDRESS=127.0.0.1:8476 \
+      JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$PROCESS python -m soup.main --distributed \
+      --config=configs/clip_vit_bigg14_imagenet.py:smoke --workdir=/tmp/soup_bigg_smoke_2p
+Expected: every stage runs (accuracies near 0: the mock data's 1000 classes are random);
+the two runs' results.jsonl rows agree, and each process's reads.process<k>.json shows half
+the ingredient bytes of the single process's.
 """
 
 from configs import clip_vit_b32_imagenet as base

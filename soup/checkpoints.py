@@ -46,12 +46,12 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: zarr dtype "bflo
 import numpy as np
 import orbax.checkpoint as ocp
 
-from soup import atomic_io, orbax_logs
+from soup import atomic_io, layout, orbax_logs
 from soup.memory import aligned_empty, aligned_tree, release_free_memory
 from soup.trees import flatten_with_names, unflatten
 
 PyTree = Any
-INGREDIENT_FILE = "ingredient.json"
+INGREDIENT_FILE = layout.INGREDIENT_FILE  # Written last: its presence means complete.
 CHUNKED_LAYOUT = "zarr2-chunks"  # ingredient.json's "layout": written by save_ingredient.
 SINGLE_CHUNK_LAYOUT = "zarr2-raw-chunks"  # Earlier saves: one chunk per leaf, one CRC each.
 # The orbax-checkpoint release whose on-disk layout (a folder per leaf named by its keys
@@ -417,9 +417,9 @@ class Ingredient:
       if not self.verify:
         self._pread(fd, file, out, a, b)
       elif leaf.crcs is None:  # One checksum for the whole leaf: read it all to check it.
-        self._whole_leaf_checked(fd, file, name, a, b, out)
+        _whole_leaf_checked(self, fd, file, name, a, b, out)
       else:
-        self._blocks_checked(fd, file, name, key, a, b, out)
+        _blocks_checked(self, fd, file, name, key, a, b, out)
     finally:
       os.close(fd)
 
@@ -432,42 +432,6 @@ class Ingredient:
   def _corrupted(self, name: str) -> CheckpointError:
     return CheckpointError(f"Ingredient {self.path} is corrupted: leaf {name} does not match its "
                            "saved checksum. Delete it and rerun that member.")
-
-  def _whole_leaf_checked(self, fd, file, name, a, b, out) -> None:
-    leaf = self._leaves[name]
-    whole = out if (a, b) == (0, leaf.chunk_bytes) else np.empty(leaf.chunk_bytes, np.uint8)
-    self._pread(fd, file, whole, 0, leaf.chunk_bytes)
-    method, expected = leaf.whole_crc
-    flat = whole[:leaf.chunk_bytes]
-    if (google_crc32c.value(flat) if method == "crc32c" else zlib.crc32(flat)) != expected:
-      raise self._corrupted(name)
-    if whole is not out:
-      out[:b - a] = whole[a:b]
-
-  def _blocks_checked(self, fd, file, name, key, a, b, out) -> None:
-    leaf, block = self._leaves[name], self._block
-    crcs = leaf.crcs.get(key)
-    if crcs is None:
-      raise CheckpointError(f"Ingredient {self.path} has no checksum for chunk {key} of {name}; "
-                            "it is incomplete. Delete it and rerun that member.")
-    end = leaf.chunk_bytes
-    inner_a = -(-a // block) * block  # The whole blocks inside [a, b) are read in place ...
-    inner_b = b if b == end else b // block * block
-    for lo in range(inner_a, inner_b, block):  # Each block checked while still in cache.
-      hi = min(lo + block, inner_b)
-      self._pread(fd, file, out[lo - a:], lo, hi)
-      if google_crc32c.value(out[lo - a:hi - a]) != crcs[lo // block]:
-        raise self._corrupted(name)
-    for j in sorted({a // block, (b - 1) // block}):  # ... the partial ones at the edges apart.
-      s, e = j * block, min((j + 1) * block, end)
-      if inner_a <= s and e <= inner_b:
-        continue
-      scratch = np.empty(e - s, np.uint8)
-      self._pread(fd, file, scratch, s, e)
-      if google_crc32c.value(scratch) != crcs[j]:
-        raise self._corrupted(name)
-      lo, hi = max(a, s), min(b, e)
-      out[lo - a:hi - a] = scratch[lo - s:hi - s]
 
   def _restore(self) -> dict[str, np.ndarray]:
     with self._lock:
@@ -484,6 +448,45 @@ class Ingredient:
               raise self._corrupted(name)
         self._restored = restored
       return self._restored
+
+
+def _whole_leaf_checked(self: "Ingredient", fd, file, name, a, b, out) -> None:
+  """Bytes [a, b) of a leaf with one checksum: the whole leaf is read to check it."""
+  leaf = self._leaves[name]
+  whole = out if (a, b) == (0, leaf.chunk_bytes) else np.empty(leaf.chunk_bytes, np.uint8)
+  self._pread(fd, file, whole, 0, leaf.chunk_bytes)
+  method, expected = leaf.whole_crc
+  flat = whole[:leaf.chunk_bytes]
+  if (google_crc32c.value(flat) if method == "crc32c" else zlib.crc32(flat)) != expected:
+    raise self._corrupted(name)
+  if whole is not out:
+    out[:b - a] = whole[a:b]
+
+def _blocks_checked(self: "Ingredient", fd, file, name, key, a, b, out) -> None:
+  """Bytes [a, b) of a chunk, each MiB block covered checked against its CRC-32C."""
+  leaf, block = self._leaves[name], self._block
+  crcs = leaf.crcs.get(key)
+  if crcs is None:
+    raise CheckpointError(f"Ingredient {self.path} has no checksum for chunk {key} of {name}; "
+                          "it is incomplete. Delete it and rerun that member.")
+  end = leaf.chunk_bytes
+  inner_a = -(-a // block) * block  # The whole blocks inside [a, b) are read in place ...
+  inner_b = b if b == end else b // block * block
+  for lo in range(inner_a, inner_b, block):  # Each block checked while still in cache.
+    hi = min(lo + block, inner_b)
+    self._pread(fd, file, out[lo - a:], lo, hi)
+    if google_crc32c.value(out[lo - a:hi - a]) != crcs[lo // block]:
+      raise self._corrupted(name)
+  for j in sorted({a // block, (b - 1) // block}):  # ... the partial ones at the edges apart.
+    s, e = j * block, min((j + 1) * block, end)
+    if inner_a <= s and e <= inner_b:
+      continue
+    scratch = np.empty(e - s, np.uint8)
+    self._pread(fd, file, scratch, s, e)
+    if google_crc32c.value(scratch) != crcs[j]:
+      raise self._corrupted(name)
+    lo, hi = max(a, s), min(b, e)
+    out[lo - a:hi - a] = scratch[lo - s:hi - s]
 
 
 def _orbax_restore(path: Path) -> PyTree:

@@ -35,6 +35,7 @@ from soup import (
   checkpoints,
   claims,
   contrastive,
+  layout,
   recipes,
   report as report_lib,
   results,
@@ -46,10 +47,10 @@ from soup import (
 )
 from soup.data import batching
 from soup.ingredients import IngredientStore
+from soup.layout import STAGES
 from soup.linear_probe import fit_probe
 from soup.models import pretrained
 from soup.resources import Resources
-from soup.validate import STAGES
 from soup.workdir import Workdir, content_key, eval_settings
 
 log = logging.getLogger(__name__)
@@ -141,11 +142,11 @@ def member_names(count: int) -> list[str]:
 def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
   """The shared pretrained backbone: trained upstream here, or imported weights."""
   out = wd.upstream
-  if checkpoints.is_ingredient(out / "ingredient"):
-    return checkpoints.load_ingredient(out / "ingredient")
+  if checkpoints.is_ingredient(out / layout.INGREDIENT):
+    return checkpoints.load_ingredient(out / layout.INGREDIENT)
   if config.init.source == "pretrained":
     params = pretrained.load_pretrained(config)
-    checkpoints.save_ingredient(out / "ingredient", params, {"source": config.init.path})
+    checkpoints.save_ingredient(out / layout.INGREDIENT, params, {"source": config.init.path})
     return params
   cfg, split = config.upstream, res.task.upstream
   objective = cfg.get("objective", "supervised")
@@ -192,7 +193,7 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
     backbone = {k: v for k, v in backbone.items() if k != "projection"}
   if outcome.diverged:
     raise train.TrainingDiverged("Upstream pretraining diverged; lower config.upstream.lr.")
-  checkpoints.save_ingredient(out / "ingredient", backbone, info)
+  checkpoints.save_ingredient(out / layout.INGREDIENT, backbone, info)
   return backbone
 
 
@@ -363,11 +364,11 @@ def add_intervals(config, columns: results.Columns, rows: list[dict]) -> None:
 def report(wd: Workdir, columns: results.Columns, rows: list[dict],
            figures: Optional[dict[str, str]] = None) -> dict:
   # Per-example correctness stays in the soups' caches; the intervals it gave are in the rows.
-  results.write(wd.root / "results.jsonl",
+  results.write(wd.root / layout.RESULTS,
                 [{k: v for k, v in r.items() if k != "correct"} for r in rows])
-  built = report_lib.build_report(results.read(wd.root / "results.jsonl", recipes.infer_recipe),
+  built = report_lib.build_report(results.read(wd.root / layout.RESULTS, recipes.infer_recipe),
                                   columns)
   built["figures"] = dict(figures or {})
-  atomic_io.atomic_write_text(wd.root / "report.md", report_lib.render_markdown(built))
-  report_lib.plot_figure(rows, columns, wd.root / "figure.png")
+  atomic_io.atomic_write_text(wd.root / layout.REPORT, report_lib.render_markdown(built))
+  report_lib.plot_figure(rows, columns, wd.root / layout.FIGURE)
   return built

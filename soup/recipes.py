@@ -1,6 +1,6 @@
 """The recipe registry: every soup and baseline, declared once.
 
-A recipe is one function `make(kitchen) -> rows` plus one `Recipe` line in
+A recipe is one function `<name>_rows(kitchen) -> rows` plus one `Recipe` line in
 REGISTRY. The line declares its name, its label in the report's table, its
 marker in the figure, its inference cost, the config.soups settings it reads
 (each a `Setting`: type, default, allowed values, help), its note under the
@@ -125,7 +125,7 @@ class Recipe:
 # --- The recipes ---------------------------------------------------------
 
 
-def pixel_linear(k: Kitchen) -> Rows:
+def pixel_linear_rows(k: Kitchen) -> Rows:
   """The floor: logistic regression on raw pixels of the fine-tuning split, no pretraining."""
   from soup import baselines
   logits = baselines.pixel_linear_logits(k.task, k.config.pixel_linear, k.seed)
@@ -133,12 +133,12 @@ def pixel_linear(k: Kitchen) -> Rows:
                 info="logistic regression on raw pixels, trained on the fine-tuning split")]
 
 
-def best_individual(k: Kitchen) -> Rows:
+def best_individual_rows(k: Kitchen) -> Rows:
   best = k.best_member()
   return [k.row("best_individual", "best_individual", k.logits(best), [best], 1, selected=best)]
 
 
-def uniform_soup(k: Kitchen) -> Rows:
+def uniform_soup_rows(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   # The one averager, in the run's layout: each device reduces its own part.
   params = soups.weighted_average([k.workdir.ingredient_dir(n) for n in k.names],
@@ -148,7 +148,7 @@ def uniform_soup(k: Kitchen) -> Rows:
   return [k.row("uniform_soup", "uniform_soup", k.evaluate(params), k.names, 1)]
 
 
-def greedy_soup(k: Kitchen) -> Rows:
+def greedy_soup_rows(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   result = soups.greedy_soup({n: k.workdir.ingredient_dir(n) for n in k.names}, k.scores,
                              k.held_out_accuracy, layout=k.layout,
@@ -183,15 +183,15 @@ def _learned(k: Kitchen, by_layer: bool) -> Rows:
                 temperature=result.temperature)]
 
 
-def learned_soup(k: Kitchen) -> Rows:
+def learned_soup_rows(k: Kitchen) -> Rows:
   return _learned(k, by_layer=False)
 
 
-def learned_soup_by_layer(k: Kitchen) -> Rows:
+def learned_soup_by_layer_rows(k: Kitchen) -> Rows:
   return _learned(k, by_layer=True)
 
 
-def model_stock(k: Kitchen) -> Rows:
+def model_stock_rows(k: Kitchen) -> Rows:
   from soup import soups
   members = [n for n in k.names if n != "model_0"]
   params, ratios = soups.model_stock(  # Read once each, into the run's layout.
@@ -204,7 +204,7 @@ def model_stock(k: Kitchen) -> Rows:
 WISE_FT_ENDPOINTS = ("best_individual", "uniform_soup", "greedy_soup")
 
 
-def wise_ft(k: Kitchen) -> Rows:
+def wise_ft_rows(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   cfg = k.config.wise_ft
   init = k.workdir.ingredient_dir("model_0")  # Paths: read into the run's layout.
@@ -226,14 +226,14 @@ def _wise_ft_needs(soups_config) -> tuple[str, ...]:
   return (endpoint,) if endpoint in ("uniform_soup", "greedy_soup") else ()
 
 
-def ensemble(k: Kitchen) -> Rows:
+def ensemble_rows(k: Kitchen) -> Rows:
   from soup import soups
   logits = {col: soups.logit_ensemble([k.logits(n)[col] for n in k.names])
             for col in k.splits}
   return [k.row("ensemble", "ensemble", logits, k.names, len(k.names))]
 
 
-def greedy_ensemble(k: Kitchen) -> Rows:
+def greedy_ensemble_rows(k: Kitchen) -> Rows:
   from soup import soups
   column = k.columns.held_out
   result = soups.greedy_ensemble(
@@ -379,27 +379,28 @@ def wise_ft_note(lines: Rows, shown: dict, columns) -> Optional[str]:
 # --- The registry, in Table 1 order ---------------------------------------
 
 REGISTRY: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("pixel_linear", "Pixel logistic regression (baseline)", pixel_linear,
+    Recipe("pixel_linear", "Pixel logistic regression (baseline)", pixel_linear_rows,
            Marker("Pixel logistic regression", "x", "k", 160), settings=PIXEL_LINEAR),
     Recipe("initialization", "Initialization", None),
     Recipe("individual", "Individual model", None),
-    Recipe("best_individual", "Best individual model", best_individual),
-    Recipe("uniform_soup", "Uniform soup", uniform_soup,
+    Recipe("best_individual", "Best individual model", best_individual_rows),
+    Recipe("uniform_soup", "Uniform soup", uniform_soup_rows,
            Marker("Uniform Soup", "o", "C0", 220), settings=SHARED, every_model=True),
-    Recipe("greedy_soup", "Greedy soup", greedy_soup, Marker("Greedy Soup", "*", "C4", 500),
+    Recipe("greedy_soup", "Greedy soup", greedy_soup_rows, Marker("Greedy Soup", "*", "C4", 500),
            settings=(*SHARED, *GREEDY), note=greedy_soup_note, note_first=True),
-    Recipe("learned_soup", "Learned soup", learned_soup, Marker("Learned Soup", "P", "C1", 220),
-           settings=(*SHARED, *LEARNED), note=learned_note),
-    Recipe("learned_soup_by_layer", "Learned soup (by layer)", learned_soup_by_layer,
+    Recipe("learned_soup", "Learned soup", learned_soup_rows,
+           Marker("Learned Soup", "P", "C1", 220), settings=(*SHARED, *LEARNED),
+           note=learned_note),
+    Recipe("learned_soup_by_layer", "Learned soup (by layer)", learned_soup_by_layer_rows,
            Marker("Learned Soup (by layer)", "X", "C8", 220), settings=(*SHARED, *LEARNED),
            note=learned_note),
-    Recipe("model_stock", "Model stock", model_stock, Marker("Model Stock", "^", "C6", 220),
+    Recipe("model_stock", "Model stock", model_stock_rows, Marker("Model Stock", "^", "C6", 220),
            settings=SHARED, note=model_stock_note),
-    Recipe("wise_ft", "WiSE-FT", wise_ft, settings=(*SHARED, *WISE_FT), needs=_wise_ft_needs,
+    Recipe("wise_ft", "WiSE-FT", wise_ft_rows, settings=(*SHARED, *WISE_FT), needs=_wise_ft_needs,
            note=wise_ft_note),
-    Recipe("ensemble", "Ensemble", ensemble, Marker("Ensemble", "s", "C3", 150, zorder=4),
+    Recipe("ensemble", "Ensemble", ensemble_rows, Marker("Ensemble", "s", "C3", 150, zorder=4),
            inference_cost="per_ingredient", settings=SHARED, every_model=True),
-    Recipe("greedy_ensemble", "Greedy ensemble", greedy_ensemble,
+    Recipe("greedy_ensemble", "Greedy ensemble", greedy_ensemble_rows,
            Marker("Greedy Ensemble", "D", "C5", 130, zorder=4), inference_cost="per_ingredient",
            settings=(*SHARED, *GREEDY), note=greedy_ensemble_note, note_first=True),
 )}

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from soup import atomic_io, claims, results as R
+from soup import atomic_io, claims, layout, results as R
 from soup.recipes import REGISTRY, infer_recipe
 
 DASH = R.DASH
@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   columns = _COLUMN_PRESETS[args.columns] if args.columns else R.detect_columns(rows)
   report = build_report(rows, columns)
   out = Path(args.out)
-  md_path, fig_path = out / "report.md", out / "figure.png"
+  md_path, fig_path = out / layout.REPORT, out / layout.FIGURE
   atomic_io.atomic_write_text(md_path, render_markdown(report))
   plot_figure(rows, columns, fig_path)
   print(markdown_table(report))

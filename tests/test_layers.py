@@ -167,3 +167,16 @@ def test_the_checks_can_fail(tmp_path):
   assert cycle is not None and cycle[0] == cycle[-1] and len(cycle) == 4, cycle
   assert deferred == [("soup.recipes", "soup.soups", 2)]
   assert "soup.results" in edges["soup.soups"]
+
+
+def test_no_function_over_80_lines_and_no_class_over_200_in_soup():
+  """Long functions and classes hide what they do; split them by topic instead."""
+  too_long = []
+  for path in sorted(SOUP.rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      lines = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and lines > 80:
+        too_long.append(f"{path.relative_to(SOUP.parent)}: def {node.name} ({lines} lines)")
+      if isinstance(node, ast.ClassDef) and lines > 200:
+        too_long.append(f"{path.relative_to(SOUP.parent)}: class {node.name} ({lines} lines)")
+  assert not too_long, too_long

@@ -9,16 +9,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from soup.metrics import accuracy
 from soup.soups.greedy import GreedyResult, greedy_select, ranked
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray,
-             class_mask: Optional[np.ndarray] = None) -> float:
-  """Top-1 accuracy; `class_mask` restricts the argmax to a subset of classes."""
-  logits = np.asarray(logits, np.float32)
-  if class_mask is not None:
-    logits = np.where(np.asarray(class_mask, bool), logits, -np.inf)
-  return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
 
 
 def logit_ensemble(logits: Sequence[np.ndarray]) -> np.ndarray:
