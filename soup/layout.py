@@ -14,6 +14,7 @@ A workdir holds:
   soups/<recipe>.json         that recipe's results rows
   soups/<recipe>/             the soup's params, for recipes that make one
   results.jsonl, report.md, figure.png, log.txt
+  reads.process<k>.json       the bytes process k read of each ingredient (its shards)
 
 Paths below are relative to the workdir and use "/", so they join onto a Path
 and serve as bucket prefixes alike.
