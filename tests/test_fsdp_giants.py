@@ -233,10 +233,12 @@ def _bigg_smoke(workdir, mock, extra_env=None, rank=None, port=None):
           f"--config.data.heldout_file={mock['heldout_file']}",
           f"--config.data.cache_dir={mock['cache_dir']}",
           f"--config.init.path={mock['clip_path']}", f"--config.init.bpe_path={mock['bpe_path']}",
-          # In-process decoding (Grain's worker processes have their own tests) and one
-          # alpha: the same stages and recipes in a third of the time.
+          # In-process decoding (Grain's worker processes have their own tests), one alpha,
+          # larger batches and no mid-run train states: the same stages and recipes, the
+          # same code paths, in a third of the time.
           "--config.data.num_workers=0", "--config.soups.learned.epochs=1",
-          "--config.soups.wise_ft.alphas=(0.5,)"]
+          "--config.soups.wise_ft.alphas=(0.5,)", "--config.finetune.checkpoint_every_steps=1000",
+          "--config.finetune.batch_size=128", "--config.soups.learned.batch_size=256"]
   if rank is None:
     return ["-m", "soup.main", *args]
   join = ("import os, runpy, sys; os.environ['JAX_PROCESS_ID'] = sys.argv.pop(1); "
