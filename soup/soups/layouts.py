@@ -66,8 +66,9 @@ class Layout:
     or replicated."""
     if self.kind == "sharded":
       shapes = {n: jax.ShapeDtypeStruct(s.shape, s.dtype) for n, s in specs.items()}
-      return dict(zip(specs, jax.tree.leaves(sharding_lib.shardings(
-          trees.unflatten(shapes), self.mesh, self.rules))))
+      by_name = trees.flatten_with_names(
+          sharding_lib.shardings(trees.unflatten(shapes), self.mesh, self.rules))
+      return {n: by_name[n] for n in specs}
     mesh = self.mesh or _cpu_mesh()
     return dict.fromkeys(specs, NamedSharding(mesh, P()))
 
