@@ -201,13 +201,6 @@ def _written_chunk_shape(params_dir: Path, name: str) -> list[int]:
   return list(zarray.get("chunks", ()))
 
 
-def fingerprint(tree: PyTree) -> dict[str, str]:
-  """Per leaf: dtype, shape and the CRC-32C of its bytes (a whole-tree content check)."""
-  return {name: f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}:crc32c:"
-                f"{google_crc32c.value(np.ascontiguousarray(leaf).reshape(-1).view(np.uint8)):08x}"
-          for name, leaf in flatten_with_names(tree).items()}
-
-
 # --- Reading -------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from soup import checkpoints, memory, soups, trees
-from soup.soups import average, interpolation, learned
+from soup.soups import average, interpolation, layouts, learned
 
 
 def _tree(rng, scale=1.0):
@@ -103,7 +103,7 @@ def test_old_compressed_ingredients_still_load_and_average(tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_stream_average_equals_numpy_mean_of_orbax_restores(tmp_path, monkeypatch, threads):
-  monkeypatch.setattr(average, "THREADED_MIN_BYTES", 0)  # Threads even for this small tree.
+  monkeypatch.setattr(layouts, "THREADED_MIN_BYTES", 0)  # Threads even for this small tree.
   monkeypatch.setattr(average, "BLOCK", 1000)  # Several blocks per leaf.
   rng = np.random.default_rng(2)
   paths = []

@@ -18,8 +18,7 @@ deterministic, so a rerun reproduces its soup bit for bit.
 from __future__ import annotations
 
 import concurrent.futures
-import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,6 @@ PyTree = Any
 IngredientMismatchError = trees.TreeMismatchError
 
 BLOCK = 1 << 16  # float32 values (256 KiB): x, mean and the scratch stay in cache per block.
-THREADED_MIN_BYTES = 16 << 20  # Smaller models are read and averaged on the calling thread.
 
 
 # --- The arithmetic -------------------------------------------------------------------
@@ -135,6 +133,7 @@ class RunningMean:
     self._pool = concurrent.futures.ThreadPoolExecutor(self.reader.threads)
     self.mean: Optional[dict] = None
     self._spare: Optional[dict] = None  # The host layout's candidate buffers, reused.
+    self._leaf_buffers: dict[int, np.ndarray] = {}  # The host layout's, one per thread.
     self.total = 0.0
 
   def _is_home(self, source) -> bool:
@@ -190,10 +189,9 @@ class RunningMean:
       self._spare = self._spare or memory.aligned_tree(self.specs, np.float32)
       target = self._spare
 
-    def work(names):
+    def work(k, names):
       scratch = np.empty(BLOCK, np.float32)
-      buffer = None if home else memory.aligned_empty(
-          (max(_nbytes(self.specs[n]) for n in names),), np.uint8)  # One leaf at a time.
+      buffer = None if home else self._leaf_buffer(k, names)
       for n in names:
         x = np.asarray(source[n]) if home else source.read(n, buffer)
         if coef is None:
@@ -205,11 +203,18 @@ class RunningMean:
           np.multiply(target[n], coef, out=target[n])
           np.add(self.mean[n], target[n], out=target[n])
 
-    for f in [self._pool.submit(work, g) for g in self.reader.thread_groups]:
+    for f in [self._pool.submit(work, k, g) for k, g in enumerate(self.reader.thread_groups)]:
       f.result()
     if not home:
       source.release()
     return target
+
+  def _leaf_buffer(self, k: int, names: list[str]) -> np.ndarray:
+    """Thread k's reused buffer, room for its largest leaf (it reads one leaf at a time)."""
+    if k not in self._leaf_buffers:
+      self._leaf_buffers[k] = memory.aligned_empty(
+          (max(_nbytes(self.specs[n]) for n in names),), np.uint8)
+    return self._leaf_buffers[k]
 
   def add_part(self, part: dict, coef: Optional[np.float32]) -> None:
     """Adds some leaves of one ingredient, read by the caller (coef None: the first
@@ -259,74 +264,20 @@ def weighted_average(sources: Sequence[Source], weights: Optional[Sequence[float
   """The weighted mean of N ingredients (params or checkpoint paths), float32, in `layout`
   (host by default). Weights are normalised; zero weights are skipped.
 
-  Returns params in the ingredients' dtype: numpy arrays for the host layout, replicated
-  jax.Arrays for the flat one, arrays in the rules' shardings for the sharded one.
+  Returns params in the ingredients' dtype: arrays in the rules' shardings for a sharded
+  layout, else host (numpy) arrays. Peak memory on the host layout: the mean (one model in
+  float32) plus a leaf-sized buffer per thread, for any N.
   """
-  layout = layout or Layout.host()
   w = checked_weights(len(sources), weights)
   opened = open_sources(sources, verify)
-  if layout.kind == "host":
-    return _host_average(opened, w, threads)
-  mean = RunningMean(layout, opened[0].specs, threads)
+  mean = RunningMean(layout or Layout.host(), opened[0].specs, threads)
   steps = schedule(w)
   for k, (i, _) in enumerate(steps):
     if k + 1 < len(steps):
       opened[steps[k + 1][0]].prefetch()  # The kernel reads the next while this one adds.
     mean.add(opened[i], w[i])
-  # The soup lands in the read buffers: no new pages at the peak.
+  # The mean itself (host), or the soup landed in the read buffers (devices): no copy.
   return as_tree(mean.reader.output(mean.mean, mean.specs, into_buffers=True), opened[0])
-
-
-def _host_average(opened: list, w: np.ndarray, threads: Optional[int]) -> PyTree:
-  """The host layout: each of `threads` threads owns a share of the leaves and, for every
-  ingredient in turn, reads its leaves into one reused buffer and adds them to the mean,
-  while it asks the kernel to read its leaves of the next ingredient ahead. Peak memory:
-  the mean (one model in float32) plus a leaf-sized buffer per thread, for any N."""
-  specs = opened[0].specs
-  mean = memory.aligned_tree(specs, np.float32)
-  steps = schedule(w)
-  nbytes = sum(_nbytes(s) for s in specs.values())
-  threads = default_threads() if threads is None else threads
-  groups = split_by_bytes(specs, threads if nbytes >= THREADED_MIN_BYTES else 1)
-  remaining = {i: len(groups) for i, _ in steps}  # Threads still to finish ingredient i.
-  lock, stop = threading.Lock(), threading.Event()
-
-  def work(names: list[str]) -> None:
-    buffer = memory.aligned_empty((max(_nbytes(specs[n]) for n in names),), np.uint8)
-    scratch = np.empty(BLOCK, np.float32)
-    for k, (i, coef) in enumerate(steps):
-      if stop.is_set():
-        return
-      if k + 1 < len(steps):
-        opened[steps[k + 1][0]].prefetch(names)
-      for name in names:
-        x = opened[i].read(name, buffer)
-        if coef is None:
-          np.copyto(mean[name], x, casting="same_kind")
-        else:
-          host_update(mean[name], x, coef, scratch)
-      with lock:
-        remaining[i] -= 1
-        if remaining[i] == 0:
-          opened[i].release()  # A restored (other-layout) ingredient's arrays.
-
-  _run_threads(work, groups, stop)
-  result = {n: np.asarray(mean[n]).astype(np.dtype(specs[n].dtype), copy=False) for n in specs}
-  return as_tree(result, opened[0])
-
-
-def _run_threads(work: Callable[[list[str]], None], groups: list[list[str]],
-                 stop: threading.Event) -> None:
-  if len(groups) == 1:
-    work(groups[0])
-    return
-  with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
-    futures = [pool.submit(work, g) for g in groups]
-    try:
-      for f in concurrent.futures.as_completed(futures):
-        f.result()
-    finally:
-      stop.set()
 
 
 def restore(source: Source, layout: Layout, verify: bool = True) -> PyTree:
