@@ -6,13 +6,15 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # Test-only dependencies (reference libraries, linters, the sweep launcher's
 # client), each file re-installed only when its hash changes.
-for req in requirements-test.txt requirements-launch.txt; do
+# requirements-test-nodeps.txt: packages whose declared dependencies are not needed.
+for req in requirements-test.txt requirements-launch.txt requirements-test-nodeps.txt; do
   [ -f "$req" ] || continue
   stamp=.venv/.${req%.txt}.sha256
   want=$(sha256sum "$req" | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[test] installing $req"
-    .venv/bin/python -m pip install -q -r "$req"
+    nodeps=""; [ "$req" = requirements-test-nodeps.txt ] && nodeps="--no-deps"
+    .venv/bin/python -m pip install -q $nodeps -r "$req"
     echo "$want" > "$stamp"
   fi
 done

@@ -98,7 +98,8 @@ def setting_warning(rows: Sequence[dict]) -> str | None:
 
 
 def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarray]],
-                  columns, seed: int = 0, num_resamples: int = stats.NUM_RESAMPLES) -> None:
+                  columns, seed: int = 0, num_resamples: int = stats.NUM_RESAMPLES,
+                  labels: Mapping[str, np.ndarray] | None = None) -> None:
   """Adds paired bootstrap intervals to every row that has per-example correctness.
 
   `correct[model_name][column]` is a bool vector. Each row gets
@@ -107,19 +108,28 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
   `vs_initialization` (the precondition: it minus model_0). When the
   initialization beats every fine-tune on held-out, each soup (SOUPS) gets
   `vs_best_of_all`: it minus the initialization. Missing partners leave rows as
-  they are.
+  they are. A column whose metric is not accuracy (CoLA's Matthews correlation) is
+  bootstrapped on that metric, from the correctness and `labels[column]`; a task without
+  shift splits gets no `avg_shifts` interval.
   """
   by_name = {r["model_name"]: r for r in rows}
   best = by_name.get("best_individual")
   best_name = best.get("selected", "best_individual") if best else None
 
+  metric = getattr(columns, "metric", "accuracy")
+  if metric != "accuracy" and (labels is None or columns.test not in labels):
+    raise ValueError(f"Intervals of {metric} need the test split's labels.")
+
   def compare(a: str, b: str) -> dict:
     test = stats.paired_bootstrap(correct[a][columns.test], correct[b][columns.test],
-                                  num_resamples=num_resamples, seed=seed)
-    shifts = stats.paired_bootstrap_average(
-        {c: correct[a][c] for c in columns.shifts}, {c: correct[b][c] for c in columns.shifts},
-        num_resamples=num_resamples, seed=seed)
-    return {"test": test.as_dict(), "avg_shifts": shifts.as_dict(),
+                                  num_resamples=num_resamples, seed=seed,
+                                  metric=metric, labels=(labels or {}).get(columns.test))
+    shifts = None
+    if columns.shifts:
+      shifts = stats.paired_bootstrap_average(
+          {c: correct[a][c] for c in columns.shifts}, {c: correct[b][c] for c in columns.shifts},
+          num_resamples=num_resamples, seed=seed).as_dict()
+    return {"test": test.as_dict(), "avg_shifts": shifts,
             "resamples": num_resamples, "against": b}
 
   reference = best_name if best_name in correct else (
@@ -260,6 +270,9 @@ def _best_of_all(rows: Sequence[dict]) -> list[dict]:
     for key, metric, where in (("best_of_all_in_distribution", "test", "test"),
                                ("best_of_all_under_shift", "avg_shifts", "the shift average")):
       claim = {"claim": key, "soup": recipe, "text": BEST_OF_ALL[key].format(soup=label)}
+      if metric == "avg_shifts" and "avg_shifts" in (row.get("vs_best_of_all") or {}) \
+          and row["vs_best_of_all"]["avg_shifts"] is None:
+        continue  # No shift splits for this task.
       ci = (row.get("vs_best_of_all") or {}).get(metric)
       if ci is None:  # Results made before these intervals were stored: the point difference.
         column = test if metric == "test" else "avg_shifts"
@@ -290,9 +303,13 @@ def judge(rows: Sequence[dict]) -> list[dict]:
   def add(key: str, result: str, evidence: str):
     out.append({"claim": key, "text": CLAIMS[key], "verdict": result, "evidence": evidence})
 
+  no_shifts = greedy is not None and "avg_shifts" in greedy.get("vs_best_individual", {}) \
+      and greedy["vs_best_individual"]["avg_shifts"] is None
   for key, metric, where in (("greedy_in_distribution", "test", "test"),
                              ("greedy_under_shift", "avg_shifts", "shift average")):
     ci = (greedy or {}).get("vs_best_individual", {}).get(metric)
+    if metric == "avg_shifts" and no_shifts:
+      continue  # A task without shift splits (GLUE): the claim does not apply; the report says so.
     if ci is None:
       add(key, OPEN, "no greedy soup or best individual with intervals in these results")
     else:

@@ -111,7 +111,9 @@ def run(config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]],
   # --- Stage 6: results.jsonl, report.md, figure.png ----------------------------
   if "report" in stages:
     with _stage("report"):
-      add_intervals(config, res.columns, rows)
+      labels = ({c: split.labels for c, split in res.splits().items()}
+                if res.columns.metric != "accuracy" else None)
+      add_intervals(config, res.columns, rows, labels)
       figures = analysis_figures.build(config, wd, res, store, all_models, rows)
       return report(wd, res.columns, rows, figures)
   return None
@@ -209,6 +211,15 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
   backbone = {k: v for k, v in upstream().items() if k != "head"}
   if cfg.kind == "zeroshot":
     head, info = pretrained.zeroshot_head(config), {}
+  elif cfg.kind == "random_head":
+    # A fresh classifier drawn ONCE (config.seed) as BertForSequenceClassification draws it:
+    # N(0, init_std) kernel, zero bias. Every member starts from model_0, head included,
+    # which is what makes their average meaningful.
+    shapes = res.expected_param_shapes()["head"]
+    rng = np.random.default_rng([config.seed, 2022])
+    head = {"kernel": (cfg.init_std * rng.standard_normal(shapes["kernel"].shape)).astype(
+        np.float32), "bias": np.zeros(shapes["bias"].shape, np.float32)}
+    info = {"init_std": cfg.init_std, "seed": config.seed}
   elif cfg.kind == "linear_probe":
     model, preprocess = res.model(res.num_classes), res.task.preprocess
     feature_fn = jax.jit(
@@ -224,7 +235,8 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
                             "validation_accuracy": {str(k): v
                                                     for k, v in fit.validation_accuracy.items()}}
   else:
-    raise ValueError(f"config.probe.kind must be 'linear_probe' or 'zeroshot', got {cfg.kind!r}.")
+    raise ValueError(f"config.probe.kind must be 'linear_probe', 'zeroshot' or 'random_head', "
+                     f"got {cfg.kind!r}.")
   params = {**backbone, "head": head}
   if res.layout.kind == "sharded":  # Saved as the sweep's members are: shard by shard.
     shardings = trees.unflatten(res.layout.output_shardings(trees.flatten_with_names(params)))
@@ -255,17 +267,20 @@ def sweep(config, wd: Workdir, res: Resources, members: dict[str, dict],
                               weight_decay_mask=cfg.weight_decay_mask)
   # One compile for every member, in the state layout of config.sharding_rules (soup/sharding.py).
   step = train.compile_step(fns, init, res.mesh, config.get("sharding_rules", ()))
-  per_epoch = batching.steps_per_epoch(task.finetune_size(), cfg.batch_size)
   for n, (_, name) in enumerate(todo):
     hp = members[name]
+    # A sweep may draw the batch size per member (GLUE's); the step compiles once per shape.
+    batch_size = hp.get("batch_size", cfg.batch_size)
+    total = hp["epochs"] * batching.steps_per_epoch(task.finetune_size(), batch_size)
+    warmup = (round(cfg.warmup_fraction * total) if cfg.get("warmup_fraction")
+              else min(cfg.warmup_steps, total // 2))
     hyper = train.Hyper(lr=hp["lr"], weight_decay=hp["weight_decay"],
                         label_smoothing=hp["label_smoothing"], mixup=hp["mixup"],
-                        aug_strength=hp["aug_strength"], total_steps=hp["epochs"] * per_epoch,
-                        warmup_steps=min(cfg.warmup_steps, hp["epochs"] * per_epoch // 2))
+                        aug_strength=hp["aug_strength"], total_steps=total, warmup_steps=warmup)
     log.info("sweep %d/%d: %s %s", n + 1, len(todo), name, hp)
     outcome = train.train(
         step=step, params=init, hyper=hyper, workdir=wd.model_dir(name), seed=hp["seed"],
-        batch_fn=lambda s, hp=hp: task.finetune_batch(cfg.batch_size, hp["seed"], s, hp),
+        batch_fn=lambda s, hp=hp, bs=batch_size: task.finetune_batch(bs, hp["seed"], s, hp),
         checkpoint_every=cfg.checkpoint_every_steps, log_every=cfg.log_every_steps,
         description=f"{name} ({n + 1}/{len(todo)})")
     checkpoints.save_ingredient(wd.ingredient_dir(name), outcome.params,
@@ -316,7 +331,7 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
   if not cfg.include_initialization:
     names = [n for n in names if n != "model_0"]
   held = res.splits()[res.columns.held_out]
-  scores = {n: held.accuracy(model_logits(config, wd, res, store, n)[res.columns.held_out])
+  scores = {n: held.score(model_logits(config, wd, res, store, n)[res.columns.held_out])
             for n in names}
   settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "recipes"}
   kitchen = recipes.Kitchen(
@@ -353,12 +368,15 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
 # --- Stage 6: results and report ------------------------------------------------
 
 
-def add_intervals(config, columns: results.Columns, rows: list[dict]) -> None:
-  """Paired bootstrap 95% intervals of every row against the best individual (soup/claims.py)."""
+def add_intervals(config, columns: results.Columns, rows: list[dict],
+                  labels: Optional[dict[str, np.ndarray]] = None) -> None:
+  """Paired bootstrap 95% intervals of every row against the best individual (soup/claims.py);
+  `labels` (column -> labels) for a metric other than accuracy."""
   correct = {r["model_name"]: {c: stats.unpack_correct(p) for c, p in r["correct"].items()}
              for r in rows if r.get("correct")}
   resamples = config.get("report", {}).get("bootstrap_resamples", stats.NUM_RESAMPLES)
-  claims.add_intervals(rows, correct, columns, seed=config.seed, num_resamples=resamples)
+  claims.add_intervals(rows, correct, columns, seed=config.seed, num_resamples=resamples,
+                       labels=labels)
 
 
 def report(wd: Workdir, columns: results.Columns, rows: list[dict],

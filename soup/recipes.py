@@ -162,11 +162,9 @@ def greedy_soup_rows(k: Kitchen) -> Rows:
 
 
 def _learned(k: Kitchen, by_layer: bool) -> Rows:
-  import numpy as np
-
   from soup import soups
   cfg, held = k.config.learned, k.held_out
-  images = held.images if held.images is not None else np.concatenate(list(held.iterate(1024)))
+  images = held.stacked()
   apply_fn = k.apply_fn()
   if held.logits_map is not None:  # Train on the scored label space.
     raw_apply, mapping = apply_fn, held.logits_map
@@ -226,6 +224,12 @@ def _wise_ft_needs(soups_config) -> tuple[str, ...]:
   return (endpoint,) if endpoint in ("uniform_soup", "greedy_soup") else ()
 
 
+def _metric_name(columns) -> str:
+  """What the columns hold: accuracy, or a GLUE task's metric (CoLA: Matthews correlation)."""
+  from soup.metrics import METRIC_NAMES
+  return METRIC_NAMES[getattr(columns, "metric", "accuracy")]
+
+
 def ensemble_rows(k: Kitchen) -> Rows:
   from soup import soups
   logits = {col: soups.logit_ensemble([k.logits(n)[col] for n in k.names])
@@ -238,7 +242,8 @@ def greedy_ensemble_rows(k: Kitchen) -> Rows:
   column = k.columns.held_out
   result = soups.greedy_ensemble(
       {n: k.held_out.scored_logits(k.logits(n)[column]) for n in k.names},
-      k.held_out.labels, k.scores, k.config.greedy_comparison, k.config.greedy_tie_order)
+      k.held_out.labels, k.scores, k.config.greedy_comparison, k.config.greedy_tie_order,
+      metric=k.held_out.metric)
   logits = {col: soups.logit_ensemble([k.logits(n)[col] for n in result.ingredients])
             for col in k.splits}
   return [k.row("greedy_ensemble", "greedy_ensemble", logits, result.ingredients,
@@ -334,8 +339,9 @@ def greedy_soup_note(lines: Rows, shown: dict, columns) -> str:
   comparison = (shown.get("soup_settings") or {}).get("greedy_comparison", ">")
   rule = ("does not drop (`>=`)" if comparison == ">="
           else "improves (strict `>`, as the official code)")
-  text = (f"The greedy soup adds models in decreasing order of held-out accuracy "
-          f"(`{columns.held_out}`) and keeps one only if held-out accuracy {rule}.")
+  score = f"held-out {_metric_name(columns)}"
+  text = (f"The greedy soup adds models in decreasing order of {score} "
+          f"(`{columns.held_out}`) and keeps one only if {score} {rule}.")
   names = _names(shown.get("ingredients"))
   if names:
     return text + f" Ingredients ({len(names)}): " + ", ".join(f"`{n}`" for n in names) + "."
@@ -372,8 +378,8 @@ def wise_ft_note(lines: Rows, shown: dict, columns) -> Optional[str]:
     return None
   points = ", ".join(f"α={r['alpha']:g}: {results.percent(results.number(r.get(columns.held_out)))}"
                      for r in curve)
-  return (f"WiSE-FT held-out accuracy (`{columns.held_out}`) by α: {points}; the table shows "
-          f"the best.")
+  return (f"WiSE-FT held-out {_metric_name(columns)} (`{columns.held_out}`) by α: {points}; "
+          "the table shows the best.")
 
 
 # --- The registry, in Table 1 order ---------------------------------------

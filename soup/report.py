@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from soup import atomic_io, claims, layout, results as R
+from soup import atomic_io, claims, layout, metrics, results as R
 from soup.recipes import REGISTRY, infer_recipe
 
 DASH = R.DASH
@@ -146,13 +146,22 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   heldout_note = _heldout_list_note(rows, columns)
   if heldout_note:
     notes.append(heldout_note)
-  notes.append(f"Avg. shifts is the plain mean of {', '.join(f'`{c}`' for c in columns.shifts)}. "
-               f"Ingredients of the uniform soup and the ensemble: all {n_models} individual and "
+  if columns.shifts:
+    notes.append(f"Avg. shifts is the plain mean of "
+                 f"{', '.join(f'`{c}`' for c in columns.shifts)}.")
+  else:
+    notes.append("This task has no distribution-shift splits (GLUE's dev set is the reported "
+                 "split): the table has no shift columns and the claims under shift do not "
+                 "apply.")
+  if columns.metric != "accuracy":
+    notes.append(f"Every column is the task's {metrics.METRIC_NAMES[columns.metric]} "
+                 "(x100), not accuracy; every selection maximizes it on held-out.")
+  notes.append(f"Ingredients of the uniform soup and the ensemble: all {n_models} individual and "
                f"initialization models unless recorded.")
 
   return {
       "columns": {"held_out": columns.held_out, "test": columns.test,
-                  "shifts": list(columns.shifts)},
+                  "shifts": list(columns.shifts), "metric": columns.metric},
       "rows": table,
       "best_individual": best_info,
       "wise_ft_curve": [{"alpha": r["alpha"], "held_out": _num(r.get(columns.held_out)),
@@ -220,10 +229,10 @@ def _table_entry(recipe: str, row: dict, columns: R.Columns, n_models: int) -> d
       "line": row,
   }
   entry["contains_init"] = claims.contains_init(row)
-  entry["cells"] = [method, _pct(entry["held_out"]), _pct(entry["test"]),
-                    *(_pct(entry["shifts"][c]) for c in columns.shifts),
-                    _pct(entry["avg_shifts"]), _ingredients_cell(ingredients, entry),
-                    _cost_str(cost)]
+  shift_cells = ([*(_pct(entry["shifts"][c]) for c in columns.shifts), _pct(entry["avg_shifts"])]
+                 if columns.shifts else [])  # A task without shifts (GLUE) has no such columns.
+  entry["cells"] = [method, _pct(entry["held_out"]), _pct(entry["test"]), *shift_cells,
+                    _ingredients_cell(ingredients, entry), _cost_str(cost)]
   return entry
 
 
@@ -266,24 +275,29 @@ def statistics_markdown(report: dict) -> list[str]:
   if not report.get("intervals"):
     return []
   first = report["intervals"][0]
+  shifts = bool(report["columns"]["shifts"])
+  unit = metrics.METRIC_NAMES[report["columns"].get("metric", "accuracy")]
+  header = (["| Method | Δ test [95% CI] | Δ avg. shifts [95% CI] |", "| --- | ---: | ---: |"]
+            if shifts else ["| Method | Δ test [95% CI] |", "| --- | ---: |"])
+
+  def cells(i: dict) -> str:
+    return (f"| {i['method']} | {_interval_cell(i['test'])} |"
+            + (f" {_interval_cell(i['avg_shifts'])} |" if shifts else ""))
   text = ["## Differences from the best individual", "",
-          f"Accuracy points minus the best individual model (`{first['against']}`), with a 95% "
+          f"Points of {unit} minus the best individual model (`{first['against']}`), with a 95% "
           f"paired bootstrap interval ({first['resamples']} resamples of the evaluation "
-          "examples, both models scored on the same resample; each shift split resampled on its "
-          "own for the average). An interval that excludes 0 is a difference this evaluation "
-          "can resolve.", "",
-          "| Method | Δ test [95% CI] | Δ avg. shifts [95% CI] |", "| --- | ---: | ---: |"]
-  text += [f"| {i['method']} | {_interval_cell(i['test'])} | {_interval_cell(i['avg_shifts'])} |"
-           for i in report["intervals"]]
+          "examples, both models scored on the same resample"
+          + ("; each shift split resampled on its own for the average" if shifts else "")
+          + "). An interval that excludes 0 is a difference this evaluation can resolve.", "",
+          *header]
+  text += [cells(i) for i in report["intervals"]]
   others = report.get("best_of_all_intervals")
   if others:
     text += ["", "## Differences from the best of all models", "",
              f"The initialization (`{others[0]['against']}`) beats every fine-tune on held-out, "
              "so it is the best of all models: accuracy points of each soup minus it, with the "
-             "same paired bootstrap.", "",
-             "| Method | Δ test [95% CI] | Δ avg. shifts [95% CI] |", "| --- | ---: | ---: |"]
-    text += [f"| {i['method']} | {_interval_cell(i['test'])} | "
-             f"{_interval_cell(i['avg_shifts'])} |" for i in others]
+             "same paired bootstrap.", "", *header]
+    text += [cells(i) for i in others]
   return text + [""] + claims.render(report["claims"])
 
 
@@ -310,8 +324,9 @@ def _heldout_list_note(rows: Sequence[dict], columns: R.Columns) -> str | None:
 
 def markdown_table(report: dict) -> str:
   cols = report["columns"]
-  header = ["Method", f"{cols['held_out']} (held-out)", f"{cols['test']} (test)", *cols["shifts"],
-            "Avg. shifts", "Ingredients", "Inference cost"]
+  shifts = [*cols["shifts"], "Avg. shifts"] if cols["shifts"] else []
+  header = ["Method", f"{cols['held_out']} (held-out)", f"{cols['test']} (test)", *shifts,
+            "Ingredients", "Inference cost"]
   lines = ["| " + " | ".join(header) + " |",
            "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
   for row in report["rows"]:
@@ -321,9 +336,12 @@ def markdown_table(report: dict) -> str:
 
 def render_markdown(report: dict) -> str:
   cols = report["columns"]
+  unit = metrics.METRIC_NAMES[cols.get("metric", "accuracy")]
+  where = (f" and {len(cols['shifts'])} distribution shifts" if cols["shifts"]
+           else " (no distribution shifts for this task)")
   text = ["# Model soups: Table 1 analog", "",
-          f"Accuracy (%) on `{cols['held_out']}` (held-out, used for every selection), "
-          f"`{cols['test']}` (test) and {len(cols['shifts'])} distribution shifts.", "",
+          f"{unit[0].upper() + unit[1:]} (%) on `{cols['held_out']}` (held-out, used for every "
+          f"selection) and `{cols['test']}` (test){where}.", "",
           markdown_table(report), "## Notes", ""]
   text += [f"- {note}" for note in report["notes"]]
   stats_text = statistics_markdown(report)
@@ -346,7 +364,8 @@ def _markers() -> dict:
 
 
 def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.PathLike) -> None:
-  """Figure 1 analog: test accuracy (x) against avg. shifts accuracy (y), in %."""
+  """Figure 1 analog: test accuracy (x) against avg. shifts accuracy (y), in %. A task without
+  shifts (GLUE) plots its test (dev) metric against its held-out metric instead."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -355,7 +374,8 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
   report = build_report(rows, columns)
 
   def xy(r):
-    x, y = _num(r.get(columns.test)), r.get("avg_shifts")
+    x = _num(r.get(columns.test))
+    y = r.get("avg_shifts") if columns.shifts else _num(r.get(columns.held_out))
     return None if x is None or y is None else (100 * x, 100 * y)
 
   fig, ax = plt.subplots(figsize=(9.6, 7.2))
@@ -396,6 +416,11 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
   if columns == R.IMAGENET:
     ax.set_xlabel("ImageNet Accuracy (top-1%)", fontsize=16)
     ax.set_ylabel("Avg. accuracy on 5 distribution shifts", fontsize=16)
+  elif not columns.shifts:
+    unit = metrics.METRIC_NAMES[columns.metric]
+    ax.set_xlabel(f"{columns.test} {unit} (%, test)", fontsize=16)
+    ax.set_ylabel(f"{columns.held_out} {unit} (%, held-out)", fontsize=16)
+    ax.set_title("No distribution shifts for this task: held-out against test", fontsize=9)
   else:
     ax.set_xlabel(f"{columns.test} accuracy (%)", fontsize=16)
     ax.set_ylabel(f"Avg. accuracy on {len(columns.shifts)} shifts (%)", fontsize=16)

@@ -76,8 +76,9 @@ class Resources:
             for col, split in self.splits().items()}
 
   def held_out_accuracy(self, params: PyTree) -> float:
+    """The held-out split's metric (accuracy; a GLUE task's own, e.g. CoLA's Matthews)."""
     split = self.splits()[self.columns.held_out]
-    return split.accuracy(self.evaluator.logits_of_batches(
+    return split.score(self.evaluator.logits_of_batches(
         params, split.iterate(self.config.eval.batch_size)))
 
   def expected_param_shapes(self) -> PyTree:
@@ -102,4 +103,4 @@ def make_task(data_config):
 
 
 def task_columns(data_config) -> results.Columns:
-  return datasets.get(data_config.name).columns
+  return datasets.get(data_config.name).columns_of(data_config)

@@ -23,11 +23,14 @@ from soup import atomic_io
 
 @dataclasses.dataclass(frozen=True)
 class Columns:
-  """Which accuracy columns are the held-out, test and shift splits."""
+  """Which columns are the held-out, test and shift splits, and the metric they hold
+  (soup.metrics.METRICS: accuracy, or a GLUE task's own). A task without distribution
+  shifts (GLUE) has none."""
 
   held_out: str
   test: str
   shifts: tuple[str, ...]
+  metric: str = "accuracy"
 
   @property
   def all(self) -> tuple[str, ...]:
@@ -39,7 +42,17 @@ IMAGENET = Columns("ImageNet2p", "ImageNet",
 FASHION_MNIST = Columns("FashionMNISTHeldOut", "FashionMNIST",
                         ("FashionMNISTV2", "FashionMNISTSketch", "FashionMNISTR",
                          "FashionMNISTObjectNet", "FashionMNISTA"))
-KNOWN_COLUMNS = (IMAGENET, FASHION_MNIST)
+
+
+def glue_columns(prefix: str, metric: str) -> Columns:
+  """A GLUE task's columns: its held-out sample of train and its dev set; no shifts."""
+  return Columns(f"{prefix}HeldOut", f"{prefix}Dev", (), metric)
+
+
+GLUE = {prefix: glue_columns(prefix, metric) for prefix, metric in (
+    ("SST2", "accuracy"), ("RTE", "accuracy"), ("CoLA", "matthews"), ("MRPC", "accuracy_f1"),
+    ("QNLI", "accuracy"), ("QQP", "accuracy_f1"), ("WNLI", "accuracy"))}
+KNOWN_COLUMNS = (IMAGENET, FASHION_MNIST, *GLUE.values())
 
 def detect_columns(rows: Sequence[dict]) -> Columns:
   for columns in KNOWN_COLUMNS:
@@ -49,7 +62,10 @@ def detect_columns(rows: Sequence[dict]) -> Columns:
                    f"{[c.all for c in KNOWN_COLUMNS]}.")
 
 
-def avg_shifts(row: dict, columns: Columns) -> float:
+def avg_shifts(row: dict, columns: Columns) -> Optional[float]:
+  """The plain mean of the shift columns; None for a task without shifts."""
+  if not columns.shifts:
+    return None
   return sum(row[c] for c in columns.shifts) / len(columns.shifts)
 
 

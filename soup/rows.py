@@ -19,8 +19,8 @@ def make_row(splits: Mapping, columns: results.Columns, provenance: dict, /, nam
 
   `splits`: column name -> EvalSplit; `provenance`: the task's data fields.
   """
-  acc = {col: splits[col].accuracy(logits[col]) for col in splits}
-  acc["avg_shifts"] = float(np.mean([acc[c] for c in columns.shifts]))
+  acc = {col: splits[col].score(logits[col]) for col in splits}
+  acc["avg_shifts"] = results.avg_shifts(acc, columns)
   # Per-example correctness, for the paired bootstrap intervals of the report stage.
   correct = {col: stats.pack_correct(np.argmax(splits[col].scored_logits(
       np.asarray(logits[col], np.float32)), axis=-1) == splits[col].labels) for col in splits}

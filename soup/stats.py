@@ -81,11 +81,31 @@ def _interval(point: float, draws: np.ndarray, confidence: float) -> Interval:
 
 def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, *,
                      num_resamples: int = NUM_RESAMPLES, confidence: float = CONFIDENCE,
-                     seed: int = 0) -> Interval:
-  """Accuracy of a minus accuracy of b on one split, with its paired bootstrap interval."""
+                     seed: int = 0, metric: str = "accuracy",
+                     labels: np.ndarray | None = None) -> Interval:
+  """Accuracy of a minus accuracy of b on one split, with its paired bootstrap interval.
+
+  Another metric of soup.metrics.METRICS (CoLA's Matthews correlation) is scored on each
+  resample from the correctness and the labels (binary: a prediction is recovered from them).
+  """
   diff = _paired_diff(correct_a, correct_b)
-  draws = _bootstrap_diff_means(diff, num_resamples, np.random.default_rng(seed))
-  return _interval(diff.mean(), draws, confidence)
+  if metric == "accuracy":
+    draws = _bootstrap_diff_means(diff, num_resamples, np.random.default_rng(seed))
+    return _interval(diff.mean(), draws, confidence)
+  from soup.metrics import METRICS
+  score = METRICS[metric]
+  a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+  y = np.asarray(labels)
+  if y.shape != a.shape:
+    raise ValueError(f"{metric} needs one label per example: {y.shape} labels for {a.shape}.")
+  rng, n = np.random.default_rng(seed), len(a)
+  draws = np.empty(num_resamples)
+  per_chunk = max(1, _CHUNK_ELEMENTS // n)
+  for start in range(0, num_resamples, per_chunk):
+    stop = min(num_resamples, start + per_chunk)
+    idx = rng.integers(0, n, (stop - start, n), dtype=np.int32)
+    draws[start:stop] = score(a[idx], y[idx], axis=1) - score(b[idx], y[idx], axis=1)
+  return _interval(float(score(a, y) - score(b, y)), draws, confidence)
 
 
 def paired_bootstrap_average(correct_a: Mapping[str, np.ndarray],

@@ -162,7 +162,8 @@ def make_train_step(apply_fn: Callable, num_classes: int, *, augment_fn: Callabl
     k_aug, k_mix = jax.random.split(rng)
     x = preprocess_fn(augment_fn(k_aug, images, hp["aug_strength"]))
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), hp["label_smoothing"])
-    x, targets = mixup(k_mix, x, targets, hp["mixup"])
+    if not jnp.issubdtype(x.dtype, jnp.integer):  # Token ids cannot be mixed (text tasks).
+      x, targets = mixup(k_mix, x, targets, hp["mixup"])
 
     def loss_fn(params):
       logits = apply_fn(params, x)

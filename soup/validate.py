@@ -21,6 +21,9 @@ from typing import Any, Callable, Optional
 
 from soup import layout, models, recipes, sharding, sweep as sweep_lib
 from soup.data import registry as datasets
+from soup.data.glue import GLUE_TASKS
+
+GLUE_TASK_NAMES = tuple(GLUE_TASKS)
 
 
 class ConfigError(ValueError):
@@ -137,6 +140,9 @@ UPSTREAM = lambda c: c.init.source == "upstream"  # Trained here; else config.up
 SIMCLR = lambda c: UPSTREAM(c) and c.upstream.get("objective") == "simclr"
 LINEAR_PROBE = lambda c: c.probe.kind == "linear_probe"
 VIT = _model_is("vit")
+BERT = _model_is("bert")
+GLUE = _data_is("glue")
+NOT_GLUE = lambda c: not GLUE(c)
 RELEASED = lambda c: "released" in c  # The paper's released models, imported (no training).
 
 
@@ -155,7 +161,11 @@ FIELDS: tuple[tuple, ...] = (
     ("data.image_size", POSITIVE_INT),
     ("data.image_channels", POSITIVE_INT),
     ("data.held_out_examples", POSITIVE_INT),
-    ("data.finetune_examples", POSITIVE_INT),
+    ("data.finetune_examples", POSITIVE_INT, NOT_GLUE),
+    ("data.finetune_examples", COUNT, GLUE),  # 0: the rest of train.
+    ("data.task", one_of(*GLUE_TASK_NAMES), GLUE),
+    ("data.max_length", integer(2), GLUE),
+    ("data.length_buckets", items(POSITIVE_INT), GLUE),
     ("data.upstream_examples", POSITIVE_INT),
     ("data.test_examples", POSITIVE_INT),
     ("data.shift_examples", POSITIVE_INT),
@@ -182,6 +192,7 @@ FIELDS: tuple[tuple, ...] = (
     ("model.stem_channels", COUNT, VIT),
     ("model.num_heads", lambda c: Rule(f"a divisor of model.width={c.model.width}",
                                        lambda v: c.model.width % v == 0), VIT),
+    ("model.pooling", one_of("cls_pooler", "mean"), BERT),
     ("upstream.objective", one_of("supervised", "simclr"), UPSTREAM),
     ("upstream.epochs", POSITIVE_INT, UPSTREAM),
     ("upstream.batch_size", POSITIVE_INT, UPSTREAM),
@@ -196,7 +207,8 @@ FIELDS: tuple[tuple, ...] = (
     ("upstream.projection_out", POSITIVE_INT, SIMCLR),
     ("upstream.crop_min_scale", number("(0, 1]"), SIMCLR),
     ("upstream.jitter", UNIT, SIMCLR),
-    ("probe.kind", one_of("linear_probe", "zeroshot")),
+    ("probe.kind", one_of("linear_probe", "zeroshot", "random_head")),
+    ("probe.init_std", POSITIVE, lambda c: c.probe.kind == "random_head"),
     ("probe.examples", COUNT, LINEAR_PROBE),  # 0: the whole fine-tuning split.
     ("probe.l2_grid", items(POSITIVE), LINEAR_PROBE),
     ("probe.validation_fraction", FRACTION, LINEAR_PROBE),
@@ -206,6 +218,7 @@ FIELDS: tuple[tuple, ...] = (
     ("finetune.batch_size", lambda c: integer(1, c.data.finetune_examples,
                                               "data.finetune_examples"), FASHION),
     ("finetune.warmup_steps", COUNT),
+    ("finetune.warmup_fraction", number("[0, 1)")),  # Of each member's steps; 0: warmup_steps.
     ("finetune.grad_clip", POSITIVE),
     ("finetune.checkpoint_every_steps", POSITIVE_INT),
     ("finetune.log_every_steps", POSITIVE_INT),
@@ -215,7 +228,11 @@ FIELDS: tuple[tuple, ...] = (
     ("sweep.seed", SEED),
     ("sweep.only", lambda c: member_indices(c.sweep.num_members)),
     ("sweep.lr", pair(POSITIVE)),                     # Log-uniform: lo > 0.
-    ("sweep.weight_decay", pair(number("(0, 1]"))),   # Log-uniform: lo > 0.
+    ("sweep.weight_decay", pair(number("(0, 1]")), NOT_GLUE),   # Log-uniform: lo > 0.
+    ("sweep.weight_decay", UNIT, GLUE),                           # One value for every member.
+    ("sweep.lr_choices", items(POSITIVE)),
+    ("sweep.batch_size_choices", items(POSITIVE_INT)),
+    ("sweep.epoch_choices", items(POSITIVE_INT)),
     ("sweep.epochs", pair(POSITIVE_INT)),
     ("sweep.label_smoothing", pair(UNIT)),
     ("sweep.mixup", pair(NON_NEGATIVE)),              # Beta(alpha, alpha)'s alpha: may pass 1.
@@ -315,6 +332,12 @@ def check_fields(config, num_devices: Optional[int] = None) -> None:
 def check_devices(config, num_devices: int) -> None:
   """The batches split over the mesh (soup/main.py calls this once the devices are known)."""
   check_fields(config, num_devices)
+  choices = _get(config, "sweep.batch_size_choices")
+  if choices is not _MISSING:
+    rule = items(multiple_of(num_devices))
+    if not rule.ok(choices):
+      raise ConfigError(f"config.sweep.batch_size_choices={tuple(choices)!r}: each must be "
+                        f"{multiple_of(num_devices).describe}.")
 
 
 STAGES = layout.STAGES  # Kept here too: soup/experiment.py imports it from this module.
@@ -364,6 +387,37 @@ def check_paths(config, stages: tuple[str, ...], workdir: Path) -> None:
     if not value or not _path(value).exists():
       raise ConfigError(f"config.init.{key}={value!r} does not exist; download the weights "
                         f"there or set --config.init.{key}=...")
+  if config.model.name == "bert":
+    check_bert(config)
+
+
+def check_bert(config) -> None:
+  """A BERT config's checkpoint folder, its length limit and its tokenizer agree (reads only
+  config.json and tokenizer.json's vocabulary, never the weights)."""
+  from soup.models import bert
+  folder = config.model.get("checkpoint", "")
+  how = ("scripts/get_minilm.sh puts all-MiniLM-L6-v2 in ~/checkpoints; any Hugging Face BERT "
+         "folder works, set --config.model.checkpoint=DIR")
+  try:
+    for name in ("config.json", "model.safetensors"):
+      bert._file(folder, name)
+    model = bert.read_config(folder)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.model.checkpoint: {e} ({how}).") from e
+  if config.data.name == "glue":
+    if config.data.max_length > model.max_position_embeddings:
+      raise ConfigError(f"config.data.max_length={config.data.max_length} exceeds the "
+                        f"{model.max_position_embeddings} position embeddings of {folder}; e.g. "
+                        f"--config.data.max_length={model.max_position_embeddings}.")
+    from tokenizers import Tokenizer
+    try:
+      vocab = Tokenizer.from_file(str(_path(config.data.tokenizer))).get_vocab_size()
+      bert.check_tokenizer(vocab, model)
+    except ValueError as e:
+      raise ConfigError(f"config.data.tokenizer: {e}") from e
+    except Exception as e:  # tokenizers raises its own exception type for a malformed file.
+      raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} is not a "
+                        f"tokenizer.json ({e}).") from e
 
 
 def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...],
@@ -380,8 +434,15 @@ def check(config, sweep_fn: Callable[[Any], list[dict]], stages: tuple[str, ...]
   except sharding.ShardingRuleError as e:
     raise ConfigError(str(e)) from e
   try:
-    sweep_lib.check_members(sweep_fn(config), "the config's get_sweep(config)")
+    members = sweep_fn(config)
+    sweep_lib.check_members(members, "the config's get_sweep(config)")
   except sweep_lib.SweepError as e:
     raise ConfigError(str(e)) from e
+  if config.data.name == "glue":  # Token ids can be neither mixed nor augmented.
+    for i, member in enumerate(members):
+      if member.get("mixup", 0) or member.get("aug_strength", 0):
+        raise ConfigError(f"get_sweep(config): member {i + 1} asks for mixup="
+                          f"{member.get('mixup')} or aug_strength={member.get('aug_strength')} "
+                          "on a text task; both must be 0.")
   if stages:
     check_paths(config, stages, Path(workdir))

@@ -108,8 +108,7 @@ def test_kill_9_and_resume_under_fsdp_is_bit_identical(env, tmp_path):
 
 
 def test_sharded_soups_on_2_processes_equal_host_soups_and_each_read_half(tmp_path):
-  from soup import soups, trees as tree_lib
-  from soup.soups import ensemble
+  from soup import metrics, soups, trees as tree_lib
 
   port, out = free_port(), tmp_path / "result"
   run_python_together([["tests/fsdp_checks.py", "soups", str(r), str(port),
@@ -123,7 +122,7 @@ def test_sharded_soups_on_2_processes_equal_host_soups_and_each_read_half(tmp_pa
   x, y = fsdp_checks.soup_heldout()
   import jax
   apply = jax.jit(fsdp_checks.soup_apply)
-  evaluate = lambda p: ensemble.accuracy(np.asarray(apply(p, x)), y)
+  evaluate = lambda p: metrics.accuracy(np.asarray(apply(p, x)), y)
   scores = {n: evaluate(t) for n, t in zip(names, trees)}
   uniform = soups.weighted_average(trees)
   greedy = soups.greedy_soup(dict(zip(names, trees)), scores, evaluate)

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soup import checkpoints, soups, trees as tree_lib
-from soup.soups import ensemble, greedy
+from soup import checkpoints, metrics, soups, trees as tree_lib
+from soup.soups import greedy
 
 
 def _tree(rng, scale=1.0, dtype=np.float32):
@@ -100,7 +100,7 @@ def test_tree_mismatch_is_an_error_naming_the_key_path():
 
 def _linear_eval(x_eval, y_eval):
   def evaluate(params):
-    return ensemble.accuracy(x_eval @ params["w"], y_eval)
+    return metrics.accuracy(x_eval @ params["w"], y_eval)
   return evaluate
 
 
@@ -187,7 +187,7 @@ def test_greedy_ensemble_of_one_member_is_that_member():
   result = soups.greedy_ensemble(logits, labels)
   assert result.ingredients == ["only"]
   np.testing.assert_array_equal(result.result, logits["only"])
-  assert result.held_out == ensemble.accuracy(logits["only"], labels)
+  assert result.held_out == metrics.accuracy(logits["only"], labels)
 
 
 def test_greedy_ensemble_never_below_best_member_and_averages_logits():
@@ -197,20 +197,20 @@ def test_greedy_ensemble_never_below_best_member_and_averages_logits():
                       + rng.normal(size=(300, 4)) * 1.5).astype(np.float32)
             for i in range(6)}
   result = soups.greedy_ensemble(logits, labels)
-  best = max(ensemble.accuracy(member, labels) for member in logits.values())
+  best = max(metrics.accuracy(member, labels) for member in logits.values())
   assert result.held_out >= best
   np.testing.assert_allclose(result.result,
                              soups.logit_ensemble([logits[n] for n in result.ingredients]),
                              rtol=1e-6, atol=1e-6)
-  assert ensemble.accuracy(result.result, labels) == result.held_out
+  assert metrics.accuracy(result.result, labels) == result.held_out
 
 
 def test_logit_ensemble_and_class_mask():
   a = np.array([[1.0, 0.0, 5.0]], np.float32)
   b = np.array([[3.0, 0.0, -5.0]], np.float32)
   np.testing.assert_array_equal(soups.logit_ensemble([a, b]), [[2.0, 0.0, 0.0]])
-  assert ensemble.accuracy(a, np.array([2])) == 1.0
-  assert ensemble.accuracy(a, np.array([0]), class_mask=np.array([True, True, False])) == 1.0
+  assert metrics.accuracy(a, np.array([2])) == 1.0
+  assert metrics.accuracy(a, np.array([0]), class_mask=np.array([True, True, False])) == 1.0
 
 
 def test_wise_ft_endpoints_and_midpoint():

@@ -23,13 +23,17 @@ class DatasetEntry:
 
   Attributes:
     task: data_config -> its Task, reading the data (slow: seconds to minutes).
-    columns: the result columns its splits fill.
+    columns: the result columns its splits fill (with their metric), or data_config -> them
+      for a dataset of several tasks (GLUE: config.data.task).
     missing: (data_config, stages) -> what the stages would read but is not on disk, as a
       message naming the fix, or None. Reads no data.
   """
   task: Callable[[Any], Any]
-  columns: results.Columns
+  columns: results.Columns | Callable[[Any], results.Columns]
   missing: Callable[[Any, tuple[str, ...]], Optional[str]]
+
+  def columns_of(self, data_config) -> results.Columns:
+    return self.columns if isinstance(self.columns, results.Columns) else self.columns(data_config)
 
 
 def _path(value: str) -> Path:
@@ -64,10 +68,28 @@ def _imagenet_missing(data_config, stages) -> Optional[str]:
   return None
 
 
+def _glue_task(data_config):
+  from soup.data.glue import GlueTextTask
+  return GlueTextTask(data_config)
+
+
+def _glue_columns(data_config) -> results.Columns:
+  from soup.data import glue
+  return glue.task_spec(data_config.task).columns
+
+
+def _glue_missing(data_config, stages) -> Optional[str]:
+  del stages  # Every stage reads the task's splits.
+  from soup.data import glue
+  return glue.missing_message(data_config)
+
+
 DATASETS: dict[str, DatasetEntry] = {
     "fashion_mnist": DatasetEntry(_fashion_mnist_task, results.FASHION_MNIST,
                                   _fashion_mnist_missing),
     "imagenet": DatasetEntry(_imagenet_task, results.IMAGENET, _imagenet_missing),
+    # GLUE's text tasks (config.data.task: sst2, rte, cola, ...; soup/data/glue.py).
+    "glue": DatasetEntry(_glue_task, _glue_columns, _glue_missing),
 }
 
 

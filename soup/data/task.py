@@ -32,6 +32,7 @@ class EvalSplit:
   images: Optional[np.ndarray] = None
   batches: Optional[Callable[[int], Iterator[np.ndarray]]] = None
   logits_map: Optional[Callable[[np.ndarray], np.ndarray]] = None
+  metric: str = "accuracy"  # soup.metrics.METRICS: what `score` reports (CoLA: Matthews).
 
   def __post_init__(self):
     if (self.images is None) == (self.batches is None):
@@ -47,11 +48,28 @@ class EvalSplit:
     else:
       yield from self.batches(batch_size)
 
+  def stacked(self, batch_size: int = 1024) -> np.ndarray:
+    """Every example as one array, in order. Streamed batches of different shapes (token ids
+    padded to length buckets) are padded with zeros, the padding id, to the largest."""
+    if self.images is not None:
+      return self.images
+    batches = list(self.iterate(batch_size))
+    shape = np.max([b.shape[1:] for b in batches], axis=0)
+    return np.concatenate([np.pad(b, [(0, 0)] + [(0, int(m - n)) for m, n in
+                                                  zip(shape, b.shape[1:])]) for b in batches])
+
   def scored_logits(self, logits: np.ndarray) -> np.ndarray:
     return logits if self.logits_map is None else self.logits_map(logits)
 
   def accuracy(self, logits: np.ndarray) -> float:
     return metrics.accuracy(self.scored_logits(np.asarray(logits, np.float32)), self.labels)
+
+  def score(self, logits: np.ndarray) -> float:
+    """The split's metric: what results rows report and the held-out selection maximizes."""
+    if self.metric == "accuracy":
+      return self.accuracy(logits)
+    return metrics.score(self.metric, self.scored_logits(np.asarray(logits, np.float32)),
+                         self.labels)
 
 
 class Task:

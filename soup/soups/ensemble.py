@@ -9,7 +9,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from soup.metrics import accuracy
+from soup.metrics import score
 from soup.soups.greedy import GreedyResult, greedy_select, ranked
 
 
@@ -20,16 +20,18 @@ def logit_ensemble(logits: Sequence[np.ndarray]) -> np.ndarray:
 
 def greedy_ensemble(held_out_logits: Mapping[str, np.ndarray], labels: np.ndarray,
                     held_out_scores: Optional[Mapping[str, float]] = None,
-                    comparison: str = ">", tie_order: str = "reversed") -> GreedyResult:
-  """The greedy procedure with members combined by averaging logits (same order as the soup's)."""
+                    comparison: str = ">", tie_order: str = "reversed",
+                    metric: str = "accuracy") -> GreedyResult:
+  """The greedy procedure with members combined by averaging logits (same order as the soup's),
+  on the held-out split's metric (soup.metrics.METRICS)."""
   if held_out_scores is None:
-    held_out_scores = {n: accuracy(x, labels) for n, x in held_out_logits.items()}
+    held_out_scores = {n: score(metric, x, labels) for n, x in held_out_logits.items()}
   order = ranked({n: held_out_scores[n] for n in held_out_logits}, tie_order)
   state = {"sum": np.asarray(held_out_logits[order[0]], np.float64), "count": 1}
 
   def try_candidate(name):
     state["candidate"] = state["sum"] + held_out_logits[name]
-    return accuracy(state["candidate"] / (state["count"] + 1), labels)
+    return score(metric, state["candidate"] / (state["count"] + 1), labels)
 
   def accept(name):
     state["sum"], state["count"] = state["candidate"], state["count"] + 1
