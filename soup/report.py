@@ -17,6 +17,7 @@ has several lines, the one with the best held-out accuracy is shown.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -153,6 +154,9 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
     notes.append("This task has no distribution-shift splits (GLUE's dev set is the reported "
                  "split): the table has no shift columns and the claims under shift do not "
                  "apply.")
+  paper = glue_paper_note(columns)
+  if paper:
+    notes.append(paper)
   if columns.metric != "accuracy":
     notes.append(f"Every column is the task's {metrics.METRIC_NAMES[columns.metric]} "
                  "(x100), not accuracy; every selection maximizes it on held-out.")
@@ -299,6 +303,26 @@ def statistics_markdown(report: dict) -> list[str]:
              "same paired bootstrap.", "", *header]
     text += [cells(i) for i in others]
   return text + [""] + claims.render(report["claims"])
+
+
+PAPER_GLUE = (Path(__file__).resolve().parent.parent / "tests" / "data" / "paper"
+              / "glue_table5.json")
+_GLUE_NAMES = {"SST2": "SST-2", "RTE": "RTE", "CoLA": "CoLA", "MRPC": "MRPC"}
+
+
+def glue_paper_note(columns: R.Columns) -> str | None:
+  """The paper's Table 5 gains for this GLUE task (greedy soup minus best individual), beside
+  ours; None for other tasks or without the data file."""
+  task = _GLUE_NAMES.get(columns.test[:-len("Dev")]) if columns.test.endswith("Dev") else None
+  if task is None or not PAPER_GLUE.exists():
+    return None
+  table = json.loads(PAPER_GLUE.read_text())
+  gains = {model: g[task] for model, g in table["greedy_minus_best_points"].items() if task in g}
+  if not gains:
+    return None
+  return ("The paper's Table 5 on " + task + " (its own sweeps of 32 fine-tunes; greedy soup "
+          "minus best individual, points): " + ", ".join(f"{m} {v:+.1f}" for m, v in gains.items())
+          + f" (tests/data/paper/{PAPER_GLUE.name}, with its source).")
 
 
 def _heldout_list_note(rows: Sequence[dict], columns: R.Columns) -> str | None:
