@@ -238,7 +238,7 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
     raise ValueError(f"config.probe.kind must be 'linear_probe', 'zeroshot' or 'random_head', "
                      f"got {cfg.kind!r}.")
   params = {**backbone, "head": head}
-  if res.layout.kind == "sharded":  # Saved as the sweep's members are: shard by shard.
+  if res.layout.is_sharded:  # Saved as the sweep's members are: shard by shard.
     shardings = trees.unflatten(res.layout.output_shardings(trees.flatten_with_names(params)))
     params = sharding_lib.put(params, shardings)
   checkpoints.save_ingredient(path, params, {"recipe": "initialization", "probe": info,

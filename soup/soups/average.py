@@ -128,7 +128,7 @@ class RunningMean:
 
   def __init__(self, layout: Layout, specs: dict, threads: Optional[int] = None):
     self.layout, self.specs = layout, specs
-    self.on_host = layout.kind == "host"
+    self.on_host = layout.is_host
     self.reader = HostReader(specs, threads) if self.on_host else Reader(specs, layout, threads)
     self._pool = concurrent.futures.ThreadPoolExecutor(self.reader.threads)
     self.mean: Optional[dict] = None
@@ -284,7 +284,7 @@ def restore(source: Source, layout: Layout, verify: bool = True) -> PyTree:
   """One ingredient as `layout` evaluates it: in the rules' shardings for a sharded layout
   (each process reads only what its devices hold), else host (numpy) arrays."""
   opened = open_source(source, verify)
-  if layout.kind != "sharded":  # Evaluated replicated: every process reads it whole.
+  if not layout.is_sharded:  # Evaluated replicated: every process reads it whole.
     return as_tree({n: np.array(opened.read(n)) for n in opened.specs}, opened)
   home = Reader(opened.specs, layout).read(opened, reuse=False)
   opened.release()

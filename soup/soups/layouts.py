@@ -14,6 +14,7 @@ Readers read into host buffers made once and reused for every ingredient.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 from typing import Optional, Sequence
@@ -28,32 +29,53 @@ from soup.soups.sources import nbytes as _nbytes
 THREADED_MIN_BYTES = 16 << 20  # Smaller models are read on the calling thread.
 
 
+class Kind(str, enum.Enum):
+  """Where a layout keeps the mean (the module docstring says what each reads)."""
+  HOST = "host"
+  FLAT = "flat"
+  SHARDED = "sharded"
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where the running mean lives; see the module docstring."""
 
-  kind: str                                  # "host", "flat" or "sharded"
+  kind: Kind
   mesh: Optional[Mesh] = None
   rules: sharding_lib.Rules = ()
   axis: str = "data"
 
   def __post_init__(self):
-    if self.kind not in ("host", "flat", "sharded"):
-      raise ValueError(f"Layout kind must be host, flat or sharded, got {self.kind!r}.")
-    if self.kind != "host" and self.mesh is None:
-      raise ValueError(f"A {self.kind} layout needs a mesh.")
+    try:
+      object.__setattr__(self, "kind", Kind(self.kind))
+    except ValueError:
+      raise ValueError(f"Layout kind must be host, flat or sharded, got {self.kind!r}.") from None
+    if not self.is_host and self.mesh is None:
+      raise ValueError(f"A {self.kind.value} layout needs a mesh.")
+
+  @property
+  def is_host(self) -> bool:
+    return self.kind is Kind.HOST
+
+  @property
+  def is_flat(self) -> bool:
+    return self.kind is Kind.FLAT
+
+  @property
+  def is_sharded(self) -> bool:
+    return self.kind is Kind.SHARDED
 
   @classmethod
   def host(cls) -> "Layout":
-    return cls("host")
+    return cls(Kind.HOST)
 
   @classmethod
   def flat(cls, mesh: Mesh, axis: str = "data") -> "Layout":
-    return cls("flat", mesh, (), axis)
+    return cls(Kind.FLAT, mesh, (), axis)
 
   @classmethod
   def sharded(cls, mesh: Mesh, rules: sharding_lib.Rules) -> "Layout":
-    return cls("sharded", mesh, tuple(tuple(r) for r in rules))
+    return cls(Kind.SHARDED, mesh, tuple(tuple(r) for r in rules))
 
   @classmethod
   def of_run(cls, mesh: Mesh, rules: sharding_lib.Rules = ()) -> "Layout":
@@ -64,7 +86,7 @@ class Layout:
   def output_shardings(self, specs: dict) -> dict[str, NamedSharding]:
     """Per leaf, where a soup (or a restored ingredient) is evaluated: the rules' sharding,
     or replicated."""
-    if self.kind == "sharded":
+    if self.is_sharded:
       shapes = {n: jax.ShapeDtypeStruct(s.shape, s.dtype) for n, s in specs.items()}
       by_name = trees.flatten_with_names(
           sharding_lib.shardings(trees.unflatten(shapes), self.mesh, self.rules))
@@ -85,13 +107,13 @@ class _Placement:
   def __init__(self, name: str, spec, layout: Layout, out_sharding: NamedSharding):
     self.name, self.spec = name, spec
     size = math.prod(spec.shape)
-    if layout.kind == "flat":
+    if layout.is_flat:
       d = layout.mesh.shape[layout.axis]
       self.shape = (-(-size // d) * d,)
       self.sharding = NamedSharding(layout.mesh, P(layout.axis))
     else:
       self.shape, self.sharding = tuple(spec.shape), out_sharding
-    self.flat = layout.kind == "flat"
+    self.flat = layout.is_flat
     index_map = self.sharding.addressable_devices_indices_map(self.shape)
     self.devices = list(index_map)
     self.parts = {}  # Part -> devices holding it (replicas share one read).
@@ -190,7 +212,7 @@ class Reader:
     """Home arrays as params in the ingredients' dtype: in the rules' shardings for the
     sharded layout; as host arrays (on every process) for the flat one. `into_buffers`
     (a last output: the reader is done) writes float32 leaves into the read buffers."""
-    if self.layout.kind == "sharded":
+    if self.layout.is_sharded:
       return _cast(home, {n: s.dtype for n, s in specs.items()})
     if into_buffers and self._buffers is not None and jax.process_count() == 1:
       out = {}

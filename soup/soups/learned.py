@@ -61,7 +61,7 @@ def stack_ingredients(ingredients: Sequence[average.Source], mesh: Optional[Mesh
   opened = average.open_sources(ingredients, verify)
   specs = opened[0].specs
   n = len(opened)
-  rules = {} if layout is None or layout.kind != "sharded" else layout.output_shardings(specs)
+  rules = {} if layout is None or not layout.is_sharded else layout.output_shardings(specs)
   out = {}
   for name, spec in specs.items():
     shape = (n, *spec.shape)
@@ -205,7 +205,7 @@ def learned_soup(ingredients: Sequence[average.Source],
   final_mix = jax.jit(mix, static_argnums=2,
                       **({} if shardings is None else {"out_shardings": shardings}))
   soup = final_mix(stacked, params["alpha"], by_layer)
-  sharded = layout is not None and layout.kind == "sharded"
+  sharded = layout is not None and layout.is_sharded
   if not sharded:
     soup = jax.device_get(soup)
   if ingredients:
