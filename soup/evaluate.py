@@ -142,22 +142,40 @@ def models_that_fit(model_bytes: int, forward_bytes: int, free_bytes: int) -> in
 
 
 def group_size(configured: int, models: int, model_bytes: int, forward_bytes: int,
-               free_bytes: int, source: str = "device memory") -> int:
+               free_bytes: int, source: str = "device memory", host_model_bytes: int = 0,
+               host_free_bytes: Optional[int] = None) -> int:
   """The group of models evaluated together: `configured` (config.eval.group_size), or with
   0 as many as fit (at least one: a single model is what model-by-model evaluation ran).
-  A configured group that cannot fit raises GroupTooLargeError before any compute."""
+  Two budgets: each device holds the group's params beside a forward pass; the host holds
+  each model's restored params and logits until its group ends (`host_model_bytes` each,
+  of `host_free_bytes`). A configured group that cannot fit raises GroupTooLargeError
+  before any compute."""
   fit = models_that_fit(model_bytes, forward_bytes, free_bytes)
+  host_fit = fit if host_free_bytes is None else models_that_fit(host_model_bytes, 0,
+                                                                 host_free_bytes)
   if configured <= 0:
-    return max(1, min(models, fit))
+    return max(1, min(models, fit, host_fit))
+  gib = 2.0**30
   if configured > max(fit, 1):
-    gib = 2.0**30
     raise GroupTooLargeError(
         f"config.eval.group_size={configured} needs {configured} x {model_bytes / gib:.2f} GiB "
         f"of params + {forward_bytes / gib:.2f} GiB for a forward pass on each device, "
         f"{(configured * model_bytes + forward_bytes) / gib:.2f} GiB; {free_bytes / gib:.2f} GiB "
         f"is free ({source}): e.g. --config.eval.group_size={max(fit, 1)}, or 0 for as many "
         "as fit.")
+  if configured > max(host_fit, 1):
+    raise GroupTooLargeError(
+        f"config.eval.group_size={configured} holds {configured} x "
+        f"{host_model_bytes / gib:.2f} GiB (params and logits) on the host until the group "
+        f"ends; {host_free_bytes / gib:.2f} GiB is free ({HOST_MEMORY_FRACTION:.0%} of the "
+        f"host's available memory): e.g. --config.eval.group_size={max(host_fit, 1)}, or 0 "
+        "for as many as fit.")
   return min(models, configured)
+
+
+def host_free_bytes() -> int:
+  """What a group may hold on the host: a share of its available memory."""
+  return int(_host_available_bytes() * HOST_MEMORY_FRACTION)
 
 
 class GroupTooLargeError(ValueError):

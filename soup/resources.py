@@ -89,10 +89,16 @@ class Resources:
       return 1
     model_bytes, forward_bytes = self.eval_footprint()
     free, source = evaluate_lib.free_device_memory(self.mesh)
-    size = evaluate_lib.group_size(configured, models, model_bytes, forward_bytes, free, source)
+    # The host keeps each model's logits (and, in the host layout, its params) until the
+    # group ends: ImageNet's 193k x 1000 float32 logits are 0.77 GB a model.
+    logits_bytes = sum(len(s) for s in self.splits().values()) * self.num_classes * 4
+    host_params = 0 if self.layout.kind == "sharded" else model_bytes
+    size = evaluate_lib.group_size(configured, models, model_bytes, forward_bytes, free, source,
+                                   host_params + logits_bytes, evaluate_lib.host_free_bytes())
     log.info("evaluating %d models in groups of %d (%.2f GiB of params each, %.2f GiB for a "
-             "forward pass, %.2f GiB free per device: %s)", models, size, model_bytes / 2**30,
-             forward_bytes / 2**30, free / 2**30, source)
+             "forward pass, %.2f GiB free per device: %s; %.2f GiB of logits each on the host)",
+             models, size, model_bytes / 2**30, forward_bytes / 2**30, free / 2**30, source,
+             logits_bytes / 2**30)
     return size
 
   def eval_footprint(self) -> tuple[int, int]:

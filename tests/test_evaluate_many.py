@@ -172,6 +172,10 @@ def test_group_size_rules():
   assert evaluate_lib.group_size(1, 72, 4 * gib, gib, 2 * gib) == 1
   with pytest.raises(evaluate_lib.GroupTooLargeError, match="17.00 GiB; 9.00 GiB is free"):
     evaluate_lib.group_size(16, 72, gib, gib, 9 * gib)
+  # The host's budget: params and logits of each model until its group ends.
+  assert evaluate_lib.group_size(0, 72, gib // 3, gib, 40 * gib, "", gib, 20 * gib) == 20
+  with pytest.raises(evaluate_lib.GroupTooLargeError, match="on the host.*group_size=20"):
+    evaluate_lib.group_size(30, 72, gib // 3, gib, 40 * gib, "", gib, 20 * gib)
 
 
 def test_images_cross_to_the_devices_as_uint8(fashion_config):
