@@ -25,9 +25,11 @@ from soup import mesh as mesh_lib, metrics
 PyTree = Any
 # Share of a device's free memory a group may fill: XLA's allocator needs room to spare.
 DEVICE_MEMORY_FRACTION = 0.9
-# CPU devices report no memory limit: they share the host's RAM with the restored host
-# copies of the params, so a group may fill this share of the host's available memory.
+# Share of the host's available memory a group may hold there (restored params, logits).
 HOST_MEMORY_FRACTION = 0.5
+# CPU devices report no memory limit: their copies of the params share the host's RAM with
+# the host's own share above, so together they may fill this share of its available memory.
+CPU_DEVICES_MEMORY_FRACTION = 0.25
 
 
 class Evaluator:
@@ -132,8 +134,9 @@ def free_device_memory(mesh: Mesh) -> tuple[int, str]:
   if all(s and "bytes_limit" in s for s in stats):
     free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
     return int(free * DEVICE_MEMORY_FRACTION), "device memory"
-  share = _host_available_bytes() * HOST_MEMORY_FRACTION / len(local)
-  return int(share), f"{HOST_MEMORY_FRACTION:.0%} of the host's available memory"
+  share = _host_available_bytes() * CPU_DEVICES_MEMORY_FRACTION / len(local)
+  return int(share), (f"CPU devices: {CPU_DEVICES_MEMORY_FRACTION:.0%} of the host's available "
+                      f"memory over {len(local)}")
 
 
 def models_that_fit(model_bytes: int, forward_bytes: int, free_bytes: int) -> int:

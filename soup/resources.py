@@ -83,18 +83,23 @@ class Resources:
   def eval_group_size(self, models: int) -> int:
     """How many of `models` models to evaluate together: config.eval.group_size, or with 0
     as many as the devices hold (their params beside one forward pass's working memory).
-    A configured group that cannot fit stops here, before any model is read."""
+    A configured group that cannot fit stops here, before any model is evaluated."""
     configured = int(self.config.eval.get("group_size", 0))
     if models <= 1 or configured == 1:
       return 1
     model_bytes, forward_bytes = self.eval_footprint()
     free, source = evaluate_lib.free_device_memory(self.mesh)
+    host_free = evaluate_lib.host_free_bytes()
+    if jax.process_count() > 1:  # One group size for every process: each runs the same steps.
+      from jax.experimental import multihost_utils
+      free, host_free = (int(v) for v in multihost_utils.process_allgather(
+          np.array([free, host_free], np.int64)).min(axis=0))
     # The host keeps each model's logits (and, in the host layout, its params) until the
     # group ends: ImageNet's 193k x 1000 float32 logits are 0.77 GB a model.
     logits_bytes = sum(len(s) for s in self.splits().values()) * self.num_classes * 4
     host_params = 0 if self.layout.kind == "sharded" else model_bytes
     size = evaluate_lib.group_size(configured, models, model_bytes, forward_bytes, free, source,
-                                   host_params + logits_bytes, evaluate_lib.host_free_bytes())
+                                   host_params + logits_bytes, host_free)
     log.info("evaluating %d models in groups of %d (%.2f GiB of params each, %.2f GiB for a "
              "forward pass, %.2f GiB free per device: %s; %.2f GiB of logits each on the host)",
              models, size, model_bytes / 2**30, forward_bytes / 2**30, free / 2**30, source,
