@@ -52,12 +52,14 @@ def one_by_one(res, forward, params, split):
 
 
 def count_pulls(monkeypatch, batch_size):
-  """Batches of `batch_size` pulled from each EvalSplit's iterator, by split."""
+  """Batches of `batch_size` pulled from each EvalSplit's iterator, by split; each must be
+  uint8 (normalization runs in jit: one byte a pixel crosses to the devices)."""
   pulled = collections.Counter()
   iterate = EvalSplit.iterate
 
   def counting(split, size):
     for batch in iterate(split, size):
+      assert batch.dtype == np.uint8, batch.dtype
       pulled[id(split)] += size == batch_size
       yield batch
   monkeypatch.setattr(EvalSplit, "iterate", counting)
