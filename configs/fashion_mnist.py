@@ -132,7 +132,8 @@ def get_config(arg: str = ""):
       p_zero_smoothing=0.5, p_zero_mixup=0.5, p_no_aug=0.25,
       only="",                   # Comma-separated member indices (1-based) to run here.
   )
-  c.eval = dict(batch_size=500)
+  # group_size: models evaluated together on one read of each split; 0: as many as fit.
+  c.eval = dict(batch_size=500, group_size=0)
   # Every recipe, its settings at their defaults (soup/recipes.py declares them).
   c.soups = recipes.default_soups_config(
       ("pixel_linear", "best_individual", "uniform_soup", "greedy_soup", "learned_soup",

@@ -304,10 +304,21 @@ def model_logits(config, wd: Workdir, res: Resources, store: IngredientStore,
 
 def evaluate(config, wd: Workdir, res: Resources, store: IngredientStore,
              names: list[str]) -> None:
+  """Logits of every usable model not cached yet, a group of models at a time
+  (config.eval.group_size): each split is read (ImageNet: decoded) once per group, not once
+  per model. Each model's logits are written when its group is done, under model_logits's
+  key, so a stopped stage redoes only the missing models."""
   from tqdm.auto import tqdm
   usable, _ = store.usable(names)
-  for name in tqdm(usable, desc="evaluate", unit="model", leave=False):
-    model_logits(config, wd, res, store, name)
+  keys = {name: wd.logits_key(name, config) for name in usable}
+  missing = [name for name in usable if not wd.has_logits(name, keys[name])]
+  if not missing:
+    return
+  size = res.eval_group_size(len(missing))
+  groups = [missing[i:i + size] for i in range(0, len(missing), size)]
+  for group in tqdm(groups, desc=f"evaluate ({size} models a pass)", unit="group", leave=False):
+    for name, logits in zip(group, res.evaluate_many([store.load(n) for n in group])):
+      wd.write_logits(name, keys[name], logits)
 
 
 # --- Stage 5: soups and baselines -----------------------------------------------

@@ -42,13 +42,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions whose message tells the user what to change: one line, exit 2."""
-  from soup import checkpoints, recipes, soups, train, validate, workdir
+  from soup import checkpoints, evaluate, recipes, soups, train, validate, workdir
   from soup.data import fashion_mnist_tfds, imagenet
   from soup.models import pretrained
   return (validate.ConfigError, recipes.RecipeConfigError, workdir.WorkdirMismatchError,
           fashion_mnist_tfds.DatasetMissingError, imagenet.DatasetMissingError,
           pretrained.WeightsMissingError, checkpoints.CheckpointError,
-          soups.IngredientMismatchError, train.TrainingDiverged)
+          soups.IngredientMismatchError, train.TrainingDiverged, evaluate.GroupTooLargeError)
 
 
 def fail(message: str) -> None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from soup import evaluate as evaluate_lib, mesh as mesh_lib, models, results, rows
+from soup import evaluate as evaluate_lib, mesh as mesh_lib, models, results, rows, trees
 from soup.data import registry as datasets
 from soup.soups import average
 
@@ -71,9 +70,52 @@ class Resources:
     return self._evaluator
 
   def evaluate(self, params: PyTree) -> dict[str, np.ndarray]:
+    return self.evaluate_many([params])[0]
+
+  def evaluate_many(self, group: Sequence[PyTree]) -> list[dict[str, np.ndarray]]:
+    """Logits of each model of `group` on every split; each split's batches are read
+    (ImageNet's: decoded) once for the whole group (soup/evaluate.py)."""
     bs = self.config.eval.batch_size
-    return {col: self.evaluator.logits_of_batches(params, split.iterate(bs))
-            for col, split in self.splits().items()}
+    per_split = {col: self.evaluator.logits_of_batches_many(group, split.iterate(bs))
+                 for col, split in self.splits().items()}
+    return [{col: logits[i] for col, logits in per_split.items()} for i in range(len(group))]
+
+  def eval_group_size(self, models: int) -> int:
+    """How many of `models` models to evaluate together: config.eval.group_size, or with 0
+    as many as the devices hold (their params beside one forward pass's working memory).
+    A configured group that cannot fit stops here, before any model is evaluated."""
+    configured = int(self.config.eval.get("group_size", 0))
+    if models <= 1 or configured == 1:
+      return 1
+    model_bytes, forward_bytes = self.eval_footprint()
+    free, source = evaluate_lib.free_device_memory(self.mesh)
+    host_free = evaluate_lib.host_free_bytes()
+    if jax.process_count() > 1:  # One group size for every process: each runs the same steps.
+      from jax.experimental import multihost_utils
+      free, host_free = (int(v) for v in multihost_utils.process_allgather(
+          np.array([free, host_free], np.int64)).min(axis=0))
+    # The host keeps each model's logits (and, in the host layout, its params) until the
+    # group ends: ImageNet's 193k x 1000 float32 logits are 0.77 GB a model.
+    logits_bytes = sum(len(s) for s in self.splits().values()) * self.num_classes * 4
+    host_params = 0 if self.layout.kind == "sharded" else model_bytes
+    size = evaluate_lib.group_size(configured, models, model_bytes, forward_bytes, free, source,
+                                   host_params + logits_bytes, host_free)
+    log.info("evaluating %d models in groups of %d (%.2f GiB of params each, %.2f GiB for a "
+             "forward pass, %.2f GiB free per device: %s; %.2f GiB of logits each on the host)",
+             models, size, model_bytes / 2**30, forward_bytes / 2**30, free / 2**30, source,
+             logits_bytes / 2**30)
+    return size
+
+  def eval_footprint(self) -> tuple[int, int]:
+    """Device bytes of one model's params as evaluated (replicated, or the rules' shards),
+    and of one forward pass besides them (batch, activations, logits), per device."""
+    flat = trees.flatten_with_names(self.expected_param_shapes())
+    shardings = (self.layout.output_shardings(flat) if self.layout.kind == "sharded"
+                 else dict.fromkeys(flat, mesh_lib.replicated(self.mesh)))
+    placed = trees.unflatten({n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n])
+                              for n, s in flat.items()})
+    return (evaluate_lib.bytes_per_device(flat, shardings),
+            self.evaluator.forward_bytes(placed, self.image_spec()))
 
   def held_out_accuracy(self, params: PyTree) -> float:
     """The held-out split's metric (accuracy; a GLUE task's own, e.g. CoLA's Matthews)."""
@@ -81,12 +123,17 @@ class Resources:
     return split.score(self.evaluator.logits_of_batches(
         params, split.iterate(self.config.eval.batch_size)))
 
+  def image_spec(self) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of one evaluation image as it reaches the devices (uint8)."""
+    sample = next(iter(self.splits()[self.columns.held_out].iterate(1)))
+    return jax.ShapeDtypeStruct(sample.shape[1:], sample.dtype)
+
   def expected_param_shapes(self) -> PyTree:
     """Param shapes and dtypes the config's model has (no computation)."""
-    sample = next(iter(self.splits()[self.columns.held_out].iterate(1)))
+    image = self.image_spec()
     model = self.model(self.num_classes)
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), self.task.preprocess(x)),
-                          jnp.asarray(sample))["params"]
+                          jax.ShapeDtypeStruct((1, *image.shape), image.dtype))["params"]
 
   def row(self, name: str, recipe: str, logits: dict, ingredients: list[str], cost: int,
           **extra) -> dict:

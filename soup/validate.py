@@ -244,6 +244,7 @@ FIELDS: tuple[tuple, ...] = (
     ("sweep.randaug_n_probs", items(NON_NEGATIVE)),
     ("sweep.randaug_n_probs", Rule("probabilities with a positive sum", lambda v: sum(v) > 0)),
     ("eval.batch_size", POSITIVE_INT),
+    ("eval.group_size", COUNT),  # 0: as many models as the devices hold.
     # config.soups: checked after these, from the recipes' declarations (soups_fields).
     ("report.bootstrap_resamples", POSITIVE_INT),
     ("report.analysis", BOOL),

@@ -24,8 +24,8 @@ from soup import atomic_io, checkpoints, layout, trees
 # Keys a rerun may change without invalidating what the workdir holds. Those that
 # reach the evaluation (data paths) are part of the caches' keys instead.
 MUTABLE_KEYS = ("stages", "sweep.only", "sweep.num_members", "soups", "report", "data.data_dir",
-                "data.idx_dir", "eval.batch_size", "data.objectnet_dir", "data.num_workers",
-                "data.cache_dir", "data.heldout_in_memory", "init.bpe_path")
+                "data.idx_dir", "eval.batch_size", "eval.group_size", "data.objectnet_dir",
+                "data.num_workers", "data.cache_dir", "data.heldout_in_memory", "init.bpe_path")
 # Data settings that cannot change a logit: thread counts and where caches live.
 NOT_EVAL_DATA_KEYS = ("num_workers", "cache_dir", "heldout_in_memory")
 _KEY_ENTRY = "__cache_key__"  # Inside eval/<name>.npz, beside the splits' logits.
@@ -128,6 +128,14 @@ class Workdir:
       if _KEY_ENTRY not in z.files or str(z[_KEY_ENTRY]) != key:
         return None
       return {k: z[k] for k in z.files if k != _KEY_ENTRY}
+
+  def has_logits(self, name: str, key: str) -> bool:
+    """Whether eval/<name>.npz was computed from these inputs (its logits left unread)."""
+    path = self.root / layout.logits_file(name)
+    if not path.exists():
+      return False
+    with np.load(path) as z:
+      return _KEY_ENTRY in z.files and str(z[_KEY_ENTRY]) == key
 
   def write_logits(self, name: str, key: str, logits: dict[str, np.ndarray]) -> None:
     arrays = {**logits, _KEY_ENTRY: np.asarray(key)}

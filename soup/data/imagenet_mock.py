@@ -46,6 +46,21 @@ def _random_image(rng: np.random.Generator, min_size: int = 24, max_size: int = 
   return Image.fromarray(coarse).resize((w, h), Image.NEAREST)
 
 
+def photo_like_image(rng: np.random.Generator, size: tuple[int, int] = (500, 375)):
+  """An RGB image of ImageNet's typical size whose JPEG costs what a photo's costs to decode:
+  a smooth random color field, stripes and pixel noise (benchmarks; tests use _random_image)."""
+  from PIL import Image
+  w, h = size
+  y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+  coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+  img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+  for _ in range(3):
+    freq, angle = rng.uniform(0.02, 0.3), rng.uniform(0, np.pi)
+    img = img + 20 * np.sin(freq * (np.cos(angle) * x + np.sin(angle) * y))[..., None]
+  img = img + rng.normal(0, 18, img.shape)
+  return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
 # The mock's train images of a class are numbered like these real ones (then 20000 + k):
 # n01675722_4108.JPEG sorts after n01675722_10026.JPEG in ImageFolder's (string) order.
 TRAIN_NUMBERS = (4108, 10026, 957, 12)
@@ -65,7 +80,8 @@ def train_file_names(labels: np.ndarray) -> list[str]:
 
 
 def _prepare(name: str, data_dir: Path, split_labels: dict[str, np.ndarray], seed: int,
-             config: str | None = None, file_names: dict[str, list[str]] | None = None) -> None:
+             config: str | None = None, file_names: dict[str, list[str]] | None = None,
+             photo_splits: tuple[str, ...] = ()) -> None:
   """Prepares catalog dataset `name` in data_dir with random images of the given labels
   (file names f"{split}_{i}.JPEG" unless given)."""
   file_names = file_names or {}
@@ -86,7 +102,8 @@ def _prepare(name: str, data_dir: Path, split_labels: dict[str, np.ndarray], see
     def _generate_examples(self, split):
       rng = np.random.default_rng([seed, *split.encode()])
       for i, label in enumerate(split_labels[split]):
-        yield f"{split}_{i}", {"image": _random_image(rng), "label": int(label),
+        image = photo_like_image(rng) if split in photo_splits else _random_image(rng)
+        yield f"{split}_{i}", {"image": image, "label": int(label),
                                "file_name": (file_names[split][i] if split in file_names
                                              else f"{split}_{i}.JPEG")}
 
@@ -97,11 +114,14 @@ def _prepare(name: str, data_dir: Path, split_labels: dict[str, np.ndarray], see
 
 
 def write_datasets(root: str | Path = DEFAULT_ROOT, *, train_per_class: int = 2,
-                   heldout_per_class: int = 1, eval_examples: int = 21, seed: int = 0) -> dict:
+                   heldout_per_class: int = 1, eval_examples: int = 21, seed: int = 0,
+                   photo_eval: bool = False) -> dict:
   """Writes the mock TFDS datasets, ObjectNet folder and held-out list under root.
 
   Returns {"data_dir", "objectnet_dir", "heldout_file"}. Eval splits hold
-  `eval_examples` images (21 by default: batches of 8 end with a partial one).
+  `eval_examples` images (21 by default: batches of 8 end with a partial one);
+  photo_eval makes the five streamed TFDS test splits photo-like 500x375 images
+  (benchmarks of decoding), else all images are small.
   """
   from PIL import Image
 
@@ -111,16 +131,21 @@ def write_datasets(root: str | Path = DEFAULT_ROOT, *, train_per_class: int = 2,
   data_dir = root / "tfds"
   rng = np.random.default_rng(seed)
   train = np.repeat(np.arange(imagenet.NUM_CLASSES), train_per_class)
+  photos = ("test",) if photo_eval else ()
   _prepare("imagenet2012", data_dir, {
       "train": train, "validation": rng.integers(0, imagenet.NUM_CLASSES, eval_examples)}, seed,
-      file_names={"train": train_file_names(train)})
+      file_names={"train": train_file_names(train)},
+      photo_splits=("validation",) if photo_eval else ())
   _prepare("imagenet_v2", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed,
-           config="matched-frequency")
-  _prepare("imagenet_sketch", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed)
+           config="matched-frequency", photo_splits=photos)
+  _prepare("imagenet_sketch", data_dir, {"test": rng.integers(0, 1000, eval_examples)}, seed,
+           photo_splits=photos)
   _prepare("imagenet_r", data_dir,
-           {"test": rng.choice(imagenet.IMAGENET_R_CLASSES, eval_examples)}, seed)
+           {"test": rng.choice(imagenet.IMAGENET_R_CLASSES, eval_examples)}, seed,
+           photo_splits=photos)
   _prepare("imagenet_a", data_dir,
-           {"test": rng.choice(imagenet.IMAGENET_A_CLASSES, eval_examples)}, seed)
+           {"test": rng.choice(imagenet.IMAGENET_A_CLASSES, eval_examples)}, seed,
+           photo_splits=photos)
 
   # ObjectNet: 3 scored folders with 3 images each, one unscored folder, one non-image file.
   images = root / "objectnet-1.0" / "images"

@@ -1,0 +1,189 @@
+"""Decode once, evaluate many: the evaluate stage runs a group of models on each batch.
+
+Fashion-MNIST at smoke size and mock ImageNet (soup/data/imagenet_mock.py), random models
+saved as ingredients: the grouped stage's logits equal model-by-model evaluation's bit for
+bit (every model runs the same compiled forward on the same device batch), each split's
+batches are pulled once per group, a stopped stage resumes with the missing models only, a
+group too large for the devices is refused before any evaluation, and the images cross
+to the devices as uint8.
+"""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+
+from configs import clip_vit_b32_imagenet, fashion_mnist
+from soup import checkpoints, evaluate as evaluate_lib, experiment, mesh as mesh_lib
+from soup.data import imagenet_mock
+from soup.data.task import EvalSplit
+from soup.ingredients import IngredientStore
+from soup.resources import Resources
+from soup.workdir import Workdir
+
+NAMES = ["model_0", "model_1", "model_2", "model_3"]
+
+
+def make_run(config, root, names=NAMES):
+  """Resources, workdir and store of `config`, with a random model saved per name."""
+  res, wd = Resources(config), Workdir(root)
+  model = res.model(res.num_classes)
+  image = res.image_spec()
+  for seed, name in enumerate(names):
+    params = model.init(jax.random.key(seed), np.zeros((1, *image.shape), image.dtype))["params"]
+    rng = np.random.default_rng(seed)  # Noise on every leaf: the heads start at zero.
+    params = jax.tree.map(lambda x: (x + rng.normal(0, 0.1, x.shape)).astype(x.dtype),
+                          jax.device_get(params))
+    checkpoints.save_ingredient(wd.ingredient_dir(name), params, {})
+  store = IngredientStore(wd, config.soups, res.expected_param_shapes, res.layout)
+  return res, wd, store
+
+
+def one_by_one(res, forward, params, split):
+  """Logits of one model as the stage computed them before groups: its own pass over the
+  split, each batch padded, sent to the devices and run through the jitted forward."""
+  params = jax.device_put(params, mesh_lib.replicated(res.mesh))
+  bs, out = res.config.eval.batch_size, []
+  for batch in split.iterate(bs):
+    padded = np.concatenate([batch, np.zeros((bs - len(batch), *batch.shape[1:]), batch.dtype)])
+    out.append(np.asarray(forward(params, mesh_lib.global_batch(res.mesh, padded)))[:len(batch)])
+  return np.concatenate(out)
+
+
+def count_pulls(monkeypatch, batch_size):
+  """Batches of `batch_size` pulled from each EvalSplit's iterator, by split; each must be
+  uint8 (normalization runs in jit: one byte a pixel crosses to the devices)."""
+  pulled = collections.Counter()
+  iterate = EvalSplit.iterate
+
+  def counting(split, size):
+    for batch in iterate(split, size):
+      assert batch.dtype == np.uint8, batch.dtype
+      pulled[id(split)] += size == batch_size
+      yield batch
+  monkeypatch.setattr(EvalSplit, "iterate", counting)
+  return pulled
+
+
+def check_stage(config, root, monkeypatch, group_size):
+  """Runs the evaluate stage on NAMES; returns its logits, model-by-model's, and the pulls."""
+  res, wd, store = make_run(config, root)
+  config.eval.group_size = group_size
+  pulled = count_pulls(monkeypatch, config.eval.batch_size)
+  experiment.evaluate(config, wd, res, store, NAMES)
+  monkeypatch.undo()
+  grouped = {n: wd.read_logits(n, wd.logits_key(n, config)) for n in NAMES}
+  forward = jax.jit(res.apply_fn(), out_shardings=mesh_lib.replicated(res.mesh))
+  alone = {n: {c: one_by_one(res, forward, store.load(n), s) for c, s in res.splits().items()}
+           for n in NAMES}
+  passes = -(-len(NAMES) // group_size)
+  expected = {id(s): passes * -(-len(s) // config.eval.batch_size) for s in res.splits().values()}
+  return grouped, alone, dict(pulled), expected, res
+
+
+@pytest.fixture(scope="module")
+def fashion_config(fashion_mnist_ready):
+  config = fashion_mnist.get_config("smoke")
+  config.eval.batch_size = 256  # Held-out 500 and shifts 300: partial last batches.
+  return config
+
+
+@pytest.mark.parametrize("group_size", [4, 3])
+def test_fashion_mnist_group_logits_are_model_by_models_and_each_split_is_read_once(
+    fashion_config, tmp_path, monkeypatch, group_size):
+  grouped, alone, pulled, expected, res = check_stage(fashion_config, tmp_path, monkeypatch,
+                                                      group_size)
+  for name in NAMES:
+    assert grouped[name].keys() == alone[name].keys() == res.splits().keys()
+    for column in alone[name]:  # Bitwise: the same executable on the same device batch.
+      np.testing.assert_array_equal(grouped[name][column], alone[name][column])
+      assert len(grouped[name][column]) == len(res.splits()[column])
+  assert pulled == expected  # 4 models: one read of each split per group.
+  assert not np.array_equal(grouped["model_0"][res.columns.test],
+                            grouped["model_1"][res.columns.test])
+
+
+def test_mock_imagenet_group_logits_are_model_by_models(tmp_path, monkeypatch):
+  mock = imagenet_mock.write_datasets(tmp_path / "mock", train_per_class=1, eval_examples=21)
+  config = clip_vit_b32_imagenet.get_config("smoke")
+  config.data.update(data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
+                     heldout_file=mock["heldout_file"], num_workers=0,
+                     cache_dir=str(tmp_path / "labels"))
+  config.eval.batch_size = 8  # Splits of 21 (and ObjectNet's 6): partial last batches.
+  grouped, alone, pulled, expected, res = check_stage(config, tmp_path / "run", monkeypatch, 4)
+  for name in NAMES:
+    for column in alone[name]:
+      np.testing.assert_array_equal(grouped[name][column], alone[name][column])
+  assert pulled == expected
+  res.task.close()
+
+
+def test_a_stopped_stage_evaluates_only_the_missing_models(fashion_config, tmp_path,
+                                                           monkeypatch):
+  fashion_config.eval.group_size = 2
+  res, wd, store = make_run(fashion_config, tmp_path)
+  evaluate_many, load = res.evaluate_many, store.load
+
+  def stop_after_one_group(group):
+    if wd.has_logits("model_0", wd.logits_key("model_0", fashion_config)):
+      raise KeyboardInterrupt  # The stage is stopped during its second group.
+    return evaluate_many(group)
+  monkeypatch.setattr(res, "evaluate_many", stop_after_one_group)
+  with pytest.raises(KeyboardInterrupt):
+    experiment.evaluate(fashion_config, wd, res, store, NAMES)
+  done = {n: wd.has_logits(n, wd.logits_key(n, fashion_config)) for n in NAMES}
+  assert done == {"model_0": True, "model_1": True, "model_2": False, "model_3": False}
+  written = {n: (wd.root / "eval" / f"{n}.npz").stat().st_mtime_ns for n in NAMES[:2]}
+
+  evaluated = []
+  monkeypatch.setattr(res, "evaluate_many",
+                      lambda group: evaluated.append(len(group)) or evaluate_many(group))
+  loaded = []
+  monkeypatch.setattr(store, "load", lambda n: loaded.append(n) or load(n))
+  experiment.evaluate(fashion_config, wd, res, store, NAMES)
+  assert loaded == ["model_2", "model_3"] and evaluated == [2]
+  assert {n: (wd.root / "eval" / f"{n}.npz").stat().st_mtime_ns for n in NAMES[:2]} == written
+  assert all(wd.has_logits(n, wd.logits_key(n, fashion_config)) for n in NAMES)
+  experiment.evaluate(fashion_config, wd, res, store, NAMES)  # Nothing missing: nothing read.
+  assert loaded == ["model_2", "model_3"]
+
+
+def test_a_group_that_cannot_fit_is_refused_before_compute(fashion_config, tmp_path,
+                                                           monkeypatch):
+  res, wd, store = make_run(fashion_config, tmp_path)
+  model_bytes, forward_bytes = res.eval_footprint()
+  room = forward_bytes + int(2.5 * model_bytes)  # The forward pass and 2.5 models.
+  monkeypatch.setattr(evaluate_lib, "free_device_memory", lambda mesh: (room, "a test's"))
+  monkeypatch.setattr(res, "evaluate_many", lambda group: pytest.fail("evaluated"))
+  fashion_config.eval.group_size = 3
+  with pytest.raises(evaluate_lib.GroupTooLargeError, match="group_size=2, or 0"):
+    experiment.evaluate(fashion_config, wd, res, store, NAMES)
+  fashion_config.eval.group_size = 0
+  assert res.eval_group_size(len(NAMES)) == 2  # As many as fit.
+  fashion_config.eval.group_size = 1
+  assert res.eval_group_size(len(NAMES)) == 1  # Model by model: never refused.
+
+
+def test_group_size_rules():
+  gib = 2**30
+  assert evaluate_lib.group_size(0, 72, gib // 3, gib, 40 * gib) == 72   # All fit.
+  assert evaluate_lib.group_size(0, 72, gib, gib, 17 * gib) == 16
+  assert evaluate_lib.group_size(0, 72, 4 * gib, gib, 2 * gib) == 1      # None fits: one.
+  assert evaluate_lib.group_size(16, 10, gib, gib, 40 * gib) == 10       # Capped by models.
+  assert evaluate_lib.group_size(1, 72, 4 * gib, gib, 2 * gib) == 1
+  with pytest.raises(evaluate_lib.GroupTooLargeError, match="17.00 GiB; 9.00 GiB is free"):
+    evaluate_lib.group_size(16, 72, gib, gib, 9 * gib)
+  # The host's budget: params and logits of each model until its group ends.
+  assert evaluate_lib.group_size(0, 72, gib // 3, gib, 40 * gib, "", gib, 20 * gib) == 20
+  with pytest.raises(evaluate_lib.GroupTooLargeError, match="on the host.*group_size=20"):
+    evaluate_lib.group_size(30, 72, gib // 3, gib, 40 * gib, "", gib, 20 * gib)
+
+
+def test_images_cross_to_the_devices_as_uint8(fashion_config):
+  """Normalization runs in jit (Task.preprocess): the host sends 1 byte per pixel."""
+  task = Resources(fashion_config).task
+  for split in task.eval_splits().values():
+    assert next(split.iterate(64)).dtype == np.uint8
+  images, _ = task.finetune_batch(32, 0, 0, {})
+  assert images.dtype == np.uint8
