@@ -276,7 +276,14 @@ class GlueTextTask(Task):
     self.held_out = tokenize(tokenizer, [train_texts[i] for i in held_idx],
                              train_labels[held_idx])
     self.dev = tokenize(tokenizer, dev_texts, dev_labels)
-    self._files = files
+    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:12]  # noqa: E731
+    # What every results row carries about the data (read once: rows are made per model).
+    self._provenance = {
+        "glue_task": data_config.task, "metric": self.spec.metric,
+        "selection_split": (f"{len(self.held_out)} examples of {self.spec.folder} train, "
+                            f"seeded sample (data.split_seed={data_config.split_seed})"),
+        "finetune_examples": len(self.finetune), "max_length": data_config.max_length,
+        "data_sha256": {k: digest(p) for k, p in files.items()}}
     self._epochs: dict[tuple[int, int, int], list[np.ndarray]] = {}
     truncated = int(np.sum(self.finetune.lengths >= data_config.max_length))
     log.info("GLUE %s: %d fine-tuning, %d held-out, %d dev examples; %d fine-tuning examples "
@@ -284,12 +291,7 @@ class GlueTextTask(Task):
              len(self.held_out), len(self.dev), truncated, data_config.max_length, self.buckets)
 
   def provenance(self) -> dict[str, Any]:
-    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:12]  # noqa: E731
-    return {"glue_task": self.config.task, "metric": self.spec.metric,
-            "selection_split": (f"{len(self.held_out)} examples of {self.spec.folder} train, "
-                                f"seeded sample (data.split_seed={self.config.split_seed})"),
-            "finetune_examples": len(self.finetune), "max_length": self.config.max_length,
-            "data_sha256": {k: digest(p) for k, p in self._files.items()}}
+    return self._provenance
 
   def finetune_size(self) -> int:
     return len(self.finetune)
