@@ -5,9 +5,9 @@
   with the three points marked. Fine-tunes that share a basin have a lower
   error between them than at either end: why averaging works.
 - Accuracy as ingredients are added: held-out and test accuracy of the greedy
-  and the uniform soup of the first k ingredients, in decreasing order of
-  held-out accuracy. The uniform soup falls when runs from outside the basin
-  join; the greedy soup never loses held-out accuracy.
+  and the uniform soup of the first k ingredients, in the greedy soup's order
+  (decreasing held-out accuracy, its tie order). The uniform soup falls when runs
+  from outside the basin join; the greedy soup never loses held-out accuracy.
 
 Nothing here knows the model: parameters are pytrees of arrays, and the caller
 passes the accuracy functions (params -> fraction correct). Outputs are plain
@@ -17,14 +17,13 @@ dicts (written as JSON) and PNGs.
 from __future__ import annotations
 
 import functools
-import operator
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from soup import atomic_io
-from soup.soups import average
+from soup.soups import average, greedy
 
 PyTree = Any
 AccuracyFn = Callable[[PyTree], float]
@@ -101,48 +100,56 @@ def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,
 def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
                       sources: Mapping[str, Any], held_out_accuracy: AccuracyFn,
                       test_accuracy: AccuracyFn, comparison: str = ">",
+                      tie_order: str = "reversed",
                       layout: Optional[average.Layout] = None) -> dict:
-  """Greedy and uniform soups of the first k ingredients (held-out order), k = 1..N.
+  """Greedy and uniform soups of the first k ingredients (the greedy order), k = 1..N.
 
-  Both are the one averager's running means (soup/soups/average.py) in `layout`, fed
-  one read of each ingredient; the greedy soup keeps an ingredient only if the held-out
-  accuracy of the soup with it `comparison`s the current one (the official code: ">").
-  Test accuracy is measured only when a soup changes.
+  The greedy soup's order and choices are soup/soups/greedy.py's own (`ranked` with
+  `tie_order`, `greedy_select` with `comparison`), so the last greedy point is the
+  greedy soup. Both soups are the one averager's running means (soup/soups/average.py)
+  in `layout`, fed one read of each ingredient. Test accuracy is measured only when a
+  soup changes.
   """
-  better = {">": operator.gt, ">=": operator.ge}.get(comparison)
-  if better is None:
-    raise ValueError(f"comparison must be '>' or '>=', got {comparison!r}.")
-  order = sorted(names, key=lambda n: -held_out_scores[n])
-  opened = average.open_sources([sources[n] for n in order])
+  order = greedy.ranked({n: held_out_scores[n] for n in names}, tie_order)
+  opened = dict(zip(order, average.open_sources([sources[n] for n in order])))
+  first = opened[order[0]]
   layout = layout or average.Layout.host()
-  uniform = average.RunningMean(layout, opened[0].specs)
-  greedy = average.RunningMean(layout, opened[0].specs)
-  as_params = lambda home: average.as_tree(uniform.output(home), opened[0])  # noqa: E731
-  greedy_members: list[str] = []
+  uniform = average.RunningMean(layout, first.specs)
+  greedy_mean = average.RunningMean(layout, first.specs)
+  as_params = lambda home: average.as_tree(uniform.output(home), first)  # noqa: E731
   out = {"order": order, "uniform_held_out": [], "uniform_test": [], "greedy_held_out": [],
          "greedy_test": [], "greedy_ingredients": []}
-  greedy_held = greedy_test = None
-  for name, source in zip(order, opened):
-    x = uniform.reader.read(source, reuse=False)  # One read feeds both soups.
+  state: dict[str, Any] = {}
+
+  def add_to_uniform(name):
+    x = uniform.reader.read(opened[name], reuse=False)  # One read feeds both soups.
     uniform.add(x)
     soup = as_params(uniform.mean)
     out["uniform_held_out"].append(held_out_accuracy(soup))
     out["uniform_test"].append(test_accuracy(soup))
-    if greedy.mean is None:
-      greedy.add(x)
-      greedy_members = [name]
-      greedy_held, greedy_test = out["uniform_held_out"][0], out["uniform_test"][0]
-    else:
-      candidate = greedy.candidate(x)
-      held = held_out_accuracy(as_params(candidate))
-      if better(held, greedy_held):
-        greedy.accept(candidate)
-        greedy_members = greedy_members + [name]
-        greedy_held, greedy_test = held, test_accuracy(as_params(candidate))
-    del x
-    out["greedy_held_out"].append(greedy_held)
-    out["greedy_test"].append(greedy_test)
-    out["greedy_ingredients"].append(list(greedy_members))
+    return x
+
+  def try_candidate(name):
+    state["candidate"] = None  # The rejected one is freed before the next is built.
+    state["candidate"] = greedy_mean.candidate(add_to_uniform(name))
+    return float(held_out_accuracy(as_params(state["candidate"])))
+
+  accepted_test = []
+
+  def accept(name):
+    greedy_mean.accept(state["candidate"])
+    accepted_test.append(test_accuracy(as_params(greedy_mean.mean)))
+
+  greedy_mean.add(add_to_uniform(order[0]))
+  _, _, history = greedy.greedy_select(order, float(held_out_scores[order[0]]), try_candidate,
+                                       accept, comparison, "ingredient curves")
+  members, held, test_now, test = [], None, None, iter([out["uniform_test"][0], *accepted_test])
+  for step in history:
+    if step["accepted"]:
+      members, held, test_now = members + [step["name"]], step["held_out"], next(test)
+    out["greedy_held_out"].append(held)
+    out["greedy_test"].append(test_now)
+    out["greedy_ingredients"].append(list(members))
   return out
 
 
