@@ -143,9 +143,11 @@ def get_config(arg: str = ""):
   # not give its settings, so these are ours: check model_0 against the paper's
   # (ImageNet2p 78.08, ImageNet 75.57) before the sweep.
   # L-BFGS to convergence (soup/linear_probe.py): L2 per decade (unit-norm CLIP features want
-  # little), chosen on a held-out 10% of the examples, then refit on all of them.
+  # little), chosen on a held-out 10% of the examples, then refit on all of them; a choice at
+  # an end of the grid adds the next decade past it, at most l2_bracket times.
   c.probe = dict(kind="linear_probe", examples=100_000,
-                 l2_grid=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3), validation_fraction=0.1,
+                 l2_grid=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3), l2_bracket=4,
+                 validation_fraction=0.1,
                  max_iterations=1000, tolerance=1e-6)
   c.finetune = dict(batch_size=512, warmup_steps=500, grad_clip=1.0, checkpoint_every_steps=1000,
                     log_every_steps=50,

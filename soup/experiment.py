@@ -48,7 +48,7 @@ from soup import (
 from soup.data import batching
 from soup.ingredients import IngredientStore
 from soup.layout import STAGES
-from soup.linear_probe import fit_probe
+from soup.linear_probe import DEFAULT_L2_BRACKET, fit_probe
 from soup.models import pretrained
 from soup.resources import Resources
 from soup.workdir import Workdir, content_key, eval_settings
@@ -218,11 +218,10 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
     feats = np.concatenate([np.asarray(feature_fn(backbone, images[i:i + bs]))
                             for i in range(0, len(images), bs)])
     fit = fit_probe(feats, labels, res.num_classes, l2_grid=cfg.l2_grid,
+                    l2_bracket=cfg.get("l2_bracket", DEFAULT_L2_BRACKET),
                     validation_fraction=cfg.validation_fraction,
                     max_iterations=cfg.max_iterations, tolerance=cfg.tolerance, seed=config.seed)
-    head, info = fit.head, {"l2": fit.l2, "converged": fit.final.converged,
-                            "validation_accuracy": {str(k): v
-                                                    for k, v in fit.validation_accuracy.items()}}
+    head, info = fit.head, fit.info(cfg.l2_grid)
   else:
     raise ValueError(f"config.probe.kind must be 'linear_probe' or 'zeroshot', got {cfg.kind!r}.")
   params = {**backbone, "head": head}

@@ -199,6 +199,7 @@ FIELDS: tuple[tuple, ...] = (
     ("probe.kind", one_of("linear_probe", "zeroshot")),
     ("probe.examples", COUNT, LINEAR_PROBE),  # 0: the whole fine-tuning split.
     ("probe.l2_grid", items(POSITIVE), LINEAR_PROBE),
+    ("probe.l2_bracket", COUNT, LINEAR_PROBE),
     ("probe.validation_fraction", FRACTION, LINEAR_PROBE),
     ("probe.max_iterations", POSITIVE_INT, LINEAR_PROBE),
     ("probe.tolerance", POSITIVE, LINEAR_PROBE),
