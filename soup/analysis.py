@@ -2,8 +2,10 @@
 
 - The error landscape (the paper's Figure 2): held-out error on the plane
   through the initialization and two fine-tuned solutions, as a contour plot
-  with the three points marked. Fine-tunes that share a basin have a lower
-  error between them than at either end: why averaging works.
+  with the three points and the fine-tunes' midpoint marked. Fine-tunes that
+  share a basin have a lower error between them than at either end: why
+  averaging works. The colour levels are dense where the models are, so that
+  a basin a fraction of a point deep shows.
 - Accuracy as ingredients are added: held-out and test accuracy of the greedy
   and the uniform soup of the first k ingredients, in the greedy soup's order
   (decreasing held-out accuracy, its tie order). The uniform soup falls when runs
@@ -93,8 +95,11 @@ def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,
   points = {name: [float(c) for c in xy] for name, xy in zip(names, coords)}
   point_error = {name: 1.0 - held_out_accuracy(p)
                  for name, p in zip(names, (init, finetune_a, finetune_b))}
+  # The uniform soup of the two fine-tunes: inside a shared basin it beats both.
+  midpoint = {"xy": [float(c) for c in (coords[1] + coords[2]) / 2],
+              "error": 1.0 - held_out_accuracy(unravel(((a + b) / 2).astype(np.float32)))}
   return {"xs": xs.tolist(), "ys": ys.tolist(), "error": error.tolist(), "points": points,
-          "point_error": point_error}
+          "point_error": point_error, "midpoint": midpoint}
 
 
 def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
@@ -153,21 +158,50 @@ def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
   return out
 
 
+def landscape_levels(grid_error: np.ndarray, model_errors: Sequence[float],
+                     bands: int = 12) -> np.ndarray:
+  """Contour levels of error in percent, dense where the models are.
+
+  Geometric from just below the lowest error (models' or grid's: the basin floor) to
+  twice the worst model's (100 at most), plus a level between each two neighbouring model errors, so
+  that models a fraction of a point apart sit in different bands. Errors above the top
+  level share one colour (the plot's extend="max").
+  """
+  models = np.sort(np.asarray(model_errors, np.float64))
+  floor = min(float(np.min(grid_error)), float(models[0]))
+  low = 0.95 * floor if floor > 0 else 1e-3 * max(float(models[-1]), 1e-6)
+  high = max(min(2 * float(models[-1]), 100.0), 1.05 * low)
+  geometric = low * (high / low) ** np.linspace(0, 1, bands + 1)
+  between = (models[1:] + models[:-1]) / 2
+  levels = np.unique(np.concatenate([geometric, between[models[1:] > models[:-1]]]))
+  return levels[np.concatenate([[True], np.diff(levels) > 1e-9 * high])]
+
+
 def plot_landscape(landscape: dict, path: str | Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
+  import matplotlib.colors
   import matplotlib.pyplot as plt
 
   xs, ys = np.array(landscape["xs"]), np.array(landscape["ys"])
   error = 100 * np.array(landscape["error"])
+  levels = landscape_levels(error, [100 * e for e in landscape["point_error"].values()])
+  cmap = plt.get_cmap("viridis_r")
+  # One colour per band however narrow (a linear norm would give close bands one colour).
+  norm = matplotlib.colors.BoundaryNorm(levels, cmap.N, extend="max")
   fig, ax = plt.subplots(figsize=(6.2, 5))
-  filled = ax.contourf(xs, ys, error, levels=14, cmap="viridis_r")
-  ax.contour(xs, ys, error, levels=14, colors="k", linewidths=0.3, alpha=0.5)
-  fig.colorbar(filled, ax=ax, label="held-out error (%)")
+  filled = ax.contourf(xs, ys, error, levels=levels, cmap=cmap, norm=norm, extend="max")
+  ax.contour(xs, ys, error, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
+  fig.colorbar(filled, ax=ax, label="held-out error (%)", format="%.1f")
   for (name, (x, y)), marker in zip(landscape["points"].items(), ("s", "o", "o")):
     err = 100 * landscape["point_error"][name]
     ax.scatter([x], [y], marker=marker, s=90, c="white", edgecolors="k", zorder=3)
     ax.annotate(f"{name}\n{err:.1f}%", (x, y), textcoords="offset points", xytext=(6, 6),
+                fontsize=8, bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8))
+  if "midpoint" in landscape:
+    (x, y), err = landscape["midpoint"]["xy"], 100 * landscape["midpoint"]["error"]
+    ax.scatter([x], [y], marker="X", s=90, c="white", edgecolors="k", zorder=3)
+    ax.annotate(f"midpoint\n{err:.1f}%", (x, y), textcoords="offset points", xytext=(6, -22),
                 fontsize=8, bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8))
   ax.set_xlabel("along fine-tune A − initialization")
   ax.set_ylabel("orthogonal, towards fine-tune B")

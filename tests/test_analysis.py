@@ -36,10 +36,25 @@ def test_error_landscape_values_and_figure(tmp_path):
   assert err[0, 0] == pytest.approx(np.sqrt(2) / 4)
   assert land["points"] == {"init": [0.0, 0.0], "A": [2.0, 0.0], "B": [0.0, 2.0]}
   assert land["point_error"]["A"] == pytest.approx(np.sqrt(2) / 4)
-  assert len(calls) == 25 + 3
+  # The fine-tunes' midpoint (1, 1) is the basin floor, below both.
+  assert land["midpoint"] == {"xy": [1.0, 1.0], "error": pytest.approx(0.0)}
+  assert len(calls) == 25 + 3 + 1
   path = tmp_path / "landscape.png"
   analysis.plot_landscape(land, path)
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("models", [(14.2, 14.6, 19.3), (14.6, 19.3, 14.2), (30.0, 12.1, 12.0)])
+def test_landscape_levels_put_close_models_in_distinct_bands(models):
+  grid = np.linspace(12.0, 84.0, 49).reshape(7, 7)  # A typical plane: 12-84% error.
+  levels = analysis.landscape_levels(grid, models)
+  assert np.all(np.diff(levels) > 0)
+  assert levels[0] <= grid.min()  # Every grid point is coloured: none below the lowest level.
+  assert levels[-1] == pytest.approx(2 * max(models))  # Dense where the models are.
+  bands = np.digitize(models, levels)
+  assert len(set(bands.tolist())) == 3 and 0 < bands.min() and bands.max() < len(levels)
+  # The old 14 linear levels over the grid's span put the first case's three in one band.
+  assert len(set(np.digitize(models, np.linspace(12, 84, 15)).tolist())) < 3
 
 
 def test_ingredient_curves_by_hand_and_figure(tmp_path):
