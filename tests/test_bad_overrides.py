@@ -120,19 +120,26 @@ def test_bad_override_is_refused_naming_field_value_and_fix(overrides, field):
   assert f"--config.{field}" in message, message        # ...and the override that fixes it.
 
 
-def test_at_least_thirty_cases():
-  assert len(BAD) >= 30
+GOOD = [  # (overrides, the values the checked config must hold).
+    ([], {"sweep.num_members": 12, "eval.batch_size": 500}),
+    (["--config.upstream.lr=0", "--config.upstream.batch_size=7"],  # Pretrained: unread.
+     {"upstream.lr": 0.0, "upstream.batch_size": 7}),
+    (["--config.sweep.only=1,12", "--config.eval.batch_size=8"],
+     {"sweep.only": "1,12", "eval.batch_size": 8}),
+    (["--config.sweep.lr=(1e-3,1e-3)", "--config.sweep.mixup=(0.0,2.0)"],  # mixup: Beta's alpha.
+     {"sweep.lr": (1e-3, 1e-3), "sweep.mixup": (0.0, 2.0)}),
+    (["--config.probe.examples=0", "--config.report.landscape_examples=0"],  # 0: all of them.
+     {"probe.examples": 0, "report.landscape_examples": 0}),
+]
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["--config.upstream.lr=0", "--config.upstream.batch_size=7"],  # Pretrained: unread.
-    ["--config.sweep.only=1,12", "--config.eval.batch_size=8"],
-    ["--config.sweep.lr=(1e-3,1e-3)", "--config.sweep.mixup=(0.0,2.0)"],  # mixup: Beta's alpha.
-    ["--config.probe.examples=0", "--config.report.landscape_examples=0"],  # 0: all of them.
-])
-def test_good_overrides_pass(overrides):
-  check(config_of(*overrides))
+@pytest.mark.parametrize("overrides,values", GOOD, ids=[" ".join(o) or "default" for o, _ in GOOD])
+def test_good_overrides_pass_and_keep_their_values(overrides, values):
+  config = config_of(*overrides)
+  check(config)
+  for field, value in values.items():
+    got = validate._get(config, field)
+    assert got == value and type(got) is type(value), (field, got)
 
 
 def test_suggested_fixes():
@@ -169,8 +176,14 @@ def _config_args():
 def test_every_shipped_config_passes(name, arg):
   module = configs.module_of(ROOT / "configs" / f"{name}.py")
   config = module.get_config(arg)
+  before = config.to_dict()
   for devices in (1, 2):
     check(config, module, devices)
+  assert config.to_dict() == before  # The check reads the config; it changes nothing.
+  if arg:  # Each argument changes the config: none is silently ignored.
+    assert before != module.get_config("").to_dict(), arg
+  if "smoke" in arg.split(","):
+    assert config.sweep.num_members < module.get_config("").sweep.num_members
 
 
 def test_released_sweep_may_hold_model_0_only():
