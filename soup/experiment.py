@@ -162,8 +162,7 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
     # The task's preprocessing on both views; the fine-tunes' clip; decay on matrices only.
     model = res.model(0)
     features = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-    params = contrastive.init_params(model, model.init(jax.random.key(config.seed),
-                                                       sample)["params"],
+    params = contrastive.init_params(model.init(jax.random.key(config.seed), sample)["params"],
                                      config.model.width, cfg.projection_hidden,
                                      cfg.projection_out, config.seed)
     fns = contrastive.make_step(features, task.preprocess, temperature=cfg.temperature,
