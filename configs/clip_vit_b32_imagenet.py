@@ -135,9 +135,9 @@ def get_config(arg: str = ""):
   c.model = dict(name="clip", variant="ViT-B/32")
   c.init = dict(source="pretrained", path="~/checkpoints/clip/ViT-B-32-openai.safetensors",
                 bpe_path="~/checkpoints/clip/bpe_simple_vocab_16e6.txt.gz")
-  # Unused with init.source == "pretrained" (nothing is pretrained here); kept for the schema.
-  c.upstream = dict(epochs=0, batch_size=0, lr=0.0, weight_decay=0.0, warmup_steps=0,
-                    aug_strength=0.0)
+  # Empty: nothing is pretrained here (init.source "pretrained"); the block stays in the
+  # schema, without placeholder values that no run could use (soup/validate.py refuses them).
+  c.upstream = dict()
   # model_0. The LP sees `examples` fine-tuning images, held in host memory as uint8
   # (150 KB each at 224 px: 100,000 -> 15 GB); the paper's LP used all of train and does
   # not give its settings, so these are ours: check model_0 against the paper's
