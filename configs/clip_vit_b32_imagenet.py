@@ -135,17 +135,19 @@ def get_config(arg: str = ""):
   c.model = dict(name="clip", variant="ViT-B/32")
   c.init = dict(source="pretrained", path="~/checkpoints/clip/ViT-B-32-openai.safetensors",
                 bpe_path="~/checkpoints/clip/bpe_simple_vocab_16e6.txt.gz")
-  # Unused with init.source == "pretrained" (nothing is pretrained here); kept for the schema.
-  c.upstream = dict(epochs=0, batch_size=0, lr=0.0, weight_decay=0.0, warmup_steps=0,
-                    aug_strength=0.0)
+  # Empty: nothing is pretrained here (init.source "pretrained"); the block stays in the
+  # schema, without placeholder values that no run could use (soup/validate.py refuses them).
+  c.upstream = dict()
   # model_0. The LP sees `examples` fine-tuning images, held in host memory as uint8
   # (150 KB each at 224 px: 100,000 -> 15 GB); the paper's LP used all of train and does
   # not give its settings, so these are ours: check model_0 against the paper's
   # (ImageNet2p 78.08, ImageNet 75.57) before the sweep.
   # L-BFGS to convergence (soup/linear_probe.py): L2 per decade (unit-norm CLIP features want
-  # little), chosen on a held-out 10% of the examples, then refit on all of them.
+  # little), chosen on a held-out 10% of the examples, then refit on all of them; a choice at
+  # an end of the grid adds the next decade past it, at most l2_bracket times.
   c.probe = dict(kind="linear_probe", examples=100_000,
-                 l2_grid=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3), validation_fraction=0.1,
+                 l2_grid=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3), l2_bracket=4,
+                 validation_fraction=0.1,
                  max_iterations=1000, tolerance=1e-6)
   c.finetune = dict(batch_size=512, warmup_steps=500, grad_clip=1.0, checkpoint_every_steps=1000,
                     log_every_steps=50,

@@ -115,8 +115,9 @@ def get_config(arg: str = ""):
                     warmup_steps=200, aug_strength=0.0, temperature=0.2, projection_hidden=256,
                     projection_out=64, crop_min_scale=0.25, jitter=0.4)
   # examples=0: the whole fine-tuning split. L-BFGS to convergence, L2 chosen on a held-out
-  # 10% of it (soup/linear_probe.py), as for the paper configs.
-  c.probe = dict(kind="linear_probe", examples=0, l2_grid=(1e-6, 1e-5, 1e-4),
+  # 10% of it (soup/linear_probe.py), as for the paper configs; a choice at an end of the
+  # grid adds the next decade past it, at most l2_bracket times.
+  c.probe = dict(kind="linear_probe", examples=0, l2_grid=(1e-6, 1e-5, 1e-4), l2_bracket=4,
                  validation_fraction=0.1, max_iterations=1000, tolerance=1e-5)
 
   # Fine-tuning: shared settings; the sweep varies the rest.

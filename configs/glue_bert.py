@@ -53,7 +53,7 @@ from soup import layout, recipes, sweep
 TASKS = ("sst2", "rte", "cola", "mrpc", "qnli", "qqp", "wnli")
 SWITCHES = ("cpu", "bert_base", "smoke")
 # Config arguments the test suite checks, alone and with smoke (tests/test_bad_overrides.py).
-ARGS = (*TASKS, *SWITCHES, "rte,cpu", "cola,cpu", "rte,bert_base")
+ARGS = (*TASKS[1:], *SWITCHES, "rte,cpu", "cola,cpu", "rte,bert_base")  # sst2 is "".
 SHARED_GLUE = Path(__file__).resolve().parent.parent.parent / "shared" / "glue"
 CHECKPOINTS = {"minilm": "~/checkpoints/all-MiniLM-L6-v2",
                "bert_base": "~/checkpoints/bert-base-uncased"}

@@ -105,11 +105,11 @@ def aggregate(rows_by_seed: dict[int, list[dict]]) -> dict:
     out_rows.append(row)
   return {"seeds": sorted(tables), "rows": out_rows,
           "precondition": _precondition(tables, rows_by_seed),
-          "greedy_vs_best": _greedy_vs_best(tables, rows_by_seed),
+          "greedy_vs_best": _greedy_vs_best(tables),
           "claims": claims_lib.judge_over_seeds(tables, rows_by_seed)}
 
 
-def _greedy_vs_best(tables: dict[int, dict], rows_by_seed: dict[int, list[dict]]) -> dict:
+def _greedy_vs_best(tables: dict[int, dict]) -> dict:
   out = {}
   for metric in ("test", "avg_shifts"):
     diffs = [t["greedy_soup"][metric] - t["best_individual"][metric]

@@ -2,12 +2,14 @@
 
 - The error landscape (the paper's Figure 2): held-out error on the plane
   through the initialization and two fine-tuned solutions, as a contour plot
-  with the three points marked. Fine-tunes that share a basin have a lower
-  error between them than at either end: why averaging works.
+  with the three points and the fine-tunes' midpoint marked. Fine-tunes that
+  share a basin have a lower error between them than at either end: why
+  averaging works. The colour levels are dense where the models are, so that
+  a basin a fraction of a point deep shows.
 - Accuracy as ingredients are added: held-out and test accuracy of the greedy
-  and the uniform soup of the first k ingredients, in decreasing order of
-  held-out accuracy. The uniform soup falls when runs from outside the basin
-  join; the greedy soup never loses held-out accuracy.
+  and the uniform soup of the first k ingredients, in the greedy soup's order
+  (decreasing held-out accuracy, its tie order). The uniform soup falls when runs
+  from outside the basin join; the greedy soup never loses held-out accuracy.
 
 Nothing here knows the model: parameters are pytrees of arrays, and the caller
 passes the accuracy functions (params -> fraction correct). Outputs are plain
@@ -17,14 +19,13 @@ dicts (written as JSON) and PNGs.
 from __future__ import annotations
 
 import functools
-import operator
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from soup import atomic_io
-from soup.soups import average
+from soup.soups import average, greedy
 
 PyTree = Any
 AccuracyFn = Callable[[PyTree], float]
@@ -94,73 +95,113 @@ def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,
   points = {name: [float(c) for c in xy] for name, xy in zip(names, coords)}
   point_error = {name: 1.0 - held_out_accuracy(p)
                  for name, p in zip(names, (init, finetune_a, finetune_b))}
+  # The uniform soup of the two fine-tunes: inside a shared basin it beats both.
+  midpoint = {"xy": [float(c) for c in (coords[1] + coords[2]) / 2],
+              "error": 1.0 - held_out_accuracy(unravel(((a + b) / 2).astype(np.float32)))}
   return {"xs": xs.tolist(), "ys": ys.tolist(), "error": error.tolist(), "points": points,
-          "point_error": point_error}
+          "point_error": point_error, "midpoint": midpoint}
 
 
 def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
                       sources: Mapping[str, Any], held_out_accuracy: AccuracyFn,
                       test_accuracy: AccuracyFn, comparison: str = ">",
+                      tie_order: str = "reversed",
                       layout: Optional[average.Layout] = None) -> dict:
-  """Greedy and uniform soups of the first k ingredients (held-out order), k = 1..N.
+  """Greedy and uniform soups of the first k ingredients (the greedy order), k = 1..N.
 
-  Both are the one averager's running means (soup/soups/average.py) in `layout`, fed
-  one read of each ingredient; the greedy soup keeps an ingredient only if the held-out
-  accuracy of the soup with it `comparison`s the current one (the official code: ">").
-  Test accuracy is measured only when a soup changes.
+  The greedy soup's order and choices are soup/soups/greedy.py's own (`ranked` with
+  `tie_order`, `greedy_select` with `comparison`), so the last greedy point is the
+  greedy soup. Both soups are the one averager's running means (soup/soups/average.py)
+  in `layout`, fed one read of each ingredient. Test accuracy is measured only when a
+  soup changes.
   """
-  better = {">": operator.gt, ">=": operator.ge}.get(comparison)
-  if better is None:
-    raise ValueError(f"comparison must be '>' or '>=', got {comparison!r}.")
-  order = sorted(names, key=lambda n: -held_out_scores[n])
-  opened = average.open_sources([sources[n] for n in order])
+  order = greedy.ranked({n: held_out_scores[n] for n in names}, tie_order)
+  opened = dict(zip(order, average.open_sources([sources[n] for n in order])))
+  first = opened[order[0]]
   layout = layout or average.Layout.host()
-  uniform = average.RunningMean(layout, opened[0].specs)
-  greedy = average.RunningMean(layout, opened[0].specs)
-  as_params = lambda home: average.as_tree(uniform.output(home), opened[0])  # noqa: E731
-  greedy_members: list[str] = []
+  uniform = average.RunningMean(layout, first.specs)
+  greedy_mean = average.RunningMean(layout, first.specs)
+  as_params = lambda home: average.as_tree(uniform.output(home), first)  # noqa: E731
   out = {"order": order, "uniform_held_out": [], "uniform_test": [], "greedy_held_out": [],
          "greedy_test": [], "greedy_ingredients": []}
-  greedy_held = greedy_test = None
-  for name, source in zip(order, opened):
-    x = uniform.reader.read(source, reuse=False)  # One read feeds both soups.
+  state: dict[str, Any] = {}
+
+  def add_to_uniform(name):
+    x = uniform.reader.read(opened[name], reuse=False)  # One read feeds both soups.
     uniform.add(x)
     soup = as_params(uniform.mean)
     out["uniform_held_out"].append(held_out_accuracy(soup))
     out["uniform_test"].append(test_accuracy(soup))
-    if greedy.mean is None:
-      greedy.add(x)
-      greedy_members = [name]
-      greedy_held, greedy_test = out["uniform_held_out"][0], out["uniform_test"][0]
-    else:
-      candidate = greedy.candidate(x)
-      held = held_out_accuracy(as_params(candidate))
-      if better(held, greedy_held):
-        greedy.accept(candidate)
-        greedy_members = greedy_members + [name]
-        greedy_held, greedy_test = held, test_accuracy(as_params(candidate))
-    del x
-    out["greedy_held_out"].append(greedy_held)
-    out["greedy_test"].append(greedy_test)
-    out["greedy_ingredients"].append(list(greedy_members))
+    return x
+
+  def try_candidate(name):
+    state["candidate"] = None  # The rejected one is freed before the next is built.
+    state["candidate"] = greedy_mean.candidate(add_to_uniform(name))
+    return float(held_out_accuracy(as_params(state["candidate"])))
+
+  accepted_test = []
+
+  def accept(name):
+    greedy_mean.accept(state["candidate"])
+    accepted_test.append(test_accuracy(as_params(greedy_mean.mean)))
+
+  greedy_mean.add(add_to_uniform(order[0]))
+  _, _, history = greedy.greedy_select(order, float(held_out_scores[order[0]]), try_candidate,
+                                       accept, comparison, "ingredient curves")
+  members, held, test_now, test = [], None, None, iter([out["uniform_test"][0], *accepted_test])
+  for step in history:
+    if step["accepted"]:
+      members, held, test_now = members + [step["name"]], step["held_out"], next(test)
+    out["greedy_held_out"].append(held)
+    out["greedy_test"].append(test_now)
+    out["greedy_ingredients"].append(list(members))
   return out
+
+
+def landscape_levels(grid_error: np.ndarray, model_errors: Sequence[float],
+                     bands: int = 12) -> np.ndarray:
+  """Contour levels of error in percent, dense where the models are.
+
+  Geometric from just below the lowest error (models' or grid's: the basin floor) to
+  twice the worst model's (100 at most), plus a level between each two neighbouring model errors, so
+  that models a fraction of a point apart sit in different bands. Errors above the top
+  level share one colour (the plot's extend="max").
+  """
+  models = np.sort(np.asarray(model_errors, np.float64))
+  floor = min(float(np.min(grid_error)), float(models[0]))
+  low = 0.95 * floor if floor > 0 else 1e-3 * max(float(models[-1]), 1e-6)
+  high = max(min(2 * float(models[-1]), 100.0), 1.05 * low)
+  geometric = low * (high / low) ** np.linspace(0, 1, bands + 1)
+  between = (models[1:] + models[:-1]) / 2
+  levels = np.unique(np.concatenate([geometric, between[models[1:] > models[:-1]]]))
+  return levels[np.concatenate([[True], np.diff(levels) > 1e-9 * high])]
 
 
 def plot_landscape(landscape: dict, path: str | Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
+  import matplotlib.colors
   import matplotlib.pyplot as plt
 
   xs, ys = np.array(landscape["xs"]), np.array(landscape["ys"])
   error = 100 * np.array(landscape["error"])
+  levels = landscape_levels(error, [100 * e for e in landscape["point_error"].values()])
+  cmap = plt.get_cmap("viridis_r")
+  # One colour per band however narrow (a linear norm would give close bands one colour).
+  norm = matplotlib.colors.BoundaryNorm(levels, cmap.N, extend="max")
   fig, ax = plt.subplots(figsize=(6.2, 5))
-  filled = ax.contourf(xs, ys, error, levels=14, cmap="viridis_r")
-  ax.contour(xs, ys, error, levels=14, colors="k", linewidths=0.3, alpha=0.5)
-  fig.colorbar(filled, ax=ax, label="held-out error (%)")
+  filled = ax.contourf(xs, ys, error, levels=levels, cmap=cmap, norm=norm, extend="max")
+  ax.contour(xs, ys, error, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
+  fig.colorbar(filled, ax=ax, label="held-out error (%)", format="%.1f")
   for (name, (x, y)), marker in zip(landscape["points"].items(), ("s", "o", "o")):
     err = 100 * landscape["point_error"][name]
     ax.scatter([x], [y], marker=marker, s=90, c="white", edgecolors="k", zorder=3)
     ax.annotate(f"{name}\n{err:.1f}%", (x, y), textcoords="offset points", xytext=(6, 6),
+                fontsize=8, bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8))
+  if "midpoint" in landscape:
+    (x, y), err = landscape["midpoint"]["xy"], 100 * landscape["midpoint"]["error"]
+    ax.scatter([x], [y], marker="X", s=90, c="white", edgecolors="k", zorder=3)
+    ax.annotate(f"midpoint\n{err:.1f}%", (x, y), textcoords="offset points", xytext=(6, -22),
                 fontsize=8, bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8))
   ax.set_xlabel("along fine-tune A − initialization")
   ax.set_ylabel("orthogonal, towards fine-tune B")

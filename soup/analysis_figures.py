@@ -43,7 +43,7 @@ def build(config, wd: Workdir, res: Resources, store: IngredientStore,
     log.warning("analysis figures need model_0 and two fine-tunes; skipped.")
     return {}
   settings = {k: cfg.get(k) for k in ("landscape_grid", "landscape_examples")}
-  key = content_key({"settings": settings, "greedy": config.soups.greedy_comparison,
+  key = content_key({"settings": settings, "greedy": _greedy_settings(config),
                      "eval": eval_settings(config),
                      "ingredients": {n: wd.fingerprint_digest(wd.ingredient_dir(n))
                                      for n in usable}})
@@ -52,6 +52,12 @@ def build(config, wd: Workdir, res: Resources, store: IngredientStore,
     return cached
   scores = {r["model_name"]: r[res.columns.held_out] for r in rows if r["model_name"] in usable}
   return _compute(config, wd, res, store, usable, members, scores, settings, key, figures)
+
+
+def _greedy_settings(config) -> dict:
+  """The greedy soup's comparison and tie order (their recipe defaults when it is not run)."""
+  return {"comparison": config.soups.get("greedy_comparison", ">"),
+          "tie_order": config.soups.get("greedy_tie_order", "reversed")}
 
 
 def _cached(wd: Workdir, key: str, figures: dict[str, str]):
@@ -105,7 +111,7 @@ def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable
     analysis.plot_landscape(landscape, wd.root / "landscape.png")
   curves = analysis.ingredient_curves(
       usable, scores, {n: wd.ingredient_dir(n) for n in usable}, res.held_out_accuracy,
-      _accuracy(res, test_split, bs), config.soups.greedy_comparison, res.layout)
+      _accuracy(res, test_split, bs), **_greedy_settings(config), layout=res.layout)
   analysis.plot_ingredient_curves(curves, wd.root / "ingredients.png")
   atomic_io.atomic_write_text(wd.root / "analysis.json",
                               json.dumps({"key": key, "figures": figures,

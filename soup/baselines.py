@@ -11,20 +11,24 @@ def pixel_features(task, images: np.ndarray) -> np.ndarray:
   return np.asarray(task.preprocess(jnp.asarray(images))).reshape(len(images), -1)
 
 
-def pixel_linear_logits(task, settings, seed: int, batch_size: int = 2048) -> dict[str, np.ndarray]:
-  """Multinomial logistic regression on raw pixels of the fine-tuning split; logits per split.
+def pixel_linear_logits(task, settings, seed: int, batch_size: int = 2048
+                        ) -> tuple[dict[str, np.ndarray], dict]:
+  """Multinomial logistic regression on raw pixels of the fine-tuning split: logits per split,
+  and the fit's info (the L2 chosen and the grid searched).
 
-  Fitted by the same routine as the linear probe (soup/linear_probe.py's fit_probe), so the
-  comparison with model_0 differs only in the features.
+  Fitted by the same routine as the linear probe (soup/linear_probe.py's fit_probe, its L2
+  bracketed the same way), so the comparison with model_0 differs only in the features.
   """
   from soup.linear_probe import fit_probe
   images, labels = task.finetune_examples(task.finetune_size())
-  head = fit_probe(pixel_features(task, images), labels, task.num_classes,
-                   l2_grid=settings.l2_grid, validation_fraction=settings.validation_fraction,
-                   max_iterations=settings.max_iterations, tolerance=settings.tolerance,
-                   seed=seed).head
+  fit = fit_probe(pixel_features(task, images), labels, task.num_classes,
+                  l2_grid=settings.l2_grid, l2_bracket=settings.l2_bracket,
+                  validation_fraction=settings.validation_fraction,
+                  max_iterations=settings.max_iterations, tolerance=settings.tolerance,
+                  seed=seed, name="soups.pixel_linear")
+  head = fit.head
   out = {}
   for column, split in task.eval_splits().items():
     out[column] = np.concatenate([pixel_features(task, batch) @ head["kernel"] + head["bias"]
                                   for batch in split.iterate(batch_size)])
-  return out
+  return out, fit.info(settings.l2_grid)

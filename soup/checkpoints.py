@@ -22,9 +22,8 @@ N-d slice of a leaf (a device's shard), `read_flat` a range of its flattened val
 straight (no Orbax restore, ~120 ms fixed cost per call, no allocation), which is
 the layout Orbax RAW_LAYOUT_ORBAX writes; tests/test_ingredients.py checks this
 reader against Orbax's public restore and fails the day another Orbax release
-writes another layout. Ingredients of other layouts (earlier versions of this
-code: OCDBT, compressed) are restored with Orbax's public API once, then served
-from memory.
+writes another layout. Ingredients of earlier versions of this code (OCDBT,
+compressed, one checksum per leaf) are refused: delete them and rerun the stage.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import math
 import os
 import shutil
 import threading
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -53,7 +51,6 @@ from soup.trees import flatten_with_names, unflatten
 PyTree = Any
 INGREDIENT_FILE = layout.INGREDIENT_FILE  # Written last: its presence means complete.
 CHUNKED_LAYOUT = "zarr2-chunks"  # ingredient.json's "layout": written by save_ingredient.
-SINGLE_CHUNK_LAYOUT = "zarr2-raw-chunks"  # Earlier saves: one chunk per leaf, one CRC each.
 # The orbax-checkpoint release whose on-disk layout (a folder per leaf named by its keys
 # joined with ".", one raw zarr2 chunk file per shard named by its chunk-grid position)
 # this reader was checked against: tests/test_ingredients.py fails, with a message, the day
@@ -218,6 +215,11 @@ def ingredient_metadata(path: str | os.PathLike) -> dict:
     raise CheckpointError(
         f"Cannot restore ingredient {path}: its {INGREDIENT_FILE} is corrupt or has no "
         "fingerprints. Delete that folder and rerun the stage that writes it.")
+  if info.get("layout") != CHUNKED_LAYOUT:
+    raise CheckpointError(
+        f"Ingredient {path} was written by an earlier version of this code (layout "
+        f"{info.get('layout', 'Orbax defaults')!r}, not {CHUNKED_LAYOUT!r}); delete that folder "
+        "and rerun the stage that writes it.")
   return info
 
 
@@ -233,22 +235,13 @@ class LeafSpec:
 
 
 class _Leaf:
-  """One leaf on disk: its spec, chunk shape and checksums (per block, or whole-leaf)."""
-  __slots__ = ("spec", "chunk", "crcs", "whole_crc", "nbytes", "chunk_bytes")
+  """One leaf on disk: its spec, chunk shape and per-block checksums."""
+  __slots__ = ("spec", "chunk", "crcs", "nbytes", "chunk_bytes")
 
-  def __init__(self, fp, block: int):
-    if isinstance(fp, dict):
-      self.spec = LeafSpec(fp["shape"], fp["dtype"])
-      self.chunk = tuple(fp["chunk"])
-      self.crcs = {k: [int(v, 16) for v in vs] for k, vs in fp["crc32c"].items()}
-      self.whole_crc = None
-    else:  # "float32[768, 3072]:crc32c:1a2b3c4d"; no tag: zlib's CRC-32 (older saves).
-      head, _, tail = fp.partition(":")
-      dtype, _, shape = head.partition("[")
-      self.spec = LeafSpec(tuple(int(d) for d in shape.rstrip("]").split(",") if d.strip()), dtype)
-      method, _, value = tail.rpartition(":")
-      self.chunk, self.crcs = self.spec.shape, None
-      self.whole_crc = (method or "crc32", int(value, 16))
+  def __init__(self, fp: dict):
+    self.spec = LeafSpec(fp["shape"], fp["dtype"])
+    self.chunk = tuple(fp["chunk"])
+    self.crcs = {k: [int(v, 16) for v in vs] for k, vs in fp["crc32c"].items()}
     self.nbytes = self.spec.dtype.itemsize * math.prod(self.spec.shape)
     self.chunk_bytes = self.spec.dtype.itemsize * math.prod(self.chunk)
 
@@ -281,12 +274,8 @@ class Ingredient:
     self.fingerprints: dict = info["fingerprints"]
     self.metadata: dict = info.get("metadata", {})
     self._block = int(info.get("block_bytes", BLOCK_BYTES))
-    self._leaves = {n: _Leaf(fp, self._block) for n, fp in self.fingerprints.items()}
+    self._leaves = {n: _Leaf(fp) for n, fp in self.fingerprints.items()}
     self.specs = {n: leaf.spec for n, leaf in self._leaves.items()}
-    self.direct = info.get("layout") in (CHUNKED_LAYOUT, SINGLE_CHUNK_LAYOUT) and all(
-        s % c == 0 for leaf in self._leaves.values() for s, c in zip(leaf.spec.shape, leaf.chunk))
-    self._restored: Optional[dict[str, np.ndarray]] = None
-    self._lock = threading.Lock()
 
   @property
   def nbytes(self) -> int:
@@ -311,9 +300,6 @@ class Ingredient:
     leaf = self._leaves[name]
     extents = tuple(b - a for a, b in box)
     out = self._view(out, extents, leaf.spec.dtype)
-    if not self.direct:
-      np.copyto(out, self._restore()[name][tuple(slice(a, b) for a, b in box)])
-      return out
     item = leaf.spec.dtype.itemsize
     grid = [range(a // c, (b - 1) // c + 1) if b > a else range(0)
             for (a, b), c in zip(box, leaf.chunk)]
@@ -340,7 +326,7 @@ class Ingredient:
     leaf = self._leaves[name]
     out = self._view(out, (stop - start,), leaf.spec.dtype)
     slab = math.prod(leaf.chunk)
-    if not self.direct or tuple(leaf.chunk[1:]) != tuple(leaf.spec.shape[1:]):
+    if tuple(leaf.chunk[1:]) != tuple(leaf.spec.shape[1:]):
       np.copyto(out, self.read(name).reshape(-1)[start:stop])  # Chunks not in flat order.
       return out
     item, ndim = leaf.spec.dtype.itemsize, len(leaf.spec.shape)
@@ -354,11 +340,8 @@ class Ingredient:
   def prefetch(self, names=None) -> None:
     """Asks the kernel to start reading these leaves' files into the page cache
     (returns at once; costs no process memory)."""
-    if not self.direct:
-      return
     for name in names or self._leaves:
-      leaf = self._leaves[name]
-      for key in leaf.crcs or [_chunk_key([0] * len(leaf.chunk), leaf.chunk)]:
+      for key in self._leaves[name].crcs:
         try:
           fd = os.open(self._file(name, key), os.O_RDONLY)
         except OSError:
@@ -368,19 +351,11 @@ class Ingredient:
         finally:
           os.close(fd)
 
-  def release(self) -> None:
-    """Drops the restored copy of an ingredient of another layout."""
-    with self._lock:
-      if self._restored is not None:
-        self._restored = None
-        release_free_memory()
-
   def tree(self) -> PyTree:
     """All leaves, verified, as numpy arrays in one aligned block."""
     out = aligned_tree(self.specs)
     for name in self.specs:
       self.read(name, out[name])
-    self.release()
     return unflatten(out)
 
   # --- The byte reader ---
@@ -407,12 +382,10 @@ class Ingredient:
         raise CheckpointError(f"Ingredient {self.path} is truncated or corrupted: {file} has "
                               f"{size} bytes, expected {leaf.chunk_bytes}. Delete it and rerun "
                               "that member.")
-      if not self.verify:
-        self._pread(fd, file, out, a, b)
-      elif leaf.crcs is None:  # One checksum for the whole leaf: read it all to check it.
-        _whole_leaf_checked(self, fd, file, name, a, b, out)
+      if self.verify:
+        self._read_checked(fd, file, name, key, a, b, out)
       else:
-        _blocks_checked(self, fd, file, name, key, a, b, out)
+        self._pread(fd, file, out, a, b)
     finally:
       os.close(fd)
 
@@ -426,74 +399,31 @@ class Ingredient:
     return CheckpointError(f"Ingredient {self.path} is corrupted: leaf {name} does not match its "
                            "saved checksum. Delete it and rerun that member.")
 
-  def _restore(self) -> dict[str, np.ndarray]:
-    with self._lock:
-      if self._restored is None:
-        restored = flatten_with_names(_orbax_restore(self.path))
-        _count(self.path, sum(x.nbytes for x in restored.values()))
-        if self.verify:
-          for name, leaf in self._leaves.items():
-            if leaf.whole_crc is None:
-              continue
-            method, expected = leaf.whole_crc
-            flat = np.ascontiguousarray(restored[name]).reshape(-1).view(np.uint8)
-            if (google_crc32c.value(flat) if method == "crc32c" else zlib.crc32(flat)) != expected:
-              raise self._corrupted(name)
-        self._restored = restored
-      return self._restored
-
-
-def _whole_leaf_checked(self: "Ingredient", fd, file, name, a, b, out) -> None:
-  """Bytes [a, b) of a leaf with one checksum: the whole leaf is read to check it."""
-  leaf = self._leaves[name]
-  whole = out if (a, b) == (0, leaf.chunk_bytes) else np.empty(leaf.chunk_bytes, np.uint8)
-  self._pread(fd, file, whole, 0, leaf.chunk_bytes)
-  method, expected = leaf.whole_crc
-  flat = whole[:leaf.chunk_bytes]
-  if (google_crc32c.value(flat) if method == "crc32c" else zlib.crc32(flat)) != expected:
-    raise self._corrupted(name)
-  if whole is not out:
-    out[:b - a] = whole[a:b]
-
-def _blocks_checked(self: "Ingredient", fd, file, name, key, a, b, out) -> None:
-  """Bytes [a, b) of a chunk, each MiB block covered checked against its CRC-32C."""
-  leaf, block = self._leaves[name], self._block
-  crcs = leaf.crcs.get(key)
-  if crcs is None:
-    raise CheckpointError(f"Ingredient {self.path} has no checksum for chunk {key} of {name}; "
-                          "it is incomplete. Delete it and rerun that member.")
-  end = leaf.chunk_bytes
-  inner_a = -(-a // block) * block  # The whole blocks inside [a, b) are read in place ...
-  inner_b = b if b == end else b // block * block
-  for lo in range(inner_a, inner_b, block):  # Each block checked while still in cache.
-    hi = min(lo + block, inner_b)
-    self._pread(fd, file, out[lo - a:], lo, hi)
-    if google_crc32c.value(out[lo - a:hi - a]) != crcs[lo // block]:
-      raise self._corrupted(name)
-  for j in sorted({a // block, (b - 1) // block}):  # ... the partial ones at the edges apart.
-    s, e = j * block, min((j + 1) * block, end)
-    if inner_a <= s and e <= inner_b:
-      continue
-    scratch = np.empty(e - s, np.uint8)
-    self._pread(fd, file, scratch, s, e)
-    if google_crc32c.value(scratch) != crcs[j]:
-      raise self._corrupted(name)
-    lo, hi = max(a, s), min(b, e)
-    out[lo - a:hi - a] = scratch[lo - s:hi - s]
-
-
-def _orbax_restore(path: Path) -> PyTree:
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:  # Closing it frees its threads and buffers.
-      params = checkpointer.restore(path / "params")
-  except Exception as e:  # Orbax/tensorstore raise many types for broken files.
-    raise CheckpointError(f"Cannot restore ingredient {path}: {type(e).__name__}: {e}. "
-                          "The checkpoint is corrupted or truncated; delete it and rerun "
-                          "that member.") from e
-  params = jax.tree.map(np.asarray, params)
-  release_free_memory()
-  return params
-
+  def _read_checked(self, fd, file, name, key, a, b, out) -> None:
+    """Bytes [a, b) of a chunk, each MiB block covered checked against its CRC-32C."""
+    leaf, block = self._leaves[name], self._block
+    crcs = leaf.crcs.get(key)
+    if crcs is None:
+      raise CheckpointError(f"Ingredient {self.path} has no checksum for chunk {key} of {name}; "
+                            "it is incomplete. Delete it and rerun that member.")
+    end = leaf.chunk_bytes
+    inner_a = -(-a // block) * block  # The whole blocks inside [a, b) are read in place ...
+    inner_b = b if b == end else b // block * block
+    for lo in range(inner_a, inner_b, block):  # Each block checked while still in cache.
+      hi = min(lo + block, inner_b)
+      self._pread(fd, file, out[lo - a:], lo, hi)
+      if google_crc32c.value(out[lo - a:hi - a]) != crcs[lo // block]:
+        raise self._corrupted(name)
+    for j in sorted({a // block, (b - 1) // block}):  # ... the partial ones at the edges apart.
+      s, e = j * block, min((j + 1) * block, end)
+      if inner_a <= s and e <= inner_b:
+        continue
+      scratch = np.empty(e - s, np.uint8)
+      self._pread(fd, file, scratch, s, e)
+      if google_crc32c.value(scratch) != crcs[j]:
+        raise self._corrupted(name)
+      lo, hi = max(a, s), min(b, e)
+      out[lo - a:hi - a] = scratch[lo - s:hi - s]
 
 def open_ingredient(path: str | os.PathLike, verify: bool = True) -> Ingredient:
   return Ingredient(path, verify)

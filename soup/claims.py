@@ -12,6 +12,9 @@ interval of a paired accuracy difference:
      the initialization's, or it diverged and was excluded;
   4. the greedy soup comes close to the ensemble of all models at 1/N of the
      inference cost: "close" is within CLOSE_POINTS on test.
+A soup of one ingredient, or an ensemble of one member, is one model: nothing
+was averaged, so a claim about it is neither held nor not held but "not
+applicable", and says so.
 When the initialization beats every fine-tune on held-out (the selection
 split), the paper's setting does not hold: claims 1-4 compare soups with a best
 individual that is not the run's best model. The claims then say so, and
@@ -31,6 +34,7 @@ from soup import recipes, results, stats
 
 CLOSE_POINTS = 1.0  # Claim 4: greedy soup within this many accuracy points of the ensemble.
 HELD, NOT_HELD, OPEN = "held", "not held", "not resolved at this sample size"
+NOT_APPLICABLE = "not applicable"  # A soup of one ingredient: no soup to test.
 CLAIMS = {
     "fine_tuning_improves": "Fine-tuning improves on the initialization (the paper's "
                             "precondition)",
@@ -92,6 +96,24 @@ def setting_warning(rows: Sequence[dict]) -> str | None:
           f"compare soups with the best of the fine-tunes, not with the best model of the run: "
           f"they are not evidence for the paper's mechanism. Each soup is also compared with "
           f"the best of all models, `{init['model_name']}` included")
+
+
+def single_ingredient(row: Mapping | None) -> str | None:
+  """The one ingredient of a soup (or member of an ensemble) that has only one, else None."""
+  if not row or row.get("recipe") in ("initialization", "individual", "best_individual"):
+    return None
+  ingredients = row.get("ingredients")
+  if isinstance(ingredients, (list, tuple, dict)) and len(ingredients) == 1:
+    return next(iter(ingredients))
+  return None
+
+
+def _one_model(row: Mapping, label: str, best_name: str | None) -> str:
+  """The words for a soup of one ingredient or an ensemble of one member."""
+  name = single_ingredient(row)
+  what = "the best individual model" if name == best_name else f"one model, `{name}`"
+  done = "ensembled" if row.get("recipe") in ("ensemble", "greedy_ensemble") else "averaged"
+  return f"one ingredient: the {label} is {what}; nothing was {done}"
 
 
 # --- Intervals stored in the rows -------------------------------------------
@@ -157,8 +179,9 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
 def verdict(low: float, high: float, threshold: float = 0.0) -> str:
   """held if the interval is above threshold, not held if below, else not resolved.
 
-  A zero-width interval at the threshold (the same model, as when the greedy soup
-  is the best individual alone) is not held: nothing is left to resolve.
+  A zero-width interval at the threshold (two names of one model) is not held:
+  nothing is left to resolve. A soup of one ingredient is not judged here: its
+  claims are NOT_APPLICABLE (judge).
   """
   if low > threshold:
     return HELD
@@ -273,6 +296,10 @@ def _best_of_all(rows: Sequence[dict]) -> list[dict]:
       if metric == "avg_shifts" and "avg_shifts" in (row.get("vs_best_of_all") or {}) \
           and row["vs_best_of_all"]["avg_shifts"] is None:
         continue  # No shift splits for this task.
+      if single_ingredient(row) is not None:
+        out.append({**claim, "verdict": NOT_APPLICABLE,
+                    "evidence": _one_model(row, label.lower(), None)})
+        continue
       ci = (row.get("vs_best_of_all") or {}).get(metric)
       if ci is None:  # Results made before these intervals were stored: the point difference.
         column = test if metric == "test" else "avg_shifts"
@@ -298,6 +325,8 @@ def judge(rows: Sequence[dict]) -> list[dict]:
   """
   by_name = {r["model_name"]: r for r in rows}
   greedy, uniform = by_name.get("greedy_soup"), by_name.get("uniform_soup")
+  best = best_individual(rows)
+  best_name = best.get("selected", best["model_name"]) if best else None
   out = [precondition(rows)]
 
   def add(key: str, result: str, evidence: str):
@@ -310,7 +339,11 @@ def judge(rows: Sequence[dict]) -> list[dict]:
     ci = (greedy or {}).get("vs_best_individual", {}).get(metric)
     if metric == "avg_shifts" and no_shifts:
       continue  # A task without shift splits (GLUE): the claim does not apply; the report says so.
-    if ci is None:
+    if single_ingredient(greedy) is not None:
+      add(key, NOT_APPLICABLE, _one_model(greedy, "greedy soup", best_name)
+          + (f"; it minus best individual on the {where}: {_fmt(ci)}"
+             if ci and single_ingredient(greedy) != best_name else ""))
+    elif ci is None:
       add(key, OPEN, "no greedy soup or best individual with intervals in these results")
     else:
       add(key, verdict(ci["low"], ci["high"]),
@@ -319,7 +352,9 @@ def judge(rows: Sequence[dict]) -> list[dict]:
 
   off, runs = left_basin(rows)
   ci = (uniform or {}).get("vs_best_individual", {}).get("test")
-  if ci is None:
+  if single_ingredient(uniform) is not None:
+    add("uniform_falls_behind", NOT_APPLICABLE, _one_model(uniform, "uniform soup", best_name))
+  elif ci is None:
     add("uniform_falls_behind", OPEN, "no uniform soup with intervals in these results")
   elif off == 0:
     add("uniform_falls_behind", OPEN,
@@ -334,7 +369,12 @@ def judge(rows: Sequence[dict]) -> list[dict]:
 
   ci = (greedy or {}).get("vs_ensemble", {}).get("test")
   ensemble = by_name.get("ensemble")
-  if ci is None or ensemble is None:
+  one = next(((row, label) for row, label in ((greedy, "greedy soup"), (ensemble, "ensemble"))
+              if single_ingredient(row) is not None), None)
+  if one is not None:
+    add("greedy_close_to_ensemble", NOT_APPLICABLE, _one_model(*one, best_name)
+        + (f"; greedy soup minus ensemble on test: {_fmt(ci)}" if ci else ""))
+  elif ci is None or ensemble is None:
     add("greedy_close_to_ensemble", OPEN, "no greedy soup and ensemble with intervals")
   else:
     n = ensemble.get("inference_cost") or len(ensemble.get("ingredients") or [])
@@ -449,16 +489,23 @@ def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
   warning = _setting_warning_over_seeds(init_wins, len(tables), first["verdict"])
   out = [{**first, **({"warning": warning} if warning else {})}]
 
+  one = [seed for seed in tables if single_ingredient(next(
+      (r for r in rows_by_seed.get(seed, ()) if r["model_name"] == "greedy_soup"), None))]
+  greedy_note = ("" if not one else
+                 f"; in {len(one)} of {len(tables)} seeds ({', '.join(map(str, one))}) the greedy "
+                 "soup kept one ingredient: there nothing was averaged")
   out.append(_claim_over_seeds("greedy_in_distribution",
                                diffs("greedy_soup", "best_individual", "test"),
-                               note="greedy soup minus best individual on test: "))
+                               note="greedy soup minus best individual on test: ",
+                               suffix=greedy_note))
   out.append(_claim_over_seeds("greedy_under_shift",
                                diffs("greedy_soup", "best_individual", "avg_shifts"),
-                               note="greedy soup minus best individual on the shift average: "))
+                               note="greedy soup minus best individual on the shift average: ",
+                               suffix=greedy_note))
   out.append(_uniform_falls_behind_over_seeds(tables, rows_by_seed))
   out.append(_claim_over_seeds(
       "greedy_close_to_ensemble", diffs("greedy_soup", "ensemble", "test"),
-      threshold=-CLOSE_POINTS / 100,
+      threshold=-CLOSE_POINTS / 100, suffix=greedy_note,
       note=f"greedy soup minus ensemble on test ('close': within {CLOSE_POINTS:g} point): "))
   return out + (_best_of_all_over_seeds(tables, init_wins) if init_wins else [])
 

@@ -98,8 +98,7 @@ def info_nce(z1: jax.Array, z2: jax.Array, temperature: float):
 # --- The step -------------------------------------------------------------
 
 
-def init_params(backbone: nn.Module, params: PyTree, feature_dim: int, hidden: int, out: int,
-                seed: int) -> PyTree:
+def init_params(params: PyTree, feature_dim: int, hidden: int, out: int, seed: int) -> PyTree:
   """The backbone's params plus a fresh projection head under "projection"."""
   head = ProjectionHead(hidden, out)
   proj = head.init(jax.random.key(seed + 1), jnp.zeros((1, feature_dim)))["params"]

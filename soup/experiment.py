@@ -48,7 +48,7 @@ from soup import (
 from soup.data import batching
 from soup.ingredients import IngredientStore
 from soup.layout import STAGES
-from soup.linear_probe import fit_probe
+from soup.linear_probe import DEFAULT_L2_BRACKET, fit_probe
 from soup.models import pretrained
 from soup.resources import Resources
 from soup.workdir import Workdir, content_key, eval_settings
@@ -164,8 +164,7 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
     # The task's preprocessing on both views; the fine-tunes' clip; decay on matrices only.
     model = res.model(0)
     features = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-    params = contrastive.init_params(model, model.init(jax.random.key(config.seed),
-                                                       sample)["params"],
+    params = contrastive.init_params(model.init(jax.random.key(config.seed), sample)["params"],
                                      config.model.width, cfg.projection_hidden,
                                      cfg.projection_out, config.seed)
     fns = contrastive.make_step(features, task.preprocess, temperature=cfg.temperature,
@@ -229,11 +228,10 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
     feats = np.concatenate([np.asarray(feature_fn(backbone, images[i:i + bs]))
                             for i in range(0, len(images), bs)])
     fit = fit_probe(feats, labels, res.num_classes, l2_grid=cfg.l2_grid,
+                    l2_bracket=cfg.get("l2_bracket", DEFAULT_L2_BRACKET),
                     validation_fraction=cfg.validation_fraction,
                     max_iterations=cfg.max_iterations, tolerance=cfg.tolerance, seed=config.seed)
-    head, info = fit.head, {"l2": fit.l2, "converged": fit.final.converged,
-                            "validation_accuracy": {str(k): v
-                                                    for k, v in fit.validation_accuracy.items()}}
+    head, info = fit.head, fit.info(cfg.l2_grid)
   else:
     raise ValueError(f"config.probe.kind must be 'linear_probe', 'zeroshot' or 'random_head', "
                      f"got {cfg.kind!r}.")

@@ -10,7 +10,11 @@ which is scikit-learn's objective with C = 1 / (l2 * n). The L2 strength is chos
 on held-out: a seeded `validation_fraction` of the probe's examples is set aside,
 one fit per value of `l2_grid` (strongest first, each warm-started from the last)
 is scored there by accuracy, and the best value (the stronger one on a tie) is
-refitted on every example. Losses and gradients are computed by XLA in float32
+refitted on every example. A best value at an end of the grid only says the
+optimum may lie beyond it, so the search brackets: it adds the next decade past
+that end (warm-started from its neighbour) until the best value is inside the
+searched grid, at most `l2_bracket` decades (0: the grid as given). The
+searched grid is returned and logged. Losses and gradients are computed by XLA in float32
 (on the accelerator at paper scale); the optimizer keeps its state in float64.
 
 The paper's LP settings are not published (nor its code); the CLIP paper's own
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # Decades; unit-norm CLIP features need little regularization.
 DEFAULT_L2_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
+# Decades the search may add past an end of the grid (module docstring).
+DEFAULT_L2_BRACKET = 4
 
 
 @dataclasses.dataclass
@@ -58,6 +64,15 @@ class ProbeResult:
   l2: float                                      # The chosen strength.
   validation_accuracy: dict[float, float]        # l2 -> accuracy on the held-out part.
   final: ProbeFit                                # The refit on every example.
+  searched: tuple[float, ...] = ()               # Every l2 fitted, ascending (grid + bracket).
+  on_edge: bool = False                          # The choice is still an end of `searched`.
+
+  def info(self, grid: Sequence[float]) -> dict:
+    """The choice and the grid searched, for an ingredient's or a row's info (JSON)."""
+    return {"l2": self.l2, "l2_grid": [float(g) for g in sorted(grid)],
+            "l2_searched": list(self.searched), "l2_on_edge": self.on_edge,
+            "converged": self.final.converged,
+            "validation_accuracy": {str(k): v for k, v in self.validation_accuracy.items()}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,15 +156,30 @@ def accuracy(head: dict, features: np.ndarray, labels: np.ndarray) -> float:
   return metrics.accuracy(np.asarray(features, np.float32) @ head["kernel"] + head["bias"], labels)
 
 
+def _choice(scores: dict[float, float]) -> float:
+  return max(scores, key=lambda l2: (scores[l2], l2))  # Ties: the stronger regularization.
+
+
+def _on_edge(best: float, scores: dict[float, float]) -> bool:
+  return len(scores) > 1 and best in (min(scores), max(scores))
+
+
 def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
-              l2_grid: Sequence[float] = DEFAULT_L2_GRID, validation_fraction: float = 0.1,
-              max_iterations: int = 1000, tolerance: float = 1e-6, seed: int = 0) -> ProbeResult:
-  """The converged linear probe, its L2 strength chosen on a held-out part (module docstring)."""
+              l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+              l2_bracket: int = DEFAULT_L2_BRACKET, validation_fraction: float = 0.1,
+              max_iterations: int = 1000, tolerance: float = 1e-6, seed: int = 0,
+              name: str = "probe") -> ProbeResult:
+  """The converged linear probe, its L2 strength chosen on a held-out part (module docstring).
+
+  `name` names the probe in the log ("probe", "pixel_linear").
+  """
   if not l2_grid or min(l2_grid) <= 0:
-    raise ValueError(f"config.probe.l2_grid must hold positive values, got {tuple(l2_grid)}.")
+    raise ValueError(f"config.{name}.l2_grid must hold positive values, got {tuple(l2_grid)}.")
   if not 0 < validation_fraction < 1:
-    raise ValueError(f"config.probe.validation_fraction must lie in (0, 1), "
+    raise ValueError(f"config.{name}.validation_fraction must lie in (0, 1), "
                      f"got {validation_fraction}.")
+  if l2_bracket < 0:
+    raise ValueError(f"config.{name}.l2_bracket must be 0 or more, got {l2_bracket}.")
   features = np.asarray(features, np.float32)
   labels = np.asarray(labels)
   order = np.random.default_rng(seed).permutation(len(labels))
@@ -157,21 +187,38 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   val = order[:n_val]
   train = np.ones(len(labels), bool)
   train[val] = False
-  scores, head = {}, None
-  for l2 in sorted(l2_grid, reverse=True):  # Strong to weak: each warm-starts the next.
-    fit = fit_logistic_regression(features, labels, num_classes, l2, mask=train, init=head,
+  scores, heads = {}, {}
+
+  def score(l2: float, init: Optional[dict]) -> None:
+    fit = fit_logistic_regression(features, labels, num_classes, l2, mask=train, init=init,
                                   max_iterations=max_iterations, tolerance=tolerance)
-    head = fit.head
-    scores[float(l2)] = accuracy(head, features[val], labels[val])
-    log.info("probe: l2 %.1e -> held-out accuracy %.4f (%d iterations, %s)", l2, scores[l2],
-             fit.iterations, fit.message)
-  best = max(scores, key=lambda l2: (scores[l2], l2))  # Ties: the stronger regularization.
-  if len(scores) > 1 and best in (min(scores), max(scores)) and scores[best] > min(scores.values()):
-    log.warning("probe: the chosen l2 %.1e is at the end of config.probe.l2_grid; the optimum "
-                "may lie beyond it: widen the grid.", best)
+    heads[l2] = fit.head
+    scores[l2] = accuracy(fit.head, features[val], labels[val])
+    log.info("%s: l2 %.1e -> held-out accuracy %.4f (%d iterations, %s)", name, l2,
+             scores[l2], fit.iterations, fit.message)
+
+  head = None
+  for l2 in sorted({float(g) for g in l2_grid}, reverse=True):  # Strong to weak: warm starts.
+    score(l2, head)
+    head = heads[l2]
+  best, added = _choice(scores), 0
+  while _on_edge(best, scores) and added < l2_bracket:
+    step = 0.1 if best == min(scores) else 10.0  # Rounded: 1e-5 / 10 is 1e-6, not 1.0..02e-6.
+    score(float(f"{best * step:.12g}"), heads[best])
+    best, added = _choice(scores), added + 1
+  searched = tuple(sorted(scores))
+  on_edge = _on_edge(best, scores)
+  listed = ", ".join(f"{g:.0e}" for g in searched)
+  if on_edge:
+    log.warning("%s: the chosen l2 %.1e is still an end of the searched grid (%s) after %d "
+                "added decades; raise config.%s.l2_bracket or move config.%s.l2_grid.",
+                name, best, listed, added, name, name)
+  else:
+    log.info("%s: chose l2 %.1e inside the searched grid (%s; %d decades added past "
+             "config.%s.l2_grid's ends)", name, best, listed, added, name)
   final = fit_logistic_regression(features, labels, num_classes, best,
                                   max_iterations=max_iterations, tolerance=tolerance)
   if not final.converged:
-    log.warning("probe: L-BFGS stopped before converging (%s); raise config.probe."
-                "max_iterations.", final.message)
-  return ProbeResult(final.head, best, scores, final)
+    log.warning("%s: L-BFGS stopped before converging (%s); raise config.%s."
+                "max_iterations.", name, final.message, name)
+  return ProbeResult(final.head, best, scores, final, searched, on_edge)

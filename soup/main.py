@@ -111,6 +111,7 @@ def main(argv):
   std_logging.getLogger().addHandler(handler)
   # Our modules log through the root logger at INFO.
   std_logging.getLogger("soup").setLevel(std_logging.INFO)
+  validate.warn_ignored(config)  # Once, before compute: into the log file too.
   cache = os.environ.get("SOUP_COMPILATION_CACHE", str(Path.home() / ".cache" / "soup_jax"))
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)

@@ -128,9 +128,10 @@ class Recipe:
 def pixel_linear_rows(k: Kitchen) -> Rows:
   """The floor: logistic regression on raw pixels of the fine-tuning split, no pretraining."""
   from soup import baselines
-  logits = baselines.pixel_linear_logits(k.task, k.config.pixel_linear, k.seed)
+  logits, fit = baselines.pixel_linear_logits(k.task, k.config.pixel_linear, k.seed)
   return [k.row("pixel_linear", "pixel_linear", logits, [], 1,
-                info="logistic regression on raw pixels, trained on the fine-tuning split")]
+                info="logistic regression on raw pixels, trained on the fine-tuning split",
+                probe=fit)]
 
 
 def best_individual_rows(k: Kitchen) -> Rows:
@@ -286,6 +287,9 @@ WISE_FT = (
 PIXEL_LINEAR = (  # Fitted as the probe: L-BFGS, L2 chosen on a part of the fine-tuning split.
     Setting("pixel_linear.l2_grid", tuple, (1e-4, 1e-3, 1e-2), "the L2 strengths tried",
             interval="(0, inf)"),
+    # As soup/linear_probe.py's DEFAULT_L2_BRACKET (tests/test_linear_probe.py checks).
+    Setting("pixel_linear.l2_bracket", int, 4,
+            "decades the L2 search may add past an end of the grid it chose", interval="[0, inf)"),
     Setting("pixel_linear.validation_fraction", float, 0.1,
             "the part of the fine-tuning split that chooses the L2", interval="(0, 1)"),
     Setting("pixel_linear.max_iterations", int, 300, "L-BFGS iterations", interval="[1, inf)"),

@@ -258,10 +258,13 @@ def _ingredients_cell(ingredients: int | None, entry: dict) -> str:
 def _statistics(rows: Sequence[dict], table: Sequence[dict]) -> dict:
   """The rows' paired intervals (against the best individual, and against the best of all
   models where that is the initialization), and the claims they decide."""
-  intervals = [{"method": entry["method"], **entry["line"]["vs_best_individual"]}
+  def method(entry):  # A soup of one ingredient is one model: its row says so.
+    return entry["method"] + (" (one ingredient)" if claims.single_ingredient(entry["line"])
+                              else "")
+  intervals = [{"method": method(entry), **entry["line"]["vs_best_individual"]}
                for entry in table if entry["line"].get("vs_best_individual")
                and entry["recipe"] != "best_individual"]
-  best_of_all = [{"method": entry["method"], **entry["line"]["vs_best_of_all"]}
+  best_of_all = [{"method": method(entry), **entry["line"]["vs_best_of_all"]}
                  for entry in table if entry["line"].get("vs_best_of_all")]
   if not intervals:
     return {"intervals": [], "best_of_all_intervals": [], "claims": []}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -183,16 +183,6 @@ def abstract(tree: PyTree, tree_shardings: PyTree) -> PyTree:
   """ShapeDtypeStructs carrying shardings: an Orbax restore target, or jit's abstract input."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
                       tree, tree_shardings)
-
-
-def bytes_per_device(trees: Iterable[PyTree]) -> dict[Any, int]:
-  """Bytes each local device holds of these arrays, from their addressable shards."""
-  out: dict[Any, int] = {}
-  for tree in trees:
-    for leaf in jax.tree.leaves(tree):
-      for shard in leaf.addressable_shards:
-        out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
-  return out
 
 
 def describe(tree_shardings: PyTree) -> dict[str, int]:

@@ -40,11 +40,6 @@ class Interval:
     return self.low > 0 or self.high < 0
 
 
-def correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """Per-example correctness of argmax predictions."""
-  return np.argmax(np.asarray(logits), axis=-1) == np.asarray(labels)
-
-
 def resample_means(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
   """Mean of `values` over each row of `indices` [num_resamples, n]."""
   return np.asarray(values, np.float64)[indices].mean(axis=1)

@@ -7,11 +7,18 @@ exception is a bug and keeps its traceback.
 Every field's rule is one row of FIELDS (field -> rule, and when the field is
 read), config.soups's from the settings the recipes declare (soup/recipes.py);
 `check_devices` adds PER_DEVICE's once the number of devices is known.
+
+The config is checked whole: a value no run could use (a plain Rule's refusal) is
+refused even in a block this run will not read, as the upstream block of a config
+that loads its start; rules that depend on other fields or on the devices apply
+only where the field is read. `warn_ignored` says once, before compute, which
+fields this run will not read and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
 import os
@@ -24,6 +31,8 @@ from soup.data import registry as datasets
 from soup.data.glue import GLUE_TASKS
 
 GLUE_TASK_NAMES = tuple(GLUE_TASKS)
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -121,28 +130,44 @@ BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 FASHION_MNIST_TRAIN = 60_000     # TFDS fashion_mnist's train split, cut by config.data.
 
 
-def _data_is(name: str) -> Callable[[Any], bool]:
+@dataclasses.dataclass(frozen=True)
+class When:
+  """When a field is read: a condition on the config, and why the field is unread otherwise."""
+  holds: Callable[[Any], bool]
+  unless: str | Callable[[Any], str]  # Why not (of the config): the ignored fields' warning.
+
+  def why_not(self, config) -> str:
+    return self.unless(config) if callable(self.unless) else self.unless
+
+  def __call__(self, config) -> bool:
+    return self.holds(config)
+
+
+def _data_is(name: str) -> When:
   """The condition "config.data.name is `name`", a name of soup/data/registry.py."""
   datasets.get(name)  # A renamed entry fails here, not by silently skipping its rows.
-  return lambda c: c.data.name == name
+  return When(lambda c: c.data.name == name, f"config.data.name is not {name!r}")
 
 
-def _model_is(name: str) -> Callable[[Any], bool]:
+def _model_is(name: str) -> When:
   """The condition "config.model.name is `name`", a name of soup/models/__init__.py."""
   models.get(name)
-  return lambda c: c.model.name == name
+  return When(lambda c: c.model.name == name, f"config.model.name is not {name!r}")
 
 
 # When a field is read (a field the config lacks is skipped in any case).
-ALWAYS = lambda c: True
+ALWAYS = When(lambda c: True, "")
 FASHION = _data_is("fashion_mnist")
-UPSTREAM = lambda c: c.init.source == "upstream"  # Trained here; else config.upstream is unread.
-SIMCLR = lambda c: UPSTREAM(c) and c.upstream.get("objective") == "simclr"
-LINEAR_PROBE = lambda c: c.probe.kind == "linear_probe"
+UPSTREAM = When(lambda c: c.init.source == "upstream",  # Else config.upstream is unread.
+                "config.init.source is not 'upstream': the start is loaded, not pretrained here")
+SIMCLR = When(lambda c: UPSTREAM(c) and c.upstream.get("objective") == "simclr",
+              lambda c: UPSTREAM.unless if not UPSTREAM(c)
+              else "config.upstream.objective is not 'simclr'")
+LINEAR_PROBE = When(lambda c: c.probe.kind == "linear_probe",
+                    "config.probe.kind is not 'linear_probe'")
 VIT = _model_is("vit")
 BERT = _model_is("bert")
 GLUE = _data_is("glue")
-NOT_GLUE = lambda c: not GLUE(c)
 RELEASED = lambda c: "released" in c  # The paper's released models, imported (no training).
 
 
@@ -161,8 +186,8 @@ FIELDS: tuple[tuple, ...] = (
     ("data.image_size", POSITIVE_INT),
     ("data.image_channels", POSITIVE_INT),
     ("data.held_out_examples", POSITIVE_INT),
-    ("data.finetune_examples", POSITIVE_INT, NOT_GLUE),
-    ("data.finetune_examples", COUNT, GLUE),  # 0: the rest of train.
+    # GLUE: 0 is the rest of train; elsewhere a count of images.
+    ("data.finetune_examples", lambda c: COUNT if GLUE(c) else POSITIVE_INT),
     ("data.task", one_of(*GLUE_TASK_NAMES), GLUE),
     ("data.max_length", integer(2), GLUE),
     ("data.length_buckets", items(POSITIVE_INT), GLUE),
@@ -197,7 +222,7 @@ FIELDS: tuple[tuple, ...] = (
     ("upstream.epochs", POSITIVE_INT, UPSTREAM),
     ("upstream.batch_size", POSITIVE_INT, UPSTREAM),
     ("upstream.batch_size", lambda c: integer(1, _upstream_size(c), "the upstream's images"),
-     lambda c: UPSTREAM(c) and FASHION(c)),
+     When(lambda c: UPSTREAM(c) and FASHION(c), UPSTREAM.unless)),
     ("upstream.lr", POSITIVE, UPSTREAM),
     ("upstream.weight_decay", UNIT, UPSTREAM),
     ("upstream.warmup_steps", COUNT, UPSTREAM),
@@ -211,6 +236,7 @@ FIELDS: tuple[tuple, ...] = (
     ("probe.init_std", POSITIVE, lambda c: c.probe.kind == "random_head"),
     ("probe.examples", COUNT, LINEAR_PROBE),  # 0: the whole fine-tuning split.
     ("probe.l2_grid", items(POSITIVE), LINEAR_PROBE),
+    ("probe.l2_bracket", COUNT, LINEAR_PROBE),
     ("probe.validation_fraction", FRACTION, LINEAR_PROBE),
     ("probe.max_iterations", POSITIVE_INT, LINEAR_PROBE),
     ("probe.tolerance", POSITIVE, LINEAR_PROBE),
@@ -228,8 +254,8 @@ FIELDS: tuple[tuple, ...] = (
     ("sweep.seed", SEED),
     ("sweep.only", lambda c: member_indices(c.sweep.num_members)),
     ("sweep.lr", pair(POSITIVE)),                     # Log-uniform: lo > 0.
-    ("sweep.weight_decay", pair(number("(0, 1]")), NOT_GLUE),   # Log-uniform: lo > 0.
-    ("sweep.weight_decay", UNIT, GLUE),                           # One value for every member.
+    # GLUE's sweep: one value for every member; elsewhere log-uniform (lo > 0).
+    ("sweep.weight_decay", lambda c: UNIT if GLUE(c) else pair(number("(0, 1]"))),
     ("sweep.lr_choices", items(POSITIVE)),
     ("sweep.batch_size_choices", items(POSITIVE_INT)),
     ("sweep.epoch_choices", items(POSITIVE_INT)),
@@ -272,9 +298,17 @@ def setting_rule(setting: recipes.Setting) -> Rule:
   return Rule(f"a {setting.type.__name__}", lambda v: isinstance(v, setting.type))
 
 
+def _read_by_recipes(setting: recipes.Setting) -> When:
+  """A setting is read if it is shared or a recipe of config.soups.recipes declares it."""
+  def holds(c) -> bool:
+    run = [recipes.REGISTRY[r] for r in c.soups.recipes if r in recipes.REGISTRY]
+    return setting in recipes.SHARED or any(setting in r.settings for r in run)
+  return When(holds, "no recipe of config.soups.recipes reads it")
+
+
 def soups_fields() -> list[tuple]:
   """FIELDS' rows for config.soups: every setting the recipe registry declares."""
-  return [(f"soups.{s.path}", setting_rule(s)) for s in recipes.settings()]
+  return [(f"soups.{s.path}", setting_rule(s), _read_by_recipes(s)) for s in recipes.settings()]
 
 
 # Batches split over the mesh's data axis (soup/mesh.py: one axis over every device).
@@ -304,30 +338,67 @@ def _applies(config, when) -> bool:
     return False
 
 
-def _refuse(path: str, rule: Rule, value) -> None:
+def _refuse(path: str, rule: Rule, value, unread: str = "") -> None:
   suggestion = rule.suggest(value)
   fix = (f"e.g. --config.{path}={shlex.quote(str(suggestion))}" if suggestion is not None
          else f"set --config.{path} to such a value")
-  raise ConfigError(f"config.{path} must be {rule.describe}, got {value!r}; {fix}.")
+  where = (f" (this run does not read it, as {unread}, but no run could use this value)"
+           if unread else "")
+  raise ConfigError(f"config.{path} must be {rule.describe}, got {value!r}{where}; {fix}.")
 
 
-def check_fields(config, num_devices: Optional[int] = None) -> None:
+def check_fields(config, num_devices: Optional[int] = None) -> dict[str, str]:
   """Every row of FIELDS and soups_fields (and, given the number of devices, of PER_DEVICE)
-  the config has."""
+  the config has. Returns the fields this run will not read: {path: why}.
+
+  A plain Rule is checked wherever the field sits; a rule made from the config (or the
+  devices') only where the field is read.
+  """
   rows = [*FIELDS, *soups_fields()]
-  if num_devices is not None:
-    rows += [(path, multiple_of(num_devices), when) for path, when in PER_DEVICE]
+  if num_devices is not None:  # Contextual: a batch unread here may suit other devices.
+    rows += [(path, lambda c, rule=multiple_of(num_devices): rule, when)
+             for path, when in PER_DEVICE]
+  read, unread = set(), {}
   for path, rule, *when in rows:
     value = _get(config, path)
-    if value is _MISSING or not _applies(config, when[0] if when else ALWAYS):
+    if value is _MISSING:
       continue
+    condition = when[0] if when else ALWAYS
+    if _applies(config, condition):
+      read.add(path)
+      why = ""
+    else:
+      why = (condition.why_not(config) if isinstance(condition, When) else ""
+             ) or "its condition does not hold"
+      unread.setdefault(path, why)
     if not isinstance(rule, Rule):
+      if why:
+        continue
       try:
         rule = rule(config)
       except (AttributeError, KeyError, TypeError):
         continue  # It reads a field this config lacks.
     if not rule.ok(value):
-      _refuse(path, rule, value)
+      _refuse(path, rule, value, why)
+  return {path: why for path, why in unread.items() if path not in read}
+
+
+def warn_ignored(config) -> None:
+  """One warning naming the fields this run will not read, grouped by why (soup/main.py
+  calls it once, after every check and before compute)."""
+  by_reason: dict[str, dict[str, list[str]]] = {}  # why -> block -> its fields.
+  for path, why in check_fields(config).items():
+    block, _, field = path.rpartition(".")
+    by_reason.setdefault(why, {}).setdefault(block, []).append(field)
+
+  def fields(block: str, names: list[str]) -> str:
+    prefix = f"config.{block}." if block else "config."
+    return prefix + (names[0] if len(names) == 1 else "{" + ", ".join(names) + "}")
+
+  if by_reason:
+    log.warning("ignored by this run (set, but not read): %s.", "; ".join(
+        ", ".join(fields(b, names) for b, names in blocks.items()) + f" ({why})"
+        for why, blocks in by_reason.items()))
 
 
 def check_devices(config, num_devices: int) -> None:

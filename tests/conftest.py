@@ -47,6 +47,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def mock_imagenet(tmp_path_factory):
+  """The mock ImageNet (soup/data/imagenet_mock.py: TFDS datasets, ObjectNet folder, held-out
+  list, tiny CLIP, BPE and ViT), written once per session; its label cache beside it."""
+  from soup.data import imagenet_mock as mock_lib
+  root = tmp_path_factory.mktemp("imagenet_mock")
+  return {**mock_lib.write_all(root), "cache_dir": str(root / "cache")}
+
+
+@pytest.fixture(scope="session")
 def fashion_mnist_ready():
   from soup.data import fashion_mnist_tfds
   try:

@@ -87,7 +87,10 @@ def layout():
 
   # Per device: 1/8 of every split leaf plus the replicated ones, from the shards themselves.
   arrays = [state["params"], state["opt_state"]]
-  per_device = sharding.bytes_per_device(arrays)
+  per_device = {}  # Bytes each device holds, from the shards themselves.
+  for leaf in (x for tree in arrays for x in jax.tree.leaves(tree)):
+    for shard in leaf.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
   total = sum(x.nbytes for t in arrays for x in jax.tree.leaves(t))
   replicated = sum(x.nbytes for t in arrays for x in jax.tree.leaves(t)
                    if x.sharding.is_fully_replicated)

@@ -17,6 +17,9 @@ def _row(name, recipe, held, test, shift, **extra):
   return row
 
 
+EVERY_MODEL = ["model_0", "model_1", "model_2"]
+
+
 def _seed_rows(best_test, greedy_test, greedy_shift, uniform_test=0.70, ensemble_test=0.86,
                member_held=(0.85, 0.60)):
   return [
@@ -25,9 +28,11 @@ def _seed_rows(best_test, greedy_test, greedy_shift, uniform_test=0.70, ensemble
       _row("model_2", "individual", member_held[1], 0.55, 0.30),
       _row("best_individual", "best_individual", member_held[0], best_test, 0.45,
            selected="model_1"),
-      _row("uniform_soup", "uniform_soup", 0.70, uniform_test, 0.35),
-      _row("greedy_soup", "greedy_soup", 0.86, greedy_test, greedy_shift),
-      _row("ensemble", "ensemble", 0.85, ensemble_test, 0.46, inference_cost=3),
+      _row("uniform_soup", "uniform_soup", 0.70, uniform_test, 0.35, ingredients=EVERY_MODEL),
+      _row("greedy_soup", "greedy_soup", 0.86, greedy_test, greedy_shift,
+           ingredients=["model_1", "model_2"]),
+      _row("ensemble", "ensemble", 0.85, ensemble_test, 0.46, inference_cost=3,
+           ingredients=EVERY_MODEL),
   ]
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from soup import analysis
+from soup import analysis, soups
 
 
 def _acc(params):
@@ -36,10 +36,25 @@ def test_error_landscape_values_and_figure(tmp_path):
   assert err[0, 0] == pytest.approx(np.sqrt(2) / 4)
   assert land["points"] == {"init": [0.0, 0.0], "A": [2.0, 0.0], "B": [0.0, 2.0]}
   assert land["point_error"]["A"] == pytest.approx(np.sqrt(2) / 4)
-  assert len(calls) == 25 + 3
+  # The fine-tunes' midpoint (1, 1) is the basin floor, below both.
+  assert land["midpoint"] == {"xy": [1.0, 1.0], "error": pytest.approx(0.0)}
+  assert len(calls) == 25 + 3 + 1
   path = tmp_path / "landscape.png"
   analysis.plot_landscape(land, path)
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("models", [(14.2, 14.6, 19.3), (14.6, 19.3, 14.2), (30.0, 12.1, 12.0)])
+def test_landscape_levels_put_close_models_in_distinct_bands(models):
+  grid = np.linspace(12.0, 84.0, 49).reshape(7, 7)  # A typical plane: 12-84% error.
+  levels = analysis.landscape_levels(grid, models)
+  assert np.all(np.diff(levels) > 0)
+  assert levels[0] <= grid.min()  # Every grid point is coloured: none below the lowest level.
+  assert levels[-1] == pytest.approx(2 * max(models))  # Dense where the models are.
+  bands = np.digitize(models, levels)
+  assert len(set(bands.tolist())) == 3 and 0 < bands.min() and bands.max() < len(levels)
+  # The old 14 linear levels over the grid's span put the first case's three in one band.
+  assert len(set(np.digitize(models, np.linspace(12, 84, 15)).tolist())) < 3
 
 
 def test_ingredient_curves_by_hand_and_figure(tmp_path):
@@ -48,28 +63,58 @@ def test_ingredient_curves_by_hand_and_figure(tmp_path):
   params = {n: {"w": w} for n, w in models.items()}
   scores = {n: _acc(p) for n, p in params.items()}  # a 1.0, b 0.8, d 0.8, c 0.0
   test_acc = lambda p: _acc(p) / 2  # noqa: E731
+  listed = analysis.ingredient_curves(list(params), scores, params, _acc, test_acc,
+                                      tie_order="listed")
+  assert listed["order"] == ["a", "b", "d", "c"]
   curves = analysis.ingredient_curves(list(params), scores, params, _acc, test_acc)
-  assert curves["order"] == ["a", "b", "d", "c"]  # Ties keep the given order (b before d).
-  # Uniform soups: a; mean(a, b) = (1, .6); mean(a, b, d) = (1, 1); mean of all = (2, 2).
+  assert curves["order"] == ["a", "d", "b", "c"]  # The default, as the official code: reversed.
+  # Uniform soups: a; mean(a, d) = (1, 1.4); mean(a, d, b) = (1, 1); mean of all = (2, 2).
   expected_uniform = [1.0, 1 - 0.4 / 4, 1.0, 1 - np.sqrt(2) / 4]
   np.testing.assert_allclose(curves["uniform_held_out"], expected_uniform)
   np.testing.assert_allclose(curves["uniform_test"], np.array(expected_uniform) / 2)
-  # Greedy: a; a+b is worse (rejected); a+d is worse (rejected); a+c is worse (rejected).
+  # Greedy: a; a+d is worse (rejected); a+b is worse (rejected); a+c is worse (rejected).
   assert curves["greedy_ingredients"] == [["a"]] * 4
   np.testing.assert_allclose(curves["greedy_held_out"], [1.0] * 4)
-  # With ">=" a tie would be kept; none here, the soups stay the same.
+  np.testing.assert_allclose(curves["greedy_test"], [0.5] * 4)
   path = tmp_path / "ingredients.png"
   analysis.plot_ingredient_curves(curves, path)
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _plateaus(params):
+  """Accuracy in steps of 0.05 of distance from (1, 1): nearby soups tie exactly."""
+  return 1.0 - np.floor(np.linalg.norm(params["w"] - 1.0) * 20) / 80
+
+
+@pytest.mark.parametrize("tie_order", soups.greedy.TIE_ORDERS)
+@pytest.mark.parametrize("comparison", [">", ">="])
+def test_the_last_greedy_point_is_the_greedy_soup(tie_order, comparison):
+  # a and b tie alone and soups tie on plateaus: each of the four settings keeps a
+  # different selection, and the curve must end at the greedy soup's on each.
+  models = {"a": [1.04, 0.89], "b": [1.06, 0.9], "c": [0.93, 1.23], "d": [0.84, 1.07]}
+  params = {n: {"w": np.array(w, np.float32)} for n, w in models.items()}
+  scores = {n: _plateaus(p) for n, p in params.items()}
+  soup = soups.greedy_soup(params, scores, _plateaus, comparison=comparison,
+                           tie_order=tie_order)
+  curves = analysis.ingredient_curves(list(params), scores, params, _plateaus,
+                                      lambda p: 1 - _plateaus(p), comparison, tie_order)
+  assert curves["order"] == [h["name"] for h in soup.history]
+  assert curves["greedy_ingredients"][-1] == soup.ingredients
+  assert curves["greedy_held_out"][-1] == soup.held_out
+  assert curves["greedy_test"][-1] == pytest.approx(1 - _plateaus(soup.result))
+  assert len({tuple(g) for g in curves["greedy_ingredients"]}) == len(soup.ingredients)
+  expected = {("reversed", ">"): ["b", "d"], ("reversed", ">="): ["b", "a", "d", "c"],
+              ("listed", ">"): ["a", "d"], ("listed", ">="): ["a", "b", "d", "c"]}
+  assert soup.ingredients == expected[tie_order, comparison]
+
+
 def test_greedy_curve_keeps_an_ingredient_that_helps():
-  params = {"a": {"w": np.array([1.5, 1.0])}, "b": {"w": np.array([0.5, 1.0])}}
-  scores = {"a": 0.9, "b": 0.8}
+  params = {"a": {"w": np.array([1.4, 1.0])}, "b": {"w": np.array([0.5, 1.0])}}
+  scores = {n: _acc(p) for n, p in params.items()}  # a 0.9, b 0.875
   curves = analysis.ingredient_curves(["b", "a"], scores, params, _acc, _acc)
   assert curves["order"] == ["a", "b"]
-  assert curves["greedy_ingredients"][-1] == ["a", "b"]  # The mean (1, 1) is the optimum.
-  assert curves["greedy_held_out"] == [pytest.approx(1 - 0.5 / 4), pytest.approx(1.0)]
+  assert curves["greedy_ingredients"][-1] == ["a", "b"]  # The mean (0.95, 1) is near the optimum.
+  assert curves["greedy_held_out"] == [pytest.approx(0.9), pytest.approx(1 - 0.05 / 4)]
   with pytest.raises(ValueError, match="comparison"):
     analysis.ingredient_curves(["a"], scores, params, _acc, _acc, comparison="<")
 

@@ -94,6 +94,13 @@ BAD = [
     ([UPSTREAM, "--config.upstream.weight_decay=-0.05"], "upstream.weight_decay"),
     ([UPSTREAM, "--config.upstream.temperature=0"], "upstream.temperature"),
     ([UPSTREAM, "--config.upstream.crop_min_scale=0"], "upstream.crop_min_scale"),
+    # Never valid: refused though this run would not read them (the checked-whole config).
+    (["--config.upstream.epochs=-2"], "upstream.epochs"),             # The start is loaded.
+    (["--config.upstream.lr=0"], "upstream.lr"),
+    (["--config.upstream.objective=byol"], "upstream.objective"),
+    (["--config.probe.kind=zeroshot", "--config.probe.l2_grid=(0,1e-4)"], "probe.l2_grid"),
+    (["--config.soups.recipes=('uniform_soup',)", "--config.soups.learned.epochs=0"],
+     "soups.learned.epochs"),
     (["--config.soups.learned.epochs=0"], "soups.learned.epochs"),
     (["--config.soups.learned.lr=-0.05"], "soups.learned.lr"),
     (["--config.soups.learned.batch_size=0"], "soups.learned.batch_size"),
@@ -120,19 +127,64 @@ def test_bad_override_is_refused_naming_field_value_and_fix(overrides, field):
   assert f"--config.{field}" in message, message        # ...and the override that fixes it.
 
 
-def test_at_least_thirty_cases():
-  assert len(BAD) >= 30
+GOOD = [  # (overrides, the values the checked config must hold).
+    ([], {"sweep.num_members": 12, "eval.batch_size": 500}),
+    # Pretrained: unread; a batch of 7 splits over 1 device, so it is not refused here.
+    (["--config.upstream.epochs=5", "--config.upstream.batch_size=7"],
+     {"upstream.epochs": 5, "upstream.batch_size": 7}),
+    (["--config.sweep.only=1,12", "--config.eval.batch_size=8"],
+     {"sweep.only": "1,12", "eval.batch_size": 8}),
+    (["--config.sweep.lr=(1e-3,1e-3)", "--config.sweep.mixup=(0.0,2.0)"],  # mixup: Beta's alpha.
+     {"sweep.lr": (1e-3, 1e-3), "sweep.mixup": (0.0, 2.0)}),
+    (["--config.probe.examples=0", "--config.report.landscape_examples=0"],  # 0: all of them.
+     {"probe.examples": 0, "report.landscape_examples": 0}),
+]
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["--config.upstream.lr=0", "--config.upstream.batch_size=7"],  # Pretrained: unread.
-    ["--config.sweep.only=1,12", "--config.eval.batch_size=8"],
-    ["--config.sweep.lr=(1e-3,1e-3)", "--config.sweep.mixup=(0.0,2.0)"],  # mixup: Beta's alpha.
-    ["--config.probe.examples=0", "--config.report.landscape_examples=0"],  # 0: all of them.
-])
-def test_good_overrides_pass(overrides):
-  check(config_of(*overrides))
+@pytest.mark.parametrize("overrides,values", GOOD, ids=[" ".join(o) or "default" for o, _ in GOOD])
+def test_good_overrides_pass_and_keep_their_values(overrides, values):
+  config = config_of(*overrides)
+  check(config)
+  for field, value in values.items():
+    got = validate._get(config, field)
+    assert got == value and type(got) is type(value), (field, got)
+
+
+def test_a_never_valid_value_in_an_unread_block_says_why_it_is_refused():
+  with pytest.raises(validate.ConfigError) as refused:
+    check(config_of("--config.upstream.epochs=-2"))
+  assert str(refused.value) == (
+      "config.upstream.epochs must be an integer >= 1, got -2 (this run does not read it, as "
+      "config.init.source is not 'upstream': the start is loaded, not pretrained here, but no "
+      "run could use this value); e.g. --config.upstream.epochs=1.")
+
+
+def _ignored_warnings(caplog, config) -> list[str]:
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="soup.validate"):
+    validate.warn_ignored(config)
+  return [r.getMessage() for r in caplog.records if r.name == "soup.validate"]
+
+
+def test_fields_the_run_will_not_read_are_named_once_with_why(caplog):
+  config = config_of("--config.upstream.epochs=5", "--config.soups.recipes=('uniform_soup',)")
+  check(config)
+  (message,) = _ignored_warnings(caplog, config)  # One warning for every ignored field.
+  assert message.startswith("ignored by this run (set, but not read): config.upstream.{"
+                            "objective, epochs, batch_size, lr,")
+  assert "(config.init.source is not 'upstream': the start is loaded, not pretrained here)" \
+      in message
+  assert "config.soups.learned.{epochs, lr, batch_size}" in message
+  assert "(no recipe of config.soups.recipes reads it)" in message
+  assert "include_initialization" not in message  # Shared: read by every recipe.
+  # Pretrained here with SimCLR, every recipe run: every field is read, nothing to say.
+  assert _ignored_warnings(caplog, config_of(UPSTREAM)) == []
+  # A supervised upstream: the SimCLR fields alone are ignored, and say why.
+  (message,) = _ignored_warnings(caplog, config_of(UPSTREAM,
+                                                   "--config.upstream.objective=supervised"))
+  assert message == ("ignored by this run (set, but not read): config.upstream.{temperature, "
+                     "projection_hidden, projection_out, crop_min_scale, jitter} "
+                     "(config.upstream.objective is not 'simclr').")
 
 
 def test_suggested_fixes():
@@ -169,8 +221,14 @@ def _config_args():
 def test_every_shipped_config_passes(name, arg):
   module = configs.module_of(ROOT / "configs" / f"{name}.py")
   config = module.get_config(arg)
+  before = config.to_dict()
   for devices in (1, 2):
     check(config, module, devices)
+  assert config.to_dict() == before  # The check reads the config; it changes nothing.
+  if arg:  # Each argument changes the config: none is silently ignored.
+    assert before != module.get_config("").to_dict(), arg
+  if "smoke" in arg.split(","):
+    assert config.sweep.num_members < module.get_config("").sweep.num_members
 
 
 def test_released_sweep_may_hold_model_0_only():
@@ -189,6 +247,7 @@ def test_released_sweep_may_hold_model_0_only():
     ("--config.sweep.num_members=-3", "sweep.num_members"),
     ("--config.finetune.batch_size=0", "finetune.batch_size"),
     ("--config.eval.batch_size=7", "eval.batch_size"),  # On soup.main's 2 host devices.
+    ("--config.upstream.epochs=-2", "upstream.epochs"),  # Unread (a loaded start), never valid.
 ])
 def test_cli_refuses_before_compute(override, field, tmp_path):
   workdir = tmp_path / "wd"

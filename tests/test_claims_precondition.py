@@ -195,3 +195,75 @@ def test_aggregate_carries_the_precondition():
   assert "best individual ahead in 1 of 3 seeds" in text
   assert "held on its seed's paired test interval in 1 of 3 seeds" in text
   assert text.index("- **Fine-tuning improves") < text.index("- **The greedy soup")
+
+
+def _one_ingredient(regime: str, **ingredients) -> tuple[list[dict], list[dict]]:
+  """A run whose soups (or ensemble) hold the given ingredients, with their correctness."""
+  rows, correct = _run(regime)
+  for name, kept in ingredients.items():
+    row = next(r for r in rows if r["model_name"] == name)
+    row["ingredients"] = kept
+    if len(kept) == 1:  # A soup of one ingredient is that model.
+      correct[name] = correct[kept[0]]
+      row.update({c: float(np.mean(correct[name][c])) for c in COLS.all})
+  claims.add_intervals(rows, correct, COLS, num_resamples=RESAMPLES)
+  return rows, claims.judge(rows)
+
+
+def test_a_greedy_soup_of_one_ingredient_is_reported_as_such_not_as_a_failed_test():
+  rows, judged = _one_ingredient("improves", greedy_soup=["model_1"])
+  by_claim = {c["claim"]: c for c in judged}
+  for key in ("greedy_in_distribution", "greedy_under_shift", "greedy_close_to_ensemble"):
+    assert by_claim[key]["verdict"] == claims.NOT_APPLICABLE
+    assert by_claim[key]["evidence"].startswith(
+        "one ingredient: the greedy soup is the best individual model; nothing was averaged")
+  assert "+0.00" not in by_claim["greedy_in_distribution"]["evidence"]
+  assert by_claim["uniform_falls_behind"]["verdict"] != claims.NOT_APPLICABLE  # Three in it.
+  md = rep.render_markdown(rep.build_report(rows))
+  assert ("- **The greedy soup beats the best individual model in distribution: not "
+          "applicable.** one ingredient: the greedy soup is the best individual model; nothing "
+          "was averaged.") in md
+  assert "| Greedy soup (one ingredient) | +0.00 [+0.00, +0.00]" in md
+  assert "in distribution: not held" not in md
+
+
+def test_a_uniform_soup_and_an_ensemble_of_one_model_are_not_judged():
+  rows, judged = _one_ingredient("improves", uniform_soup=["model_1"], ensemble=["model_1"])
+  by_claim = {c["claim"]: c for c in judged}
+  assert by_claim["uniform_falls_behind"]["verdict"] == claims.NOT_APPLICABLE
+  assert by_claim["uniform_falls_behind"]["evidence"] == (
+      "one ingredient: the uniform soup is the best individual model; nothing was averaged")
+  ensemble = by_claim["greedy_close_to_ensemble"]
+  assert ensemble["verdict"] == claims.NOT_APPLICABLE
+  assert ensemble["evidence"].startswith(
+      "one ingredient: the ensemble is the best individual model; nothing was ensembled; "
+      "greedy soup minus ensemble on test: ")
+  # The greedy soup of two fine-tunes is still judged.
+  assert by_claim["greedy_in_distribution"]["verdict"] in (claims.HELD, claims.NOT_HELD,
+                                                           claims.OPEN)
+
+
+def test_a_soup_of_model_0_alone_is_not_compared_with_model_0():
+  rows, judged = _one_ingredient("init_wins", greedy_soup=["model_0"])
+  by_claim = {(c.get("soup"), c["claim"]): c for c in judged}
+  for key in ("best_of_all_in_distribution", "best_of_all_under_shift"):
+    claim = by_claim[("greedy_soup", key)]
+    assert claim["verdict"] == claims.NOT_APPLICABLE
+    assert claim["evidence"] == ("one ingredient: the greedy soup is one model, `model_0`; "
+                                 "nothing was averaged")
+  # Against the best individual it is still one model, not a soup; its difference is shown.
+  greedy = by_claim[(None, "greedy_in_distribution")]
+  assert greedy["verdict"] == claims.NOT_APPLICABLE
+  assert "one model, `model_0`" in greedy["evidence"] and "+7.50 points" in greedy["evidence"]
+  # The uniform soup of three models keeps its verdict.
+  assert by_claim[("uniform_soup", "best_of_all_in_distribution")]["verdict"] == claims.NOT_HELD
+
+
+def test_claims_over_seeds_count_the_seeds_where_the_greedy_soup_kept_one_ingredient():
+  runs = {0: _one_ingredient("improves", greedy_soup=["model_1"])[0],
+          1: _judged("improves")[0], 2: _judged("improves")[0]}
+  agg = aggregate.aggregate(runs)
+  by_claim = {c["claim"]: c for c in agg["claims"]}
+  for key in ("greedy_in_distribution", "greedy_under_shift", "greedy_close_to_ensemble"):
+    assert by_claim[key]["evidence"].endswith(
+        "in 1 of 3 seeds (0) the greedy soup kept one ingredient: there nothing was averaged")

@@ -59,7 +59,7 @@ def test_step_never_reads_labels_and_learns():
   features = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
   sample = fashion_mnist.normalize(jnp.asarray(images[:2]))
   backbone = model.init(jax.random.key(0), sample)["params"]
-  params = contrastive.init_params(model, backbone, 16, 32, 8, seed=0)
+  params = contrastive.init_params(backbone, 16, 32, 8, seed=0)
   assert set(params) == set(backbone) | {"projection"}
   init_state, step = contrastive.make_step(features, fashion_mnist.normalize, temperature=0.2,
                                           hidden=32, out=8, grad_clip=1.0,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from soup import results
+from soup import checkpoints, recipes, results
 from tests.conftest import run_python
 
 pytestmark = pytest.mark.slow  # The pipeline or several processes: -m 'not slow' skips it.
@@ -48,7 +48,12 @@ def test_smoke_results_have_every_column(smoke_workdir):
   # WiSE-FT's endpoints are the initialization and the best individual.
   assert by_name["wise_ft_alpha_0"][columns.test] == by_name["model_0"][columns.test]
   assert by_name["wise_ft_alpha_1"][columns.test] == by_name["best_individual"][columns.test]
-  assert (workdir / "report.md").read_text().count("|") > 50
+  # The report's table shows each method's own numbers, in the results' columns' order.
+  report = (workdir / "report.md").read_text()
+  for name in ("uniform_soup", "greedy_soup", "ensemble", "pixel_linear"):
+    row = by_name[name]
+    cells = " | ".join(f"{100 * row[c]:.2f}" for c in (*columns.all, "avg_shifts"))
+    assert f"| {recipes.REGISTRY[name].label} | {cells} |" in report, name
   assert (workdir / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "report:" in proc.stdout and "Greedy soup" in proc.stdout
 
@@ -76,6 +81,16 @@ def test_smoke_report_has_baseline_intervals_claims_and_analysis_figures(smoke_w
     assert (workdir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   analysis = json.loads((workdir / "analysis.json").read_text())
   assert len(analysis["curves"]["uniform_test"]) == 4  # model_0 and three members.
+
+
+def test_both_probes_choose_their_l2_inside_the_grid_they_searched(smoke_workdir):
+  workdir, _ = smoke_workdir
+  rows = {r["model_name"]: r for r in results.read(workdir / "results.jsonl")}
+  model_0 = checkpoints.ingredient_metadata(workdir / "models" / "model_0" / "ingredient")
+  for fit in (model_0["metadata"]["probe"], rows["pixel_linear"]["probe"]):
+    assert set(fit["l2_grid"]) <= set(fit["l2_searched"])
+    assert min(fit["l2_searched"]) < fit["l2"] < max(fit["l2_searched"])
+    assert not fit["l2_on_edge"]
 
 
 def test_training_writes_jsonl_and_tensorboard_metrics(smoke_workdir):

@@ -16,7 +16,6 @@ from soup.data import (
   grain_input,
   imagenet,
   imagenet_heldout,
-  imagenet_mock,
   objectnet,
   randaugment,
   tfds_source,
@@ -25,30 +24,25 @@ from soup.data import (
 from tests.conftest import run_python
 
 
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory):
-  root = tmp_path_factory.mktemp("imagenet_mock")
-  return {**imagenet_mock.write_datasets(root), "cache_dir": str(root / "cache")}
-
-
-def data_config(mock, **overrides):
+def data_config(mock_imagenet, **overrides):
   """num_workers 0: the Grain pipeline in this process (cheap to start); the tests of
   worker processes ask for them."""
-  d = dict(name="imagenet", data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
-           imagenet_v2_variant="matched-frequency", heldout_file=mock["heldout_file"],
+  d = dict(name="imagenet", data_dir=mock_imagenet["data_dir"],
+           objectnet_dir=mock_imagenet["objectnet_dir"],
+           imagenet_v2_variant="matched-frequency", heldout_file=mock_imagenet["heldout_file"],
            heldout_per_class=1, heldout_in_memory=True, split_seed=0, image_size=32,
-           normalization="clip", num_workers=0, cache_dir=mock["cache_dir"])
+           normalization="clip", num_workers=0, cache_dir=mock_imagenet["cache_dir"])
   d.update(overrides)
   return mlc.ConfigDict(d)
 
 
 @pytest.fixture(scope="module")
-def task(mock):
-  return imagenet.ImageNetTask(data_config(mock))
+def task(mock_imagenet):
+  return imagenet.ImageNetTask(data_config(mock_imagenet))
 
 
-def source_of(mock, column, name=None):
-  return imagenet.open_tfds(column, mock["data_dir"], name)[1]
+def source_of(mock_imagenet, column, name=None):
+  return imagenet.open_tfds(column, mock_imagenet["data_dir"], name)[1]
 
 
 # --- Held-out list -------------------------------------------------------------
@@ -101,9 +95,9 @@ def test_missing_heldout_file_says_which_command_creates_it(tmp_path):
     imagenet_heldout.load(tmp_path / "absent.npz")
 
 
-def test_heldout_file_round_trip_and_task_split(mock, task):
-  held = imagenet_heldout.load(mock["heldout_file"])
-  train = source_of(mock, "ImageNet2p")
+def test_heldout_file_round_trip_and_task_split(mock_imagenet, task):
+  held = imagenet_heldout.load(mock_imagenet["heldout_file"])
+  train = source_of(mock_imagenet, "ImageNet2p")
   labels = imagenet.read_labels(train)
   assert held.num_train == len(train) == 2000 and held.tfds_version == "5.1.0"
   np.testing.assert_array_equal(held.labels, labels[held.indices])
@@ -114,28 +108,28 @@ def test_heldout_file_round_trip_and_task_split(mock, task):
   np.testing.assert_array_equal(task.eval_splits()["ImageNet2p"].labels, held.labels)
 
 
-def test_heldout_in_memory_equals_the_stream(mock, task):
+def test_heldout_in_memory_equals_the_stream(mock_imagenet, task):
   in_memory = task.eval_splits()["ImageNet2p"]
-  streamed_task = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False))
+  streamed_task = imagenet.ImageNetTask(data_config(mock_imagenet, heldout_in_memory=False))
   streamed = streamed_task.eval_splits()["ImageNet2p"]
   assert in_memory.images is not None and streamed.images is None
   np.testing.assert_array_equal(in_memory.images, np.concatenate(list(streamed.iterate(300))))
   np.testing.assert_array_equal(in_memory.labels, streamed.labels)
 
 
-def test_task_refuses_a_list_made_for_other_data(mock, tmp_path):
-  held = imagenet_heldout.load(mock["heldout_file"])
+def test_task_refuses_a_list_made_for_other_data(mock_imagenet, tmp_path):
+  held = imagenet_heldout.load(mock_imagenet["heldout_file"])
   wrong = tmp_path / "wrong.npz"
   imagenet_heldout.save(wrong, held.indices, held.labels, tfds_version=held.tfds_version,
                         num_train=held.num_train + 1, per_class=1, seed=0)
   with pytest.raises(imagenet_heldout.HeldOutError, match="made for 2001 train examples"):
-    imagenet.ImageNetTask(data_config(mock, heldout_file=str(wrong)))
+    imagenet.ImageNetTask(data_config(mock_imagenet, heldout_file=str(wrong)))
 
 
-def test_missing_datasets_say_how_to_prepare_them(mock, tmp_path):
+def test_missing_datasets_say_how_to_prepare_them(mock_imagenet, tmp_path):
   with pytest.raises(imagenet.DatasetMissingError, match=r"tfds build imagenet2012 .*--manual_dir"):
-    imagenet.ImageNetTask(data_config(mock, data_dir=str(tmp_path)))
-  task = imagenet.ImageNetTask(data_config(mock, objectnet_dir=str(tmp_path / "nowhere")))
+    imagenet.ImageNetTask(data_config(mock_imagenet, data_dir=str(tmp_path)))
+  task = imagenet.ImageNetTask(data_config(mock_imagenet, objectnet_dir=str(tmp_path / "nowhere")))
   with pytest.raises(imagenet.DatasetMissingError, match="ObjectNet.*objectnet.dev"):
     task.eval_splits()
 
@@ -155,9 +149,9 @@ def test_200_class_lists_are_the_known_wnids():
   assert imagenet.subset_wnids(r)[-1] == imagenet.subset_wnids(a)[-1] == "n12267677"  # acorn
 
 
-def test_200_class_masking_scores_the_argmax_among_the_200(mock, task):
+def test_200_class_masking_scores_the_argmax_among_the_200(mock_imagenet, task):
   split = task.eval_splits()["ImageNetR"]
-  raw = imagenet.read_labels(source_of(mock, "ImageNetR"))
+  raw = imagenet.read_labels(source_of(mock_imagenet, "ImageNetR"))
   classes = np.asarray(imagenet.IMAGENET_R_CLASSES)
   np.testing.assert_array_equal(classes[split.labels], raw)  # Label k is class classes[k].
   n = len(raw)
@@ -206,8 +200,8 @@ def test_objectnet_border_crop():
   np.testing.assert_array_equal(cropped, img[2:-2, 2:-2])
 
 
-def test_objectnet_folder_reading(mock, task):
-  paths, labels = objectnet.list_images(mock["objectnet_dir"])
+def test_objectnet_folder_reading(mock_imagenet, task):
+  paths, labels = objectnet.list_images(mock_imagenet["objectnet_dir"])
   last = len(objectnet.load_mapping().folders) - 1
   assert labels.tolist() == [0, 0, 0, 1, 1, 1, last, last, last]  # Unscored folder, .txt skipped.
   assert [p.name for p in paths[:3]] == ["00.png", "01.png", "02.png"]
@@ -216,10 +210,10 @@ def test_objectnet_folder_reading(mock, task):
   assert split.scored_logits(np.zeros((2, 1000))).shape == (2, 113)
 
 
-def test_objectnet_border_crop_is_a_switch_off_by_default(mock, task):
+def test_objectnet_border_crop_is_a_switch_off_by_default(mock_imagenet, task):
   """Off (the default, as the official code ran): the whole image, red frame included, is
   resized and center-cropped; on: 2 pixels go first."""
-  paths, _ = objectnet.list_images(mock["objectnet_dir"])
+  paths, _ = objectnet.list_images(mock_imagenet["objectnet_dir"])
   with Image.open(paths[0]) as im:
     whole = im.convert("RGB")
   uncropped = transforms.eval_transform(whole, 32)
@@ -227,7 +221,7 @@ def test_objectnet_border_crop_is_a_switch_off_by_default(mock, task):
   assert not np.array_equal(uncropped, cropped)
   assert task.objectnet_border == 0
   np.testing.assert_array_equal(next(task.eval_splits()["ObjectNet"].iterate(4))[0], uncropped)
-  on = imagenet.ImageNetTask(data_config(mock, objectnet_border_crop=True))
+  on = imagenet.ImageNetTask(data_config(mock_imagenet, objectnet_border_crop=True))
   assert on.objectnet_border == objectnet.BORDER == 2
   np.testing.assert_array_equal(next(on.eval_splits()["ObjectNet"].iterate(4))[0], cropped)
 
@@ -235,12 +229,12 @@ def test_objectnet_border_crop_is_a_switch_off_by_default(mock, task):
 # --- Streaming evaluation ---------------------------------------------------------
 
 
-def test_eval_batches_are_ordered_with_a_partial_last_batch(mock, task):
+def test_eval_batches_are_ordered_with_a_partial_last_batch(mock_imagenet, task):
   split = task.eval_splits()["ImageNet"]
   batches = list(split.iterate(8))
   assert [len(b) for b in batches] == [8, 8, 5] and len(split) == 21
   assert all(b.shape[1:] == (32, 32, 3) and b.dtype == np.uint8 for b in batches)
-  source = source_of(mock, "ImageNet")
+  source = source_of(mock_imagenet, "ImageNet")
   want = np.stack([transforms.eval_transform(transforms.decode_rgb(source[i]["image"]), 32)
                    for i in range(21)])
   np.testing.assert_array_equal(np.concatenate(batches), want)
@@ -271,7 +265,7 @@ def test_preprocess_uses_clip_statistics(task):
 # --- Fine-tuning batches -------------------------------------------------------
 
 
-def test_finetune_batch_is_a_function_of_seed_and_step(mock, task):
+def test_finetune_batch_is_a_function_of_seed_and_step(mock_imagenet, task):
   hp = {"aug": "rand-m9-n2"}
   x1, y1 = task.finetune_batch(16, 7, 3, hp)
   x2, y2 = task.finetune_batch(16, 7, 3, hp)
@@ -282,7 +276,7 @@ def test_finetune_batch_is_a_function_of_seed_and_step(mock, task):
   assert not np.array_equal(x1, task.finetune_batch(16, 8, 3, hp)[0])
   # Labels are those of the records at the batch's positions.
   pos = task.batch_positions(16, 7, 3)
-  train = source_of(mock, "ImageNet2p")
+  train = source_of(mock_imagenet, "ImageNet2p")
   np.testing.assert_array_equal(y1, [train[int(i)]["label"] for i in task.finetune_idx[pos]])
 
 
@@ -294,9 +288,9 @@ def test_an_epoch_visits_each_finetune_image_at_most_once(task):
   assert not np.intersect1d(task.finetune_idx[seen], task.heldout.indices).size
 
 
-def test_no_aug_is_the_eval_preprocessing(mock, task):
+def test_no_aug_is_the_eval_preprocessing(mock_imagenet, task):
   x, _ = task.finetune_batch(8, 0, 0, {"aug": None})
-  train = source_of(mock, "ImageNet2p")
+  train = source_of(mock_imagenet, "ImageNet2p")
   idx = task.finetune_idx[task.batch_positions(8, 0, 0)]
   want = np.stack([transforms.eval_transform(transforms.decode_rgb(train[int(i)]["image"]), 32)
                    for i in idx])
@@ -304,8 +298,8 @@ def test_no_aug_is_the_eval_preprocessing(mock, task):
   assert not np.array_equal(x, task.finetune_batch(8, 0, 0, {"aug": "rand-m9-n0"})[0])
 
 
-def test_each_host_decodes_only_its_rows(mock, monkeypatch):
-  task = imagenet.ImageNetTask(data_config(mock))
+def test_each_host_decodes_only_its_rows(mock_imagenet, monkeypatch):
+  task = imagenet.ImageNetTask(data_config(mock_imagenet))
   full_x, full_y = task.finetune_batch(8, 3, 2, {"aug": "rand-m5-n1"})
   monkeypatch.setattr(imagenet, "local_rows",  # As process 1 of 2 would hold.
                       lambda batch_size: np.array([4, 5, 6, 7]))
@@ -399,18 +393,19 @@ def test_stream_position_state_is_the_one_grain_reaches():
 
 
 @pytest.mark.slow
-def test_training_stream_resumes_bit_identically(mock):
+def test_training_stream_resumes_bit_identically(mock_imagenet):
   """A member stopped after step 3 and restarted from the step alone (as the trainer
   does) sees the same bytes as one that never stopped, whatever the number of worker
   processes."""
   hp = {"aug": "rand-m9-n2"}
-  uninterrupted = imagenet.ImageNetTask(data_config(mock, num_workers=2))
+  uninterrupted = imagenet.ImageNetTask(data_config(mock_imagenet, num_workers=2))
   stream = uninterrupted.finetune_stream(16, 7, hp)
   want = [stream.read(s) for s in range(4)]
   want += [uninterrupted.finetune_batch(16, 7, s, hp) for s in range(4, 8)]
   uninterrupted.close()
 
-  resumed = imagenet.ImageNetTask(data_config(mock, num_workers=2))  # New worker processes.
+  # New worker processes.
+  resumed = imagenet.ImageNetTask(data_config(mock_imagenet, num_workers=2))
   stream = resumed.finetune_stream(16, 7, hp)
   for s in range(4, 8):  # Step 4 first: the new stream seeks there.
     x, y = stream.read(s)
@@ -420,7 +415,7 @@ def test_training_stream_resumes_bit_identically(mock):
   x8, _ = stream.read(8)  # Goes on from step 8.
   resumed.close()
 
-  in_process = imagenet.ImageNetTask(data_config(mock))
+  in_process = imagenet.ImageNetTask(data_config(mock_imagenet))
   for s in (5, 2, 8):  # The trainer resumes by asking for the step: any order works.
     x, y = in_process.finetune_batch(16, 7, s, hp)
     np.testing.assert_array_equal(x, want[s][0] if s < 8 else x8)
@@ -428,10 +423,10 @@ def test_training_stream_resumes_bit_identically(mock):
 
 
 @pytest.mark.slow
-def test_eval_streams_with_workers_are_exact_and_seekable(mock):
-  task = imagenet.ImageNetTask(data_config(mock, num_workers=2, heldout_in_memory=False))
+def test_eval_streams_with_workers_are_exact_and_seekable(mock_imagenet):
+  task = imagenet.ImageNetTask(data_config(mock_imagenet, num_workers=2, heldout_in_memory=False))
   splits = task.eval_splits()
-  serial = imagenet.ImageNetTask(data_config(mock, heldout_in_memory=False)).eval_splits()
+  serial = imagenet.ImageNetTask(data_config(mock_imagenet, heldout_in_memory=False)).eval_splits()
   # Out of column order, twice, and one abandoned midway: every split stays exact.
   for column in ("ImageNetR", "ImageNet", "ObjectNet", "ImageNetR", "ImageNetA"):
     got = list(splits[column].iterate(8))
@@ -439,7 +434,7 @@ def test_eval_streams_with_workers_are_exact_and_seekable(mock):
     want = np.concatenate(list(serial[column].iterate(8)))
     np.testing.assert_array_equal(np.concatenate(got), want)
     next(splits["ImageNetSketch"].iterate(8))
-  source = source_of(mock, "ImageNetV2", "imagenet_v2/matched-frequency")
+  source = source_of(mock_imagenet, "ImageNetV2", "imagenet_v2/matched-frequency")
   want = [transforms.eval_transform(transforms.decode_rgb(source[i]["image"]), 32)
           for i in range(21)]
   np.testing.assert_array_equal(np.concatenate(list(splits["ImageNetV2"].iterate(5))), want)
@@ -472,14 +467,14 @@ def test_imagefolder_order_sorts_file_names_as_strings():
     imagenet_heldout.imagefolder_order(names, np.array([0, 0, 1, 0]), wnids)
 
 
-def test_official_mask_maps_onto_tfds_indices_by_file_name(mock, tmp_path):
-  train = source_of(mock, "ImageNet2p")
+def test_official_mask_maps_onto_tfds_indices_by_file_name(mock_imagenet, tmp_path):
+  train = source_of(mock_imagenet, "ImageNet2p")
   mask, names, labels = _official_style_mask(train, 4108)
   assert mask.sum() == 1000
   path = tmp_path / "imagenet_98_idxs.npy"
   np.save(path, mask)
   out = tmp_path / "heldout_official.npz"
-  make = run_python(["scripts/make_imagenet_heldout.py", f"--data_dir={mock['data_dir']}",
+  make = run_python(["scripts/make_imagenet_heldout.py", f"--data_dir={mock_imagenet['data_dir']}",
                      f"--official_mask={path}", f"--out={out}", "--per_class=1"], timeout=300)
   assert "official" in make.stdout
   held = imagenet_heldout.load(out)
@@ -496,10 +491,10 @@ def test_official_mask_maps_onto_tfds_indices_by_file_name(mock, tmp_path):
                                                      int(names[i].split("_")[1].split(".")[0])))
   assert set(np.asarray(numeric)[np.flatnonzero(mask)].tolist()) != set(held.indices.tolist())
   # The task says which list it holds out; the seeded default says so too.
-  official = imagenet.ImageNetTask(data_config(mock, heldout_file=str(out)))
+  official = imagenet.ImageNetTask(data_config(mock_imagenet, heldout_file=str(out)))
   assert official.provenance() == {"heldout_list": "official"}
   np.testing.assert_array_equal(official.eval_splits()["ImageNet2p"].labels, held.labels)
-  seeded = imagenet_heldout.load(mock["heldout_file"])
+  seeded = imagenet_heldout.load(mock_imagenet["heldout_file"])
   assert seeded.source == "seeded" and seeded.seed == 0
 
 

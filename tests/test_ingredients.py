@@ -1,4 +1,4 @@
-"""Ingredient checkpoints: the direct reader, old formats, damage, and the streamed recipes
+"""Ingredient checkpoints: the direct reader, old formats refused, damage, and the streamed recipes
 checked against NumPy on arrays restored by plain Orbax."""
 
 import json
@@ -45,7 +45,6 @@ def test_saved_ingredient_is_plain_orbax_and_read_directly(tmp_path):
   for name, leaf in trees.flatten_with_names(params).items():
     np.testing.assert_array_equal(trees.flatten_with_names(restored)[name], leaf)
   ingredient = checkpoints.open_ingredient(tmp_path / "m")
-  assert ingredient.direct  # Raw zarr chunks: no Orbax restore on the read path.
   loaded = checkpoints.load_ingredient(tmp_path / "m")
   for name, leaf in trees.flatten_with_names(params).items():
     got = trees.flatten_with_names(loaded)[name]
@@ -60,21 +59,22 @@ def test_saved_ingredient_is_plain_orbax_and_read_directly(tmp_path):
 def test_raw_reader_understands_the_installed_orbax_layout(tmp_path):
   """The fast reader parses Orbax's private files (_METADATA, zarr chunks): this guards it.
 
-  An Orbax release that changes the layout makes the reader fall back to a full restore
-  (correct, slower) or, worse, read other bytes; either way this test says so.
+  An Orbax release that changes the layout makes the save refuse it (its chunks differ)
+  or, worse, the reader read other bytes; either way this test says so.
   """
   import importlib.metadata
   installed = importlib.metadata.version("orbax-checkpoint")
   params = _tree(np.random.default_rng(5))
-  checkpoints.save_ingredient(tmp_path / "m", params)
-  ingredient = checkpoints.open_ingredient(tmp_path / "m")
   hint = (f"orbax-checkpoint {installed} writes an on-disk layout that the raw reader "
           f"(soup/checkpoints.py: _raw_chunk_files, checked with orbax-checkpoint "
           f"{checkpoints.RAW_LAYOUT_ORBAX}) does not understand. Update _raw_chunk_files for "
           f"the new layout and RAW_LAYOUT_ORBAX, or pin orbax-checkpoint=="
           f"{checkpoints.RAW_LAYOUT_ORBAX} in requirements.txt.")
-  if not ingredient.direct:
-    pytest.fail("falls back to a full restore: " + hint)
+  try:
+    checkpoints.save_ingredient(tmp_path / "m", params)
+  except checkpoints.CheckpointError as e:
+    pytest.fail(f"the save refuses the layout written ({e}): " + hint)
+  ingredient = checkpoints.open_ingredient(tmp_path / "m")
   public = trees.flatten_with_names(_orbax_restore(tmp_path / "m"))
   for name in public:
     got = ingredient.read(name)
@@ -85,20 +85,14 @@ def test_raw_reader_understands_the_installed_orbax_layout(tmp_path):
   assert f"orbax-checkpoint=={checkpoints.RAW_LAYOUT_ORBAX}" in pins, hint
 
 
-def test_old_compressed_ingredients_still_load_and_average(tmp_path):
-  rng = np.random.default_rng(1)
-  old, new = _tree(rng), _tree(rng)
-  _save_old_format(tmp_path / "old", old)
-  checkpoints.save_ingredient(tmp_path / "new", new)
-  assert not checkpoints.open_ingredient(tmp_path / "old").direct
-  for name, leaf in trees.flatten_with_names(old).items():
-    np.testing.assert_array_equal(trees.flatten_with_names(
-        checkpoints.load_ingredient(tmp_path / "old"))[name], leaf)
-  got = trees.flatten_with_names(soups.weighted_average([tmp_path / "old", tmp_path / "new"]))
-  for name in got:
-    expected = (trees.flatten_with_names(old)[name].astype(np.float64)
-                + trees.flatten_with_names(new)[name]) / 2
-    np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-7)
+def test_an_ingredient_of_an_earlier_version_is_refused_naming_the_fix(tmp_path):
+  _save_old_format(tmp_path / "old", _tree(np.random.default_rng(1)))
+  for read in (checkpoints.open_ingredient, checkpoints.load_ingredient,
+               lambda p: soups.weighted_average([p])):
+    with pytest.raises(checkpoints.CheckpointError,
+                       match="written by an earlier version of this code .* delete that folder "
+                             "and rerun the stage that writes it"):
+      read(tmp_path / "old")
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -64,12 +64,14 @@ def test_l2_chosen_on_held_out_then_refit_matches_sklearn():
   x_test, y_test = blobs(4, 3000, spread=0.5)
   grid = (1e-4, 1e-3, 1e-2, 1e-1)
   result = linear_probe.fit_probe(x, y, CLASSES, l2_grid=grid, validation_fraction=0.25, seed=0)
-  assert set(result.validation_accuracy) == set(grid)
-  assert result.l2 == max(grid, key=lambda l2: (result.validation_accuracy[l2], l2))
+  # 1e-1 was best and an end: the bracket tried 1, worse; the choice is inside.
+  assert result.searched == (*grid, 1.0) and set(result.validation_accuracy) == {*grid, 1.0}
+  assert result.l2 == max(result.searched, key=lambda l2: (result.validation_accuracy[l2], l2))
+  assert result.l2 == 1e-1 and not result.on_edge
   # The same selection with scikit-learn on the same split.
   val = np.random.default_rng(0).permutation(len(y))[:300]
   train = np.setdiff1d(np.arange(len(y)), val)
-  for l2 in grid:
+  for l2 in result.searched:
     ref = sklearn_fit(x[train], y[train], l2)  # Mean over the fitted part, as ours.
     assert abs(ref.score(x[val], y[val]) - result.validation_accuracy[l2]) <= 1 / 300 + 1e-9
   final = sklearn_fit(x, y, result.l2)
@@ -102,7 +104,55 @@ def test_bad_arguments_say_what_to_do():
     linear_probe.fit_probe(x, y, CLASSES, l2_grid=(0.0, 1e-3))
   with pytest.raises(ValueError, match="validation_fraction"):
     linear_probe.fit_probe(x, y, CLASSES, validation_fraction=1.0)
+  with pytest.raises(ValueError, match="l2_bracket"):
+    linear_probe.fit_probe(x, y, CLASSES, l2_bracket=-1)
   with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
     linear_probe.fit_logistic_regression(x, y, 3, 1e-3)
   with pytest.raises(ValueError, match="one label each"):
     linear_probe.fit_logistic_regression(x, y[:10], CLASSES, 1e-3)
+
+
+def weak_signal(n, dims, signal, seed=0):
+  """Three classes, each a shift of `signal` along one of `dims` Gaussian dimensions."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 3, n)
+  x = rng.normal(size=(n, dims))
+  x[:, :3] += signal * np.eye(3)[y]
+  return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("grid, direction", [((1e-5, 1e-4), "up"), ((10.0, 100.0), "down")])
+def test_an_edge_choice_is_bracketed_to_an_interior_optimum(grid, direction):
+  # Up: few examples of many noise dimensions want a strong L2, far above the grid.
+  # Down: a clear signal in few dimensions wants a weak one, below it.
+  x, y = weak_signal(1000, 100, 1.0) if direction == "up" else weak_signal(1000, 4, 2.0)
+  fraction = 0.8 if direction == "up" else 0.5
+  alone = linear_probe.fit_probe(x, y, 3, l2_grid=grid, l2_bracket=0,
+                                 validation_fraction=fraction)
+  assert alone.on_edge and alone.searched == grid  # The grid as given: the optimum is outside.
+  result = linear_probe.fit_probe(x, y, 3, l2_grid=grid, validation_fraction=fraction)
+  assert not result.on_edge
+  assert min(result.searched) < result.l2 < max(result.searched)
+  assert (result.l2 > max(grid)) if direction == "up" else (result.l2 < min(grid))
+  decades = np.log10(result.searched)
+  np.testing.assert_allclose(np.diff(decades), 1.0)  # One decade at a time, no more.
+  assert result.l2 == max(result.validation_accuracy,
+                          key=lambda l2: (result.validation_accuracy[l2], l2))
+  info = result.info(grid)
+  assert info["l2_grid"] == list(grid) and info["l2_searched"] == list(result.searched)
+  assert not info["l2_on_edge"] and info["l2"] == result.l2
+
+
+def test_the_bracket_stops_at_its_limit_and_says_so(caplog):
+  x, y = weak_signal(1000, 100, 1.0)
+  with caplog.at_level("WARNING"):
+    result = linear_probe.fit_probe(x, y, 3, l2_grid=(1e-5, 1e-4), l2_bracket=1,
+                                    validation_fraction=0.8)
+  assert result.searched == (1e-5, 1e-4, 1e-3) and result.on_edge
+  assert "still an end of the searched grid" in caplog.text and "l2_bracket" in caplog.text
+
+
+def test_the_pixel_baseline_brackets_by_the_probes_default():
+  from soup import recipes
+  setting = next(s for s in recipes.settings() if s.path == "pixel_linear.l2_bracket")
+  assert setting.default == linear_probe.DEFAULT_L2_BRACKET

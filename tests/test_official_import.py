@@ -54,12 +54,12 @@ def write_release(folder, numbers, changed=None) -> None:
     save(sd, folder / f"model_{k}.pt")
 
 
-def tiny_config(mock=None, num_members: int = 2):
+def tiny_config(mock_imagenet=None, num_members: int = 2):
   config = CLIP.get_config("released,smoke")
   config.sweep.num_members = num_members
-  if mock is not None:
-    config.data.update(data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
-                       heldout_file=mock["heldout_file"], cache_dir=mock["cache_dir"])
+  if mock_imagenet is not None:
+    config.data.update({k: mock_imagenet[k] for k in ("data_dir", "objectnet_dir",
+                                                      "heldout_file", "cache_dir")})
   return config
 
 
@@ -68,19 +68,13 @@ def run_import(folder, workdir, config=None):
                                   log=lambda _: None)
 
 
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory):
-  root = tmp_path_factory.mktemp("imagenet_mock")
-  return {**imagenet_mock.write_datasets(root), "cache_dir": str(root / "cache")}
-
-
 # --- The import, end to end ---------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_import_then_evaluate_soups_report_on_mock_imagenet(mock, tmp_path):
+def test_import_then_evaluate_soups_report_on_mock_imagenet(mock_imagenet, tmp_path):
   write_release(tmp_path / "release", range(3))
-  config = tiny_config(mock)
+  config = tiny_config(mock_imagenet)
   config.data.num_workers = 0  # In-process decoding: worker start-up would dominate here.
   # Every recipe but the learned soups, whose two compiles (20 s on 2 cores) are tested on the
   # same ingredient store by tests/test_experiment.py (and the algorithm in tests/test_soups.py).

@@ -14,7 +14,7 @@ from scipy import stats
 
 import configs
 from soup import models, train
-from soup.data import imagenet_mock, randaugment
+from soup.data import randaugment
 from soup.models import convert, pretrained, zeroshot
 from soup.models.imagenet_classnames import IMAGENET_CLASSNAMES
 
@@ -178,33 +178,25 @@ def test_protocol_switches_default_to_the_official_code():
     assert min(config.probe.l2_grid) > 0 and config.probe.max_iterations > 0
 
 
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory):
-  root = tmp_path_factory.mktemp("mock")
-  out = imagenet_mock.write_all(root)
-  out["cache_dir"] = str(root / "cache")
-  return out
-
-
-def smoke_config(path, mock):
+def smoke_config(path, mock_imagenet):
   config = load(path).get_config("smoke")
   if config.data.name == "imagenet":  # Point the smoke config at this test's mock files.
-    config.data.data_dir = mock["data_dir"]
-    config.data.objectnet_dir = mock["objectnet_dir"]
-    config.data.heldout_file = mock["heldout_file"]
-    config.data.cache_dir = mock["cache_dir"]
-    config.init.path = mock["clip_path"] if config.model.name == "clip" else mock["vit_path"]
+    config.data.data_dir = mock_imagenet["data_dir"]
+    config.data.objectnet_dir = mock_imagenet["objectnet_dir"]
+    config.data.heldout_file = mock_imagenet["heldout_file"]
+    config.data.cache_dir = mock_imagenet["cache_dir"]
+    config.init.path = mock_imagenet["clip_path" if config.model.name == "clip" else "vit_path"]
     if config.model.name == "clip":
-      config.init.bpe_path = mock["bpe_path"]
+      config.init.bpe_path = mock_imagenet["bpe_path"]
   return config
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_smoke_config_trains_one_step(path, mock, request):
+def test_smoke_config_trains_one_step(path, mock_imagenet, request):
   from soup.resources import make_task
   module = load(path)
-  config = smoke_config(path, mock)
+  config = smoke_config(path, mock_imagenet)
   if config.data.name == "fashion_mnist":
     request.getfixturevalue("fashion_mnist_ready")
   task = make_task(config.data)
@@ -242,20 +234,21 @@ def test_smoke_config_trains_one_step(path, mock, request):
 # --- Pretrained weights in the expected formats ----------------------------------------
 
 
-def test_clip_image_tower_loads_without_head(mock):
-  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock)
+def test_clip_image_tower_loads_without_head(mock_imagenet):
+  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock_imagenet)
   params = pretrained.load_pretrained(config)
   assert set(params) == {"visual"}
-  _, full = convert.clip_from_state_dict(convert.load_state_dict(mock["clip_path"]), head_width=16)
+  _, full = convert.clip_from_state_dict(convert.load_state_dict(mock_imagenet["clip_path"]),
+                                         head_width=16)
   jax.tree.map(np.testing.assert_array_equal, params["visual"], full["visual"])
 
 
-def test_clip_errors_say_what_to_do(mock, tmp_path):
-  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock)
+def test_clip_errors_say_what_to_do(mock_imagenet, tmp_path):
+  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock_imagenet)
   config.init.path = str(tmp_path / "absent.safetensors")
   with pytest.raises(pretrained.WeightsMissingError, match="open_clip.*--config.init.path"):
     pretrained.load_pretrained(config)
-  config.init.path = mock["clip_path"]
+  config.init.path = mock_imagenet["clip_path"]
   config.model.variant = "ViT-B/32"
   with pytest.raises(ValueError, match="image_size=32 in the file, 224 in config.model"):
     pretrained.load_pretrained(config)
@@ -265,28 +258,28 @@ def test_clip_errors_say_what_to_do(mock, tmp_path):
     pretrained.zeroshot_head(config)
 
 
-def test_zeroshot_head_from_the_text_tower(mock):
-  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock)
+def test_zeroshot_head_from_the_text_tower(mock_imagenet):
+  config = smoke_config(ROOT / "configs" / "clip_vit_b32_imagenet.py", mock_imagenet)
   # All 80 templates x 1000 classes take minutes on 2 CPU cores: 2 x 100 show the path.
   templates, names = zeroshot.IMAGENET_TEMPLATES[:2], IMAGENET_CLASSNAMES[:100]
   head = pretrained.zeroshot_head(config, classnames=names, templates=templates)
   assert head["kernel"].shape == (16, 100) and not head["bias"].any()
   np.testing.assert_allclose(np.linalg.norm(head["kernel"], axis=0), 1 / 0.07, rtol=1e-5)
   from soup.models import clip
-  cfg, params = convert.clip_from_state_dict(convert.load_state_dict(mock["clip_path"]),
+  cfg, params = convert.clip_from_state_dict(convert.load_state_dict(mock_imagenet["clip_path"]),
                                              head_width=16)
   kernel, _ = zeroshot.build_zeroshot_head(clip.CLIP(cfg), params, names, templates,
-                                           bpe_path=mock["bpe_path"])
+                                           bpe_path=mock_imagenet["bpe_path"])
   np.testing.assert_allclose(head["kernel"], kernel, rtol=1e-6)
-  vit = smoke_config(ROOT / "configs" / "vit_b16_imagenet.py", mock)
+  vit = smoke_config(ROOT / "configs" / "vit_b16_imagenet.py", mock_imagenet)
   with pytest.raises(ValueError, match="linear_probe"):
     pretrained.zeroshot_head(vit)
 
 
-def test_vit_checkpoint_drops_head_and_resizes_positions(mock):
-  config = smoke_config(ROOT / "configs" / "vit_b16_imagenet.py", mock)
+def test_vit_checkpoint_drops_head_and_resizes_positions(mock_imagenet):
+  config = smoke_config(ROOT / "configs" / "vit_b16_imagenet.py", mock_imagenet)
   params = pretrained.load_pretrained(config)
-  raw = dict(np.load(mock["vit_path"]))
+  raw = dict(np.load(mock_imagenet["vit_path"]))
   assert "head/kernel" in raw and "head" not in params
   # 6x6 -> 4x4 patches.
   assert raw["pos_embedding"].shape[1] == 36 and params["pos_embedding"].shape[1] == 16

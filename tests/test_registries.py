@@ -43,16 +43,20 @@ def test_workdir_paths_are_the_layout(tmp_path):
   assert wd.soup_dir("greedy_soup") == tmp_path / "soups" / "greedy_soup"
 
 
-def test_one_accuracy_for_every_caller():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(257, 10)).astype(np.float32)
-  labels = rng.integers(0, 10, 257)
-  mask = np.arange(10) % 3 != 0
-  # Hand-computed: the argmax over the allowed classes against the labels.
-  for class_mask in (None, mask):
-    allowed = np.where(class_mask is None or class_mask, logits, -np.inf)
-    assert metrics.accuracy(logits, labels, class_mask) == np.mean(allowed.argmax(1) == labels)
-  # The greedy ensemble scores its candidates with the same function.
+def test_accuracy_by_hand():
+  logits = np.array([[0.1, 0.9, 0.0],    # argmax 1
+                     [2.0, 1.0, 3.0],    # argmax 2; without class 2: 0
+                     [0.0, 0.0, -1.0],   # a tie: the first, 0
+                     [-5.0, -4.0, -6.0]], np.float32)  # argmax 1
+  labels = np.array([1, 0, 0, 2])
+  assert metrics.accuracy(logits, labels) == 0.5  # Rows 0 and 2.
+  assert metrics.accuracy(logits, labels, np.array([True, True, False])) == 0.75  # Row 1 too.
+  # bfloat16 or float64 logits are scored in float32: 1 + 1e-9 ties 1 there, the first wins.
+  assert metrics.accuracy(np.array([[1.0, 1.0 + 1e-9]]), np.array([0])) == 1.0
+  # The greedy ensemble scores with the metrics' own function (an import, not a copy).
   assert ensemble.score is metrics.score
-  head = {"kernel": np.eye(10, dtype=np.float32), "bias": np.zeros(10, np.float32)}
-  assert linear_probe.accuracy(head, logits, labels) == metrics.accuracy(logits, labels)
+  head = {"kernel": np.array([[0.0, 1.0], [1.0, 0.0]], np.float32),
+          "bias": np.array([0.0, 0.5], np.float32)}
+  features = np.array([[1.0, 0.0], [0.0, 1.0], [0.2, 0.0]], np.float32)
+  # Logits: [0, 1.5], [1, 0.5], [0, 0.7]: argmax 1, 0, 1.
+  assert linear_probe.accuracy(head, features, np.array([1, 0, 0])) == pytest.approx(2 / 3)

@@ -15,12 +15,6 @@ from soup.data import batching
 from soup.data.fashion_mnist_splits import experiment_splits
 from soup.data.task import EvalSplit, Task
 
-CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-
-
 # --- Normalization and augmentation (inside the jitted train step) ---------
 
 

@@ -12,9 +12,8 @@ import numpy as np
 from soup.data.batching import Split
 from soup.data.fashion_mnist_tfds import load_arrays
 
-# Upstream label space: tops / bottoms and dresses / footwear / bags.
+# Upstream label space: tops / bottoms and dresses / footwear / bags (0-3).
 COARSE_OF_CLASS = np.array([0, 1, 0, 1, 0, 2, 0, 2, 3, 2], np.int32)
-COARSE_NAMES = ("top", "bottom_or_dress", "footwear", "bag")
 # Upstream label spaces (config.data.upstream_labels): class -> upstream label.
 #   coarse: the 4 groups above (the weak upstream: it never separates the four tops);
 #   tops_merged: the 10 classes but T-shirt/top, Pullover, Coat and Shirt as one "top" (7):

@@ -172,8 +172,6 @@ class RunningMean:
       if commit:
         self.mean = {**(self.mean or {}), **new}
       del x
-    if not isinstance(source, dict):
-      source.release()
     jax.block_until_ready(out)  # Before anyone overwrites the reader's buffers.
     return out
 
@@ -205,8 +203,6 @@ class RunningMean:
 
     for f in [self._pool.submit(work, k, g) for k, g in enumerate(self.reader.thread_groups)]:
       f.result()
-    if not home:
-      source.release()
     return target
 
   def _leaf_buffer(self, k: int, names: list[str]) -> np.ndarray:
@@ -287,5 +283,4 @@ def restore(source: Source, layout: Layout, verify: bool = True) -> PyTree:
   if not layout.is_sharded:  # Evaluated replicated: every process reads it whole.
     return as_tree({n: np.array(opened.read(n)) for n in opened.specs}, opened)
   home = Reader(opened.specs, layout).read(opened, reuse=False)
-  opened.release()
   return as_tree(home, opened)

@@ -134,7 +134,6 @@ def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
         zeros.update(new_zeros)
       mean.add_part(x, coef)
       del x, theta0
-    ft.release()
     memory.release_free_memory()  # The groups' buffers: back to the OS, not kept by glibc.
   del unit_sum
   ratios, clipped = {}, {}
@@ -159,5 +158,4 @@ def model_stock(initial: average.Source, finetuned: Sequence[average.Source],
     else:
       merged.update(_stock_mix({n: mean.mean[n] for n in names}, theta0,
                                {n: np.float32(ratios[n]) for n in names}))
-  init.release()
   return average.as_tree(mean.output(merged), opened[0]), ratios

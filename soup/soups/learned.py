@@ -89,8 +89,6 @@ def stack_ingredients(ingredients: Sequence[average.Source], mesh: Optional[Mesh
           np.copyto(shard[i - b[0][0]], opened[i].read_box(name, b[1:]), casting="same_kind")
     arrays = [jax.device_put(shards[bounds[d]], d) for d in index_map]
     out[name] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
-  for source in opened:
-    source.release()
   return average.as_tree(out, opened[0])
 
 

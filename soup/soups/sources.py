@@ -48,9 +48,6 @@ class InMemory:
   def prefetch(self, names=None) -> None:
     pass
 
-  def release(self) -> None:
-    pass
-
 
 def _copy_into(part: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
   if out is None:
