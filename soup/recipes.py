@@ -23,7 +23,7 @@ import dataclasses
 import re
 from typing import Any, Callable, Optional, Sequence
 
-from soup import results
+from soup import metrics, results
 
 PyTree = Any
 Rows = list[dict]
@@ -227,8 +227,7 @@ def _wise_ft_needs(soups_config) -> tuple[str, ...]:
 
 def _metric_name(columns) -> str:
   """What the columns hold: accuracy, or a GLUE task's metric (CoLA: Matthews correlation)."""
-  from soup.metrics import METRIC_NAMES
-  return METRIC_NAMES[getattr(columns, "metric", "accuracy")]
+  return metrics.METRIC_NAMES[getattr(columns, "metric", "accuracy")]
 
 
 def ensemble_rows(k: Kitchen) -> Rows:

@@ -19,6 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from soup import metrics
+
 NUM_RESAMPLES = 2_000
 CONFIDENCE = 0.95
 _CHUNK_ELEMENTS = 4_000_000  # Indices drawn at once (int32: 16 MB).
@@ -87,8 +89,7 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, *,
   if metric == "accuracy":
     draws = _bootstrap_diff_means(diff, num_resamples, np.random.default_rng(seed))
     return _interval(diff.mean(), draws, confidence)
-  from soup.metrics import METRICS
-  score = METRICS[metric]
+  score = metrics.METRICS[metric]
   a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
   y = np.asarray(labels)
   if y.shape != a.shape:

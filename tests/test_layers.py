@@ -21,13 +21,13 @@ DEFERRED = {
     **{("soup.main", m): "the user errors, named only after the experiment ran"
        for m in ("soup.checkpoints", "soup.recipes", "soup.soups", "soup.train",
                  "soup.workdir", "soup.data.fashion_mnist_tfds", "soup.data.imagenet",
-                 "soup.models.pretrained")},
+                 "soup.models.pretrained", "soup.evaluate")},
     ("soup.recipes", "soup.soups"): _LIGHT_REFUSAL + " (orbax), and the report stays jax-free",
     ("soup.recipes", "soup.checkpoints"): _LIGHT_REFUSAL + " (orbax)",
     ("soup.recipes", "soup.baselines"): _LIGHT_REFUSAL,
     # The config check reads the dataset registry; a Task's code loads when it is built.
     **{("soup.data.registry", m): _LIGHT_REFUSAL + " (via the dataset registry)"
-       for m in ("soup.data.fashion_mnist", "soup.data.imagenet")},
+       for m in ("soup.data.fashion_mnist", "soup.data.imagenet", "soup.data.glue")},
     ("soup.data.fashion_mnist_splits", "soup.data.shifts"): _LIGHT_REFUSAL + " (scipy.ndimage)",
     ("soup.baselines", "soup.linear_probe"): _LIGHT_REFUSAL + " (via recipes; optax, scipy)",
     # ImageNet and CLIP paths: loaded only by the configs that use them.
@@ -40,6 +40,9 @@ DEFERRED = {
                  "soup.data.objectnet", "soup.models.convert", "soup.models.vit")},
     ("soup.models", "soup.models.vit"): "the model a config names, built on demand",
     ("soup.models", "soup.models.clip"): "the model a config names, built on demand",
+    ("soup.models", "soup.models.bert"): "the model a config names, built on demand",
+    ("soup.models.pretrained", "soup.models.bert"): "the weights a config names, loaded on demand",
+    ("soup.validate", "soup.models.bert"): "a BERT config's checkpoint folder, checked only for it",
     **{("soup.models.pretrained", m): "the weights a config names, loaded on demand"
        for m in ("soup.models.clip", "soup.models.zeroshot",
                  "soup.models.imagenet_classnames")},
