@@ -51,7 +51,7 @@ def seed_overrides(seed: int, share_upstream: bool) -> list[str]:
 
 def share_upstream_from(source: Path, target: Path) -> None:
   """Copies the pretrained model and model_0 (same config.seed: identical bytes) into target."""
-  for part in (layout.UPSTREAM_INGREDIENT, layout.ingredient("model_0")):
+  for part in (layout.UPSTREAM_INGREDIENT, layout.ingredient(layout.INITIALIZATION)):
     src, dst = source / part, target / part
     if src.is_dir() and not dst.exists():
       dst.parent.mkdir(parents=True, exist_ok=True)

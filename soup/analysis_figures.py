@@ -14,6 +14,7 @@ from typing import Any
 
 from soup import analysis, atomic_io, metrics
 from soup.ingredients import IngredientStore
+from soup.layout import INITIALIZATION
 from soup.resources import Resources
 from soup.workdir import Workdir, content_key, eval_settings
 
@@ -36,10 +37,10 @@ def build(config, wd: Workdir, res: Resources, store: IngredientStore,
     return {}
   usable, _ = store.usable(names)
   if not config.soups.include_initialization:
-    usable = [n for n in usable if n != "model_0"]
-  members = [n for n in usable if n != "model_0"]
+    usable = [n for n in usable if n != INITIALIZATION]
+  members = [n for n in usable if n != INITIALIZATION]
   figures = dict(_FIGURES)
-  if len(members) < 2 or "model_0" not in store.usable(names)[0]:
+  if len(members) < 2 or INITIALIZATION not in store.usable(names)[0]:
     log.warning("analysis figures need model_0 and two fine-tunes; skipped.")
     return {}
   settings = {k: cfg.get(k) for k in ("landscape_grid", "landscape_examples")}
@@ -93,7 +94,7 @@ def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable
   bs = config.eval.batch_size
   t = time.time()
   # The two best fine-tunes that span a plane with model_0 (a duplicate does not).
-  init = store.load("model_0")
+  init = store.load(INITIALIZATION)
   pair = analysis.first_plane(init, sorted(members, key=lambda n: -scores[n]), store.load)
   limit = min(settings["landscape_examples"] or len(held_split), len(held_split))
   if held_split.images is None:
@@ -107,7 +108,7 @@ def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable
     a, b = pair
     landscape = analysis.error_landscape(
         init, store.load(a), store.load(b), _accuracy(res, held_split, bs, limit),
-        grid=settings["landscape_grid"], names=("model_0 (init)", a, b))
+        grid=settings["landscape_grid"], names=(f"{INITIALIZATION} (init)", a, b))
     analysis.plot_landscape(landscape, wd.root / "landscape.png")
   curves = analysis.ingredient_curves(
       usable, scores, {n: wd.ingredient_dir(n) for n in usable}, res.held_out_accuracy,

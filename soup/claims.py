@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from soup import recipes, results, stats
+from soup.layout import INITIALIZATION
 
 CLOSE_POINTS = 1.0  # Claim 4: greedy soup within this many accuracy points of the ensemble.
 HELD, NOT_HELD, OPEN = "held", "not held", "not resolved at this sample size"
@@ -57,7 +58,7 @@ def _held_column(row: Mapping) -> str:
 def initialization(rows: Sequence[dict]) -> dict | None:
   """The initialization's row: model_0 if named so."""
   inits = [r for r in rows if r.get("recipe") == "initialization"]
-  return next((r for r in inits if r["model_name"] == "model_0"), inits[0] if inits else None)
+  return next((r for r in inits if r["model_name"] == INITIALIZATION), inits[0] if inits else None)
 
 
 def init_beats_every_fine_tune(rows: Sequence[dict]) -> tuple[dict, dict] | None:
@@ -75,7 +76,7 @@ def init_beats_every_fine_tune(rows: Sequence[dict]) -> tuple[dict, dict] | None
   return (init, best) if init[held] > best[held] else None
 
 
-def contains_init(row: Mapping, init_name: str = "model_0") -> bool:
+def contains_init(row: Mapping, init_name: str = INITIALIZATION) -> bool:
   """Whether a soup's (or ensemble's) recorded ingredients include the initialization."""
   ingredients = row.get("ingredients")
   return (row.get("recipe") not in ("initialization", "individual", "best_individual")
@@ -201,7 +202,7 @@ def left_basin(rows: Sequence[dict]) -> tuple[int, int]:
     return len(excluded), len(members) + len(excluded)
   held_col = _held_column(init)
   below = sum(r[held_col] < init[held_col] for r in members)
-  return below + len(excluded - {"model_0"}), len(members) + len(excluded - {"model_0"})
+  return below + len(excluded - {INITIALIZATION}), len(members) + len(excluded - {INITIALIZATION})
 
 
 def _fmt(interval: dict) -> str:

@@ -49,6 +49,22 @@ INGREDIENT = "ingredient"  # A model's params-only checkpoint, inside its folder
 INGREDIENT_FILE = "ingredient.json"
 UPSTREAM_INGREDIENT = f"{UPSTREAM}/{INGREDIENT}"
 
+# --- Model names -------------------------------------------------------------------
+
+MEMBER_PREFIX = "model_"
+# The linear probe (or zero-shot head) every member starts from: the paper's model_0.
+INITIALIZATION = f"{MEMBER_PREFIX}0"
+
+
+def member_name(index: int) -> str:
+  """Model `index`: 0 is the initialization, 1.. the sweep's members (the paper's names)."""
+  return f"{MEMBER_PREFIX}{index}"
+
+
+def member_names(count: int) -> list[str]:
+  """The sweep's `count` members: model_1 .. model_<count>."""
+  return [member_name(i + 1) for i in range(count)]
+
 
 def model_dir(name: str) -> str:
   return f"{MODELS}/{name}"

@@ -24,6 +24,7 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 from soup import results
+from soup.layout import INITIALIZATION, MEMBER_PREFIX
 
 PyTree = Any
 Rows = list[dict]
@@ -102,7 +103,7 @@ class Kitchen:
 
   def members(self) -> list[str]:
     """The fine-tuned ingredients (no model_0); all of them if there are none."""
-    return [n for n in self.names if n != "model_0"] or self.names
+    return [n for n in self.names if n != INITIALIZATION] or self.names
 
   def best_member(self) -> str:
     return max(self.members(), key=lambda n: self.scores[n])
@@ -192,11 +193,11 @@ def learned_soup_by_layer_rows(k: Kitchen) -> Rows:
 
 def model_stock_rows(k: Kitchen) -> Rows:
   from soup import soups
-  members = [n for n in k.names if n != "model_0"]
+  members = [n for n in k.names if n != INITIALIZATION]
   params, ratios = soups.model_stock(  # Read once each, into the run's layout.
-      k.workdir.ingredient_dir("model_0"), [k.workdir.ingredient_dir(n) for n in members],
+      k.workdir.ingredient_dir(INITIALIZATION), [k.workdir.ingredient_dir(n) for n in members],
       k.layout, verify=k.config.verify_checksums)
-  return [k.row("model_stock", "model_stock", k.evaluate(params), ["model_0", *members], 1,
+  return [k.row("model_stock", "model_stock", k.evaluate(params), [INITIALIZATION, *members], 1,
                 ratios={key: round(v, 4) for key, v in ratios.items()})]
 
 
@@ -206,9 +207,9 @@ WISE_FT_ENDPOINTS = ("best_individual", "uniform_soup", "greedy_soup")
 def wise_ft_rows(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   cfg = k.config.wise_ft
-  init = k.workdir.ingredient_dir("model_0")  # Paths: read into the run's layout.
+  init = k.workdir.ingredient_dir(INITIALIZATION)  # Paths: read into the run's layout.
   if cfg.endpoint == "best_individual":
-    endpoint_names = [max((n for n in k.names if n != "model_0"), key=lambda n: k.scores[n])]
+    endpoint_names = [max((n for n in k.names if n != INITIALIZATION), key=lambda n: k.scores[n])]
     endpoint = k.workdir.ingredient_dir(endpoint_names[0])
   else:  # A soup made earlier in this stage (check() enforces the order).
     endpoint = k.workdir.soup_dir(cfg.endpoint)
@@ -216,7 +217,7 @@ def wise_ft_rows(k: Kitchen) -> Rows:
   verify = k.config.verify_checksums
   return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft",
                 k.evaluate(soups.wise_ft(init, endpoint, a, k.layout, verify)),
-                sorted({"model_0", *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
+                sorted({INITIALIZATION, *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
           for a in cfg.alphas]
 
 
@@ -425,9 +426,9 @@ def infer_recipe(model_name: str) -> str:
   Official names: model_0 is the initialization, model_<k> the fine-tunes; any
   other name starts with its recipe's (the longest match wins).
   """
-  if model_name == "model_0":
+  if model_name == INITIALIZATION:
     return "initialization"
-  if re.fullmatch(r"model_\d+", model_name):
+  if re.fullmatch(rf"{re.escape(MEMBER_PREFIX)}\d+", model_name):
     return "individual"
   for recipe in sorted(REGISTRY, key=len, reverse=True):
     if model_name.startswith(recipe):

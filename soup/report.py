@@ -203,7 +203,7 @@ def _choose_rows(by_recipe: dict[str, list[dict]], columns: R.Columns
     if not candidates:
       continue
     if recipe == "initialization":
-      named = [r for r in candidates if r["model_name"] == "model_0"]
+      named = [r for r in candidates if r["model_name"] == layout.INITIALIZATION]
       candidates = named or candidates
     if len(candidates) > 1 and recipe != "wise_ft":
       multi.append(recipe)

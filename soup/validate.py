@@ -452,7 +452,8 @@ def check_paths(config, stages: tuple[str, ...], workdir: Path) -> None:
   if (config.init.source == "pretrained" and makes_models
       and not has(layout.UPSTREAM_INGREDIENT)):
     needed.append("path")
-  if config.probe.kind == "zeroshot" and makes_models and not has(layout.ingredient("model_0")):
+  initialization = layout.ingredient(layout.INITIALIZATION)
+  if config.probe.kind == "zeroshot" and makes_models and not has(initialization):
     needed.append("bpe_path")
   for key in needed:
     value = config.init.get(key, "")

@@ -1,5 +1,8 @@
 """The registries of models and datasets, the workdir's layout, and the one accuracy function."""
 
+import ast
+from pathlib import Path
+
 import ml_collections as mlc
 import numpy as np
 import pytest
@@ -41,6 +44,46 @@ def test_workdir_paths_are_the_layout(tmp_path):
   assert wd.ingredient_dir("model_3") == tmp_path / "models" / "model_3" / "ingredient"
   assert wd.upstream / layout.INGREDIENT == tmp_path / layout.UPSTREAM_INGREDIENT
   assert wd.soup_dir("greedy_soup") == tmp_path / "soups" / "greedy_soup"
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+  """ids of the str constants that are docstrings (the first statement of a body)."""
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+      first = node.body[0] if node.body else None
+      if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+          and isinstance(first.value.value, str)):
+        found.add(id(first.value))
+  return found
+
+
+def _string_constants(path: Path, value: str) -> list[int]:
+  """Lines of `path` where the code (not a docstring) spells the string `value`."""
+  tree = ast.parse(path.read_text(), filename=str(path))
+  docstrings = _docstrings(tree)
+  return [node.lineno for node in ast.walk(tree)
+          if isinstance(node, ast.Constant) and node.value == value and id(node) not in docstrings]
+
+
+def test_only_the_layout_spells_the_initializations_name():
+  root = Path(__file__).resolve().parents[1]
+  owner = root / "soup" / "layout.py"
+  sources = [*sorted((root / "soup").rglob("*.py")), *sorted((root / "scripts").glob("*.py"))]
+  assert owner in sources
+  spelled = {str(p.relative_to(root)): lines for p in sources if p != owner
+             for lines in [_string_constants(p, layout.INITIALIZATION)] if lines}
+  assert spelled == {}, f"use soup.layout.INITIALIZATION instead of the literal: {spelled}"
+  # The paper's names, which existing workdirs and the released checkpoints use.
+  assert layout.INITIALIZATION == layout.member_name(0) == "model_0"
+  assert layout.member_names(2) == ["model_1", "model_2"]
+
+
+def test_the_scan_finds_a_literal_but_not_a_docstring(tmp_path):
+  # The scan above can fail: the name in code is found, the same words in a docstring are not.
+  source = tmp_path / "planted.py"
+  source.write_text('"""model_0"""\n\ndef f():\n  """model_0"""\n  return "model_0"\n')
+  assert _string_constants(source, "model_0") == [5]
 
 
 def test_accuracy_by_hand():
