@@ -233,7 +233,7 @@ def gpu_slots(gpus: str, parallel: int) -> list[Optional[str]]:
 
 def run_local(args, planned: dict) -> int:
   """Setup, then members (args.parallel at a time, each slot on its GPUs), then final."""
-  logs = Path(args.workdir) / "launch_logs"
+  logs = Path(args.workdir) / layout.LAUNCH_LOGS
   logs.mkdir(parents=True, exist_ok=True)
   paths = [str(ROOT), os.environ.get("PYTHONPATH")]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))

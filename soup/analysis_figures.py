@@ -14,15 +14,15 @@ from typing import Any
 
 from soup import analysis, atomic_io, metrics
 from soup.ingredients import IngredientStore
-from soup.layout import INITIALIZATION
+from soup.layout import ANALYSIS, INGREDIENTS_FIGURE, INITIALIZATION, LANDSCAPE_FIGURE
 from soup.resources import Resources
 from soup.workdir import Workdir, content_key, eval_settings
 
 log = logging.getLogger(__name__)
 
 _FIGURES = {"Error landscape (held-out error on the plane of the initialization and two "
-            "fine-tunes)": "landscape.png",
-            "Greedy and uniform soups as ingredients are added": "ingredients.png"}
+            "fine-tunes)": LANDSCAPE_FIGURE,
+            "Greedy and uniform soups as ingredients are added": INGREDIENTS_FIGURE}
 
 
 def build(config, wd: Workdir, res: Resources, store: IngredientStore,
@@ -63,7 +63,7 @@ def _greedy_settings(config) -> dict:
 
 def _cached(wd: Workdir, key: str, figures: dict[str, str]):
   """The figures of analysis.json when its key matches and every figure is on disk."""
-  path = wd.root / "analysis.json"
+  path = wd.root / ANALYSIS
   if path.exists():
     cached = json.loads(path.read_text())
     written = cached.get("figures", figures)
@@ -103,18 +103,18 @@ def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable
   if pair is None:
     log.warning("analysis: no two fine-tunes span a plane with model_0 (identical or "
                 "collinear weights); the error landscape is skipped.")
-    figures = {k: v for k, v in figures.items() if v != "landscape.png"}
+    figures = {k: v for k, v in figures.items() if v != LANDSCAPE_FIGURE}
   else:
     a, b = pair
     landscape = analysis.error_landscape(
         init, store.load(a), store.load(b), _accuracy(res, held_split, bs, limit),
         grid=settings["landscape_grid"], names=(f"{INITIALIZATION} (init)", a, b))
-    analysis.plot_landscape(landscape, wd.root / "landscape.png")
+    analysis.plot_landscape(landscape, wd.root / LANDSCAPE_FIGURE)
   curves = analysis.ingredient_curves(
       usable, scores, {n: wd.ingredient_dir(n) for n in usable}, res.held_out_accuracy,
       _accuracy(res, test_split, bs), **_greedy_settings(config), layout=res.layout)
-  analysis.plot_ingredient_curves(curves, wd.root / "ingredients.png")
-  atomic_io.atomic_write_text(wd.root / "analysis.json",
+  analysis.plot_ingredient_curves(curves, wd.root / INGREDIENTS_FIGURE)
+  atomic_io.atomic_write_text(wd.root / ANALYSIS,
                               json.dumps({"key": key, "figures": figures,
                                           "landscape": landscape,
                                           "landscape_examples": limit, "curves": curves,

@@ -122,7 +122,7 @@ def run(config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]],
 def record_reads(workdir: str | Path) -> None:
   """reads.process<k>.json: the bytes this process read of each ingredient (a process of a
   sharded run reads only its devices' shards)."""
-  atomic_io.atomic_write_text(Path(workdir) / f"reads.process{jax.process_index()}.json",
+  atomic_io.atomic_write_text(Path(workdir) / layout.reads_file(jax.process_index()),
                               json.dumps(checkpoints.bytes_read(), indent=1, sort_keys=True))
 
 

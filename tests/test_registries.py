@@ -46,6 +46,19 @@ def test_workdir_paths_are_the_layout(tmp_path):
   assert wd.soup_dir("greedy_soup") == tmp_path / "soups" / "greedy_soup"
 
 
+def test_workdir_file_names_are_those_on_disk():
+  # Existing workdirs (and aggregate roots) were written under these names: keep them.
+  assert (layout.TRAIN_STATE, layout.LOGS, layout.METRICS_LOG) == \
+      ("train_state", "logs", "metrics.jsonl")
+  assert (layout.ANALYSIS, layout.LANDSCAPE_FIGURE, layout.INGREDIENTS_FIGURE) == \
+      ("analysis.json", "landscape.png", "ingredients.png")
+  assert (layout.reads_file(3), layout.IMPORT, layout.LAUNCH_LOGS) == \
+      ("reads.process3.json", "import.json", "launch_logs")
+  assert (layout.seed_dir(2), layout.WALL_SECONDS, layout.COMMAND, layout.AGGREGATE,
+          layout.AGGREGATE_REPORT) == \
+      ("seed_2", "wall_seconds.txt", "command.txt", "aggregate.json", "aggregate.md")
+
+
 def _docstrings(tree: ast.AST) -> set[int]:
   """ids of the str constants that are docstrings (the first statement of a body)."""
   found = set()

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from soup import atomic_io, checkpoints
-from soup.layout import INITIALIZATION, member_name, member_names
+from soup.layout import IMPORT, INITIALIZATION, member_name, member_names
 from soup.models import convert
 from soup.models.clip import CLIPConfig
 
@@ -44,7 +44,7 @@ HEAD_WEIGHT, HEAD_BIAS = "classification_head.weight", "classification_head.bias
 TEXT_KEYS = tuple(WRAPPER_PREFIX + k for k in (
     "token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
     "text_projection", "logit_scale"))
-IMPORT_FILE = "import.json"  # In the workdir: what the last import did, file by file.
+IMPORT_FILE = IMPORT  # In the workdir: what the last import did, file by file.
 
 
 class ReleasedCheckpointError(ValueError):
