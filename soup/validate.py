@@ -282,8 +282,8 @@ FIELDS: tuple[tuple, ...] = (
 
 def setting_rule(setting: recipes.Setting) -> Rule:
   """A recipe setting's rule, read from its declaration (soup/recipes.py)."""
-  if setting.choices:
-    return one_of(*setting.choices)
+  if setting.allowed():
+    return one_of(*setting.allowed())
   if setting.type is bool:
     return BOOL
   if setting.type is int:
