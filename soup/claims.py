@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from soup import recipes, results, stats
+from soup.data import registry as datasets
 from soup.layout import INITIALIZATION
 
 CLOSE_POINTS = 1.0  # Claim 4: greedy soup within this many accuracy points of the ensemble.
@@ -56,7 +57,8 @@ def soups() -> tuple[str, ...]:
 
 
 def _held_column(row: Mapping) -> str:
-  return next(k for k in row if k.endswith("HeldOut") or k == "ImageNet2p")
+  """The row's held-out column: the first registered dataset's (soup/data/registry.py) it has."""
+  return next(c.held_out for c in datasets.known_columns() if c.held_out in row)
 
 
 def initialization(rows: Sequence[dict]) -> dict | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from soup import atomic_io, claims, layout, metrics, results as R
+from soup.data import registry as datasets
 from soup.recipes import MODEL_RECIPES, REGISTRY, infer_recipe, is_one_model
 
 DASH = R.DASH
@@ -472,7 +473,7 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
 # CLI.
 # ----------------------------------------------------------------------------
 
-_COLUMN_PRESETS = {"imagenet": R.IMAGENET, "fashion_mnist": R.FASHION_MNIST}
+_COLUMN_PRESETS = datasets.column_presets()  # The datasets of one set of columns, by name.
 
 
 def main(argv: Sequence[str] | None = None) -> int:

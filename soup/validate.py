@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from soup import layout, models, recipes, sharding, sweep as sweep_lib
 from soup.data import registry as datasets
-from soup.data.glue import GLUE_TASKS
+from soup.data.glue_tasks import GLUE_TASKS
 
 GLUE_TASK_NAMES = tuple(GLUE_TASKS)
 

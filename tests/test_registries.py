@@ -34,6 +34,33 @@ def test_unknown_dataset_names_the_registered_ones():
       call(data)
 
 
+def test_the_dataset_registry_owns_the_columns():
+  from soup import report, results
+  from soup.data import glue_tasks
+  # The results readers, the report's presets and the claims read the registry's columns.
+  assert results.FASHION_MNIST is datasets.get("fashion_mnist").columns
+  assert results.IMAGENET is datasets.get("imagenet").columns
+  assert report._COLUMN_PRESETS == {"fashion_mnist": results.FASHION_MNIST,
+                                    "imagenet": results.IMAGENET}
+  cola = datasets.get("glue").columns_of(mlc.ConfigDict({"name": "glue", "task": "cola"}))
+  assert (cola.held_out, cola.test, cola.shifts, cola.metric) == \
+      ("CoLAHeldOut", "CoLADev", (), "matthews")
+  known = datasets.known_columns()
+  assert known[:2] == (results.IMAGENET, results.FASHION_MNIST)  # The previous order.
+  assert known[2:] == tuple(t.columns for t in glue_tasks.GLUE_TASKS.values())
+  for columns in known:
+    row = {c: 0.5 for c in columns.all}
+    assert results.detect_columns([row]) == columns
+  # A dataset entry added to the registry is detected without other edits.
+  toy = datasets.DatasetEntry(lambda c: None, results.Columns("ToyHeldOut", "Toy", ()),
+                              lambda c, s: None)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(datasets.DATASETS, "toy", toy)
+    assert results.detect_columns([{"ToyHeldOut": 0.5, "Toy": 0.5}]) is toy.columns
+  with pytest.raises(ValueError, match="Unknown result columns"):
+    results.detect_columns([{"ToyHeldOut": 0.5, "Toy": 0.5}])
+
+
 def test_stage_groups_partition_the_stages():
   assert layout.MODEL_STAGES + layout.EVAL_STAGES == layout.STAGES
   assert set(layout.SETUP_STAGES) < set(layout.MODEL_STAGES)
