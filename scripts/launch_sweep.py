@@ -72,7 +72,7 @@ SETUP_STAGES = ",".join(layout.SETUP_STAGES)
 MEMBER_STAGES = ",".join(layout.MODEL_STAGES)
 FINAL_STAGES = ",".join(layout.EVAL_STAGES)
 ALL_STAGES = ",".join(layout.STAGES)
-MODEL_0_DONE = f"{layout.ingredient('model_0')}/{layout.INGREDIENT_FILE}"
+MODEL_0_DONE = f"{layout.ingredient(layout.INITIALIZATION)}/{layout.INGREDIENT_FILE}"
 WORK_MOUNT = "/soup-work"  # --bucket: the workdirs.
 DATA_MOUNT = "/soup-data"  # --data_bucket: data and weights, laid out as the config's ~.
 HOME_LINKS = ("tensorflow_datasets", "data", "checkpoints")  # ~/X -> DATA_MOUNT/X.
@@ -196,7 +196,8 @@ def member_list(args) -> list[int]:
 
 
 def is_done(workdir: str, k: int) -> bool:
-  return (Path(workdir) / layout.ingredient(f"model_{k}") / layout.INGREDIENT_FILE).exists()
+  member = layout.ingredient(layout.member_name(k))
+  return (Path(workdir) / member / layout.INGREDIENT_FILE).exists()
 
 
 def soup_main(args, stages: str, member: Optional[int] = None,
@@ -232,7 +233,7 @@ def gpu_slots(gpus: str, parallel: int) -> list[Optional[str]]:
 
 def run_local(args, planned: dict) -> int:
   """Setup, then members (args.parallel at a time, each slot on its GPUs), then final."""
-  logs = Path(args.workdir) / "launch_logs"
+  logs = Path(args.workdir) / layout.LAUNCH_LOGS
   logs.mkdir(parents=True, exist_ok=True)
   paths = [str(ROOT), os.environ.get("PYTHONPATH")]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))

@@ -38,7 +38,7 @@ METRICS = ("held_out", "test", "avg_shifts")
 
 
 def seed_dir(root: Path, seed: int) -> Path:
-  return root / f"seed_{seed}"
+  return root / layout.seed_dir(seed)
 
 
 def seed_overrides(seed: int, share_upstream: bool) -> list[str]:
@@ -51,7 +51,7 @@ def seed_overrides(seed: int, share_upstream: bool) -> list[str]:
 
 def share_upstream_from(source: Path, target: Path) -> None:
   """Copies the pretrained model and model_0 (same config.seed: identical bytes) into target."""
-  for part in (layout.UPSTREAM_INGREDIENT, layout.ingredient("model_0")):
+  for part in (layout.UPSTREAM_INGREDIENT, layout.ingredient(layout.INITIALIZATION)):
     src, dst = source / part, target / part
     if src.is_dir() and not dst.exists():
       dst.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def run_seeds(config: str, root: Path, seeds: Sequence[int], share_upstream: boo
     start = time.time()
     subprocess.run(command, check=True)
     seconds[seed] = round(time.time() - start, 1)
-    (workdir / "wall_seconds.txt").write_text(f"{seconds[seed]}\n")
+    (workdir / layout.WALL_SECONDS).write_text(f"{seconds[seed]}\n")
   return seconds
 
 
@@ -191,15 +191,15 @@ def render_markdown(agg: dict, command: str = "", seconds: dict | None = None) -
 
 def load_runs(root: Path) -> tuple[dict[int, list[dict]], dict[int, float]]:
   rows, seconds = {}, {}
-  for path in sorted(root.glob(f"seed_*/{layout.RESULTS}")):
-    seed = int(path.parent.name.removeprefix("seed_"))
+  for path in sorted(root.glob(f"{layout.SEED_PREFIX}*/{layout.RESULTS}")):
+    seed = int(path.parent.name.removeprefix(layout.SEED_PREFIX))
     rows[seed] = R.read(path, recipes.infer_recipe)
-    wall = path.parent / "wall_seconds.txt"
+    wall = path.parent / layout.WALL_SECONDS
     if wall.exists():
       seconds[seed] = float(wall.read_text())
   if not rows:
-    raise SystemExit(f"error: no {root}/seed_*/{layout.RESULTS}; run the seeds first (drop "
-                     "--aggregate_only).")
+    raise SystemExit(f"error: no {root}/{layout.SEED_PREFIX}*/{layout.RESULTS}; run the seeds "
+                     "first (drop --aggregate_only).")
   return rows, seconds
 
 
@@ -238,20 +238,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"--seeds={args.seeds}",
                       "--share_upstream" if args.share_upstream else "--noshare_upstream", *extra])
   if not args.aggregate_only:
-    atomic_io.atomic_write_text(root / "command.txt", command + "\n")
+    atomic_io.atomic_write_text(root / layout.COMMAND, command + "\n")
     run_seeds(args.config, root, list(range(args.seeds)), args.share_upstream, extra)
-  elif (root / "command.txt").exists():  # The command that made the runs.
-    command = (root / "command.txt").read_text().strip()
+  elif (root / layout.COMMAND).exists():  # The command that made the runs.
+    command = (root / layout.COMMAND).read_text().strip()
   else:
     command = ""
   rows, seconds = load_runs(root)
   agg = aggregate(rows)
   agg.update(command=command, seconds=seconds)
-  atomic_io.atomic_write_text(root / "aggregate.json", json.dumps(agg, indent=1))
+  atomic_io.atomic_write_text(root / layout.AGGREGATE, json.dumps(agg, indent=1))
   text = render_markdown(agg, command, seconds)
-  atomic_io.atomic_write_text(root / "aggregate.md", text)
+  atomic_io.atomic_write_text(root / layout.AGGREGATE_REPORT, text)
   print(text)
-  print(f"aggregate: {root / 'aggregate.md'}")
+  print(f"aggregate: {root / layout.AGGREGATE_REPORT}")
   return 0
 
 

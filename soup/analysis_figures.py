@@ -14,14 +14,15 @@ from typing import Any
 
 from soup import analysis, atomic_io, metrics
 from soup.ingredients import IngredientStore
+from soup.layout import ANALYSIS, INGREDIENTS_FIGURE, INITIALIZATION, LANDSCAPE_FIGURE
 from soup.resources import Resources
 from soup.workdir import Workdir, content_key, eval_settings
 
 log = logging.getLogger(__name__)
 
 _FIGURES = {"Error landscape (held-out error on the plane of the initialization and two "
-            "fine-tunes)": "landscape.png",
-            "Greedy and uniform soups as ingredients are added": "ingredients.png"}
+            "fine-tunes)": LANDSCAPE_FIGURE,
+            "Greedy and uniform soups as ingredients are added": INGREDIENTS_FIGURE}
 
 
 def build(config, wd: Workdir, res: Resources, store: IngredientStore,
@@ -36,10 +37,10 @@ def build(config, wd: Workdir, res: Resources, store: IngredientStore,
     return {}
   usable, _ = store.usable(names)
   if not config.soups.include_initialization:
-    usable = [n for n in usable if n != "model_0"]
-  members = [n for n in usable if n != "model_0"]
+    usable = [n for n in usable if n != INITIALIZATION]
+  members = [n for n in usable if n != INITIALIZATION]
   figures = dict(_FIGURES)
-  if len(members) < 2 or "model_0" not in store.usable(names)[0]:
+  if len(members) < 2 or INITIALIZATION not in store.usable(names)[0]:
     log.warning("analysis figures need model_0 and two fine-tunes; skipped.")
     return {}
   settings = {k: cfg.get(k) for k in ("landscape_grid", "landscape_examples")}
@@ -62,7 +63,7 @@ def _greedy_settings(config) -> dict:
 
 def _cached(wd: Workdir, key: str, figures: dict[str, str]):
   """The figures of analysis.json when its key matches and every figure is on disk."""
-  path = wd.root / "analysis.json"
+  path = wd.root / ANALYSIS
   if path.exists():
     cached = json.loads(path.read_text())
     written = cached.get("figures", figures)
@@ -93,7 +94,7 @@ def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable
   bs = config.eval.batch_size
   t = time.time()
   # The two best fine-tunes that span a plane with model_0 (a duplicate does not).
-  init = store.load("model_0")
+  init = store.load(INITIALIZATION)
   pair = analysis.first_plane(init, sorted(members, key=lambda n: -scores[n]), store.load)
   limit = min(settings["landscape_examples"] or len(held_split), len(held_split))
   if held_split.images is None:
@@ -102,18 +103,18 @@ def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable
   if pair is None:
     log.warning("analysis: no two fine-tunes span a plane with model_0 (identical or "
                 "collinear weights); the error landscape is skipped.")
-    figures = {k: v for k, v in figures.items() if v != "landscape.png"}
+    figures = {k: v for k, v in figures.items() if v != LANDSCAPE_FIGURE}
   else:
     a, b = pair
     landscape = analysis.error_landscape(
         init, store.load(a), store.load(b), _accuracy(res, held_split, bs, limit),
-        grid=settings["landscape_grid"], names=("model_0 (init)", a, b))
-    analysis.plot_landscape(landscape, wd.root / "landscape.png")
+        grid=settings["landscape_grid"], names=(f"{INITIALIZATION} (init)", a, b))
+    analysis.plot_landscape(landscape, wd.root / LANDSCAPE_FIGURE)
   curves = analysis.ingredient_curves(
       usable, scores, {n: wd.ingredient_dir(n) for n in usable}, res.held_out_accuracy,
       _accuracy(res, test_split, bs), **_greedy_settings(config), layout=res.layout)
-  analysis.plot_ingredient_curves(curves, wd.root / "ingredients.png")
-  atomic_io.atomic_write_text(wd.root / "analysis.json",
+  analysis.plot_ingredient_curves(curves, wd.root / INGREDIENTS_FIGURE)
+  atomic_io.atomic_write_text(wd.root / ANALYSIS,
                               json.dumps({"key": key, "figures": figures,
                                           "landscape": landscape,
                                           "landscape_examples": limit, "curves": curves,

@@ -31,6 +31,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from soup import recipes, results, stats
+from soup.data import registry as datasets
+from soup.layout import INITIALIZATION
 
 CLOSE_POINTS = 1.0  # Claim 4: greedy soup within this many accuracy points of the ensemble.
 HELD, NOT_HELD, OPEN = "held", "not held", "not resolved at this sample size"
@@ -44,20 +46,25 @@ CLAIMS = {
     "greedy_close_to_ensemble": "The greedy soup comes close to the ensemble at 1/N of the "
                                 "inference cost",
 }
-# The weight-space soups, compared with the best of all models when model_0 is that model.
-SOUPS = ("uniform_soup", "greedy_soup", "learned_soup", "learned_soup_by_layer", "model_stock")
 BEST_OF_ALL = {"best_of_all_in_distribution": "{soup} beats the best of all models in distribution",
                "best_of_all_under_shift": "{soup} beats the best of all models under shift"}
 
 
+def soups() -> tuple[str, ...]:
+  """The weight-space soups (the registry's Kind.SOUP recipes, in its order), compared with the
+  best of all models when model_0 is that model."""
+  return recipes.of_kind(recipes.Kind.SOUP)
+
+
 def _held_column(row: Mapping) -> str:
-  return next(k for k in row if k.endswith("HeldOut") or k == "ImageNet2p")
+  """The row's held-out column: the first registered dataset's (soup/data/registry.py) it has."""
+  return next(c.held_out for c in datasets.known_columns() if c.held_out in row)
 
 
 def initialization(rows: Sequence[dict]) -> dict | None:
   """The initialization's row: model_0 if named so."""
   inits = [r for r in rows if r.get("recipe") == "initialization"]
-  return next((r for r in inits if r["model_name"] == "model_0"), inits[0] if inits else None)
+  return next((r for r in inits if r["model_name"] == INITIALIZATION), inits[0] if inits else None)
 
 
 def init_beats_every_fine_tune(rows: Sequence[dict]) -> tuple[dict, dict] | None:
@@ -75,10 +82,10 @@ def init_beats_every_fine_tune(rows: Sequence[dict]) -> tuple[dict, dict] | None
   return (init, best) if init[held] > best[held] else None
 
 
-def contains_init(row: Mapping, init_name: str = "model_0") -> bool:
+def contains_init(row: Mapping, init_name: str = INITIALIZATION) -> bool:
   """Whether a soup's (or ensemble's) recorded ingredients include the initialization."""
   ingredients = row.get("ingredients")
-  return (row.get("recipe") not in ("initialization", "individual", "best_individual")
+  return (not recipes.is_one_model(row.get("recipe"))
           and isinstance(ingredients, (list, tuple, dict)) and init_name in ingredients)
 
 
@@ -100,7 +107,7 @@ def setting_warning(rows: Sequence[dict]) -> str | None:
 
 def single_ingredient(row: Mapping | None) -> str | None:
   """The one ingredient of a soup (or member of an ensemble) that has only one, else None."""
-  if not row or row.get("recipe") in ("initialization", "individual", "best_individual"):
+  if not row or recipes.is_one_model(row.get("recipe")):
     return None
   ingredients = row.get("ingredients")
   if isinstance(ingredients, (list, tuple, dict)) and len(ingredients) == 1:
@@ -112,7 +119,8 @@ def _one_model(row: Mapping, label: str, best_name: str | None) -> str:
   """The words for a soup of one ingredient or an ensemble of one member."""
   name = single_ingredient(row)
   what = "the best individual model" if name == best_name else f"one model, `{name}`"
-  done = "ensembled" if row.get("recipe") in ("ensemble", "greedy_ensemble") else "averaged"
+  done = ("ensembled" if row.get("recipe") in recipes.of_kind(recipes.Kind.ENSEMBLE)
+          else "averaged")
   return f"one ingredient: the {label} is {what}; nothing was {done}"
 
 
@@ -128,7 +136,7 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
   `vs_best_individual` = {"test": interval, "avg_shifts": interval} (fractions);
   the greedy soup also gets `vs_ensemble`; the best individual gets
   `vs_initialization` (the precondition: it minus model_0). When the
-  initialization beats every fine-tune on held-out, each soup (SOUPS) gets
+  initialization beats every fine-tune on held-out, each soup (`soups()`) gets
   `vs_best_of_all`: it minus the initialization. Missing partners leave rows as
   they are. A column whose metric is not accuracy (CoLA's Matthews correlation) is
   bootstrapped on that metric, from the correctness and `labels[column]`; a task without
@@ -168,8 +176,9 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
   if reference is not None and best is not None:
     best["vs_initialization"] = compare(reference, init["model_name"])
   if init_beats_every_fine_tune(rows) is not None:
+    weight_space = soups()
     for row in rows:
-      if row.get("recipe") in SOUPS and row["model_name"] in correct:
+      if row.get("recipe") in weight_space and row["model_name"] in correct:
         row["vs_best_of_all"] = compare(row["model_name"], init["model_name"])
 
 
@@ -201,7 +210,7 @@ def left_basin(rows: Sequence[dict]) -> tuple[int, int]:
     return len(excluded), len(members) + len(excluded)
   held_col = _held_column(init)
   below = sum(r[held_col] < init[held_col] for r in members)
-  return below + len(excluded - {"model_0"}), len(members) + len(excluded - {"model_0"})
+  return below + len(excluded - {INITIALIZATION}), len(members) + len(excluded - {INITIALIZATION})
 
 
 def _fmt(interval: dict) -> str:
@@ -285,7 +294,7 @@ def _best_of_all(rows: Sequence[dict]) -> list[dict]:
   except ValueError:
     test = None
   out = []
-  for recipe in SOUPS:
+  for recipe in soups():
     row = by_name.get(recipe)
     if row is None:
       continue
@@ -423,7 +432,7 @@ def _best_of_all_over_seeds(tables: Mapping[int, Mapping[str, dict]],
   best_of_all = {seed: "initialization" if seed in init_wins else "best_individual"
                  for seed in tables}
   out = []
-  for recipe in SOUPS:
+  for recipe in soups():
     if not any(recipe in t for t in tables.values()):
       continue
     label = recipes.REGISTRY[recipe].label

@@ -94,13 +94,18 @@ def _listed(items: Sequence[str], limit: int = 12) -> str:
                                      else "")
 
 
+def _model_number(name: str) -> int:
+  """k of model_<k>: the release's members in numeric order (model_2 before model_10)."""
+  return int(name[len(layout.MEMBER_PREFIX):])
+
+
 def released_rows(paper_dir: str | Path = PAPER_DIR) -> dict[str, dict]:
   """The released rows by name, plus best_individual: the model with the best ImageNet2p."""
   rows = {}
   for name in RELEASED_FILES:
     for row in results.read(Path(paper_dir) / name, recipes.infer_recipe):
       rows[row["model_name"]] = row
-  models = [r for n, r in rows.items() if n.startswith("model_")]
+  models = [r for n, r in rows.items() if n.startswith(layout.MEMBER_PREFIX)]
   best = max(models, key=lambda r: r[results.IMAGENET.held_out])
   rows["best_individual"] = {**best, "model_name": "best_individual",
                              "selected": best["model_name"]}
@@ -138,10 +143,10 @@ def compare(ours: Sequence[dict], released: dict[str, dict],
       a, b = _number(row.get(column)), _number(theirs.get(column))
       if a is not None and b is not None:
         differences.append(Difference(name, column, a, b))
-  models = sorted((n for n in released if n.startswith("model_")), key=lambda n: int(n[6:]))
+  models = sorted((n for n in released if n.startswith(layout.MEMBER_PREFIX)), key=_model_number)
   uniform = mine.get("uniform_soup")
   if uniform is not None and len(uniform.get("ingredients", [])) != len(models):
-    absent = sorted(set(models) - set(uniform.get("ingredients", [])), key=lambda n: int(n[6:]))
+    absent = sorted(set(models) - set(uniform.get("ingredients", [])), key=_model_number)
     flags.append(f"uniform_soup has {len(uniform.get('ingredients', []))} ingredients, the "
                  f"release's all {len(models)}" + (f" (without {_listed(absent)})" if absent
                                                    else ""))

@@ -70,9 +70,9 @@ def run(config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]],
   wd.check_config(config)
   res = Resources(config)
   frozen = wd.freeze_sweep(sweep_fn(config))
-  members = dict(zip(member_names(len(frozen)), frozen))  # model_1.. -> hyperparameters
+  members = dict(zip(layout.member_names(len(frozen)), frozen))  # model_1.. -> hyperparameters
   store = IngredientStore(wd, config.soups, res.expected_param_shapes, res.layout)
-  all_models = ["model_0", *members]
+  all_models = [layout.INITIALIZATION, *members]
 
   # Each earlier stage's output, made (or read back) only when a later stage needs it.
   def backbone():
@@ -122,7 +122,7 @@ def run(config, workdir: str | Path, sweep_fn: Callable[[Any], list[dict]],
 def record_reads(workdir: str | Path) -> None:
   """reads.process<k>.json: the bytes this process read of each ingredient (a process of a
   sharded run reads only its devices' shards)."""
-  atomic_io.atomic_write_text(Path(workdir) / f"reads.process{jax.process_index()}.json",
+  atomic_io.atomic_write_text(Path(workdir) / layout.reads_file(jax.process_index()),
                               json.dumps(checkpoints.bytes_read(), indent=1, sort_keys=True))
 
 
@@ -132,10 +132,6 @@ def _stage(name: str):
   log.info("stage %s", name)
   yield
   log.info("stage %s done in %.1fs", name, time.time() - t)
-
-
-def member_names(count: int) -> list[str]:
-  return [f"model_{i + 1}" for i in range(count)]
 
 
 # --- Stage 1: upstream pretraining ----------------------------------------------
@@ -203,7 +199,7 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
 
 def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -> PyTree:
   """model_0: the upstream backbone with a linear-probe (or zero-shot) head."""
-  path = wd.ingredient_dir("model_0")
+  path = wd.ingredient_dir(layout.INITIALIZATION)
   if checkpoints.is_ingredient(path):
     return soups.restore(path, res.layout)  # Each process reads only its devices' shards.
   cfg = config.probe
@@ -326,7 +322,7 @@ def model_rows(config, wd: Workdir, res: Resources, store: IngredientStore, name
                members: dict[str, dict]) -> list[dict]:
   """One row per usable model: the initialization and the individual fine-tunes."""
   usable, _ = store.usable(names)
-  return [res.row(n, "initialization" if n == "model_0" else "individual",
+  return [res.row(n, "initialization" if n == layout.INITIALIZATION else "individual",
                   model_logits(config, wd, res, store, n), [n], 1,
                   **({"hparams": members[n]} if n in members else {}))
           for n in usable]
@@ -338,7 +334,7 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
   cfg = config.soups
   names, excluded = store.usable(names)
   if not cfg.include_initialization:
-    names = [n for n in names if n != "model_0"]
+    names = [n for n in names if n != layout.INITIALIZATION]
   held = res.splits()[res.columns.held_out]
   scores = {n: held.score(model_logits(config, wd, res, store, n)[res.columns.held_out])
             for n in names}

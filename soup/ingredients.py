@@ -13,6 +13,7 @@ import logging
 from typing import Any, Callable
 
 from soup import checkpoints, soups
+from soup.layout import INITIALIZATION
 from soup.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class IngredientStore:
     try:
       soups.check_compatible(reference, shapes, "the config's model", name)
     except soups.IngredientMismatchError as e:
-      if name == "model_0":  # Every member would fail: the model code or config changed.
+      if name == INITIALIZATION:  # Every member would fail: the model code or config changed.
         raise soups.IngredientMismatchError(
             f"{e} The workdir's models do not fit the current model definition; use a new "
             "workdir (or the code version that made this one).") from e

@@ -9,12 +9,19 @@ A workdir holds:
   sweep.json                  the sweep's hyperparameters, frozen at first use
   upstream/                   pretraining run (train_state/, logs/) and ingredient/
   models/model_<k>/           model_0 = linear probe; model_1.. = sweep members:
-                              ingredient/ (params-only Orbax), train_state/, logs/
+                              ingredient/ (params-only Orbax), train_state/,
+                              logs/ (metrics.jsonl and TensorBoard events)
   eval/model_<k>.npz          logits on every split
   soups/<recipe>.json         that recipe's results rows
   soups/<recipe>/             the soup's params, for recipes that make one
   results.jsonl, report.md, figure.png, log.txt
+  analysis.json, landscape.png, ingredients.png   the report's analysis figures, if enabled
   reads.process<k>.json       the bytes process k read of each ingredient (its shards)
+  import.json                 what the last import of released checkpoints did, file by file
+  launch_logs/                scripts/launch_sweep.py's logs of each phase, run locally
+
+soup/aggregate.py's root holds one workdir per seed, seed_<k>/ (with wall_seconds.txt, the
+run's seconds), and command.txt, aggregate.json, aggregate.md.
 
 Paths below are relative to the workdir and use "/", so they join onto a Path
 and serve as bucket prefixes alike.
@@ -48,6 +55,38 @@ INGREDIENT = "ingredient"  # A model's params-only checkpoint, inside its folder
 # Written last by checkpoints.save_ingredient: its presence means a complete ingredient.
 INGREDIENT_FILE = "ingredient.json"
 UPSTREAM_INGREDIENT = f"{UPSTREAM}/{INGREDIENT}"
+# Inside a training run's folder (upstream/ or models/model_<k>/).
+TRAIN_STATE = "train_state"  # The resumable full state (soup/train_state.py).
+LOGS = "logs"
+METRICS_LOG = "metrics.jsonl"  # In LOGS, one line per logged step.
+# The report's analysis figures (soup/analysis_figures.py) and their cache.
+ANALYSIS = "analysis.json"
+LANDSCAPE_FIGURE = "landscape.png"
+INGREDIENTS_FIGURE = "ingredients.png"
+IMPORT = "import.json"  # soup/models/official.py's record of an import.
+LAUNCH_LOGS = "launch_logs"
+# soup/aggregate.py's root of seeds.
+SEED_PREFIX = "seed_"
+WALL_SECONDS = "wall_seconds.txt"  # In each seed's workdir.
+COMMAND = "command.txt"
+AGGREGATE = "aggregate.json"
+AGGREGATE_REPORT = "aggregate.md"
+
+# --- Model names -------------------------------------------------------------------
+
+MEMBER_PREFIX = "model_"
+# The linear probe (or zero-shot head) every member starts from: the paper's model_0.
+INITIALIZATION = f"{MEMBER_PREFIX}0"
+
+
+def member_name(index: int) -> str:
+  """Model `index`: 0 is the initialization, 1.. the sweep's members (the paper's names)."""
+  return f"{MEMBER_PREFIX}{index}"
+
+
+def member_names(count: int) -> list[str]:
+  """The sweep's `count` members: model_1 .. model_<count>."""
+  return [member_name(i + 1) for i in range(count)]
 
 
 def model_dir(name: str) -> str:
@@ -61,6 +100,15 @@ def ingredient(name: str) -> str:
 
 def logits_file(name: str) -> str:
   return f"{EVAL}/{name}.npz"
+
+
+def reads_file(process_index: int) -> str:
+  return f"reads.process{process_index}.json"
+
+
+def seed_dir(seed: int) -> str:
+  """Seed `seed`'s workdir under soup/aggregate.py's root."""
+  return f"{SEED_PREFIX}{seed}"
 
 
 def soup_dir(recipe: str) -> str:

@@ -11,6 +11,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from soup.layout import METRICS_LOG
+
 
 def accuracy(logits: np.ndarray, labels: np.ndarray,
              class_mask: Optional[np.ndarray] = None) -> float:
@@ -95,7 +97,7 @@ class MetricWriter:
   def __init__(self, logdir: str | os.PathLike, tensorboard: bool = True):
     self.logdir = Path(logdir)
     self.logdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(self.logdir / "metrics.jsonl", "a")
+    self._jsonl = open(self.logdir / METRICS_LOG, "a")
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter

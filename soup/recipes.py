@@ -4,11 +4,13 @@ A recipe is one function `<name>_rows(kitchen) -> rows` plus one `Recipe` line i
 REGISTRY. The line declares its name, its label in the report's table, its
 marker in the figure, its inference cost, the config.soups settings it reads
 (each a `Setting`: type, default, allowed values, help), its note under the
-report's table and the other recipes whose output it reads. From these
-declarations `default_soups_config` builds the configs' config.soups,
-soup/validate.py checks its values, `check` validates config.soups.recipes
-before any stage runs, and the report takes its labels, markers, notes and row
-order; `infer_recipe` names the recipe of a results line that lacks one.
+report's table, the other recipes whose output it reads, its kind (a soup, an
+ensemble, ...) and whether WiSE-FT may end at it. From these declarations
+`default_soups_config` builds the configs' config.soups, soup/validate.py
+checks its values, `check` validates config.soups.recipes before any stage
+runs, the report takes its labels, markers, notes and row order, and the claims
+(soup/claims.py) their soups; `infer_recipe` names the recipe of a results line
+that lacks one.
 REGISTRY is in the paper's Table 1 order.
 
 To add a recipe, write its function below and add one line to REGISTRY (see
@@ -20,10 +22,12 @@ they use.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from typing import Any, Callable, Optional, Sequence
 
 from soup import metrics, results
+from soup.layout import INITIALIZATION, MEMBER_PREFIX
 
 PyTree = Any
 Rows = list[dict]
@@ -56,7 +60,8 @@ class Setting:
   type: type                     # bool, int, float or str; tuple: a non-empty tuple of floats
   default: Any
   help: str                      # one line: what it does
-  choices: tuple = ()            # the allowed values, when they are a few
+  # The allowed values, when they are a few; a function: read from the registry when checked.
+  choices: tuple | Callable[[], tuple] = ()
   interval: str = ""             # the allowed numbers (a tuple's items), as in maths: "[1, inf)"
 
   def missing(self, soups_config) -> Optional[str]:
@@ -67,6 +72,10 @@ class Setting:
         return ".".join(keys[:i + 1])
       node = node[key]
     return None
+
+  def allowed(self) -> tuple:
+    """The allowed values (`choices`, or what its function returns now); () when any."""
+    return self.choices() if callable(self.choices) else self.choices
 
   def value(self, soups_config) -> Any:
     node = soups_config
@@ -102,10 +111,25 @@ class Kitchen:
 
   def members(self) -> list[str]:
     """The fine-tuned ingredients (no model_0); all of them if there are none."""
-    return [n for n in self.names if n != "model_0"] or self.names
+    return [n for n in self.names if n != INITIALIZATION] or self.names
 
   def best_member(self) -> str:
     return max(self.members(), key=lambda n: self.scores[n])
+
+
+class Kind(enum.Enum):
+  """What a recipe's lines are: the claims (soup/claims.py) and the report read it."""
+
+  BASELINE = "baseline"              # made without the sweep's models (pixel logistic regression)
+  INITIALIZATION = "initialization"  # model_0, where every member starts
+  INDIVIDUAL = "individual"          # one fine-tuned member, or the one a selection picks
+  SOUP = "soup"                      # one model, the ingredients' weights averaged
+  INTERPOLATION = "interpolation"    # one model between model_0 and an endpoint (WiSE-FT)
+  ENSEMBLE = "ensemble"              # its ingredients all at inference, their outputs averaged
+
+
+# Kinds whose line is one of the run's models, not made of several: ingredients count 1.
+ONE_MODEL = (Kind.INITIALIZATION, Kind.INDIVIDUAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +144,10 @@ class Recipe:
   every_model: bool = False                      # its ingredients are all models by definition
   note: Optional[Note] = None                    # its line in the report's notes, if any
   note_first: bool = False                       # what a selection kept: noted before weights
+  kind: Kind = Kind.SOUP
+  # WiSE-FT may end at it: best_individual, or a soup whose function saves its params in
+  # soups/<name>/ (config.soups.recipes must then run it before wise_ft).
+  wise_ft_endpoint: bool = False
 
 
 # --- The recipes ---------------------------------------------------------
@@ -192,23 +220,20 @@ def learned_soup_by_layer_rows(k: Kitchen) -> Rows:
 
 def model_stock_rows(k: Kitchen) -> Rows:
   from soup import soups
-  members = [n for n in k.names if n != "model_0"]
+  members = [n for n in k.names if n != INITIALIZATION]
   params, ratios = soups.model_stock(  # Read once each, into the run's layout.
-      k.workdir.ingredient_dir("model_0"), [k.workdir.ingredient_dir(n) for n in members],
+      k.workdir.ingredient_dir(INITIALIZATION), [k.workdir.ingredient_dir(n) for n in members],
       k.layout, verify=k.config.verify_checksums)
-  return [k.row("model_stock", "model_stock", k.evaluate(params), ["model_0", *members], 1,
+  return [k.row("model_stock", "model_stock", k.evaluate(params), [INITIALIZATION, *members], 1,
                 ratios={key: round(v, 4) for key, v in ratios.items()})]
-
-
-WISE_FT_ENDPOINTS = ("best_individual", "uniform_soup", "greedy_soup")
 
 
 def wise_ft_rows(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   cfg = k.config.wise_ft
-  init = k.workdir.ingredient_dir("model_0")  # Paths: read into the run's layout.
+  init = k.workdir.ingredient_dir(INITIALIZATION)  # Paths: read into the run's layout.
   if cfg.endpoint == "best_individual":
-    endpoint_names = [max((n for n in k.names if n != "model_0"), key=lambda n: k.scores[n])]
+    endpoint_names = [max((n for n in k.names if n != INITIALIZATION), key=lambda n: k.scores[n])]
     endpoint = k.workdir.ingredient_dir(endpoint_names[0])
   else:  # A soup made earlier in this stage (check() enforces the order).
     endpoint = k.workdir.soup_dir(cfg.endpoint)
@@ -216,13 +241,20 @@ def wise_ft_rows(k: Kitchen) -> Rows:
   verify = k.config.verify_checksums
   return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft",
                 k.evaluate(soups.wise_ft(init, endpoint, a, k.layout, verify)),
-                sorted({"model_0", *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
+                sorted({INITIALIZATION, *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
           for a in cfg.alphas]
 
 
+def wise_ft_endpoints() -> tuple[str, ...]:
+  """The recipes WiSE-FT may end at (config.soups.wise_ft.endpoint), in registry order."""
+  return tuple(name for name, r in REGISTRY.items() if r.wise_ft_endpoint)
+
+
 def _wise_ft_needs(soups_config) -> tuple[str, ...]:
-  endpoint = soups_config.wise_ft.endpoint
-  return (endpoint,) if endpoint in ("uniform_soup", "greedy_soup") else ()
+  """A soup endpoint is read from soups/<endpoint>/: its recipe runs first."""
+  endpoint = REGISTRY.get(soups_config.wise_ft.endpoint)
+  return ((endpoint.name,) if endpoint and endpoint.wise_ft_endpoint
+          and endpoint.kind is Kind.SOUP else ())
 
 
 def _metric_name(columns) -> str:
@@ -279,7 +311,7 @@ LEARNED = (
 WISE_FT = (
     Setting("wise_ft.endpoint", str, "best_individual",
             "the fine-tuned end of the interpolation (a soup must run before it)",
-            choices=WISE_FT_ENDPOINTS),
+            choices=wise_ft_endpoints),
     Setting("wise_ft.alphas", tuple, (0.0, 0.25, 0.5, 0.75, 1.0),
             "one row each: (1 - alpha) model_0 + alpha endpoint", interval="[0, 1]"),
 )
@@ -389,33 +421,51 @@ def wise_ft_note(lines: Rows, shown: dict, columns) -> Optional[str]:
 
 REGISTRY: dict[str, Recipe] = {r.name: r for r in (
     Recipe("pixel_linear", "Pixel logistic regression (baseline)", pixel_linear_rows,
-           Marker("Pixel logistic regression", "x", "k", 160), settings=PIXEL_LINEAR),
-    Recipe("initialization", "Initialization", None),
-    Recipe("individual", "Individual model", None),
-    Recipe("best_individual", "Best individual model", best_individual_rows),
+           Marker("Pixel logistic regression", "x", "k", 160), settings=PIXEL_LINEAR,
+           kind=Kind.BASELINE),
+    Recipe("initialization", "Initialization", None, kind=Kind.INITIALIZATION),
+    Recipe("individual", "Individual model", None, kind=Kind.INDIVIDUAL),
+    Recipe("best_individual", "Best individual model", best_individual_rows,
+           kind=Kind.INDIVIDUAL, wise_ft_endpoint=True),
     Recipe("uniform_soup", "Uniform soup", uniform_soup_rows,
-           Marker("Uniform Soup", "o", "C0", 220), settings=SHARED, every_model=True),
+           Marker("Uniform Soup", "o", "C0", 220), settings=SHARED, every_model=True,
+           kind=Kind.SOUP, wise_ft_endpoint=True),
     Recipe("greedy_soup", "Greedy soup", greedy_soup_rows, Marker("Greedy Soup", "*", "C4", 500),
-           settings=(*SHARED, *GREEDY), note=greedy_soup_note, note_first=True),
+           settings=(*SHARED, *GREEDY), note=greedy_soup_note, note_first=True,
+           kind=Kind.SOUP, wise_ft_endpoint=True),
     Recipe("learned_soup", "Learned soup", learned_soup_rows,
            Marker("Learned Soup", "P", "C1", 220), settings=(*SHARED, *LEARNED),
-           note=learned_note),
+           note=learned_note, kind=Kind.SOUP),
     Recipe("learned_soup_by_layer", "Learned soup (by layer)", learned_soup_by_layer_rows,
            Marker("Learned Soup (by layer)", "X", "C8", 220), settings=(*SHARED, *LEARNED),
-           note=learned_note),
+           note=learned_note, kind=Kind.SOUP),
     Recipe("model_stock", "Model stock", model_stock_rows, Marker("Model Stock", "^", "C6", 220),
-           settings=SHARED, note=model_stock_note),
+           settings=SHARED, note=model_stock_note, kind=Kind.SOUP),
     Recipe("wise_ft", "WiSE-FT", wise_ft_rows, settings=(*SHARED, *WISE_FT), needs=_wise_ft_needs,
-           note=wise_ft_note),
+           note=wise_ft_note, kind=Kind.INTERPOLATION),
     Recipe("ensemble", "Ensemble", ensemble_rows, Marker("Ensemble", "s", "C3", 150, zorder=4),
-           inference_cost="per_ingredient", settings=SHARED, every_model=True),
+           inference_cost="per_ingredient", settings=SHARED, every_model=True,
+           kind=Kind.ENSEMBLE),
     Recipe("greedy_ensemble", "Greedy ensemble", greedy_ensemble_rows,
            Marker("Greedy Ensemble", "D", "C5", 130, zorder=4), inference_cost="per_ingredient",
-           settings=(*SHARED, *GREEDY), note=greedy_ensemble_note, note_first=True),
+           settings=(*SHARED, *GREEDY), note=greedy_ensemble_note, note_first=True,
+           kind=Kind.ENSEMBLE),
 )}
 # Rows the evaluate stage makes for each model; not listed in config.soups.recipes.
-MODEL_RECIPES = ("initialization", "individual")
+MODEL_RECIPES = tuple(name for name, r in REGISTRY.items() if r.make is None)
 SOUP_RECIPES = tuple(name for name, r in REGISTRY.items() if r.make is not None)
+
+
+def of_kind(*kinds: Kind) -> tuple[str, ...]:
+  """The registered recipes of these kinds, in registry order (read when called, so a recipe
+  added to REGISTRY is among them)."""
+  return tuple(name for name, r in REGISTRY.items() if r.kind in kinds)
+
+
+def is_one_model(recipe: str | None) -> bool:
+  """Whether a line of this recipe is one of the run's models (model_0, a member, the best
+  one), not a soup, an ensemble or a baseline; False for a recipe the registry lacks."""
+  return recipe in REGISTRY and REGISTRY[recipe].kind in ONE_MODEL
 
 
 def infer_recipe(model_name: str) -> str:
@@ -424,9 +474,9 @@ def infer_recipe(model_name: str) -> str:
   Official names: model_0 is the initialization, model_<k> the fine-tunes; any
   other name starts with its recipe's (the longest match wins).
   """
-  if model_name == "model_0":
+  if model_name == INITIALIZATION:
     return "initialization"
-  if re.fullmatch(r"model_\d+", model_name):
+  if re.fullmatch(rf"{re.escape(MEMBER_PREFIX)}\d+", model_name):
     return "individual"
   for recipe in sorted(REGISTRY, key=len, reverse=True):
     if model_name.startswith(recipe):
@@ -453,9 +503,10 @@ def check(soups_config) -> None:
     raise RecipeConfigError(f"config.soups.recipes lists a recipe twice: {recipes}.")
   for setting in dict.fromkeys(s for name in recipes for s in REGISTRY[name].settings):
     value = setting.value(soups_config)  # A choice picks a code path (wise_ft's endpoint).
-    if setting.choices and value not in setting.choices:
+    allowed = setting.allowed()
+    if allowed and value not in allowed:
       raise RecipeConfigError(
-          f"config.soups.{setting.path} must be one of {', '.join(map(str, setting.choices))}, "
+          f"config.soups.{setting.path} must be one of {', '.join(map(str, allowed))}, "
           f"got {value!r}.")
   for i, name in enumerate(recipes):
     for need in REGISTRY[name].needs(soups_config):

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from soup import atomic_io, claims, layout, metrics, results as R
-from soup.recipes import REGISTRY, infer_recipe
+from soup.data import registry as datasets
+from soup.recipes import MODEL_RECIPES, REGISTRY, infer_recipe, is_one_model
 
 DASH = R.DASH
 
@@ -79,7 +80,7 @@ def _ingredients_count(row: dict, recipe: str, n_models: int) -> int | None:
     return len(ingredients)
   if isinstance(ingredients, int) and not isinstance(ingredients, bool):
     return ingredients
-  if recipe in ("initialization", "individual", "best_individual"):
+  if is_one_model(recipe):
     return 1
   # Recipes whose ingredients are, by definition, every individual model and the
   # initialization (the paper's uniform soup and ensemble of all 72 models).
@@ -116,7 +117,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   by_recipe: dict[str, list[dict]] = {}
   for row in rows:
     by_recipe.setdefault(row["recipe"], []).append(row)
-  n_models = len({r["model_name"] for r in rows if r["recipe"] in ("individual", "initialization")})
+  n_models = len({r["model_name"] for r in rows if r["recipe"] in MODEL_RECIPES})
   chosen, best_info, multi = _choose_rows(by_recipe, columns)
   table = [_table_entry(recipe, row, columns, n_models) for recipe, row in chosen.items()]
   curve = sorted((r for r in by_recipe.get("wise_ft", []) if _num(r.get("alpha")) is not None),
@@ -203,7 +204,7 @@ def _choose_rows(by_recipe: dict[str, list[dict]], columns: R.Columns
     if not candidates:
       continue
     if recipe == "initialization":
-      named = [r for r in candidates if r["model_name"] == "model_0"]
+      named = [r for r in candidates if r["model_name"] == layout.INITIALIZATION]
       candidates = named or candidates
     if len(candidates) > 1 and recipe != "wise_ft":
       multi.append(recipe)
@@ -472,7 +473,7 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
 # CLI.
 # ----------------------------------------------------------------------------
 
-_COLUMN_PRESETS = {"imagenet": R.IMAGENET, "fashion_mnist": R.FASHION_MNIST}
+_COLUMN_PRESETS = datasets.column_presets()  # The datasets of one set of columns, by name.
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,6 @@ registry's `soup.recipes.infer_recipe`): this module knows no recipes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -19,47 +18,21 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from soup import atomic_io
+from soup.columns import Columns  # noqa: F401  (soup.results.Columns, as its readers name it)
+from soup.data import registry as datasets
 
+# Each dataset's columns are declared in the dataset registry; these two are named here too.
+IMAGENET, FASHION_MNIST = datasets.IMAGENET, datasets.FASHION_MNIST
 
-@dataclasses.dataclass(frozen=True)
-class Columns:
-  """Which columns are the held-out, test and shift splits, and the metric they hold
-  (soup.metrics.METRICS: accuracy, or a GLUE task's own). A task without distribution
-  shifts (GLUE) has none."""
-
-  held_out: str
-  test: str
-  shifts: tuple[str, ...]
-  metric: str = "accuracy"
-
-  @property
-  def all(self) -> tuple[str, ...]:
-    return (self.held_out, self.test, *self.shifts)
-
-
-IMAGENET = Columns("ImageNet2p", "ImageNet",
-                   ("ImageNetV2", "ImageNetSketch", "ImageNetR", "ObjectNet", "ImageNetA"))
-FASHION_MNIST = Columns("FashionMNISTHeldOut", "FashionMNIST",
-                        ("FashionMNISTV2", "FashionMNISTSketch", "FashionMNISTR",
-                         "FashionMNISTObjectNet", "FashionMNISTA"))
-
-
-def glue_columns(prefix: str, metric: str) -> Columns:
-  """A GLUE task's columns: its held-out sample of train and its dev set; no shifts."""
-  return Columns(f"{prefix}HeldOut", f"{prefix}Dev", (), metric)
-
-
-GLUE = {prefix: glue_columns(prefix, metric) for prefix, metric in (
-    ("SST2", "accuracy"), ("RTE", "accuracy"), ("CoLA", "matthews"), ("MRPC", "accuracy_f1"),
-    ("QNLI", "accuracy"), ("QQP", "accuracy_f1"), ("WNLI", "accuracy"))}
-KNOWN_COLUMNS = (IMAGENET, FASHION_MNIST, *GLUE.values())
 
 def detect_columns(rows: Sequence[dict]) -> Columns:
-  for columns in KNOWN_COLUMNS:
+  """The registered dataset (or GLUE task) whose columns the first row holds."""
+  known = datasets.known_columns()
+  for columns in known:
     if all(c in rows[0] for c in columns.all):
       return columns
   raise ValueError(f"Unknown result columns {sorted(rows[0])}; expected one of "
-                   f"{[c.all for c in KNOWN_COLUMNS]}.")
+                   f"{[c.all for c in known]}.")
 
 
 def avg_shifts(row: dict, columns: Columns) -> Optional[float]:

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from soup import mesh as mesh_lib, sharding, train_state
+from soup.layout import LOGS, TRAIN_STATE
 from soup.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def _initial_state(step: CompiledStep, params: PyTree, workdir: Path, checkpoint
   params = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x,
                         sharding.put(params, layout["params"]))
   state = jax.jit(step.init_state, out_shardings=layout)(params)
-  manager = train_state.train_state_manager(workdir / "train_state", checkpoint_every)
+  manager = train_state.train_state_manager(workdir / TRAIN_STATE, checkpoint_every)
   start, restored = train_state.restore_train_state(manager, sharding.abstract(state, layout))
   if restored is not None:
     state = restored
@@ -253,7 +254,7 @@ def train(*, step: CompiledStep, params: PyTree, hyper: Hyper,
   hp = jax.device_put(hyper.as_arrays(), replicated)
 
   diverged, loss = False, float("nan")
-  with MetricWriter(workdir / "logs") as writer:
+  with MetricWriter(workdir / LOGS) as writer:
     bar = tqdm(total=hyper.total_steps, initial=start, desc=description, unit="step",
                dynamic_ncols=True, leave=False)
     for i in range(start, hyper.total_steps):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from soup import layout, models, recipes, sharding, sweep as sweep_lib
 from soup.data import registry as datasets
-from soup.data.glue import GLUE_TASKS
+from soup.data.glue_tasks import GLUE_TASKS
 
 GLUE_TASK_NAMES = tuple(GLUE_TASKS)
 
@@ -282,8 +282,8 @@ FIELDS: tuple[tuple, ...] = (
 
 def setting_rule(setting: recipes.Setting) -> Rule:
   """A recipe setting's rule, read from its declaration (soup/recipes.py)."""
-  if setting.choices:
-    return one_of(*setting.choices)
+  if setting.allowed():
+    return one_of(*setting.allowed())
   if setting.type is bool:
     return BOOL
   if setting.type is int:
@@ -452,7 +452,8 @@ def check_paths(config, stages: tuple[str, ...], workdir: Path) -> None:
   if (config.init.source == "pretrained" and makes_models
       and not has(layout.UPSTREAM_INGREDIENT)):
     needed.append("path")
-  if config.probe.kind == "zeroshot" and makes_models and not has(layout.ingredient("model_0")):
+  initialization = layout.ingredient(layout.INITIALIZATION)
+  if config.probe.kind == "zeroshot" and makes_models and not has(initialization):
     needed.append("bpe_path")
   for key in needed:
     value = config.init.get(key, "")

@@ -152,3 +152,35 @@ def test_readme_recipe_is_one_function_and_one_registry_entry(monkeypatch, tmp_p
   assert recipe.marker.label in report._markers()[recipe.name].label
   note = recipe.note([rows[2]], rows[2], results.FASHION_MNIST)
   assert note and note in built["notes"]
+
+
+def test_a_new_soup_entry_is_a_soup_of_the_claims_and_a_wise_ft_endpoint(monkeypatch):
+  # One registry entry, nothing else edited: the claims compare it with the best of all models
+  # as the other soups, and WiSE-FT may end at it once it runs first.
+  from soup import claims
+  from tests.test_claims_precondition import COLS, RESAMPLES, _run
+  soup = recipes.Recipe("top_k_soup", "Top-k soup", lambda k: [], settings=recipes.SHARED,
+                        kind=recipes.Kind.SOUP, wise_ft_endpoint=True)
+  assert "top_k_soup" not in claims.soups() + recipes.wise_ft_endpoints()
+  monkeypatch.setitem(recipes.REGISTRY, soup.name, soup)
+  monkeypatch.setattr(recipes, "SOUP_RECIPES", (*recipes.SOUP_RECIPES, soup.name))
+  assert claims.soups()[-1] == "top_k_soup"
+  assert recipes.wise_ft_endpoints()[-1] == "top_k_soup"
+
+  rows, correct = _run("init_wins")  # model_0 beats every fine-tune: soups face it too.
+  rows.append({**next(r for r in rows if r["model_name"] == "model_stock"),
+               "model_name": "top_k_soup", "recipe": "top_k_soup"})
+  correct["top_k_soup"] = correct["model_stock"]
+  claims.add_intervals(rows, correct, COLS, num_resamples=RESAMPLES)
+  assert rows[-1]["vs_best_of_all"]["against"] == "model_0"
+  judged = [c for c in claims.judge(rows) if c.get("soup") == "top_k_soup"]
+  assert [c["text"] for c in judged] == [
+      "Top-k soup beats the best of all models in distribution",
+      "Top-k soup beats the best of all models under shift"]
+
+  recipes.check(soups_config(recipes=("top_k_soup", "wise_ft"),
+                             **{"wise_ft.endpoint": "top_k_soup"}))
+  with pytest.raises(recipes.RecipeConfigError, match="wise_ft needs top_k_soup before it"):
+    recipes.check(soups_config(recipes=("wise_ft",), **{"wise_ft.endpoint": "top_k_soup"}))
+  endpoint = next(s for s in recipes.WISE_FT if s.path == "wise_ft.endpoint")
+  assert validate.setting_rule(endpoint).ok("top_k_soup")

@@ -1,8 +1,9 @@
 """GLUE text classification, read from the standard download layout (`TASK/{train,dev}.tsv`).
 
 The folder is what GLUE's `download_glue_data.py` writes (config.data.glue_dir), so a
-user's own download works unchanged. Each task is declared once in GLUE_TASKS: its
-folder, how its TSV columns are read, its label names and its GLUE metric.
+user's own download works unchanged. Each task is declared once in GLUE_TASKS
+(soup/data/glue_tasks.py): its folder, how its TSV columns are read, its label names, its
+GLUE metric and its result columns.
 
 Splits, as the paper's image experiments use ImageNet's:
   held-out  a seeded sample of train (config.data.held_out_examples, data.split_seed):
@@ -35,8 +36,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from soup import results
 from soup.data import batching
+
+# GLUE_TASKS too: the task table is read from here as well (tests, older callers).
+from soup.data.glue_tasks import GLUE_TASKS, GlueDataError, GlueTask, task_spec  # noqa: F401
 from soup.data.task import EvalSplit, Task
 
 log = logging.getLogger(__name__)
@@ -47,55 +50,6 @@ GET_GLUE = ("download GLUE with the `download_glue_data.py` script of the GLUE b
             "(github.com/nyu-mll/GLUE-baselines) or `tfds`/`datasets` exported to TSV, and set "
             "--config.data.glue_dir=DIR (DIR/SST-2/train.tsv, ...); this project's shared copy "
             "is ../shared/glue")
-
-
-@dataclasses.dataclass(frozen=True)
-class GlueTask:
-  """One GLUE task: where its files are and how a row becomes (text_a, text_b, label).
-
-  `text_columns` and `label_column` are header names, or integer positions for CoLA,
-  whose files have no header. `labels` maps the file's label strings to class indices.
-  """
-  folder: str
-  column_prefix: str                  # The results' column names: <prefix>HeldOut, <prefix>Dev.
-  text_columns: tuple                 # One column (single sentence) or two (a pair).
-  label_column: Any
-  labels: Mapping[str, int]
-  metric: str                         # soup.metrics.METRICS: the GLUE metric of the task.
-  header: bool = True
-  dev_file: str = "dev.tsv"
-
-  @property
-  def columns(self) -> results.Columns:
-    return results.glue_columns(self.column_prefix, self.metric)
-
-
-BINARY = {"0": 0, "1": 1}
-ENTAILMENT = {"entailment": 0, "not_entailment": 1}  # As GLUE's and HF datasets' label ids.
-
-GLUE_TASKS: dict[str, GlueTask] = {
-    "sst2": GlueTask("SST-2", "SST2", ("sentence",), "label", BINARY, "accuracy"),
-    "rte": GlueTask("RTE", "RTE", ("sentence1", "sentence2"), "label", ENTAILMENT, "accuracy"),
-    # No header: source, label, original judgement, sentence.
-    "cola": GlueTask("CoLA", "CoLA", (3,), 1, BINARY, "matthews", header=False),
-    "mrpc": GlueTask("MRPC", "MRPC", ("#1 String", "#2 String"), "Quality", BINARY,
-                     "accuracy_f1"),
-    "qnli": GlueTask("QNLI", "QNLI", ("question", "sentence"), "label", ENTAILMENT, "accuracy"),
-    "qqp": GlueTask("QQP", "QQP", ("question1", "question2"), "is_duplicate", BINARY,
-                    "accuracy_f1"),
-    "wnli": GlueTask("WNLI", "WNLI", ("sentence1", "sentence2"), "label", BINARY, "accuracy"),
-}
-
-
-class GlueDataError(ValueError):
-  """A GLUE folder or file is missing or malformed; the message names the fix."""
-
-
-def task_spec(name: str) -> GlueTask:
-  if name not in GLUE_TASKS:
-    raise GlueDataError(f"config.data.task={name!r} is not a GLUE task this project reads; use "
-                        f"one of {', '.join(GLUE_TASKS)}.")
-  return GLUE_TASKS[name]
 
 
 def task_files(glue_dir: str | os.PathLike, name: str) -> dict[str, Path]:

@@ -3,7 +3,8 @@
 An entry says how to build the dataset's Task (soup/data/task.py), which result
 columns it fills, and what the config check must find on disk before compute.
 The Task classes are imported when a task is built: the config check reads this
-registry and must stay quick.
+registry and must stay quick, and soup/results.py (the report, with no jax)
+reads the columns here: this is the one place that declares them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from soup import layout, results
-from soup.data import fashion_mnist_tfds
+from soup import layout
+from soup.columns import Columns
+from soup.data import fashion_mnist_tfds, glue_tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,13 +29,27 @@ class DatasetEntry:
       for a dataset of several tasks (GLUE: config.data.task).
     missing: (data_config, stages) -> what the stages would read but is not on disk, as a
       message naming the fix, or None. Reads no data.
+    every_columns: for a dataset of several tasks, () -> the columns of each, in order (what
+      results.detect_columns tries); one set of columns needs none.
   """
   task: Callable[[Any], Any]
-  columns: results.Columns | Callable[[Any], results.Columns]
+  columns: Columns | Callable[[Any], Columns]
   missing: Callable[[Any, tuple[str, ...]], Optional[str]]
+  every_columns: Optional[Callable[[], tuple[Columns, ...]]] = None
 
-  def columns_of(self, data_config) -> results.Columns:
-    return self.columns if isinstance(self.columns, results.Columns) else self.columns(data_config)
+  def columns_of(self, data_config) -> Columns:
+    return self.columns if isinstance(self.columns, Columns) else self.columns(data_config)
+
+  def all_columns(self) -> tuple[Columns, ...]:
+    return (self.columns,) if isinstance(self.columns, Columns) else self.every_columns()
+
+
+# The paper's ImageNet columns (its released results' names) and Fashion-MNIST's analogs.
+IMAGENET = Columns("ImageNet2p", "ImageNet",
+                   ("ImageNetV2", "ImageNetSketch", "ImageNetR", "ObjectNet", "ImageNetA"))
+FASHION_MNIST = Columns("FashionMNISTHeldOut", "FashionMNIST",
+                        ("FashionMNISTV2", "FashionMNISTSketch", "FashionMNISTR",
+                         "FashionMNISTObjectNet", "FashionMNISTA"))
 
 
 def _path(value: str) -> Path:
@@ -73,9 +89,12 @@ def _glue_task(data_config):
   return GlueTextTask(data_config)
 
 
-def _glue_columns(data_config) -> results.Columns:
-  from soup.data import glue
-  return glue.task_spec(data_config.task).columns
+def _glue_columns(data_config) -> Columns:
+  return glue_tasks.task_spec(data_config.task).columns
+
+
+def _every_glue_columns() -> tuple[Columns, ...]:
+  return tuple(task.columns for task in glue_tasks.GLUE_TASKS.values())
 
 
 def _glue_missing(data_config, stages) -> Optional[str]:
@@ -85,11 +104,10 @@ def _glue_missing(data_config, stages) -> Optional[str]:
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "fashion_mnist": DatasetEntry(_fashion_mnist_task, results.FASHION_MNIST,
-                                  _fashion_mnist_missing),
-    "imagenet": DatasetEntry(_imagenet_task, results.IMAGENET, _imagenet_missing),
-    # GLUE's text tasks (config.data.task: sst2, rte, cola, ...; soup/data/glue.py).
-    "glue": DatasetEntry(_glue_task, _glue_columns, _glue_missing),
+    "fashion_mnist": DatasetEntry(_fashion_mnist_task, FASHION_MNIST, _fashion_mnist_missing),
+    "imagenet": DatasetEntry(_imagenet_task, IMAGENET, _imagenet_missing),
+    # GLUE's text tasks (config.data.task: sst2, rte, cola, ...; soup/data/glue_tasks.py).
+    "glue": DatasetEntry(_glue_task, _glue_columns, _glue_missing, _every_glue_columns),
 }
 
 
@@ -103,3 +121,16 @@ def get(name: str) -> DatasetEntry:
     raise UnknownDatasetError(f"config.data.name={name!r} is unknown; use one of "
                               f"{', '.join(DATASETS)}.")
   return DATASETS[name]
+
+
+def known_columns() -> tuple[Columns, ...]:
+  """Every dataset's columns (each GLUE task's), the paper's ImageNet first: the results
+  readers tell a file's dataset from them."""
+  every = [c for entry in DATASETS.values() for c in entry.all_columns()]
+  return (IMAGENET, *(c for c in every if c != IMAGENET))
+
+
+def column_presets() -> dict[str, Columns]:
+  """The datasets of one set of columns, by name: the report's --columns choices."""
+  return {name: entry.columns for name, entry in DATASETS.items()
+          if isinstance(entry.columns, Columns)}

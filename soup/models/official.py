@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from soup import atomic_io, checkpoints
+from soup.layout import IMPORT, INITIALIZATION, member_name, member_names
 from soup.models import convert
 from soup.models.clip import CLIPConfig
 
@@ -43,7 +44,7 @@ HEAD_WEIGHT, HEAD_BIAS = "classification_head.weight", "classification_head.bias
 TEXT_KEYS = tuple(WRAPPER_PREFIX + k for k in (
     "token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
     "text_projection", "logit_scale"))
-IMPORT_FILE = "import.json"  # In the workdir: what the last import did, file by file.
+IMPORT_FILE = IMPORT  # In the workdir: what the last import did, file by file.
 
 
 class ReleasedCheckpointError(ValueError):
@@ -183,7 +184,7 @@ class ImportSummary:
   def text(self) -> str:
     lines = [f"imported {len(self.imported)}, already imported and verified {len(self.skipped)}, "
              f"failed {len(self.failed)}, missing {len(self.missing)} "
-             f"(of {len(self.expected)}: model_0..model_{len(self.expected) - 1})"]
+             f"(of {len(self.expected)}: {INITIALIZATION}..{member_name(len(self.expected) - 1)})"]
     if self.dropped_keys:
       lines.append(f"dropped from every file (text side, unused by the image classifier): "
                    f"{', '.join(self.dropped_keys)}")
@@ -244,7 +245,7 @@ def import_released(folder: str | os.PathLike, workdir: str | os.PathLike, confi
   wd = Workdir(workdir)
   wd.check_config(config)
   members = wd.freeze_sweep(sweep_fn(config))
-  names = ["model_0", *(f"model_{k + 1}" for k in range(len(members)))]
+  names = [INITIALIZATION, *member_names(len(members))]
   summary = ImportSummary(expected=names)
   files = {}
   for entry in sorted(folder.iterdir()):
@@ -252,10 +253,11 @@ def import_released(folder: str | os.PathLike, workdir: str | os.PathLike, confi
     if match is None or not entry.is_file():
       summary.ignored.append(entry.name)
       continue
-    name = f"model_{int(match.group(1))}"
+    name = member_name(int(match.group(1)))
     if name not in names:
       summary.failed[entry.name] = (f"not one of the {len(names)} models this config expects "
-                                    f"(model_0..model_{len(names) - 1}); not imported.")
+                                    f"({INITIALIZATION}..{member_name(len(names) - 1)}); "
+                                    "not imported.")
     elif name in files:
       summary.failed[entry.name] = f"a second file for {name} (also {files[name].name})."
     else:
