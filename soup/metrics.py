@@ -11,8 +11,6 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from soup.layout import METRICS_LOG
-
 
 def accuracy(logits: np.ndarray, labels: np.ndarray,
              class_mask: Optional[np.ndarray] = None) -> float:
@@ -92,12 +90,13 @@ def score(metric: str, logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 class MetricWriter:
-  """Appends {"step", "time", **scalars} to metrics.jsonl and TensorBoard."""
+  """Appends {"step", "time", **scalars} to TensorBoard and to the JSON lines file
+  `jsonl_name` in logdir (soup.layout.METRICS_LOG names the run's)."""
 
-  def __init__(self, logdir: str | os.PathLike, tensorboard: bool = True):
+  def __init__(self, logdir: str | os.PathLike, jsonl_name: str, tensorboard: bool = True):
     self.logdir = Path(logdir)
     self.logdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(self.logdir / METRICS_LOG, "a")
+    self._jsonl = open(self.logdir / jsonl_name, "a")  # soup.layout names it.
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter

@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from soup import mesh as mesh_lib, sharding, train_state
-from soup.layout import LOGS, TRAIN_STATE
+from soup.layout import LOGS, METRICS_LOG, TRAIN_STATE
 from soup.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def train(*, step: CompiledStep, params: PyTree, hyper: Hyper,
   hp = jax.device_put(hyper.as_arrays(), replicated)
 
   diverged, loss = False, float("nan")
-  with MetricWriter(workdir / LOGS) as writer:
+  with MetricWriter(workdir / LOGS, METRICS_LOG) as writer:
     bar = tqdm(total=hyper.total_steps, initial=start, desc=description, unit="step",
                dynamic_ncols=True, leave=False)
     for i in range(start, hyper.total_steps):

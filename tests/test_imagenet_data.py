@@ -18,6 +18,7 @@ from soup.data import (
   imagenet_heldout,
   objectnet,
   randaugment,
+  registry,
   tfds_source,
   transforms,
 )
@@ -36,9 +37,14 @@ def data_config(mock_imagenet, **overrides):
   return mlc.ConfigDict(d)
 
 
+def task_args(mock_imagenet, **overrides):
+  """ImageNetTask's arguments: the data config and the registry's columns."""
+  return data_config(mock_imagenet, **overrides), registry.IMAGENET
+
+
 @pytest.fixture(scope="module")
 def task(mock_imagenet):
-  return imagenet.ImageNetTask(data_config(mock_imagenet))
+  return imagenet.ImageNetTask(*task_args(mock_imagenet))
 
 
 def source_of(mock_imagenet, column, name=None):
@@ -110,7 +116,7 @@ def test_heldout_file_round_trip_and_task_split(mock_imagenet, task):
 
 def test_heldout_in_memory_equals_the_stream(mock_imagenet, task):
   in_memory = task.eval_splits()["ImageNet2p"]
-  streamed_task = imagenet.ImageNetTask(data_config(mock_imagenet, heldout_in_memory=False))
+  streamed_task = imagenet.ImageNetTask(*task_args(mock_imagenet, heldout_in_memory=False))
   streamed = streamed_task.eval_splits()["ImageNet2p"]
   assert in_memory.images is not None and streamed.images is None
   np.testing.assert_array_equal(in_memory.images, np.concatenate(list(streamed.iterate(300))))
@@ -123,13 +129,13 @@ def test_task_refuses_a_list_made_for_other_data(mock_imagenet, tmp_path):
   imagenet_heldout.save(wrong, held.indices, held.labels, tfds_version=held.tfds_version,
                         num_train=held.num_train + 1, per_class=1, seed=0)
   with pytest.raises(imagenet_heldout.HeldOutError, match="made for 2001 train examples"):
-    imagenet.ImageNetTask(data_config(mock_imagenet, heldout_file=str(wrong)))
+    imagenet.ImageNetTask(*task_args(mock_imagenet, heldout_file=str(wrong)))
 
 
 def test_missing_datasets_say_how_to_prepare_them(mock_imagenet, tmp_path):
   with pytest.raises(imagenet.DatasetMissingError, match=r"tfds build imagenet2012 .*--manual_dir"):
-    imagenet.ImageNetTask(data_config(mock_imagenet, data_dir=str(tmp_path)))
-  task = imagenet.ImageNetTask(data_config(mock_imagenet, objectnet_dir=str(tmp_path / "nowhere")))
+    imagenet.ImageNetTask(*task_args(mock_imagenet, data_dir=str(tmp_path)))
+  task = imagenet.ImageNetTask(*task_args(mock_imagenet, objectnet_dir=str(tmp_path / "nowhere")))
   with pytest.raises(imagenet.DatasetMissingError, match="ObjectNet.*objectnet.dev"):
     task.eval_splits()
 
@@ -221,7 +227,7 @@ def test_objectnet_border_crop_is_a_switch_off_by_default(mock_imagenet, task):
   assert not np.array_equal(uncropped, cropped)
   assert task.objectnet_border == 0
   np.testing.assert_array_equal(next(task.eval_splits()["ObjectNet"].iterate(4))[0], uncropped)
-  on = imagenet.ImageNetTask(data_config(mock_imagenet, objectnet_border_crop=True))
+  on = imagenet.ImageNetTask(*task_args(mock_imagenet, objectnet_border_crop=True))
   assert on.objectnet_border == objectnet.BORDER == 2
   np.testing.assert_array_equal(next(on.eval_splits()["ObjectNet"].iterate(4))[0], cropped)
 
@@ -299,7 +305,7 @@ def test_no_aug_is_the_eval_preprocessing(mock_imagenet, task):
 
 
 def test_each_host_decodes_only_its_rows(mock_imagenet, monkeypatch):
-  task = imagenet.ImageNetTask(data_config(mock_imagenet))
+  task = imagenet.ImageNetTask(*task_args(mock_imagenet))
   full_x, full_y = task.finetune_batch(8, 3, 2, {"aug": "rand-m5-n1"})
   monkeypatch.setattr(imagenet, "local_rows",  # As process 1 of 2 would hold.
                       lambda batch_size: np.array([4, 5, 6, 7]))
@@ -398,14 +404,14 @@ def test_training_stream_resumes_bit_identically(mock_imagenet):
   does) sees the same bytes as one that never stopped, whatever the number of worker
   processes."""
   hp = {"aug": "rand-m9-n2"}
-  uninterrupted = imagenet.ImageNetTask(data_config(mock_imagenet, num_workers=2))
+  uninterrupted = imagenet.ImageNetTask(*task_args(mock_imagenet, num_workers=2))
   stream = uninterrupted.finetune_stream(16, 7, hp)
   want = [stream.read(s) for s in range(4)]
   want += [uninterrupted.finetune_batch(16, 7, s, hp) for s in range(4, 8)]
   uninterrupted.close()
 
   # New worker processes.
-  resumed = imagenet.ImageNetTask(data_config(mock_imagenet, num_workers=2))
+  resumed = imagenet.ImageNetTask(*task_args(mock_imagenet, num_workers=2))
   stream = resumed.finetune_stream(16, 7, hp)
   for s in range(4, 8):  # Step 4 first: the new stream seeks there.
     x, y = stream.read(s)
@@ -415,7 +421,7 @@ def test_training_stream_resumes_bit_identically(mock_imagenet):
   x8, _ = stream.read(8)  # Goes on from step 8.
   resumed.close()
 
-  in_process = imagenet.ImageNetTask(data_config(mock_imagenet))
+  in_process = imagenet.ImageNetTask(*task_args(mock_imagenet))
   for s in (5, 2, 8):  # The trainer resumes by asking for the step: any order works.
     x, y = in_process.finetune_batch(16, 7, s, hp)
     np.testing.assert_array_equal(x, want[s][0] if s < 8 else x8)
@@ -424,9 +430,9 @@ def test_training_stream_resumes_bit_identically(mock_imagenet):
 
 @pytest.mark.slow
 def test_eval_streams_with_workers_are_exact_and_seekable(mock_imagenet):
-  task = imagenet.ImageNetTask(data_config(mock_imagenet, num_workers=2, heldout_in_memory=False))
+  task = imagenet.ImageNetTask(*task_args(mock_imagenet, num_workers=2, heldout_in_memory=False))
   splits = task.eval_splits()
-  serial = imagenet.ImageNetTask(data_config(mock_imagenet, heldout_in_memory=False)).eval_splits()
+  serial = imagenet.ImageNetTask(*task_args(mock_imagenet, heldout_in_memory=False)).eval_splits()
   # Out of column order, twice, and one abandoned midway: every split stays exact.
   for column in ("ImageNetR", "ImageNet", "ObjectNet", "ImageNetR", "ImageNetA"):
     got = list(splits[column].iterate(8))
@@ -491,7 +497,7 @@ def test_official_mask_maps_onto_tfds_indices_by_file_name(mock_imagenet, tmp_pa
                                                      int(names[i].split("_")[1].split(".")[0])))
   assert set(np.asarray(numeric)[np.flatnonzero(mask)].tolist()) != set(held.indices.tolist())
   # The task says which list it holds out; the seeded default says so too.
-  official = imagenet.ImageNetTask(data_config(mock_imagenet, heldout_file=str(out)))
+  official = imagenet.ImageNetTask(*task_args(mock_imagenet, heldout_file=str(out)))
   assert official.provenance() == {"heldout_list": "official"}
   np.testing.assert_array_equal(official.eval_splits()["ImageNet2p"].labels, held.labels)
   seeded = imagenet_heldout.load(mock_imagenet["heldout_file"])

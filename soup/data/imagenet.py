@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from soup import atomic_io, results
+from soup import atomic_io
 from soup.data import grain_input, imagenet_heldout, objectnet
 from soup.data.task import EvalSplit, Task
 from soup.data.tfds_source import (
@@ -127,10 +127,10 @@ TRAIN_STREAM_STEPS = 2**31 - 1
 class ImageNetTask(Task):
   """The Task of soup/data/task.py for ImageNet; see the module docstring."""
 
-  columns = results.IMAGENET
   num_classes = NUM_CLASSES
 
-  def __init__(self, data_config):
+  def __init__(self, data_config, columns):
+    self.columns = columns  # The dataset registry's (soup/data/registry.py).
     d = data_config
     self.config = d
     self.data_dir = os.path.expanduser(d.data_dir or default_data_dir())
@@ -289,7 +289,7 @@ class ImageNetTask(Task):
     return EvalSplit(labels=labels, images=self._decode_once(reader, ("heldout",)))
 
   def eval_splits(self) -> dict[str, EvalSplit]:
-    """Column -> EvalSplit in results.IMAGENET order; all missing datasets are reported at once."""
+    """Column -> EvalSplit in the columns' order; every missing dataset is reported at once."""
     if self._eval is None:
       makers, missing = {}, []
       for column in self.columns.all:

@@ -58,7 +58,7 @@ def _path(value: str) -> Path:
 
 def _fashion_mnist_task(data_config):
   from soup.data.fashion_mnist import FashionMNISTTask
-  return FashionMNISTTask(data_config)
+  return FashionMNISTTask(data_config, FASHION_MNIST)
 
 
 def _fashion_mnist_missing(data_config, stages) -> Optional[str]:
@@ -71,7 +71,7 @@ def _fashion_mnist_missing(data_config, stages) -> Optional[str]:
 
 def _imagenet_task(data_config):
   from soup.data.imagenet import ImageNetTask
-  return ImageNetTask(data_config)
+  return ImageNetTask(data_config, IMAGENET)
 
 
 def _imagenet_missing(data_config, stages) -> Optional[str]:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
-from soup import metrics, results
+from soup import metrics
+from soup.columns import Columns
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ class EvalSplit:
 class Task:
   """Interface; see FashionMNISTTask and ImageNetTask."""
 
-  columns: results.Columns
+  columns: Columns
   num_classes: int
 
   def finetune_size(self) -> int:
