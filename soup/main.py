@@ -106,6 +106,11 @@ def main(argv):
 
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
+  from soup.workdir import Workdir
+  try:  # A workdir of another config is refused before anything, its log included, is written.
+    Workdir(workdir).check_config(config)
+  except user_errors() as e:
+    fail(e)
   handler = std_logging.FileHandler(workdir / layout.LOG)
   handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   std_logging.getLogger().addHandler(handler)
