@@ -38,7 +38,9 @@ initialization in every seed, with 10-12 of 12 fine-tunes above it on held-out; 
 85.97 ± 0.46 (the best individual alone in 4 of 5 seeds), uniform soup 83.9 ± 0.6, learned
 soup (by layer) 85.0 ± 0.2, ensemble 85.9 ± 0.4. Shift average: initialization 42.6, best
 individual 48.1 ± 1.0, greedy soup 48.7 ± 1.0, uniform soup 49.8 ± 0.4, learned soup (by
-layer) 50.8 ± 0.3. Another machine may differ in the sweep's last bits. About 6.5 minutes
+layer) 50.8 ± 0.3 (measured before the probes bracketed their L2: model_0's
+probe now picks 1e-7 where it picked the grid's edge 1e-6, so a rerun moves these slightly).
+Another machine may differ in the sweep's last bits. About 6.5 minutes
 on an idle 2-core machine (390 s for seed 0: probe 18 s, sweep 260 s, evaluation 28 s, soups
 56 s, report 27 s; 416 s from a fresh clone with set-up).
 Overrides: --config.sweep.num_members=24 --config.soups.greedy_comparison='>='
