@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from soup import recipes, results, stats
+from soup import metrics, recipes, results, stats
 from soup.data import registry as datasets
 from soup.layout import INITIALIZATION
 
@@ -360,6 +360,9 @@ def judge(rows: Sequence[dict]) -> list[dict]:
           + _contains_init_note(greedy, "greedy soup"))
 
   off, runs = left_basin(rows)
+  # What the rows' columns hold: accuracy, or a GLUE task's metric (CoLA: Matthews correlation).
+  metric = (initialization(rows) or {}).get("metric", "accuracy")
+  held = f"held-out {metrics.METRIC_NAMES.get(metric, 'score')}"
   ci = (uniform or {}).get("vs_best_individual", {}).get("test")
   if single_ingredient(uniform) is not None:
     add("uniform_falls_behind", NOT_APPLICABLE, _one_model(uniform, "uniform soup", best_name))
@@ -367,12 +370,12 @@ def judge(rows: Sequence[dict]) -> list[dict]:
     add("uniform_falls_behind", OPEN, "no uniform soup with intervals in these results")
   elif off == 0:
     add("uniform_falls_behind", OPEN,
-        f"no run left the basin (0 of {runs} below the initialization's held-out accuracy); "
+        f"no run left the basin (0 of {runs} below the initialization's {held}); "
         f"uniform soup minus best individual on test: {_fmt(ci)}"
         + _contains_init_note(uniform, "uniform soup"))
   else:
     add("uniform_falls_behind", verdict(-ci["high"], -ci["low"]),
-        f"{off} of {runs} runs left the basin (held-out accuracy below the initialization's "
+        f"{off} of {runs} runs left the basin ({held} below the initialization's "
         f"or diverged); uniform soup minus best individual on test: {_fmt(ci)}"
         + _contains_init_note(uniform, "uniform soup"))
 
