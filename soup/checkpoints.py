@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -44,9 +45,28 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: zarr dtype "bflo
 import numpy as np
 import orbax.checkpoint as ocp
 
-from soup import atomic_io, layout, orbax_logs
+from soup import atomic_io, layout
 from soup.memory import aligned_empty, aligned_tree, release_free_memory
 from soup.trees import flatten_with_names, unflatten
+
+
+class _NoOcdbtMergeWarning(logging.Filter):
+  """Drops "Skipping merge of OCDBT": Orbax tries to merge OCDBT files after every save and
+  warns when (as for ingredients and train states, saved without OCDBT by design) there
+  are none."""
+
+  def filter(self, record):
+    return "Skipping merge of OCDBT" not in record.getMessage()
+
+
+_NO_OCDBT_MERGE_WARNING = _NoOcdbtMergeWarning()
+
+
+def quiet_orbax() -> None:
+  """Installs that filter on absl's logger (idempotent); every module that saves calls it."""
+  logger = logging.getLogger("absl")
+  if _NO_OCDBT_MERGE_WARNING not in logger.filters:
+    logger.addFilter(_NO_OCDBT_MERGE_WARNING)
 
 PyTree = Any
 INGREDIENT_FILE = layout.INGREDIENT_FILE  # Written last: its presence means complete.
@@ -148,7 +168,7 @@ def save_ingredient(path: str | os.PathLike, params: PyTree,
     params = jax.device_get(params)
   leaves = flatten_with_names(params)
   path.mkdir(parents=True, exist_ok=True)
-  orbax_logs.quiet()
+  quiet_orbax()
   checkpointer = ocp.PyTreeCheckpointer(use_ocdbt=False, use_compression=False)
   checkpointer.save(path / "params", args=ocp.args.PyTreeSave(params))
   checkpointer.close()

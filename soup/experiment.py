@@ -8,12 +8,8 @@ so a rerun redoes only what is missing, and any stage can run alone
 (--config.stages=evaluate): an input it needs that is not on disk yet is made
 by the stage that owns it.
 
-Files of one run, in order (README.md, "How a run flows"): the config,
-soup/main.py, this file, soup/train.py (stages 1 and 3; the probe is
-soup/linear_probe.py), soup/recipes.py (stage 5), soup/report.py (stage 6).
-Helpers: soup/workdir.py (layout, guard, caches), soup/ingredients.py, soup/resources.py
-(data, model, mesh and evaluator, built on first use), soup/analysis_figures.py (the
-report's cached analysis figures).
+The files a run goes through, in the order it reaches them: README.md, "How a run
+flows" (a test keeps that list equal to what a run imports).
 """
 
 from __future__ import annotations
@@ -34,7 +30,6 @@ from soup import (
   atomic_io,
   checkpoints,
   claims,
-  contrastive,
   layout,
   recipes,
   report as report_lib,
@@ -157,6 +152,8 @@ def pretrain(config, wd: Workdir, res: Resources) -> PyTree:
                       total_steps=steps, warmup_steps=cfg.warmup_steps)
   if objective == "simclr":
     # No label is read: InfoNCE over two views (soup/contrastive.py); the head is dropped.
+    # Imported here: only a run that pretrains with SimCLR reads that module.
+    from soup import contrastive
     # The task's preprocessing on both views; the fine-tunes' clip; decay on matrices only.
     model = res.model(0)
     features = lambda p, x: model.apply({"params": p}, x)  # noqa: E731

@@ -43,11 +43,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions whose message tells the user what to change: one line, exit 2."""
   from soup import checkpoints, evaluate, recipes, soups, train, validate, workdir
-  from soup.data import fashion_mnist_tfds, imagenet
+  from soup.data import DatasetMissingError
   from soup.models import pretrained
   return (validate.ConfigError, recipes.RecipeConfigError, workdir.WorkdirMismatchError,
-          fashion_mnist_tfds.DatasetMissingError, imagenet.DatasetMissingError,
-          pretrained.WeightsMissingError, checkpoints.CheckpointError,
+          DatasetMissingError, pretrained.WeightsMissingError, checkpoints.CheckpointError,
           soups.IngredientMismatchError, train.TrainingDiverged, evaluate.GroupTooLargeError)
 
 

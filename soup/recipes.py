@@ -186,7 +186,11 @@ def greedy_soup_rows(k: Kitchen) -> Rows:
                              tie_order=k.config.greedy_tie_order)
   checkpoints.save_ingredient(k.workdir.soup_dir("greedy_soup"), result.result,
                               {"ingredients": result.ingredients})
-  return [k.row("greedy_soup", "greedy_soup", k.evaluate(result.result), result.ingredients, 1,
+  # A soup of one ingredient is that model bit for bit (the averager's float32 copy of
+  # it), so the model's cached logits are the soup's: no second evaluation.
+  logits = (k.logits(result.ingredients[0]) if len(result.ingredients) == 1
+            else k.evaluate(result.result))
+  return [k.row("greedy_soup", "greedy_soup", logits, result.ingredients, 1,
                 greedy_history=result.history)]
 
 
@@ -239,8 +243,17 @@ def wise_ft_rows(k: Kitchen) -> Rows:
     endpoint = k.workdir.soup_dir(cfg.endpoint)
     endpoint_names = checkpoints.ingredient_metadata(endpoint)["metadata"]["ingredients"]
   verify = k.config.verify_checksums
-  return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft",
-                k.evaluate(soups.wise_ft(init, endpoint, a, k.layout, verify)),
+
+  def logits(alpha):
+    # The averager skips a zero weight, so alpha 0 is the initialization and alpha 1 an
+    # ingredient endpoint bit for bit: their cached logits are the interpolation's.
+    if alpha == 0:
+      return k.logits(INITIALIZATION)
+    if alpha == 1 and cfg.endpoint == "best_individual":
+      return k.logits(endpoint_names[0])
+    return k.evaluate(soups.wise_ft(init, endpoint, alpha, k.layout, verify))
+
+  return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft", logits(a),
                 sorted({INITIALIZATION, *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
           for a in cfg.alphas]
 

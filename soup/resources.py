@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from soup import evaluate as evaluate_lib, mesh as mesh_lib, models, results, rows, trees
+from soup import evaluate as evaluate_lib, mesh as mesh_lib, models, results, stats, trees
 from soup.data import registry as datasets
 from soup.soups import average
 
@@ -30,6 +30,7 @@ class Resources:
     self.columns = task_columns(config.data)
     self._task = None
     self._evaluator = None
+    self._param_shapes = None
 
   @property
   def task(self):
@@ -97,7 +98,7 @@ class Resources:
     # The host keeps each model's logits (and, in the host layout, its params) until the
     # group ends: ImageNet's 193k x 1000 float32 logits are 0.77 GB a model.
     logits_bytes = sum(len(s) for s in self.splits().values()) * self.num_classes * 4
-    host_params = 0 if self.layout.kind == "sharded" else model_bytes
+    host_params = 0 if self.layout.is_sharded else model_bytes
     size = evaluate_lib.group_size(configured, models, model_bytes, forward_bytes, free, source,
                                    host_params + logits_bytes, host_free)
     log.info("evaluating %d models in groups of %d (%.2f GiB of params each, %.2f GiB for a "
@@ -110,7 +111,7 @@ class Resources:
     """Device bytes of one model's params as evaluated (replicated, or the rules' shards),
     and of one forward pass besides them (batch, activations, logits), per device."""
     flat = trees.flatten_with_names(self.expected_param_shapes())
-    shardings = (self.layout.output_shardings(flat) if self.layout.kind == "sharded"
+    shardings = (self.layout.output_shardings(flat) if self.layout.is_sharded
                  else dict.fromkeys(flat, mesh_lib.replicated(self.mesh)))
     placed = trees.unflatten({n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n])
                               for n, s in flat.items()})
@@ -129,17 +130,27 @@ class Resources:
     return jax.ShapeDtypeStruct(sample.shape[1:], sample.dtype)
 
   def expected_param_shapes(self) -> PyTree:
-    """Param shapes and dtypes the config's model has (no computation)."""
-    image = self.image_spec()
-    model = self.model(self.num_classes)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), self.task.preprocess(x)),
-                          jax.ShapeDtypeStruct((1, *image.shape), image.dtype))["params"]
+    """Param shapes and dtypes the config's model has (no computation; traced once)."""
+    if self._param_shapes is None:
+      image = self.image_spec()
+      model = self.model(self.num_classes)
+      self._param_shapes = jax.eval_shape(
+          lambda x: model.init(jax.random.key(0), self.task.preprocess(x)),
+          jax.ShapeDtypeStruct((1, *image.shape), image.dtype))["params"]
+    return self._param_shapes
 
   def row(self, name: str, recipe: str, logits: dict, ingredients: list[str], cost: int,
           **extra) -> dict:
-    """A results row of this task's splits (soup/rows.py)."""
-    return rows.make_row(self.splits(), self.columns, self.task.provenance(), name, recipe,
-                         logits, ingredients, cost, **extra)
+    """A results row: the metric on every split, their shift mean, the recipe's details, and
+    per-example correctness (packed, soup/stats.py), which stays in the soups' caches for
+    the report's paired bootstrap intervals while the rest goes to results.jsonl."""
+    splits = self.splits()
+    scores = {col: splits[col].score(logits[col]) for col in splits}
+    scores["avg_shifts"] = results.avg_shifts(scores, self.columns)
+    correct = {col: stats.pack_correct(np.argmax(splits[col].scored_logits(
+        np.asarray(logits[col], np.float32)), axis=-1) == splits[col].labels) for col in splits}
+    return {"model_name": name, "recipe": recipe, **scores, "ingredients": ingredients,
+            "inference_cost": cost, **self.task.provenance(), **extra, "correct": correct}
 
 
 # --- Tasks ----------------------------------------------------------------------

@@ -187,6 +187,9 @@ class CompiledStep:
   mesh: Mesh
   state_sharding: PyTree
   state_shapes: PyTree
+  # Jitted once here rather than per run: a sweep's members reuse them uncompiled.
+  init_fn: Callable = None       # params -> state, in state_sharding.
+  all_finite: Callable = None    # params -> replicated bool.
 
 
 def compile_step(fns: StepFns, params: PyTree, mesh: Mesh,
@@ -201,7 +204,9 @@ def compile_step(fns: StepFns, params: PyTree, mesh: Mesh,
   replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   fn = jax.jit(fns.step_fn, in_shardings=(layout, batch, batch, replicated, replicated),
                out_shardings=(layout, replicated), donate_argnums=0)
-  return CompiledStep(fns.init_state, fn, mesh, layout, shapes)
+  return CompiledStep(fns.init_state, fn, mesh, layout, shapes,
+                      init_fn=jax.jit(fns.init_state, out_shardings=layout),
+                      all_finite=jax.jit(_all_finite, out_shardings=replicated))
 
 
 # --- The loop: resume, train, checkpoint, log -----------------------------
@@ -226,7 +231,7 @@ def _initial_state(step: CompiledStep, params: PyTree, workdir: Path, checkpoint
   # the state itself, which would delete the caller's (a sweep's shared start).
   params = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x,
                         sharding.put(params, layout["params"]))
-  state = jax.jit(step.init_state, out_shardings=layout)(params)
+  state = step.init_fn(params)
   manager = train_state.train_state_manager(workdir / TRAIN_STATE, checkpoint_every)
   start, restored = train_state.restore_train_state(manager, sharding.abstract(state, layout))
   if restored is not None:
@@ -257,30 +262,47 @@ def train(*, step: CompiledStep, params: PyTree, hyper: Hyper,
   with MetricWriter(workdir / LOGS, METRICS_LOG) as writer:
     bar = tqdm(total=hyper.total_steps, initial=start, desc=description, unit="step",
                dynamic_ncols=True, leave=False)
+
+    def record(at_step: int, metrics) -> bool:
+      """Writes one logged step's metrics; True when its loss is not finite."""
+      nonlocal loss
+      metrics = jax.device_get(metrics)
+      loss = float(metrics["loss"])
+      writer.write(at_step, {f"train/{k}": v for k, v in metrics.items()})
+      bar.set_postfix(loss=f"{loss:.4f}")
+      if not math.isfinite(loss):
+        log.warning("%s: loss is %s at step %d; stopping this run as diverged.",
+                    description, loss, at_step)
+        return True
+      return False
+
+    # A logged step's metrics are read once the next step is queued, so the devices do not
+    # idle while the host waits for them (a non-finite loss then stops the run one step
+    # later). Before a checkpoint they are read at once: a diverged state is never saved.
+    pending = None
     for i in range(start, hyper.total_steps):
       images, labels = batch_fn(i)
       images, labels = mesh_lib.global_batch(mesh, images, labels)
       state, metrics = step.fn(state, images, labels, hp, seed)
       bar.update(1)
+      if pending is not None and record(*pending):
+        diverged = True
+        break
       last = i + 1 == hyper.total_steps
-      if (i + 1) % log_every == 0 or last:
-        metrics = jax.device_get(metrics)
-        loss = float(metrics["loss"])
-        writer.write(i + 1, {f"train/{k}": v for k, v in metrics.items()})
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if not math.isfinite(loss):
-          diverged = True
-          log.warning("%s: loss is %s at step %d; stopping this run as diverged.",
-                          description, loss, i + 1)
+      save = (i + 1) % checkpoint_every == 0 or last
+      pending = (i + 1, metrics) if (i + 1) % log_every == 0 or last else None
+      if save and pending is not None:
+        diverged, pending = record(*pending), None
+        if diverged:
           break
       # The last step is saved too: a crash before the ingredient is written loses nothing.
-      if (i + 1) % checkpoint_every == 0 or last:
+      if save:
         train_state.save_train_state(manager, i + 1, state, force=last)
     bar.close()
   manager.wait_until_finished()
   manager.close()
   final = state["params"]
-  finite = bool(jax.jit(_all_finite, out_shardings=replicated)(final))
+  finite = bool(step.all_finite(final))
   if all(x.sharding.is_fully_replicated for x in jax.tree.leaves(final)):
     final = jax.device_get(final)  # Sharded params stay so: saved shard by shard.
   if not diverged and not finite:

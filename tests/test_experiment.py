@@ -1,6 +1,8 @@
 """The smoke experiment end to end through the CLI, and its resumption."""
 
+import ast
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +19,8 @@ SMOKE = ["-m", "soup.main", "--config=configs/fashion_mnist.py:smoke"]
 @pytest.fixture(scope="module")
 def smoke_workdir(tmp_path_factory, fashion_mnist_ready):
   workdir = tmp_path_factory.mktemp("smoke")
-  proc = run_python([*SMOKE, f"--workdir={workdir}"])
+  # -X importtime: every module the run imports, listed on stderr (the README test below).
+  proc = run_python(["-X", "importtime", *SMOKE, f"--workdir={workdir}"])
   return workdir, proc
 
 
@@ -175,3 +178,37 @@ def test_retrained_member_recomputes_its_logits_and_the_soups(smoke_workdir, tmp
   rows = {r["model_name"]: r for r in results.read(workdir / "results.jsonl")}
   for column in results.FASHION_MNIST.all:
     assert rows["model_2"][column] == rows["model_1"][column]
+
+
+def _is_code(path: Path) -> bool:
+  """A module with code of its own: a package __init__ that only imports is not."""
+  tree = ast.parse(path.read_text())
+  return path.name != "__init__.py" or any(
+      not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)) for node in tree.body)
+
+
+def test_readme_run_flow_lists_exactly_the_files_a_run_imports(smoke_workdir):
+  """README's "How a run flows" names every project file the default's code path imports
+  (followed from soup.main by Python's own -X importtime), and no other."""
+  _, proc = smoke_workdir
+  root = Path(__file__).resolve().parents[1]
+  modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+             if line.startswith("import time:") and "|" in line}
+  imported = set()
+  for module in modules:
+    if module.split(".")[0] not in ("soup", "configs"):
+      continue
+    base = root.joinpath(*module.split("."))
+    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    if _is_code(path):
+      imported.add(path.relative_to(root).as_posix())
+  assert "soup/experiment.py" in imported and "soup/models/vit.py" in imported
+  readme = (root / "README.md").read_text()
+  section = readme.split("## How a run flows", 1)[1].split("\n## ", 1)[0]
+  listed = set(re.findall(r"`((?:soup|configs)/[\w/]+\.py)`", section))
+  # soup/main.py runs as __main__; the config file is run from its path by ml_collections'
+  # flag. Neither is imported by name.
+  imported |= {"soup/main.py", "configs/fashion_mnist.py"}
+  # The smoke config pretrains its small start in the run (the default loads a file).
+  assert imported - listed == {"soup/contrastive.py"}, "imported but not in README's run flow"
+  assert listed - imported == set(), "in README's run flow but not imported by a run"

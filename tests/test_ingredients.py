@@ -230,6 +230,29 @@ def test_wise_ft_streams_paths(tmp_path):
                                + 0.3 * trees.flatten_with_names(b)[name], rtol=1e-6, atol=1e-6)
 
 
+def test_an_interpolation_end_and_a_one_ingredient_soup_are_the_ingredient_bit_for_bit(tmp_path):
+  """The soups stage reuses an ingredient's cached logits for WiSE-FT's alpha 0 and 1 and
+  for a greedy soup of one ingredient: that holds only if these are the ingredient's own
+  bits, in the run's layouts too."""
+  from soup import mesh as mesh_lib
+  rng = np.random.default_rng(9)
+  a, b = _tree(rng), _tree(rng)
+  checkpoints.save_ingredient(tmp_path / "a", a)
+  checkpoints.save_ingredient(tmp_path / "b", b)
+  every_candidate_fails = lambda params: 0.0  # noqa: E731
+  for layout in (soups.Layout.host(), soups.Layout.flat(mesh_lib.make_mesh())):
+    ends = {0.0: a, 1.0: b}
+    for alpha, expected in ends.items():
+      got = trees.flatten_with_names(soups.wise_ft(tmp_path / "a", tmp_path / "b", alpha, layout))
+      for name, leaf in trees.flatten_with_names(expected).items():
+        np.testing.assert_array_equal(np.asarray(got[name]), leaf, err_msg=f"{alpha} {name}")
+    greedy = soups.greedy_soup({"a": tmp_path / "a", "b": tmp_path / "b"}, {"a": 0.9, "b": 0.8},
+                               every_candidate_fails, layout=layout)
+    assert greedy.ingredients == ["a"]
+    for name, leaf in trees.flatten_with_names(greedy.result).items():
+      np.testing.assert_array_equal(np.asarray(leaf), trees.flatten_with_names(a)[name])
+
+
 def test_greedy_soup_from_paths_equals_in_memory_and_the_flat_layouts_average(tmp_path):
   rng = np.random.default_rng(7)
   x, y = rng.normal(size=(200, 37)).astype(np.float32), rng.integers(0, 29, 200)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from soup import atomic_io
+from soup.data import DatasetMissingError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = (
@@ -32,10 +33,6 @@ _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-
-
-class DatasetMissingError(FileNotFoundError):
-  """A dataset is not where the config says; the message says how to get it."""
 
 
 def default_data_dir() -> str:

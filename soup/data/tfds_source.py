@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from soup.data import DatasetMissingError
+
 DATASETS = {
     # column: (TFDS name, split, extra `tfds build` arguments, note)
     "ImageNet2p": ("imagenet2012", "train", " --manual_dir=DIR",
@@ -38,10 +40,6 @@ def imagenet_wnids() -> tuple[str, ...]:
   """The 1000 wnids in label order, from TFDS's own imagenet2012 labels.txt."""
   from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
   return tuple(Path(imagenet_common.label_names_file()).read_text().split())
-
-
-class DatasetMissingError(FileNotFoundError):
-  """A dataset is not prepared where the config says; the message says how to prepare it."""
 
 
 def default_data_dir() -> str:

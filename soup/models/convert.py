@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import numpy as np
 from flax import traverse_util
 
 from soup import trees
-from soup.models.clip import CLIPConfig
+
+if TYPE_CHECKING:
+  from soup.models.clip import CLIPConfig
 
 PathLike = Union[str, os.PathLike]
 
@@ -197,6 +199,7 @@ def clip_config_from_state_dict(state_dict: Mapping[str, Any], *, act: str = "qu
   giants do not in the image tower (ViT-bigG-14: 104, ViT-g-14: 88) while their text
   towers keep 64: pass ``text_head_width`` when it differs (default: ``head_width``).
   """
+  from soup.models.clip import CLIPConfig  # Only a CLIP checkpoint needs CLIP's code.
   r = _StateDictReader(state_dict, "CLIP state dict")
   if "visual.layer1.0.conv1.weight" in r or "visual.attnpool.c_proj.weight" in r:
     raise ValueError("CLIP state dict: this is a ResNet CLIP; only ViT image towers are "
