@@ -106,7 +106,9 @@ def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
                       sources: Mapping[str, Any], held_out_accuracy: AccuracyFn,
                       test_accuracy: AccuracyFn, comparison: str = ">",
                       tie_order: str = "reversed",
-                      layout: Optional[average.Layout] = None) -> dict:
+                      layout: Optional[average.Layout] = None,
+                      greedy_history: Optional[Sequence[dict]] = None,
+                      test_scores: Optional[Mapping[str, float]] = None) -> dict:
   """Greedy and uniform soups of the first k ingredients (the greedy order), k = 1..N.
 
   The greedy soup's order and choices are soup/soups/greedy.py's own (`ranked` with
@@ -114,6 +116,10 @@ def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
   greedy soup. Both soups are the one averager's running means (soup/soups/average.py)
   in `layout`, fed one read of each ingredient. Test accuracy is measured only when a
   soup changes.
+
+  Measured already, not again: `greedy_history`, the greedy soup's own (GreedyResult's,
+  over these names and settings), gives each candidate's held-out score (the same soup,
+  bit for bit); `test_scores[name]`, an ingredient's test score, is the first soup's.
   """
   order = greedy.ranked({n: held_out_scores[n] for n in names}, tie_order)
   opened = dict(zip(order, average.open_sources([sources[n] for n in order])))
@@ -125,18 +131,26 @@ def ingredient_curves(names: Sequence[str], held_out_scores: dict[str, float],
   out = {"order": order, "uniform_held_out": [], "uniform_test": [], "greedy_held_out": [],
          "greedy_test": [], "greedy_ingredients": []}
   state: dict[str, Any] = {}
+  known = {h["name"]: float(h["held_out"]) for h in greedy_history or ()}
+  if greedy_history is not None and [h["name"] for h in greedy_history] != order:
+    raise ValueError("greedy_history is another greedy run's (its order differs from "
+                     f"{order}); pass the greedy soup's own history or none.")
 
   def add_to_uniform(name):
     x = uniform.reader.read(opened[name], reuse=False)  # One read feeds both soups.
     uniform.add(x)
     soup = as_params(uniform.mean)
-    out["uniform_held_out"].append(held_out_accuracy(soup))
-    out["uniform_test"].append(test_accuracy(soup))
+    alone = name == order[0]  # The soup of one ingredient is that ingredient, bit for bit.
+    out["uniform_held_out"].append(held_out_scores[name] if alone else held_out_accuracy(soup))
+    out["uniform_test"].append(test_scores[name] if alone and test_scores
+                               else test_accuracy(soup))
     return x
 
   def try_candidate(name):
     state["candidate"] = None  # The rejected one is freed before the next is built.
     state["candidate"] = greedy_mean.candidate(add_to_uniform(name))
+    if name in known:
+      return known[name]
     return float(held_out_accuracy(as_params(state["candidate"])))
 
   accepted_test = []

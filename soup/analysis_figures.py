@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from soup import analysis, atomic_io, metrics
+from soup import analysis, atomic_io, metrics, recipes
 from soup.ingredients import IngredientStore
 from soup.layout import ANALYSIS, INGREDIENTS_FIGURE, INITIALIZATION, LANDSCAPE_FIGURE
 from soup.resources import Resources
@@ -52,7 +52,7 @@ def build(config, wd: Workdir, res: Resources, store: IngredientStore,
   if cached is not None:
     return cached
   scores = {r["model_name"]: r[res.columns.held_out] for r in rows if r["model_name"] in usable}
-  return _compute(config, wd, res, store, usable, members, scores, settings, key, figures)
+  return _compute(config, wd, res, store, usable, members, scores, settings, key, figures, rows)
 
 
 def _greedy_settings(config) -> dict:
@@ -88,7 +88,7 @@ def _accuracy(res: Resources, split, batch_size: int, limit: int = 0):
 
 def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable: list[str],
              members: list[str], scores: dict[str, Any], settings: dict, key: str,
-             figures: dict[str, str]) -> dict[str, str]:
+             figures: dict[str, str], rows: list[dict]) -> dict[str, str]:
   splits = res.splits()
   held_split, test_split = splits[res.columns.held_out], splits[res.columns.test]
   bs = config.eval.batch_size
@@ -110,9 +110,18 @@ def _compute(config, wd: Workdir, res: Resources, store: IngredientStore, usable
         init, store.load(a), store.load(b), _accuracy(res, held_split, bs, limit),
         grid=settings["landscape_grid"], names=(f"{INITIALIZATION} (init)", a, b))
     analysis.plot_landscape(landscape, wd.root / LANDSCAPE_FIGURE)
+  # The greedy soup's row already scored each candidate on held-out (the same soups), and
+  # the rows score each model alone on test.
+  greedy_row = next((r for r in rows if r.get("greedy_history")
+                     and r.get("recipe") in recipes.of_kind(recipes.Kind.SOUP)
+                     and r.get("ingredients_considered") == usable), None)
+  test_scores = {r["model_name"]: r[res.columns.test] for r in rows
+                 if r["model_name"] in usable}
   curves = analysis.ingredient_curves(
       usable, scores, {n: wd.ingredient_dir(n) for n in usable}, res.held_out_accuracy,
-      _accuracy(res, test_split, bs), **_greedy_settings(config), layout=res.layout)
+      _accuracy(res, test_split, bs), **_greedy_settings(config), layout=res.layout,
+      greedy_history=greedy_row["greedy_history"] if greedy_row else None,
+      test_scores=test_scores)
   analysis.plot_ingredient_curves(curves, wd.root / INGREDIENTS_FIGURE)
   atomic_io.atomic_write_text(wd.root / ANALYSIS,
                               json.dumps({"key": key, "figures": figures,

@@ -11,6 +11,7 @@ registry's `soup.recipes.infer_recipe`): this module knows no recipes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -102,3 +103,18 @@ def read(path: str | os.PathLike,
 
 def write(path: str | os.PathLike, rows: Iterable[dict]) -> None:
   atomic_io.atomic_write_text(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows))
+
+
+# Fields that vary between identical runs: wall times.
+TIMING_FIELDS = ("seconds",)
+
+
+def digest(path: str | os.PathLike) -> str:
+  """sha256 of a results file's rows without their timing fields, keys sorted: two runs with
+  the same digest gave the same numbers, every digit (docs: where that holds)."""
+  h = hashlib.sha256()
+  for line in Path(path).read_text().splitlines():
+    if line.strip():
+      row = {k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+      h.update((json.dumps(row, sort_keys=True) + "\n").encode())
+  return h.hexdigest()

@@ -188,8 +188,8 @@ class CompiledStep:
   state_sharding: PyTree
   state_shapes: PyTree
   # Jitted once here rather than per run: a sweep's members reuse them uncompiled.
-  init_fn: Callable = None       # params -> state, in state_sharding.
-  all_finite: Callable = None    # params -> replicated bool.
+  init_fn: Callable     # params -> state, in state_sharding.
+  all_finite: Callable  # params -> replicated bool.
 
 
 def compile_step(fns: StepFns, params: PyTree, mesh: Mesh,
@@ -262,41 +262,24 @@ def train(*, step: CompiledStep, params: PyTree, hyper: Hyper,
   with MetricWriter(workdir / LOGS, METRICS_LOG) as writer:
     bar = tqdm(total=hyper.total_steps, initial=start, desc=description, unit="step",
                dynamic_ncols=True, leave=False)
-
-    def record(at_step: int, metrics) -> bool:
-      """Writes one logged step's metrics; True when its loss is not finite."""
-      nonlocal loss
-      metrics = jax.device_get(metrics)
-      loss = float(metrics["loss"])
-      writer.write(at_step, {f"train/{k}": v for k, v in metrics.items()})
-      bar.set_postfix(loss=f"{loss:.4f}")
-      if not math.isfinite(loss):
-        log.warning("%s: loss is %s at step %d; stopping this run as diverged.",
-                    description, loss, at_step)
-        return True
-      return False
-
-    # A logged step's metrics are read once the next step is queued, so the devices do not
-    # idle while the host waits for them (a non-finite loss then stops the run one step
-    # later). Before a checkpoint they are read at once: a diverged state is never saved.
-    pending = None
     for i in range(start, hyper.total_steps):
       images, labels = batch_fn(i)
       images, labels = mesh_lib.global_batch(mesh, images, labels)
       state, metrics = step.fn(state, images, labels, hp, seed)
       bar.update(1)
-      if pending is not None and record(*pending):
-        diverged = True
-        break
       last = i + 1 == hyper.total_steps
-      save = (i + 1) % checkpoint_every == 0 or last
-      pending = (i + 1, metrics) if (i + 1) % log_every == 0 or last else None
-      if save and pending is not None:
-        diverged, pending = record(*pending), None
-        if diverged:
+      if (i + 1) % log_every == 0 or last:
+        metrics = jax.device_get(metrics)
+        loss = float(metrics["loss"])
+        writer.write(i + 1, {f"train/{k}": v for k, v in metrics.items()})
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if not math.isfinite(loss):
+          diverged = True
+          log.warning("%s: loss is %s at step %d; stopping this run as diverged.",
+                      description, loss, i + 1)
           break
       # The last step is saved too: a crash before the ingredient is written loses nothing.
-      if save:
+      if (i + 1) % checkpoint_every == 0 or last:
         train_state.save_train_state(manager, i + 1, state, force=last)
     bar.close()
   manager.wait_until_finished()

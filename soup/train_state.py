@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from soup.checkpoints import CheckpointError, quiet_orbax
@@ -20,31 +19,20 @@ PyTree = Any
 
 def train_state_manager(directory: str | os.PathLike,
                         save_every_steps: int) -> ocp.CheckpointManager:
-  """Keeps the latest train state; Orbax commits atomically via a tmp folder.
-
-  One process writes in the background while training goes on (the default's sweep
-  spent 7% of its time waiting for synchronous saves); a multi-process run saves
-  synchronously, the path its tests cover. The caller waits with wait_until_finished().
-  """
+  """Keeps the latest train state; Orbax commits atomically via a tmp folder."""
   quiet_orbax()
   return ocp.CheckpointManager(
       Path(directory).absolute(),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, save_interval_steps=save_every_steps, cleanup_tmp_directories=True,
-          enable_async_checkpointing=jax.process_count() == 1),
+          enable_async_checkpointing=False),
   )
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: PyTree,
                      force: bool = False) -> None:
-  """Saves `state` as `step` (when the manager's interval says so, or `force`).
-
-  The write may finish after this returns while the next steps donate `state`'s buffers,
-  so Orbax is given a copy of its own.
-  """
-  if force or manager.should_save(step):
-    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
-    manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  """Saves `state` as `step` (when the manager's interval says so, or `force`)."""
+  manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
 def restore_train_state(manager: ocp.CheckpointManager, abstract_state: PyTree):

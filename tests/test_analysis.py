@@ -103,6 +103,18 @@ def test_the_last_greedy_point_is_the_greedy_soup(tie_order, comparison):
   assert curves["greedy_held_out"][-1] == soup.held_out
   assert curves["greedy_test"][-1] == pytest.approx(1 - _plateaus(soup.result))
   assert len({tuple(g) for g in curves["greedy_ingredients"]}) == len(soup.ingredients)
+  # Given the greedy soup's own history and the models' test scores, the curves measure
+  # none of those again and come out the same.
+  counted = []
+  reused = analysis.ingredient_curves(
+      list(params), scores, params, lambda p: counted.append("held") or _plateaus(p),
+      lambda p: counted.append("test") or 1 - _plateaus(p), comparison, tie_order,
+      greedy_history=soup.history, test_scores={n: 1 - s for n, s in scores.items()})
+  assert reused == curves
+  assert counted.count("held") == len(params) - 1  # The uniform soups of 2..N only.
+  with pytest.raises(ValueError, match="another greedy run"):
+    analysis.ingredient_curves(list(params), scores, params, _plateaus, _plateaus, comparison,
+                               tie_order, greedy_history=soup.history[::-1])
   expected = {("reversed", ">"): ["b", "d"], ("reversed", ">="): ["b", "a", "d", "c"],
               ("listed", ">"): ["a", "d"], ("listed", ">="): ["a", "b", "d", "c"]}
   assert soup.ingredients == expected[tie_order, comparison]

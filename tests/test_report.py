@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -284,3 +285,20 @@ def test_plot_figure_direct(tmp_path):
   data = path.read_bytes()
   assert data[:8] == PNG_MAGIC and len(data) > 20_000
   assert [p.name for p in path.parent.iterdir()] == ["fig.png"]
+
+
+def test_results_digest_ignores_wall_times_and_nothing_else(tmp_path):
+  """The digest docs quote per machine kind: equal for two runs that differ only in their
+  wall times, different when any number moves."""
+  rows = [{"model_name": "model_0", "FashionMNIST": 0.8075, "seconds": 3.1},
+          {"model_name": "uniform_soup", "FashionMNIST": 0.8296, "ingredients": ["a", "b"]}]
+  a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+  R.write(a, rows)
+  R.write(b, [{**rows[0], "seconds": 9.9}, {**rows[1]}])
+  R.write(c, [{**rows[0], "FashionMNIST": 0.8073}, rows[1]])
+  assert R.digest(a) == R.digest(b)
+  assert R.digest(a) != R.digest(c)
+  expected = hashlib.sha256(b"".join(
+      (json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True) + "\n").encode()
+      for r in rows)).hexdigest()
+  assert R.digest(a) == expected
