@@ -236,21 +236,21 @@ def wise_ft_rows(k: Kitchen) -> Rows:
   from soup import checkpoints, soups
   cfg = k.config.wise_ft
   init = k.workdir.ingredient_dir(INITIALIZATION)  # Paths: read into the run's layout.
+  # The averager skips a zero weight, so an end that is an ingredient is that ingredient bit
+  # for bit: its cached logits are the interpolation's there.
+  ingredient_at = {0.0: INITIALIZATION}
   if cfg.endpoint == "best_individual":
     endpoint_names = [max((n for n in k.names if n != INITIALIZATION), key=lambda n: k.scores[n])]
     endpoint = k.workdir.ingredient_dir(endpoint_names[0])
+    ingredient_at[1.0] = endpoint_names[0]
   else:  # A soup made earlier in this stage (check() enforces the order).
     endpoint = k.workdir.soup_dir(cfg.endpoint)
     endpoint_names = checkpoints.ingredient_metadata(endpoint)["metadata"]["ingredients"]
   verify = k.config.verify_checksums
 
   def logits(alpha):
-    # The averager skips a zero weight, so alpha 0 is the initialization and alpha 1 an
-    # ingredient endpoint bit for bit: their cached logits are the interpolation's.
-    if alpha == 0:
-      return k.logits(INITIALIZATION)
-    if alpha == 1 and cfg.endpoint == "best_individual":
-      return k.logits(endpoint_names[0])
+    if alpha in ingredient_at:
+      return k.logits(ingredient_at[alpha])
     return k.evaluate(soups.wise_ft(init, endpoint, alpha, k.layout, verify))
 
   return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft", logits(a),
