@@ -20,4 +20,6 @@ for req in requirements-test.txt requirements-launch.txt requirements-test-nodep
 done
 # Lint (ruff.toml) before the tests: a lint error fails the run.
 .venv/bin/python -m ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+# One worker per core, at most 4 (pytest-xdist); a test file stays on one worker, so a module's
+# fixtures (the smoke run's workdir) are built once. `-n 0` runs in this process.
+exec .venv/bin/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile "$@"

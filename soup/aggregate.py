@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from soup import atomic_io, claims as claims_lib, layout, recipes, report, results as R, stats
+from soup.recipes import Name
 
 METRICS = ("held_out", "test", "avg_shifts")
 
@@ -112,8 +113,8 @@ def aggregate(rows_by_seed: dict[int, list[dict]]) -> dict:
 def _greedy_vs_best(tables: dict[int, dict]) -> dict:
   out = {}
   for metric in ("test", "avg_shifts"):
-    diffs = [t["greedy_soup"][metric] - t["best_individual"][metric]
-             for t in tables.values() if "greedy_soup" in t and "best_individual" in t]
+    diffs = [t[Name.GREEDY_SOUP][metric] - t[Name.BEST_INDIVIDUAL][metric]
+             for t in tables.values() if Name.GREEDY_SOUP in t and Name.BEST_INDIVIDUAL in t]
     out[metric] = {"wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
                    "seeds": len(diffs),
                    "diff": stats.mean_interval(diffs) if diffs else None}
@@ -124,10 +125,10 @@ def _precondition(tables: dict[int, dict], rows_by_seed: dict[int, list[dict]]) 
   """Best individual minus the initialization over seeds: the paper's setting, or not."""
   out = {}
   for metric in ("test", "avg_shifts"):
-    diffs = [t["best_individual"][metric] - t["initialization"][metric]
-             for t in tables.values() if "best_individual" in t and "initialization" in t
-             and t["best_individual"][metric] is not None
-             and t["initialization"][metric] is not None]
+    diffs = [t[Name.BEST_INDIVIDUAL][metric] - t[Name.INITIALIZATION][metric]
+             for t in tables.values() if Name.BEST_INDIVIDUAL in t and Name.INITIALIZATION in t
+             and t[Name.BEST_INDIVIDUAL][metric] is not None
+             and t[Name.INITIALIZATION][metric] is not None]
     out[metric] = {"wins": sum(d > 0 for d in diffs), "seeds": len(diffs),
                    "diff": stats.mean_interval(diffs) if diffs else None}
   verdicts = {seed: claims_lib.precondition(rows)["verdict"] for seed, rows in rows_by_seed.items()}

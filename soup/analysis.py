@@ -74,7 +74,7 @@ def first_plane(init: PyTree, ranked: Sequence[str], load: Callable[[str], PyTre
 
 def error_landscape(init: PyTree, finetune_a: PyTree, finetune_b: PyTree,
                     held_out_accuracy: AccuracyFn, grid: int = 7, margin: float = 0.25,
-                    names: Sequence[str] = ("initialization", "fine-tune A", "fine-tune B"),
+                    names: Sequence[str] = ("init", "fine-tune A", "fine-tune B"),
                     ) -> dict:
   """Held-out error on a grid x grid lattice of the plane through the three models."""
   if grid < 2:

@@ -33,6 +33,7 @@ import numpy as np
 from soup import metrics, recipes, results, stats
 from soup.data import registry as datasets
 from soup.layout import INITIALIZATION
+from soup.recipes import Name
 
 CLOSE_POINTS = 1.0  # Claim 4: greedy soup within this many accuracy points of the ensemble.
 HELD, NOT_HELD, OPEN = "held", "not held", "not resolved at this sample size"
@@ -63,7 +64,7 @@ def _held_column(row: Mapping) -> str:
 
 def initialization(rows: Sequence[dict]) -> dict | None:
   """The initialization's row: model_0 if named so."""
-  inits = [r for r in rows if r.get("recipe") == "initialization"]
+  inits = [r for r in rows if r.get("recipe") == Name.INITIALIZATION]
   return next((r for r in inits if r["model_name"] == INITIALIZATION), inits[0] if inits else None)
 
 
@@ -74,7 +75,7 @@ def init_beats_every_fine_tune(rows: Sequence[dict]) -> tuple[dict, dict] | None
   initialization, and the best individual is only the best of the rest.
   """
   init = initialization(rows)
-  members = [r for r in rows if r.get("recipe") == "individual"]
+  members = [r for r in rows if r.get("recipe") == Name.INDIVIDUAL]
   if init is None or not members:
     return None
   held = _held_column(init)
@@ -143,8 +144,8 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
   shift splits gets no `avg_shifts` interval.
   """
   by_name = {r["model_name"]: r for r in rows}
-  best = by_name.get("best_individual")
-  best_name = best.get("selected", "best_individual") if best else None
+  best = by_name.get(Name.BEST_INDIVIDUAL)
+  best_name = best.get("selected", Name.BEST_INDIVIDUAL) if best else None
 
   metric = getattr(columns, "metric", "accuracy")
   if metric != "accuracy" and (labels is None or columns.test not in labels):
@@ -163,13 +164,13 @@ def add_intervals(rows: list[dict], correct: Mapping[str, Mapping[str, np.ndarra
             "resamples": num_resamples, "against": b}
 
   reference = best_name if best_name in correct else (
-      "best_individual" if "best_individual" in correct else None)
+      Name.BEST_INDIVIDUAL if Name.BEST_INDIVIDUAL in correct else None)
   if reference is not None:
     for row in rows:
       if row["model_name"] in correct:
         row["vs_best_individual"] = compare(row["model_name"], reference)
-  if "greedy_soup" in correct and "ensemble" in correct and "greedy_soup" in by_name:
-    by_name["greedy_soup"]["vs_ensemble"] = compare("greedy_soup", "ensemble")
+  if Name.GREEDY_SOUP in correct and Name.ENSEMBLE in correct and Name.GREEDY_SOUP in by_name:
+    by_name[Name.GREEDY_SOUP]["vs_ensemble"] = compare(Name.GREEDY_SOUP, Name.ENSEMBLE)
   init = initialization(rows)
   if init is None or init["model_name"] not in correct:
     return
@@ -202,7 +203,7 @@ def verdict(low: float, high: float, threshold: float = 0.0) -> str:
 def left_basin(rows: Sequence[dict]) -> tuple[int, int]:
   """(runs that left the basin, fine-tuned runs), from the models' held-out accuracy."""
   init = initialization(rows)
-  members = [r for r in rows if r.get("recipe") == "individual"]
+  members = [r for r in rows if r.get("recipe") == Name.INDIVIDUAL]
   excluded = set()
   for r in rows:
     excluded |= set((r.get("excluded") or {}).keys())
@@ -232,9 +233,9 @@ def _negated(interval: Mapping) -> dict:
 def best_individual(rows: Sequence[dict]) -> dict | None:
   """The report's best individual: the `best_individual` line, else the best held-out member."""
   by_name = {r["model_name"]: r for r in rows}
-  if "best_individual" in by_name:
-    return by_name["best_individual"]
-  members = [r for r in rows if r.get("recipe") == "individual"]
+  if Name.BEST_INDIVIDUAL in by_name:
+    return by_name[Name.BEST_INDIVIDUAL]
+  members = [r for r in rows if r.get("recipe") == Name.INDIVIDUAL]
   if not members:
     return None
   held = _held_column(members[0])
@@ -333,7 +334,7 @@ def judge(rows: Sequence[dict]) -> list[dict]:
   Rows carry their intervals from add_intervals.
   """
   by_name = {r["model_name"]: r for r in rows}
-  greedy, uniform = by_name.get("greedy_soup"), by_name.get("uniform_soup")
+  greedy, uniform = by_name.get(Name.GREEDY_SOUP), by_name.get(Name.UNIFORM_SOUP)
   best = best_individual(rows)
   best_name = best.get("selected", best["model_name"]) if best else None
   out = [precondition(rows)]
@@ -380,8 +381,8 @@ def judge(rows: Sequence[dict]) -> list[dict]:
         + _contains_init_note(uniform, "uniform soup"))
 
   ci = (greedy or {}).get("vs_ensemble", {}).get("test")
-  ensemble = by_name.get("ensemble")
-  one = next(((row, label) for row, label in ((greedy, "greedy soup"), (ensemble, "ensemble"))
+  ensemble = by_name.get(Name.ENSEMBLE)
+  one = next(((row, label) for row, label in ((greedy, "greedy soup"), (ensemble, Name.ENSEMBLE))
               if single_ingredient(row) is not None), None)
   if one is not None:
     add("greedy_close_to_ensemble", NOT_APPLICABLE, _one_model(*one, best_name)
@@ -432,7 +433,7 @@ def _best_of_all_over_seeds(tables: Mapping[int, Mapping[str, dict]],
                             init_wins: Sequence[int]) -> list[dict]:
   """Each soup minus the best of all models per seed: model_0 where it wins held-out, else the
   best individual."""
-  best_of_all = {seed: "initialization" if seed in init_wins else "best_individual"
+  best_of_all = {seed: Name.INITIALIZATION if seed in init_wins else Name.BEST_INDIVIDUAL
                  for seed in tables}
   out = []
   for recipe in soups():
@@ -464,9 +465,9 @@ def _uniform_falls_behind_over_seeds(tables: Mapping[int, Mapping[str, dict]],
             "verdict": OPEN, "evidence": note[:-2] + ": no run left the basin"}
 
   def behind(seeds):
-    return [tables[s]["uniform_soup"]["test"] - tables[s]["best_individual"]["test"]
-            for s in seeds if s in tables and "uniform_soup" in tables[s]
-            and "best_individual" in tables[s]]
+    return [tables[s][Name.UNIFORM_SOUP]["test"] - tables[s][Name.BEST_INDIVIDUAL]["test"]
+            for s in seeds if s in tables and Name.UNIFORM_SOUP in tables[s]
+            and Name.BEST_INDIVIDUAL in tables[s]]
 
   stayed = behind(s for s in tables if s not in left)
   suffix = ("" if not stayed else
@@ -493,7 +494,7 @@ def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
   per_seed = {seed: precondition(rows_by_seed[seed]) for seed in tables if seed in rows_by_seed}
   held = sum(c["verdict"] == HELD for c in per_seed.values())
   first = _claim_over_seeds(
-      "fine_tuning_improves", diffs("best_individual", "initialization", "test"),
+      "fine_tuning_improves", diffs(Name.BEST_INDIVIDUAL, Name.INITIALIZATION, "test"),
       note="best individual minus the initialization on test: ",
       suffix=f"; held on its own seed's paired interval in {held} of {len(per_seed)} seeds")
   init_wins = [seed for seed in tables if seed in rows_by_seed
@@ -502,21 +503,21 @@ def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
   out = [{**first, **({"warning": warning} if warning else {})}]
 
   one = [seed for seed in tables if single_ingredient(next(
-      (r for r in rows_by_seed.get(seed, ()) if r["model_name"] == "greedy_soup"), None))]
+      (r for r in rows_by_seed.get(seed, ()) if r["model_name"] == Name.GREEDY_SOUP), None))]
   greedy_note = ("" if not one else
                  f"; in {len(one)} of {len(tables)} seeds ({', '.join(map(str, one))}) the greedy "
                  "soup kept one ingredient: there nothing was averaged")
   out.append(_claim_over_seeds("greedy_in_distribution",
-                               diffs("greedy_soup", "best_individual", "test"),
+                               diffs(Name.GREEDY_SOUP, Name.BEST_INDIVIDUAL, "test"),
                                note="greedy soup minus best individual on test: ",
                                suffix=greedy_note))
   out.append(_claim_over_seeds("greedy_under_shift",
-                               diffs("greedy_soup", "best_individual", "avg_shifts"),
+                               diffs(Name.GREEDY_SOUP, Name.BEST_INDIVIDUAL, "avg_shifts"),
                                note="greedy soup minus best individual on the shift average: ",
                                suffix=greedy_note))
   out.append(_uniform_falls_behind_over_seeds(tables, rows_by_seed))
   out.append(_claim_over_seeds(
-      "greedy_close_to_ensemble", diffs("greedy_soup", "ensemble", "test"),
+      "greedy_close_to_ensemble", diffs(Name.GREEDY_SOUP, Name.ENSEMBLE, "test"),
       threshold=-CLOSE_POINTS / 100, suffix=greedy_note,
       note=f"greedy soup minus ensemble on test ('close': within {CLOSE_POINTS:g} point): "))
   return out + (_best_of_all_over_seeds(tables, init_wins) if init_wins else [])

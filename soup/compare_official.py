@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from soup import layout, recipes, results
+from soup.recipes import Name
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "paper"
 RELEASED_FILES = ("individual_model_results.jsonl", "uniform_soup_results.jsonl",
@@ -107,7 +108,7 @@ def released_rows(paper_dir: str | Path = PAPER_DIR) -> dict[str, dict]:
       rows[row["model_name"]] = row
   models = [r for n, r in rows.items() if n.startswith(layout.MEMBER_PREFIX)]
   best = max(models, key=lambda r: r[results.IMAGENET.held_out])
-  rows["best_individual"] = {**best, "model_name": "best_individual",
+  rows[Name.BEST_INDIVIDUAL] = {**best, "model_name": Name.BEST_INDIVIDUAL,
                              "selected": best["model_name"]}
   return rows
 
@@ -144,22 +145,22 @@ def compare(ours: Sequence[dict], released: dict[str, dict],
       if a is not None and b is not None:
         differences.append(Difference(name, column, a, b))
   models = sorted((n for n in released if n.startswith(layout.MEMBER_PREFIX)), key=_model_number)
-  uniform = mine.get("uniform_soup")
+  uniform = mine.get(Name.UNIFORM_SOUP)
   if uniform is not None and len(uniform.get("ingredients", [])) != len(models):
     absent = sorted(set(models) - set(uniform.get("ingredients", [])), key=_model_number)
     flags.append(f"uniform_soup has {len(uniform.get('ingredients', []))} ingredients, the "
                  f"release's all {len(models)}" + (f" (without {_listed(absent)})" if absent
                                                    else ""))
-  greedy = mine.get("greedy_soup")
+  greedy = mine.get(Name.GREEDY_SOUP)
   if greedy is not None and len(greedy.get("ingredients", [])) != RELEASED_GREEDY_INGREDIENTS:
     flags.append(f"greedy_soup took {len(greedy.get('ingredients', []))} ingredients "
                  f"({', '.join(greedy.get('ingredients', []))}); the paper's took "
                  f"{RELEASED_GREEDY_INGREDIENTS}")
-  best = mine.get("best_individual")
-  if best is not None and best.get("selected") not in (None, released["best_individual"]
+  best = mine.get(Name.BEST_INDIVIDUAL)
+  if best is not None and best.get("selected") not in (None, released[Name.BEST_INDIVIDUAL]
                                                         ["selected"]):
     flags.append(f"best_individual selected {best['selected']}; the release's best on "
-                 f"ImageNet2p is {released['best_individual']['selected']}")
+                 f"ImageNet2p is {released[Name.BEST_INDIVIDUAL]['selected']}")
   lists = sorted({str(r["heldout_list"]) for r in ours if "heldout_list" in r})
   if lists and lists != ["official"]:
     warnings.append(f"the held-out list is {'/'.join(lists)}, not the official one: ImageNet2p "

@@ -45,6 +45,7 @@ from soup.ingredients import IngredientStore
 from soup.layout import STAGES
 from soup.linear_probe import DEFAULT_L2_BRACKET, fit_probe
 from soup.models import pretrained
+from soup.recipes import Name
 from soup.resources import Resources
 from soup.workdir import Workdir, content_key, eval_settings
 
@@ -232,7 +233,7 @@ def probe(config, wd: Workdir, res: Resources, upstream: Callable[[], PyTree]) -
   if res.layout.is_sharded:  # Saved as the sweep's members are: shard by shard.
     shardings = trees.unflatten(res.layout.output_shardings(trees.flatten_with_names(params)))
     params = sharding_lib.put(params, shardings)
-  checkpoints.save_ingredient(path, params, {"recipe": "initialization", "probe": info,
+  checkpoints.save_ingredient(path, params, {"recipe": Name.INITIALIZATION, "probe": info,
                                              "info": f"{cfg.kind} initialization"})
   return params
 
@@ -275,7 +276,7 @@ def sweep(config, wd: Workdir, res: Resources, members: dict[str, dict],
         checkpoint_every=cfg.checkpoint_every_steps, log_every=cfg.log_every_steps,
         description=f"{name} ({n + 1}/{len(todo)})")
     checkpoints.save_ingredient(wd.ingredient_dir(name), outcome.params,
-                                {"recipe": "individual", "hparams": hp,
+                                {"recipe": Name.INDIVIDUAL, "hparams": hp,
                                  "diverged": outcome.diverged, "final_loss": outcome.final_loss})
 
 
@@ -319,7 +320,7 @@ def model_rows(config, wd: Workdir, res: Resources, store: IngredientStore, name
                members: dict[str, dict]) -> list[dict]:
   """One row per usable model: the initialization and the individual fine-tunes."""
   usable, _ = store.usable(names)
-  return [res.row(n, "initialization" if n == layout.INITIALIZATION else "individual",
+  return [res.row(n, Name.INITIALIZATION if n == layout.INITIALIZATION else Name.INDIVIDUAL,
                   model_logits(config, wd, res, store, n), [n], 1,
                   **({"hparams": members[n]} if n in members else {}))
           for n in usable]

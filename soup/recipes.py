@@ -128,6 +128,28 @@ class Kind(enum.Enum):
   ENSEMBLE = "ensemble"              # its ingredients all at inference, their outputs averaged
 
 
+class Name(enum.StrEnum):
+  """Every recipe's name, spelled here only: the claims, the report, the evaluate stage and the
+  official import name the recipes they are about by these (a str: results lines, config.soups
+  and workdir folders hold the plain string)."""
+
+  PIXEL_LINEAR = "pixel_linear"
+  INITIALIZATION = "initialization"
+  INDIVIDUAL = "individual"
+  BEST_INDIVIDUAL = "best_individual"
+  UNIFORM_SOUP = "uniform_soup"
+  GREEDY_SOUP = "greedy_soup"
+  LEARNED_SOUP = "learned_soup"
+  LEARNED_SOUP_BY_LAYER = "learned_soup_by_layer"
+  MODEL_STOCK = "model_stock"
+  WISE_FT = "wise_ft"
+  ENSEMBLE = "ensemble"
+  GREEDY_ENSEMBLE = "greedy_ensemble"
+
+  def __repr__(self) -> str:  # As the plain string, in messages that quote a name.
+    return repr(self.value)
+
+
 # Kinds whose line is one of the run's models, not made of several: ingredients count 1.
 ONE_MODEL = (Kind.INITIALIZATION, Kind.INDIVIDUAL)
 
@@ -157,14 +179,15 @@ def pixel_linear_rows(k: Kitchen) -> Rows:
   """The floor: logistic regression on raw pixels of the fine-tuning split, no pretraining."""
   from soup import baselines
   logits, fit = baselines.pixel_linear_logits(k.task, k.config.pixel_linear, k.seed)
-  return [k.row("pixel_linear", "pixel_linear", logits, [], 1,
+  return [k.row(Name.PIXEL_LINEAR, Name.PIXEL_LINEAR, logits, [], 1,
                 info="logistic regression on raw pixels, trained on the fine-tuning split",
                 probe=fit)]
 
 
 def best_individual_rows(k: Kitchen) -> Rows:
   best = k.best_member()
-  return [k.row("best_individual", "best_individual", k.logits(best), [best], 1, selected=best)]
+  return [k.row(Name.BEST_INDIVIDUAL, Name.BEST_INDIVIDUAL, k.logits(best), [best], 1,
+                selected=best)]
 
 
 def uniform_soup_rows(k: Kitchen) -> Rows:
@@ -172,9 +195,9 @@ def uniform_soup_rows(k: Kitchen) -> Rows:
   # The one averager, in the run's layout: each device reduces its own part.
   params = soups.weighted_average([k.workdir.ingredient_dir(n) for n in k.names],
                                   layout=k.layout, verify=k.config.verify_checksums)
-  checkpoints.save_ingredient(k.workdir.soup_dir("uniform_soup"), params,
+  checkpoints.save_ingredient(k.workdir.soup_dir(Name.UNIFORM_SOUP), params,
                               {"ingredients": k.names})
-  return [k.row("uniform_soup", "uniform_soup", k.evaluate(params), k.names, 1)]
+  return [k.row(Name.UNIFORM_SOUP, Name.UNIFORM_SOUP, k.evaluate(params), k.names, 1)]
 
 
 def greedy_soup_rows(k: Kitchen) -> Rows:
@@ -184,13 +207,13 @@ def greedy_soup_rows(k: Kitchen) -> Rows:
                              comparison=k.config.greedy_comparison,
                              verify=k.config.verify_checksums,
                              tie_order=k.config.greedy_tie_order)
-  checkpoints.save_ingredient(k.workdir.soup_dir("greedy_soup"), result.result,
+  checkpoints.save_ingredient(k.workdir.soup_dir(Name.GREEDY_SOUP), result.result,
                               {"ingredients": result.ingredients})
   # A soup of one ingredient is that model bit for bit (the averager's float32 copy of
   # it), so the model's cached logits are the soup's: no second evaluation.
   logits = (k.logits(result.ingredients[0]) if len(result.ingredients) == 1
             else k.evaluate(result.result))
-  return [k.row("greedy_soup", "greedy_soup", logits, result.ingredients, 1,
+  return [k.row(Name.GREEDY_SOUP, Name.GREEDY_SOUP, logits, result.ingredients, 1,
                 greedy_history=result.history)]
 
 
@@ -209,7 +232,7 @@ def _learned(k: Kitchen, by_layer: bool) -> Rows:
                               mesh=k.mesh, verify=k.config.verify_checksums, layout=k.layout)
   weights = (dict(zip(k.names, result.weights)) if not by_layer else
              {layer: dict(zip(k.names, w)) for layer, w in result.weights.items()})
-  name = "learned_soup_by_layer" if by_layer else "learned_soup"
+  name = Name.LEARNED_SOUP_BY_LAYER if by_layer else Name.LEARNED_SOUP
   return [k.row(name, name, k.evaluate(result.params), k.names, 1, weights=weights,
                 temperature=result.temperature)]
 
@@ -228,7 +251,8 @@ def model_stock_rows(k: Kitchen) -> Rows:
   params, ratios = soups.model_stock(  # Read once each, into the run's layout.
       k.workdir.ingredient_dir(INITIALIZATION), [k.workdir.ingredient_dir(n) for n in members],
       k.layout, verify=k.config.verify_checksums)
-  return [k.row("model_stock", "model_stock", k.evaluate(params), [INITIALIZATION, *members], 1,
+  name = Name.MODEL_STOCK
+  return [k.row(name, name, k.evaluate(params), [INITIALIZATION, *members], 1,
                 ratios={key: round(v, 4) for key, v in ratios.items()})]
 
 
@@ -239,7 +263,7 @@ def wise_ft_rows(k: Kitchen) -> Rows:
   # The averager skips a zero weight, so an end that is an ingredient is that ingredient bit
   # for bit: its cached logits are the interpolation's there.
   ingredient_at = {0.0: INITIALIZATION}
-  if cfg.endpoint == "best_individual":
+  if cfg.endpoint == Name.BEST_INDIVIDUAL:
     endpoint_names = [max((n for n in k.names if n != INITIALIZATION), key=lambda n: k.scores[n])]
     endpoint = k.workdir.ingredient_dir(endpoint_names[0])
     ingredient_at[1.0] = endpoint_names[0]
@@ -253,7 +277,7 @@ def wise_ft_rows(k: Kitchen) -> Rows:
       return k.logits(ingredient_at[alpha])
     return k.evaluate(soups.wise_ft(init, endpoint, alpha, k.layout, verify))
 
-  return [k.row(f"wise_ft_alpha_{a:g}", "wise_ft", logits(a),
+  return [k.row(f"wise_ft_alpha_{a:g}", Name.WISE_FT, logits(a),
                 sorted({INITIALIZATION, *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
           for a in cfg.alphas]
 
@@ -279,7 +303,7 @@ def ensemble_rows(k: Kitchen) -> Rows:
   from soup import soups
   logits = {col: soups.logit_ensemble([k.logits(n)[col] for n in k.names])
             for col in k.splits}
-  return [k.row("ensemble", "ensemble", logits, k.names, len(k.names))]
+  return [k.row(Name.ENSEMBLE, Name.ENSEMBLE, logits, k.names, len(k.names))]
 
 
 def greedy_ensemble_rows(k: Kitchen) -> Rows:
@@ -291,7 +315,7 @@ def greedy_ensemble_rows(k: Kitchen) -> Rows:
       metric=k.held_out.metric)
   logits = {col: soups.logit_ensemble([k.logits(n)[col] for n in result.ingredients])
             for col in k.splits}
-  return [k.row("greedy_ensemble", "greedy_ensemble", logits, result.ingredients,
+  return [k.row(Name.GREEDY_ENSEMBLE, Name.GREEDY_ENSEMBLE, logits, result.ingredients,
                 len(result.ingredients), greedy_history=result.history)]
 
 
@@ -322,7 +346,7 @@ LEARNED = (
     Setting("learned.batch_size", int, 256, "held-out images per step", interval="[1, inf)"),
 )
 WISE_FT = (
-    Setting("wise_ft.endpoint", str, "best_individual",
+    Setting("wise_ft.endpoint", str, Name.BEST_INDIVIDUAL.value,
             "the fine-tuned end of the interpolation (a soup must run before it)",
             choices=wise_ft_endpoints),
     Setting("wise_ft.alphas", tuple, (0.0, 0.25, 0.5, 0.75, 1.0),
@@ -433,33 +457,37 @@ def wise_ft_note(lines: Rows, shown: dict, columns) -> Optional[str]:
 # --- The registry, in Table 1 order ---------------------------------------
 
 REGISTRY: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("pixel_linear", "Pixel logistic regression (baseline)", pixel_linear_rows,
+    Recipe(Name.PIXEL_LINEAR, "Pixel logistic regression (baseline)", pixel_linear_rows,
            Marker("Pixel logistic regression", "x", "k", 160), settings=PIXEL_LINEAR,
            kind=Kind.BASELINE),
-    Recipe("initialization", "Initialization", None, kind=Kind.INITIALIZATION),
-    Recipe("individual", "Individual model", None, kind=Kind.INDIVIDUAL),
-    Recipe("best_individual", "Best individual model", best_individual_rows,
+    Recipe(Name.INITIALIZATION, "Initialization", None, kind=Kind.INITIALIZATION),
+    Recipe(Name.INDIVIDUAL, "Individual model", None, kind=Kind.INDIVIDUAL),
+    Recipe(Name.BEST_INDIVIDUAL, "Best individual model", best_individual_rows,
            kind=Kind.INDIVIDUAL, wise_ft_endpoint=True),
-    Recipe("uniform_soup", "Uniform soup", uniform_soup_rows,
+    Recipe(Name.UNIFORM_SOUP, "Uniform soup", uniform_soup_rows,
            Marker("Uniform Soup", "o", "C0", 220), settings=SHARED, every_model=True,
            kind=Kind.SOUP, wise_ft_endpoint=True),
-    Recipe("greedy_soup", "Greedy soup", greedy_soup_rows, Marker("Greedy Soup", "*", "C4", 500),
+    Recipe(Name.GREEDY_SOUP, "Greedy soup", greedy_soup_rows,
+           Marker("Greedy Soup", "*", "C4", 500),
            settings=(*SHARED, *GREEDY), note=greedy_soup_note, note_first=True,
            kind=Kind.SOUP, wise_ft_endpoint=True),
-    Recipe("learned_soup", "Learned soup", learned_soup_rows,
+    Recipe(Name.LEARNED_SOUP, "Learned soup", learned_soup_rows,
            Marker("Learned Soup", "P", "C1", 220), settings=(*SHARED, *LEARNED),
            note=learned_note, kind=Kind.SOUP),
-    Recipe("learned_soup_by_layer", "Learned soup (by layer)", learned_soup_by_layer_rows,
+    Recipe(Name.LEARNED_SOUP_BY_LAYER, "Learned soup (by layer)", learned_soup_by_layer_rows,
            Marker("Learned Soup (by layer)", "X", "C8", 220), settings=(*SHARED, *LEARNED),
            note=learned_note, kind=Kind.SOUP),
-    Recipe("model_stock", "Model stock", model_stock_rows, Marker("Model Stock", "^", "C6", 220),
+    Recipe(Name.MODEL_STOCK, "Model stock", model_stock_rows,
+           Marker("Model Stock", "^", "C6", 220),
            settings=SHARED, note=model_stock_note, kind=Kind.SOUP),
-    Recipe("wise_ft", "WiSE-FT", wise_ft_rows, settings=(*SHARED, *WISE_FT), needs=_wise_ft_needs,
+    Recipe(Name.WISE_FT, "WiSE-FT", wise_ft_rows, settings=(*SHARED, *WISE_FT),
+           needs=_wise_ft_needs,
            note=wise_ft_note, kind=Kind.INTERPOLATION),
-    Recipe("ensemble", "Ensemble", ensemble_rows, Marker("Ensemble", "s", "C3", 150, zorder=4),
+    Recipe(Name.ENSEMBLE, "Ensemble", ensemble_rows,
+           Marker("Ensemble", "s", "C3", 150, zorder=4),
            inference_cost="per_ingredient", settings=SHARED, every_model=True,
            kind=Kind.ENSEMBLE),
-    Recipe("greedy_ensemble", "Greedy ensemble", greedy_ensemble_rows,
+    Recipe(Name.GREEDY_ENSEMBLE, "Greedy ensemble", greedy_ensemble_rows,
            Marker("Greedy Ensemble", "D", "C5", 130, zorder=4), inference_cost="per_ingredient",
            settings=(*SHARED, *GREEDY), note=greedy_ensemble_note, note_first=True,
            kind=Kind.ENSEMBLE),
@@ -488,9 +516,9 @@ def infer_recipe(model_name: str) -> str:
   other name starts with its recipe's (the longest match wins).
   """
   if model_name == INITIALIZATION:
-    return "initialization"
+    return Name.INITIALIZATION
   if re.fullmatch(rf"{re.escape(MEMBER_PREFIX)}\d+", model_name):
-    return "individual"
+    return Name.INDIVIDUAL
   for recipe in sorted(REGISTRY, key=len, reverse=True):
     if model_name.startswith(recipe):
       return recipe

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from soup import atomic_io, claims, layout, metrics, results as R
 from soup.data import registry as datasets
-from soup.recipes import MODEL_RECIPES, REGISTRY, infer_recipe, is_one_model
+from soup.recipes import MODEL_RECIPES, REGISTRY, Name, infer_recipe, is_one_model
 
 DASH = R.DASH
 
@@ -120,7 +120,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
   n_models = len({r["model_name"] for r in rows if r["recipe"] in MODEL_RECIPES})
   chosen, best_info, multi = _choose_rows(by_recipe, columns)
   table = [_table_entry(recipe, row, columns, n_models) for recipe, row in chosen.items()]
-  curve = sorted((r for r in by_recipe.get("wise_ft", []) if _num(r.get("alpha")) is not None),
+  curve = sorted((r for r in by_recipe.get(Name.WISE_FT, []) if _num(r.get("alpha")) is not None),
                  key=lambda r: r["alpha"])
 
   # Notes.
@@ -132,8 +132,8 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
     if best_info["source"] == "selected":
       notes.append(f"The best individual model, `{best_info['model_name']}`, was chosen by "
                    f"held-out accuracy (`{columns.held_out}`) among the "
-                   f"{len(by_recipe.get('individual', []))} individual models, never by the test "
-                   f"split (`{columns.test}`).")
+                   f"{len(by_recipe.get(Name.INDIVIDUAL, []))} individual models, never by the "
+                   f"test split (`{columns.test}`).")
     else:
       notes.append(f"The best individual model, `{best_info['model_name']}`, is the results' own "
                    f"`best_individual` line.")
@@ -168,7 +168,7 @@ def build_report(rows: Sequence[dict], columns: R.Columns | None = None) -> dict
       "columns": {"held_out": columns.held_out, "test": columns.test,
                   "shifts": list(columns.shifts), "metric": columns.metric},
       "rows": table,
-      "best_individual": best_info,
+      Name.BEST_INDIVIDUAL: best_info,
       "wise_ft_curve": [{"alpha": r["alpha"], "held_out": _num(r.get(columns.held_out)),
                          "test": _num(r.get(columns.test)), "avg_shifts": r["avg_shifts"]}
                         for r in curve],
@@ -185,14 +185,14 @@ def _choose_rows(by_recipe: dict[str, list[dict]], columns: R.Columns
   chosen: dict[str, dict] = {}
   multi: list[str] = []
   best_info: dict[str, Any] | None = None
-  known = [r for r in REGISTRY if r != "individual"]
+  known = [r for r in REGISTRY if r != Name.INDIVIDUAL]
   for recipe in known + sorted(set(by_recipe) - set(REGISTRY)):
-    if recipe == "best_individual":
-      if by_recipe.get("best_individual"):
-        row = _best(by_recipe["best_individual"], columns.held_out)
+    if recipe == Name.BEST_INDIVIDUAL:
+      if by_recipe.get(Name.BEST_INDIVIDUAL):
+        row = _best(by_recipe[Name.BEST_INDIVIDUAL], columns.held_out)
         source = "given"
-      elif by_recipe.get("individual"):
-        row = _best(by_recipe["individual"], columns.held_out)
+      elif by_recipe.get(Name.INDIVIDUAL):
+        row = _best(by_recipe[Name.INDIVIDUAL], columns.held_out)
         source = "selected"
       else:
         continue
@@ -203,10 +203,10 @@ def _choose_rows(by_recipe: dict[str, list[dict]], columns: R.Columns
     candidates = by_recipe.get(recipe)
     if not candidates:
       continue
-    if recipe == "initialization":
+    if recipe == Name.INITIALIZATION:
       named = [r for r in candidates if r["model_name"] == layout.INITIALIZATION]
       candidates = named or candidates
-    if len(candidates) > 1 and recipe != "wise_ft":
+    if len(candidates) > 1 and recipe != Name.WISE_FT:
       multi.append(recipe)
     chosen[recipe] = _best(candidates, columns.held_out)
   return chosen, best_info, multi
@@ -215,9 +215,9 @@ def _choose_rows(by_recipe: dict[str, list[dict]], columns: R.Columns
 def _table_entry(recipe: str, row: dict, columns: R.Columns, n_models: int) -> dict:
   """One table row: the numbers, the formatted cells and the results line shown."""
   method = _method(recipe)
-  if recipe == "wise_ft" and _num(row.get("alpha")) is not None:
+  if recipe == Name.WISE_FT and _num(row.get("alpha")) is not None:
     method = f"WiSE-FT (α={row['alpha']:g})"
-  if recipe == "best_individual":
+  if recipe == Name.BEST_INDIVIDUAL:
     method = f"{method} ({row['model_name']})"
   ingredients = _ingredients_count(row, recipe, n_models)
   cost = _inference_cost(row, recipe, ingredients)
@@ -264,7 +264,7 @@ def _statistics(rows: Sequence[dict], table: Sequence[dict]) -> dict:
                               else "")
   intervals = [{"method": method(entry), **entry["line"]["vs_best_individual"]}
                for entry in table if entry["line"].get("vs_best_individual")
-               and entry["recipe"] != "best_individual"]
+               and entry["recipe"] != Name.BEST_INDIVIDUAL]
   best_of_all = [{"method": method(entry), **entry["line"]["vs_best_of_all"]}
                  for entry in table if entry["line"].get("vs_best_of_all")]
   if not intervals:
@@ -409,30 +409,30 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
   fig, ax = plt.subplots(figsize=(9.6, 7.2))
   handles = {}
 
-  individuals = [p for p in (xy(r) for r in rows if r["recipe"] == "individual") if p]
-  if not individuals and report["best_individual"]:
-    best = next(r["line"] for r in report["rows"] if r["recipe"] == "best_individual")
+  individuals = [p for p in (xy(r) for r in rows if r["recipe"] == Name.INDIVIDUAL) if p]
+  if not individuals and report[Name.BEST_INDIVIDUAL]:
+    best = next(r["line"] for r in report["rows"] if r["recipe"] == Name.BEST_INDIVIDUAL)
     individuals = [p for p in [xy(best)] if p]
   if individuals:
-    handles["individual"] = ax.scatter(*zip(*individuals), marker="d", s=150, color="C2",
+    handles[Name.INDIVIDUAL] = ax.scatter(*zip(*individuals), marker="d", s=150, color="C2",
                                        label="Various hyperparameters", zorder=2)
 
-  init = next((r["line"] for r in report["rows"] if r["recipe"] == "initialization"), None)
+  init = next((r["line"] for r in report["rows"] if r["recipe"] == Name.INITIALIZATION), None)
   if init is not None and xy(init):
     label = "Initialization (LP)" if columns == R.IMAGENET else "Initialization"
-    handles["initialization"] = ax.scatter(*xy(init), marker="h", s=200, color="slategray",
+    handles[Name.INITIALIZATION] = ax.scatter(*xy(init), marker="h", s=200, color="slategray",
                                            label=label, zorder=3)
 
   curve = [p for p in (xy(r) for r in sorted(
-      (r for r in rows if r["recipe"] == "wise_ft" and _num(r.get("alpha")) is not None),
+      (r for r in rows if r["recipe"] == Name.WISE_FT and _num(r.get("alpha")) is not None),
       key=lambda r: r["alpha"])) if p]
   if curve:
-    (handles["wise_ft"],) = ax.plot(*zip(*curve), "-o", color="C9", markersize=5, linewidth=2,
+    (handles[Name.WISE_FT],) = ax.plot(*zip(*curve), "-o", color="C9", markersize=5, linewidth=2,
                                     label="WiSE-FT (varying α)", zorder=3)
   else:
-    wise = next((r["line"] for r in report["rows"] if r["recipe"] == "wise_ft"), None)
+    wise = next((r["line"] for r in report["rows"] if r["recipe"] == Name.WISE_FT), None)
     if wise is not None and xy(wise):
-      handles["wise_ft"] = ax.scatter(*xy(wise), marker="v", s=200, color="C9", label="WiSE-FT",
+      handles[Name.WISE_FT] = ax.scatter(*xy(wise), marker="v", s=200, color="C9", label="WiSE-FT",
                                       zorder=4)
 
   for recipe, m in _markers().items():
@@ -454,7 +454,7 @@ def plot_figure(rows: Sequence[dict], columns: R.Columns | None, path: str | os.
     ax.set_ylabel(f"Avg. accuracy on {len(columns.shifts)} shifts (%)", fontsize=16)
     ax.set_title("Shifts: " + ", ".join(columns.shifts), fontsize=9)
   ax.grid(True)
-  order = [*_markers(), "wise_ft", "initialization", "individual"]
+  order = [*_markers(), Name.WISE_FT, Name.INITIALIZATION, Name.INDIVIDUAL]
   shown = [handles[k] for k in order if k in handles]
   # The paper's legend sits lower right; with many entries let matplotlib avoid the points.
   if len(shown) <= 5:

@@ -7,7 +7,7 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from soup import layout, linear_probe, metrics, models, resources, workdir
+from soup import layout, linear_probe, metrics, models, recipes, resources, workdir
 from soup.data import registry as datasets
 from soup.models import pretrained
 from soup.soups import ensemble
@@ -117,6 +117,23 @@ def test_only_the_layout_spells_the_initializations_name():
   # The paper's names, which existing workdirs and the released checkpoints use.
   assert layout.INITIALIZATION == layout.member_name(0) == "model_0"
   assert layout.member_names(2) == ["model_1", "model_2"]
+
+
+def test_only_the_recipes_spell_a_recipes_name():
+  # The claims, the report, the evaluate stage and the imports name recipes by recipes.Name;
+  # configs list recipes by name, as a user does.
+  root = Path(__file__).resolve().parents[1]
+  owner = root / "soup" / "recipes.py"
+  sources = [*sorted((root / "soup").rglob("*.py")), *sorted((root / "scripts").glob("*.py"))]
+  assert owner in sources
+  spelled = {f"{p.relative_to(root)}: {name}": lines for p in sources if p != owner
+             for name in recipes.REGISTRY
+             for lines in [_string_constants(p, name)] if lines}
+  assert spelled == {}, f"use soup.recipes.Name instead of the literal: {spelled}"
+  # One member per registered recipe, and the names existing results files hold.
+  assert [str(n) for n in recipes.Name] == list(recipes.REGISTRY)
+  assert recipes.Name.GREEDY_SOUP == "greedy_soup" and recipes.Name.WISE_FT == "wise_ft"
+  assert f"{recipes.Name.WISE_FT!r}" == "'wise_ft'"  # Quoted as the plain string.
 
 
 def test_the_scan_finds_a_literal_but_not_a_docstring(tmp_path):

@@ -35,6 +35,7 @@ from soup import atomic_io, checkpoints
 from soup.layout import IMPORT, INITIALIZATION, member_name, member_names
 from soup.models import convert
 from soup.models.clip import CLIPConfig
+from soup.recipes import Name
 
 RELEASE = "model-soups v0.0.2"
 FILE_NAME = re.compile(r"model_(\d+)\.pt")
@@ -286,7 +287,7 @@ def import_released(folder: str | os.PathLike, workdir: str | os.PathLike, confi
       continue
     source["dtype"] = ",".join(stored_dtypes(state_dict))
     del state_dict
-    metadata = {"recipe": "initialization" if k == 0 else "individual",
+    metadata = {"recipe": Name.INITIALIZATION if k == 0 else Name.INDIVIDUAL,
                 "info": f"released {'LP initialization' if k == 0 else 'fine-tune'} ({RELEASE})",
                 "source": source, "dropped_keys": dropped,
                 **({"hparams": members[k - 1]} if k else {})}
