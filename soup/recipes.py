@@ -129,9 +129,10 @@ class Kind(enum.Enum):
 
 
 class Name(enum.StrEnum):
-  """Every recipe's name, spelled here only: the claims, the report, the evaluate stage and the
-  official import name the recipes they are about by these (a str: results lines, config.soups
-  and workdir folders hold the plain string)."""
+  """The built-in recipes' names, spelled here only: the claims, the report, the evaluate stage
+  and the official import name the recipes they are about by these (each a str: results lines,
+  config.soups and workdir folders hold the plain string). A new recipe may be registered under
+  a plain string; it needs a member here only when code outside this module names it."""
 
   PIXEL_LINEAR = "pixel_linear"
   INITIALIZATION = "initialization"
