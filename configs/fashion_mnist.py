@@ -32,17 +32,17 @@ Ablations (same command, a config argument; combine with commas, e.g. narrow_lr,
   :narrow_lr            sweep lr in [1e-3, 3e-3] instead of [5e-4, 5e-3];
   :low_lr               sweep lr in [2e-4, 1e-3].
 Expected (5 seeds of the sweep, one shared start; test accuracy %, mean ± std over seeds,
-experiments/fashion_mnist_seeds/aggregate.md): pixel baseline 83.6 and initialization 80.7
-(the same in every seed); best individual 85.95 ± 0.45, 4.66 to 5.62 points above the
-initialization in every seed, with 10-12 of 12 fine-tunes above it on held-out; greedy soup
-85.97 ± 0.46 (the best individual alone in 4 of 5 seeds), uniform soup 83.9 ± 0.6, learned
-soup (by layer) 85.0 ± 0.2, ensemble 85.9 ± 0.4. Shift average: initialization 42.6, best
-individual 48.1 ± 1.0, greedy soup 48.7 ± 1.0, uniform soup 49.8 ± 0.4, learned soup (by
-layer) 50.8 ± 0.3 (measured before the probes bracketed their L2: model_0's
-probe now picks 1e-7 where it picked the grid's edge 1e-6, so a rerun moves these slightly).
-Another machine may differ in the sweep's last bits. About 6.5 minutes
-on an idle 2-core machine (390 s for seed 0: probe 18 s, sweep 260 s, evaluation 28 s, soups
-56 s, report 27 s; 416 s from a fresh clone with set-up).
+experiments/fashion_mnist_seeds_2026_12_08/aggregate.md, EPYC kind): pixel baseline 83.6 and
+initialization 80.8 (the same in every seed); best individual 86.05 ± 0.40, 4.77 to 5.79
+points above the initialization in every seed, with 9-12 of 12 fine-tunes above it on
+held-out; greedy soup 86.05 ± 0.40 (the best individual alone in all 5 seeds), uniform soup
+83.8 ± 0.7, learned soup (by layer) 85.1 ± 0.3, ensemble 85.9 ± 0.4. Shift average:
+initialization 42.4, best individual 48.3 ± 1.9, greedy soup the same, uniform soup 49.7 ±
+0.2, learned soup (by layer) 50.6 ± 0.2. Seed 0's results digest on the EPYC kind:
+55e7ecd8... (README, "Where a rerun gives the same digits").
+Another CPU kind differs in the sweep's last bits. About 6.5 minutes on an idle 2-core Xeon
+(390 s for seed 0 of the earlier code; 416 s from a fresh clone with set-up), 8.2 on the EPYC
+kind (seed 0 here: 495 s, probe 31 s, sweep 327 s, evaluation 35 s, soups 66 s, report 30 s).
 Overrides: --config.sweep.num_members=24 --config.soups.greedy_comparison='>='
   --config.report.analysis=False.
 """

@@ -507,18 +507,24 @@ def judge_over_seeds(tables: Mapping[int, Mapping[str, dict]],
   greedy_note = ("" if not one else
                  f"; in {len(one)} of {len(tables)} seeds ({', '.join(map(str, one))}) the greedy "
                  "soup kept one ingredient: there nothing was averaged")
-  out.append(_claim_over_seeds("greedy_in_distribution",
-                               diffs(Name.GREEDY_SOUP, Name.BEST_INDIVIDUAL, "test"),
-                               note="greedy soup minus best individual on test: ",
-                               suffix=greedy_note))
-  out.append(_claim_over_seeds("greedy_under_shift",
-                               diffs(Name.GREEDY_SOUP, Name.BEST_INDIVIDUAL, "avg_shifts"),
-                               note="greedy soup minus best individual on the shift average: ",
-                               suffix=greedy_note))
+  # A greedy soup of one ingredient in every seed is one model in every seed: as in one run,
+  # no soup was tested (its differences stay in the evidence).
+  never_averaged = bool(one) and set(one) >= {s for s, t in tables.items() if Name.GREEDY_SOUP in t}
+
+  def greedy_claim(key: str, values: Sequence[float], **kwargs) -> dict:
+    claim = _claim_over_seeds(key, values, suffix=greedy_note, **kwargs)
+    return {**claim, "verdict": NOT_APPLICABLE} if never_averaged else claim
+
+  out.append(greedy_claim("greedy_in_distribution",
+                          diffs(Name.GREEDY_SOUP, Name.BEST_INDIVIDUAL, "test"),
+                          note="greedy soup minus best individual on test: "))
+  out.append(greedy_claim("greedy_under_shift",
+                          diffs(Name.GREEDY_SOUP, Name.BEST_INDIVIDUAL, "avg_shifts"),
+                          note="greedy soup minus best individual on the shift average: "))
   out.append(_uniform_falls_behind_over_seeds(tables, rows_by_seed))
-  out.append(_claim_over_seeds(
+  out.append(greedy_claim(
       "greedy_close_to_ensemble", diffs(Name.GREEDY_SOUP, Name.ENSEMBLE, "test"),
-      threshold=-CLOSE_POINTS / 100, suffix=greedy_note,
+      threshold=-CLOSE_POINTS / 100,
       note=f"greedy soup minus ensemble on test ('close': within {CLOSE_POINTS:g} point): "))
   return out + (_best_of_all_over_seeds(tables, init_wins) if init_wins else [])
 

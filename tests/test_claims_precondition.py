@@ -267,3 +267,21 @@ def test_claims_over_seeds_count_the_seeds_where_the_greedy_soup_kept_one_ingred
   for key in ("greedy_in_distribution", "greedy_under_shift", "greedy_close_to_ensemble"):
     assert by_claim[key]["evidence"].endswith(
         "in 1 of 3 seeds (0) the greedy soup kept one ingredient: there nothing was averaged")
+
+
+def test_claims_over_seeds_are_not_applicable_when_every_greedy_soup_kept_one_ingredient():
+  # Per run a one-ingredient greedy soup is "not applicable"; over seeds, so is a claim whose
+  # every seed kept one (its differences, all +0.00 here, stay in the evidence). One seed that
+  # averaged two makes the claims judged again (the test above).
+  runs = {seed: _one_ingredient("improves", greedy_soup=["model_1"])[0] for seed in (0, 1, 2)}
+  by_claim = {c["claim"]: c for c in aggregate.aggregate(runs)["claims"]}
+  for key in ("greedy_in_distribution", "greedy_under_shift", "greedy_close_to_ensemble"):
+    assert by_claim[key]["verdict"] == claims.NOT_APPLICABLE, by_claim[key]
+    assert by_claim[key]["evidence"].endswith(
+        "in 3 of 3 seeds (0, 1, 2) the greedy soup kept one ingredient: there nothing was "
+        "averaged")
+  assert "per seed: +0.00, +0.00, +0.00" in by_claim["greedy_in_distribution"]["evidence"]
+  assert by_claim["fine_tuning_improves"]["verdict"] != claims.NOT_APPLICABLE
+  mixed = {0: runs[0], 1: _judged("improves")[0], 2: _judged("improves")[0]}
+  by_claim = {c["claim"]: c for c in aggregate.aggregate(mixed)["claims"]}
+  assert by_claim["greedy_in_distribution"]["verdict"] != claims.NOT_APPLICABLE
