@@ -173,23 +173,35 @@ def intake(args) -> dict:
       pool = rng.integers(0, 256, (2 * batch, *shape), dtype=np.uint8)
       mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
       for dtype in ("uint8", "float32"):
-        steps, t, cpu = args.intake_batches, time.perf_counter(), time.process_time()
-        for step in range(steps):
+        def one_batch():
           rows = rng.integers(0, len(pool), batch)
           x = pool[np.sort(rows)]  # The batch, as the pipeline hands it over.
           if dtype == "float32":  # Normalized on the host instead of in jit.
             x = (x.astype(np.float32) / 255.0 - mean) / std
           jax.block_until_ready(mesh_lib.global_batch(mesh, x))
+
+        # A run hands over thousands of batches: the first few pay the allocator's first touch
+        # of fresh pages (tens of MB a batch), timed apart as the cold figure.
+        t, cpu = time.perf_counter(), time.process_time()
+        for _ in range(args.intake_warmup):
+          one_batch()
+        cold = args.intake_warmup * batch / max(time.perf_counter() - t, 1e-9)
+        steps, t, cpu = args.intake_batches, time.perf_counter(), time.process_time()
+        for _ in range(steps):
+          one_batch()
         wall, cpu = time.perf_counter() - t, time.process_time() - cpu
         raw.setdefault(f"{name}/{dtype}", []).append(
             dict(img_per_s=steps * batch / wall, cpu_us_per_image=1e6 * cpu / (steps * batch),
+                 first_batches_img_per_s=cold,
                  bytes_per_image=int(np.prod(shape)) * np.dtype(dtype).itemsize))
   med = {k: {m: common.median([r[m] for r in v]) for m in v[0]} for k, v in raw.items()}
   rows = [[k.split("/")[0], k.split("/")[1], f"{v['bytes_per_image']:.0f}",
-           f"{v['img_per_s']:.0f}", f"{v['cpu_us_per_image']:.1f}"] for k, v in med.items()]
+           f"{v['img_per_s']:.0f}", f"{v['cpu_us_per_image']:.1f}",
+           f"{v['first_batches_img_per_s']:.0f}"] for k, v in med.items()]
   print("\nintake: one process gathers a batch of decoded images and puts it on the "
         f"{mesh.size}-device mesh")
-  print(common.table(["data", "crosses as", "bytes/img", "img/s", "CPU us/img"], rows))
+  print(common.table(["data", "crosses as", "bytes/img", "img/s", "CPU us/img",
+                      f"img/s, first {args.intake_warmup} batches"], rows))
   return dict(medians=med, raw=raw)
 
 
@@ -253,7 +265,9 @@ def main(argv=None) -> int:
   parser.add_argument("--one-by-one", type=int, default=0,
                       help="also evaluate this many models one by one, as the stage did before "
                       "groups (N=1's group is that call; a check of bitwise equality)")
-  parser.add_argument("--intake-batches", type=int, default=10)
+  parser.add_argument("--intake-batches", type=int, default=20)
+  parser.add_argument("--intake-warmup", type=int, default=5,
+                      help="batches before the timed ones (their rate is the cold figure)")
   parser.add_argument("--loop-batches", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--parts", default="stage,intake,group")
