@@ -182,7 +182,7 @@ def intake(args) -> dict:
 
         # A run hands over thousands of batches: the first few pay the allocator's first touch
         # of fresh pages (tens of MB a batch), timed apart as the cold figure.
-        t, cpu = time.perf_counter(), time.process_time()
+        t = time.perf_counter()
         for _ in range(args.intake_warmup):
           one_batch()
         cold = args.intake_warmup * batch / max(time.perf_counter() - t, 1e-9)
