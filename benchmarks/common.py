@@ -20,6 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
+# Every benchmark process sets the host allocator as soup.main does, before any thread
+# starts (soup/memory.py keep_freed_blocks; SOUP_GLIBC_DEFAULTS=1 keeps glibc's own).
+# Figures dated before 2026-12-08 were measured with glibc's defaults.
+try:
+  from soup import memory as _memory
+  ALLOCATOR = ("soup.main's (memory.keep_freed_blocks)" if _memory.keep_freed_blocks()
+               else "glibc defaults")
+except ImportError:  # benchmarks/_torch_soup.py's venv: the official loop, as it runs.
+  ALLOCATOR = "glibc defaults"
+
 
 def median(xs):
   return float(statistics.median(xs))
@@ -59,7 +69,7 @@ def drop_caches() -> bool:
 def machine() -> dict:
   """What the numbers were measured on."""
   info = {"python": platform.python_version(), "cpus": os.cpu_count(),
-          "platform": platform.platform()}
+          "platform": platform.platform(), "allocator": ALLOCATOR}
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     for line in out.splitlines():

@@ -17,7 +17,9 @@ Three measurements, each side by side in one run:
   intake    one process building batches from decoded uint8 images and putting them on
             the mesh (`mesh.global_batch`, as the evaluator and the train step do): as
             uint8 (normalized inside jit, the code's way) against float32 normalized on
-            the host; ImageNet at 224 px and Fashion-MNIST's 28x28x1;
+            the host; ImageNet at 224 px and Fashion-MNIST's 28x28x1. The process's
+            allocator is set as soup.main sets it (benchmarks/common.py);
+            SOUP_GLIBC_DEFAULTS=1 measures glibc's defaults instead;
   group     a group as the run evaluates it (a Python loop over the group's params, each
             model the same compiled forward: `Evaluator.logits_of_batches_many`) against
             one jitted vmap over the stacked params, on the default Fashion-MNIST model.
@@ -273,6 +275,7 @@ def main(argv=None) -> int:
   parser.add_argument("--parts", default="stage,intake,group")
   args = parser.parse_args(argv)
   parts = args.parts.split(",")
+  print(f"allocator: {common.ALLOCATOR}", file=sys.stderr)
   print(f"load average {common.load_average()}", file=sys.stderr)
   out = dict(machine=common.machine(), date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args),
              code=common.code_version(), load_before=common.load_average())
@@ -287,6 +290,7 @@ def main(argv=None) -> int:
   print(f"\n{time.time() - t:.0f}s; load average before {out['load_before']}, after "
         f"{out['load_after']}")
   name = "evaluate_many" + ("" if len(parts) == 3 else "_" + "_".join(parts))
+  name += "_glibc_defaults" if common.ALLOCATOR == "glibc defaults" else ""
   print(f"wrote {common.write_results(name, out)}")
   return 0
 

@@ -93,10 +93,10 @@ def worker(recipe: str, args: dict) -> dict:
 
   from soup import mesh as mesh_lib, soups
   from soup.soups import learned
+  extra = {"allocator": common.ALLOCATOR}  # soup.main's, set when common was imported.
   layout = soups.Layout.of_run(mesh_lib.make_mesh())  # What the recipes get (no rules here).
   rss_base = common.rss_mib()[0]
   paths, init = args["paths"], args["init"]
-  extra = {}
   if recipe == "greedy":
     import jax.numpy as jnp
 

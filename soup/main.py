@@ -76,7 +76,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  from soup import validate  # jax, but no model, data or checkpoint code: refuses in seconds.
+  from soup import memory, validate  # No model, data or checkpoint code: refuses in seconds.
+
+  memory.keep_freed_blocks()  # Before the first batch: each step's batches reuse the heap.
 
   start = time.time()
   config_path = flags.FLAGS["config"].config_filename.split(":")[0]

@@ -2,13 +2,15 @@
 
 `aligned_empty`/`aligned_tree` give arrays whose data starts on an ALIGNMENT boundary
 (jax.device_put on the CPU aliases, does not copy, aligned arrays); `release_free_memory`
-asks glibc to trim its heap after large restores.
+asks glibc to trim its heap after large restores; `keep_freed_blocks` (soup/main.py calls
+it first) lets the batches of every step reuse freed heap instead of fresh pages.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -56,3 +58,37 @@ def release_free_memory() -> None:
   """
   if _LIBC is not None:
     _LIBC.malloc_trim(0)
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_blocks sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+MMAP_THRESHOLD = 128 << 20  # Bytes: blocks up to this size come from the heap.
+TRIM_THRESHOLD = 512 << 20  # Bytes of free heap top kept instead of returned to the OS.
+ARENA_MAX = 1  # One heap for every thread: a block freed by one is reused by the others.
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
+
+
+def keep_freed_blocks() -> bool:
+  """Lets each step's buffers reuse freed heap blocks instead of fresh pages (mallopt).
+
+  Every step allocates and frees blocks of megabytes to tens of MB: XLA's buffers for the
+  step's intermediates, and the batches (a 256-image ImageNet batch at 224 px is 38.5 MB,
+  and again as the devices' copies). glibc serves blocks above its mmap threshold (at
+  most 32 MiB by default) with fresh pages, trims freed heap above 128 KiB, and gives
+  threads their own arenas, so each step paid the kernel's page faults and zeroing:
+  11 million minor faults and 24 CPU-seconds of kernel time for two members of the
+  default's sweep, against 0.27 million and 4 s with this (docs/benchmarks.md). Call it
+  before the first threads start: blocks up to MMAP_THRESHOLD come from one shared heap
+  (ARENA_MAX), and up to TRIM_THRESHOLD of its free top is kept; `release_free_memory`
+  still returns everything after big restores. Only the allocator's bookkeeping moves:
+  no number computed changes. Returns whether it applied: not without glibc, nor when the
+  user chose an allocator (a MALLOC_* setting above in the environment, or one in
+  LD_PRELOAD), nor when SOUP_GLIBC_DEFAULTS=1.
+  """
+  chosen = (any(k in os.environ for k in _USER_SETTINGS)
+            or "malloc" in os.environ.get("LD_PRELOAD", ""))
+  if _LIBC is None or chosen or os.environ.get("SOUP_GLIBC_DEFAULTS") == "1":
+    return False
+  return bool(_LIBC.mallopt(M_ARENA_MAX, ARENA_MAX)
+              and _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+              and _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

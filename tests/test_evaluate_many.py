@@ -187,3 +187,60 @@ def test_images_cross_to_the_devices_as_uint8(fashion_config):
     assert next(split.iterate(64)).dtype == np.uint8
   images, _ = task.finetune_batch(32, 0, 0, {})
   assert images.dtype == np.uint8
+
+
+# A subprocess: mallopt is process-wide. mallinfo2's hblkhd counts the bytes in mmapped
+# blocks, so a batch-sized array served from fresh pages shows there, one from the heap not.
+_ALLOCATION = """
+import ctypes, json
+import numpy as np
+from soup import memory
+class Mallinfo2(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                             "usmblks", "fsmblks", "uordblks", "fordblks",
+                                             "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+applied = memory.keep_freed_blocks()
+before = libc.mallinfo2().hblkhd
+batch = np.ones(150528 * 256, np.uint8)  # A 256-image ImageNet batch at 224 px: 38.5 MB.
+mapped = libc.mallinfo2().hblkhd - before
+del batch
+heap = libc.mallinfo2().arena
+import threading  # The next batch, from another thread (as XLA's), reuses the freed block.
+thread = threading.Thread(target=lambda: globals().update(again=np.ones(150528 * 256, np.uint8)))
+thread.start()
+thread.join()
+grew = libc.mallinfo2().arena - heap
+print(json.dumps({"applied": applied, "mapped": mapped, "heap_grew": grew}))
+"""
+
+
+@pytest.mark.parametrize("env,applied", [({}, True), ({"SOUP_GLIBC_DEFAULTS": "1"}, False),
+                                         ({"MALLOC_MMAP_THRESHOLD_": "1048576"}, False),
+                                         ({"MALLOC_ARENA_MAX": "4"}, False)])
+def test_batches_come_from_the_heap_as_soup_main_sets_the_allocator(env, applied):
+  """soup.main's memory.keep_freed_blocks: a batch's block is heap (reused once freed), not
+  fresh pages from the kernel; a user's own allocator settings, or the opt-out, win (the
+  MALLOC_ARENA_MAX case: glibc's thresholds stay, so the batch is mapped)."""
+  import ctypes
+  import json
+  import os
+  import subprocess
+  import sys
+  try:
+    ctypes.CDLL("libc.so.6").mallinfo2
+  except (OSError, AttributeError):
+    pytest.skip("needs glibc 2.33+ (mallinfo2)")
+  base = {k: v for k, v in os.environ.items()
+          if k != "SOUP_GLIBC_DEFAULTS" and not k.startswith("MALLOC_")}
+  out = subprocess.run([sys.executable, "-c", _ALLOCATION], env={**base, **env}, check=True,
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                           os.path.abspath(__file__))))
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["applied"] is applied
+  if applied:
+    assert result["mapped"] == 0
+    assert result["heap_grew"] < 1 << 20
+  else:
+    assert result["mapped"] >= 150528 * 256
