@@ -44,15 +44,18 @@ PROJECTION = {
     # Eval decode (resize + center crop) per vCPU: section "ImageNet input on Grain" measured
     # 186-229 img per CPU-second per worker here, 292 on a quiet core.
     "decode_img_per_vcpu_s": 250,
+    # One process's intake of uint8 batches onto the devices: benchmarks/evaluate_many.py
+    # --parts intake, with soup.main's allocator (docs/benchmarks.md, "The host allocator").
+    "intake_img_s": 49_700,
     "mfu": 0.3,  # Of the dense bf16 peak, for the forward pass (an assumption, not measured).
+    "disk_gb_s": 1.0,  # Ingredient reads and logits writes, not hidden behind compute.
     "machines": {
-        "1 GPU (A100 80GB, 12 vCPUs)": dict(peak_tflops=312, vcpus=12, consumer_img_s=None),
-        "1 GPU (H100 80GB, 16 vCPUs)": dict(peak_tflops=989, vcpus=16, consumer_img_s=None),
-        # One JAX process takes in every batch: 12,100 img/s measured here (same section).
-        "TPU v4-8 (4 chips, 240 vCPUs)": dict(peak_tflops=4 * 275, vcpus=240,
-                                              consumer_img_s=12_100),
+        "1 GPU (A100 80GB, 12 vCPUs)": dict(peak_tflops=312, vcpus=12),
+        "1 GPU (H100 80GB, 16 vCPUs)": dict(peak_tflops=989, vcpus=16),
+        "TPU v4-8 (4 chips, 240 vCPUs)": dict(peak_tflops=4 * 275, vcpus=240),
     },
 }
+MODEL_BYTES, LOGITS_BYTES_PER_IMAGE = 353e6, 1000 * 4
 
 
 def write_released_file(path: Path, seed: int = 0) -> int:
@@ -192,33 +195,50 @@ def time_evaluation(work: Path, mock_root: Path, batch: int, dtypes: list[str], 
 
 
 def projection(import_s: float, cpu_img_s: float) -> dict:
-  """Hours for the whole job (every model, then the soups) per machine (see PROJECTION)."""
+  """Hours for the whole job per machine (see PROJECTION; docs/benchmarks.md's table).
+
+  Evaluate stage: all 72 models in one group, so each image is decoded and taken in once
+  (one pass: the slowest of compute, decode and intake bounds it), then the disk: each
+  ingredient read twice (verified, then loaded) and every model's logits written.
+  Soups (configs/clip_vit_b32_imagenet.py's recipes): the greedy soup's 71 held-out
+  evaluations and the learned soups' 2 x 5 epochs on held-out (x 3 for the backward pass);
+  8 soups on every split (uniform, greedy, learned x 2, Model Stock, WiSE-FT's 3 alphas
+  between its ends, one group); the streamed splits are decoded once and kept in memory
+  (`Task.keep_eval_decoded`), so only the first soup decodes. Ensembles reuse logits.
+  """
   flops = common.vit_forward_flops(1, (224, 224, 3), 32, 768, 12, 3072, 1000)["forward"]
   per_model = sum(SPLITS.values())
-  streamed = per_model - SPLITS["ImageNet2p"]  # Decoded per model; held-out decoded once.
-  # Soups on top (forward-pass equivalents): the greedy soup's 71 held-out evaluations and its
-  # final one, the uniform soup, model stock, 5 WiSE-FT alphas, and the learned soups
-  # (2 recipes x 5 epochs x held-out x 3 for the backward pass). Ensembles reuse logits.
-  soups_held = 71 * SPLITS["ImageNet2p"] + 2 * 5 * SPLITS["ImageNet2p"] * 3
-  soups_full = (1 + 1 + 1 + 5) * per_model
+  held = SPLITS["ImageNet2p"]
+  streamed = per_model - held  # Decoded per pass; the held-out set is decoded once.
+  soups_held = 71 * held + 2 * 5 * held * 3
+  soups_full = 8
   rows = {}
   for name, m in PROJECTION["machines"].items():
     model_img_s = PROJECTION["mfu"] * m["peak_tflops"] * 1e12 / flops
     decode_img_s = PROJECTION["decode_img_per_vcpu_s"] * m["vcpus"]
-    if m["consumer_img_s"]:
-      decode_img_s = min(decode_img_s, m["consumer_img_s"])
-    stream_img_s = min(model_img_s, decode_img_s)
-    models_s = (MODELS * streamed / stream_img_s + MODELS * SPLITS["ImageNet2p"] / model_img_s
-                + SPLITS["ImageNet2p"] / decode_img_s)
-    soups_s = (soups_full * (streamed / per_model) / stream_img_s
-               + (soups_held + soups_full * SPLITS["ImageNet2p"] / per_model) / model_img_s)
+    intake_img_s = PROJECTION["intake_img_s"]
+    compute_s = MODELS * per_model / model_img_s
+    decode_s = (streamed + held) / decode_img_s
+    intake_s = per_model / intake_img_s
+    disk_s = MODELS * (2 * MODEL_BYTES + per_model * LOGITS_BYTES_PER_IMAGE) / (
+        PROJECTION["disk_gb_s"] * 1e9)
+    evaluate_s = max(compute_s, decode_s, intake_s) + disk_s
+    one_soup = per_model / min(model_img_s, intake_img_s)
+    soups_s = (max(streamed / decode_img_s, one_soup) + (soups_full - 1) * one_soup
+               + soups_held / model_img_s)
+    bound = max({"compute": compute_s, "decode": decode_s, "intake": intake_s}.items(),
+                key=lambda kv: kv[1])[0]
     rows[name] = {"model_img_s": model_img_s, "decode_img_s": decode_img_s,
-                  "evaluate_h": models_s / 3600, "soups_h": soups_s / 3600,
-                  "import_h": MODELS * import_s / 3600}
+                  "compute_min": compute_s / 60, "decode_min": decode_s / 60,
+                  "intake_min": intake_s / 60, "disk_min": disk_s / 60, "bound": bound,
+                  "evaluate_h": evaluate_s / 3600, "soups_h": soups_s / 3600,
+                  "import_h": MODELS * import_s / 3600,
+                  "total_min": (evaluate_s + soups_s + MODELS * import_s) / 60}
   rows["this CPU (2 cores), measured rate"] = {
       "model_img_s": cpu_img_s, "decode_img_s": None,
       "evaluate_h": MODELS * per_model / cpu_img_s / 3600,
-      "soups_h": (soups_held + soups_full) / cpu_img_s / 3600, "import_h": MODELS * import_s / 3600}
+      "soups_h": (soups_held + soups_full * per_model) / cpu_img_s / 3600,
+      "import_h": MODELS * import_s / 3600}
   return {"images_per_model": per_model, "forward_gflop_per_image": flops / 1e9,
           "assumptions": PROJECTION, "machines": rows}
 

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from soup import (
   atomic_io,
   checkpoints,
   claims,
+  evaluate as evaluate_lib,
   layout,
   recipes,
   report as report_lib,
@@ -316,6 +317,19 @@ def evaluate(config, wd: Workdir, res: Resources, store: IngredientStore,
 # --- Stage 5: soups and baselines -----------------------------------------------
 
 
+def evaluate_in_groups(res: Resources, makers: Sequence[Callable[[], PyTree]]
+                       ) -> list[dict[str, np.ndarray]]:
+  """Logits of the params each of `makers` builds, on every split: the evaluate stage's
+  groups (Resources.eval_group_size), each group's params built only when it runs."""
+  if not makers:
+    return []
+  size = res.eval_group_size(len(makers))
+  out = []
+  for i in range(0, len(makers), size):
+    out.extend(res.evaluate_many([make() for make in makers[i:i + size]]))
+  return out
+
+
 def model_rows(config, wd: Workdir, res: Resources, store: IngredientStore, names: list[str],
                members: dict[str, dict]) -> list[dict]:
   """One row per usable model: the initialization and the individual fine-tunes."""
@@ -336,6 +350,12 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
   held = res.splits()[res.columns.held_out]
   scores = {n: held.score(model_logits(config, wd, res, store, n)[res.columns.held_out])
             for n in names}
+  # Several soups are evaluated on every split: streamed splits (ImageNet's) are decoded
+  # once and kept, if they fit in the host's share (soup/evaluate.py host_free_bytes).
+  kept = res.task.keep_eval_decoded(evaluate_lib.host_free_bytes())
+  if kept:
+    log.info("soups: the streamed evaluation splits decoded once and kept in memory "
+             "(%.2f GiB)", kept / 2**30)
   settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "recipes"}
   kitchen = recipes.Kitchen(
       config=cfg, seed=config.seed, workdir=wd, names=names, scores=scores,
@@ -343,7 +363,7 @@ def soup_rows(config, wd: Workdir, res: Resources, store: IngredientStore,
       layout=res.layout,
       load=store.load, logits=lambda n: model_logits(config, wd, res, store, n),
       evaluate=res.evaluate, held_out_accuracy=res.held_out_accuracy, apply_fn=res.apply_fn,
-      row=res.row, task=res.task)
+      row=res.row, task=res.task, evaluate_many=lambda makers: evaluate_in_groups(res, makers))
   rows = []
   for name in cfg.recipes:
     recipe = recipes.REGISTRY[name]

@@ -26,7 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import configs  # noqa: E402
-from soup import layout  # noqa: E402  (names only: no jax)
+from soup import layout, memory  # noqa: E402  (names and the allocator only: no jax)
 
 log = std_logging.getLogger("soup.main")
 USAGE_ERROR = 2  # Exit status of a user error (as argparse's).
@@ -76,9 +76,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  from soup import memory, validate  # No model, data or checkpoint code: refuses in seconds.
+  from soup import validate  # jax, but no model, data or checkpoint code: refuses in seconds.
 
-  memory.keep_freed_blocks()  # Before the first batch: each step's batches reuse the heap.
+  memory.keep_freed_blocks()  # Before any thread starts: each step reuses freed heap blocks.
 
   start = time.time()
   config_path = flags.FLAGS["config"].config_filename.split(":")[0]

@@ -108,6 +108,15 @@ class Kitchen:
   apply_fn: Callable[[], Callable]          # (params, images) -> logits
   row: Callable[..., dict]                  # results row: name, recipe, logits, ingredients, cost
   task: Any = None                          # the dataset (soup/data/task.py), for baselines
+  # Logits of several models, built one group at a time ((makers) -> logits per model): each
+  # split read (ImageNet: decoded) once per group. Without it, `evaluate` one by one.
+  evaluate_many: Optional[Callable[[Sequence[Callable[[], PyTree]]], list[dict]]] = None
+
+  def evaluate_all(self, makers: Sequence[Callable[[], PyTree]]) -> list[dict]:
+    """Logits of the params each of `makers` builds, on every split (see evaluate_many)."""
+    if self.evaluate_many is None:
+      return [self.evaluate(make()) for make in makers]
+    return self.evaluate_many(makers)
 
   def members(self) -> list[str]:
     """The fine-tuned ingredients (no model_0); all of them if there are none."""
@@ -273,12 +282,13 @@ def wise_ft_rows(k: Kitchen) -> Rows:
     endpoint_names = checkpoints.ingredient_metadata(endpoint)["metadata"]["ingredients"]
   verify = k.config.verify_checksums
 
-  def logits(alpha):
-    if alpha in ingredient_at:
-      return k.logits(ingredient_at[alpha])
-    return k.evaluate(soups.wise_ft(init, endpoint, alpha, k.layout, verify))
-
-  return [k.row(f"wise_ft_alpha_{a:g}", Name.WISE_FT, logits(a),
+  # The other alphas are evaluated together: each split read once for all of them.
+  between = [a for a in dict.fromkeys(cfg.alphas) if a not in ingredient_at]
+  made = k.evaluate_all([lambda a=a: soups.wise_ft(init, endpoint, a, k.layout, verify)
+                         for a in between])
+  logits = {a: k.logits(n) for a, n in ingredient_at.items() if a in cfg.alphas}
+  logits.update(zip(between, made))
+  return [k.row(f"wise_ft_alpha_{a:g}", Name.WISE_FT, logits[a],
                 sorted({INITIALIZATION, *endpoint_names}), 1, alpha=float(a), endpoint=cfg.endpoint)
           for a in cfg.alphas]
 

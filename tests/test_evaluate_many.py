@@ -244,3 +244,80 @@ def test_batches_come_from_the_heap_as_soup_main_sets_the_allocator(env, applied
     assert result["heap_grew"] < 1 << 20
   else:
     assert result["mapped"] >= 150528 * 256
+
+
+def test_wise_ft_alphas_between_its_ends_are_one_group(fashion_config, tmp_path, monkeypatch):
+  """The soups stage's WiSE-FT evaluates its interpolations together (each split read once
+  for them all), with the logits of evaluating each alone; its ends are the cached models'."""
+  import copy
+
+  from soup import soups
+  config = copy.deepcopy(fashion_config)
+  config.eval.group_size = 0  # As many as fit (an earlier test may have left another).
+  config.soups.recipes = ("wise_ft",)
+  config.soups.wise_ft.alphas = (0.0, 0.25, 0.5, 0.75, 1.0)
+  res, wd, store = make_run(config, tmp_path)
+  experiment.evaluate(config, wd, res, store, NAMES)
+  logits = {}
+  row = res.row
+  monkeypatch.setattr(res, "row", lambda name, recipe, lg, *a, **k: logits.setdefault(name, lg)
+                      and row(name, recipe, lg, *a, **k))
+  pulled = count_pulls(monkeypatch, config.eval.batch_size)
+  rows = experiment.soup_rows(config, wd, res, store, NAMES)
+  assert [r["model_name"] for r in rows] == [f"wise_ft_alpha_{a:g}" for a in (0, .25, .5, .75, 1)]
+  # The three interpolations: one pass over each split.
+  assert pulled == {id(s): -(-len(s) // config.eval.batch_size) for s in res.splits().values()}
+  monkeypatch.undo()
+  init = wd.ingredient_dir("model_0")
+  best = max(NAMES[1:], key=lambda n: res.held_out_accuracy(store.load(n)))
+  for alpha in (0.25, 0.5, 0.75):
+    alone = res.evaluate(soups.wise_ft(init, wd.ingredient_dir(best), alpha, res.layout))
+    for column, values in alone.items():
+      np.testing.assert_array_equal(logits[f"wise_ft_alpha_{alpha:g}"][column], values)
+  for alpha, name in ((0.0, "model_0"), (1.0, best)):
+    for column, values in wd.read_logits(name, wd.logits_key(name, config)).items():
+      np.testing.assert_array_equal(logits[f"wise_ft_alpha_{alpha:g}"][column], values)
+
+
+def test_mock_imagenet_soups_decode_each_streamed_split_once(tmp_path, monkeypatch):
+  """The soups stage keeps the streamed splits decoded (they fit): two soups evaluated, each
+  streamed split decoded once, and the soups' logits those of decoding again for each."""
+  mock = imagenet_mock.write_datasets(tmp_path / "mock", train_per_class=1, eval_examples=21)
+  config = clip_vit_b32_imagenet.get_config("smoke")
+  config.data.update(data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
+                     heldout_file=mock["heldout_file"], num_workers=0,
+                     cache_dir=str(tmp_path / "labels"))
+  config.eval.batch_size = 8  # Splits of 21 (and ObjectNet's 6): partial last batches.
+  config.soups.recipes = ("uniform_soup", "wise_ft")
+  config.soups.wise_ft.update(alphas=(0.0, 0.5, 1.0), endpoint="best_individual")
+
+  def soups_stage(root, keep):
+    res, wd, store = make_run(config, root)
+    experiment.evaluate(config, wd, res, store, NAMES)
+    decodes = collections.Counter()
+    for column, split in res.splits().items():
+      if split.batches is not None:
+        split.batches = (lambda size, column=column, batches=split.batches:
+                         decodes.update([column]) or batches(size))
+    if not keep:
+      monkeypatch.setattr(res.task, "keep_eval_decoded", lambda budget: None)
+    logits, row = {}, res.row
+    monkeypatch.setattr(res, "row", lambda name, recipe, lg, *a, **k: logits.setdefault(name, lg)
+                        and row(name, recipe, lg, *a, **k))
+    rows = experiment.soup_rows(config, wd, res, store, NAMES)
+    monkeypatch.undo()
+    res.task.close()
+    return logits, rows, decodes
+
+  kept, kept_rows, kept_decodes = soups_stage(tmp_path / "kept", keep=True)
+  again, again_rows, again_decodes = soups_stage(tmp_path / "again", keep=False)
+  streamed = set(again_decodes)
+  assert streamed and kept_decodes == {c: 1 for c in streamed}
+  assert again_decodes == {c: 2 for c in streamed}  # The uniform soup and WiSE-FT's alpha 0.5.
+  assert kept.keys() == again.keys() == {"uniform_soup", "wise_ft_alpha_0", "wise_ft_alpha_0.5",
+                                         "wise_ft_alpha_1"}
+  for name in kept:
+    for column in again[name]:
+      np.testing.assert_array_equal(kept[name][column], again[name][column])
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+  assert strip(kept_rows) == strip(again_rows)

@@ -94,6 +94,12 @@ class Task:
   def eval_splits(self) -> dict[str, EvalSplit]:
     raise NotImplementedError
 
+  def keep_eval_decoded(self, budget_bytes: int) -> Optional[int]:
+    """Streamed evaluation splits decoded once and kept in memory, if they fit in
+    `budget_bytes`: later passes read memory, in the same order and batches. Returns the
+    bytes kept (None: not kept). In-memory tasks have nothing to keep."""
+    return None
+
   def provenance(self) -> dict[str, Any]:
     """Fields results lines should carry about the data (e.g. which held-out list)."""
     return {}
