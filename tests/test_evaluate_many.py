@@ -104,13 +104,20 @@ def test_fashion_mnist_group_logits_are_model_by_models_and_each_split_is_read_o
                             grouped["model_1"][res.columns.test])
 
 
-def test_mock_imagenet_group_logits_are_model_by_models(tmp_path, monkeypatch):
+def mock_imagenet_config(tmp_path):
+  """The ImageNet smoke config on mock data written under tmp_path, batch 8: splits of 21
+  (and ObjectNet's 6) end in partial batches."""
   mock = imagenet_mock.write_datasets(tmp_path / "mock", train_per_class=1, eval_examples=21)
   config = clip_vit_b32_imagenet.get_config("smoke")
   config.data.update(data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
                      heldout_file=mock["heldout_file"], num_workers=0,
                      cache_dir=str(tmp_path / "labels"))
-  config.eval.batch_size = 8  # Splits of 21 (and ObjectNet's 6): partial last batches.
+  config.eval.batch_size = 8
+  return config
+
+
+def test_mock_imagenet_group_logits_are_model_by_models(tmp_path, monkeypatch):
+  config = mock_imagenet_config(tmp_path)
   grouped, alone, pulled, expected, res = check_stage(config, tmp_path / "run", monkeypatch, 4)
   for name in NAMES:
     for column in alone[name]:
@@ -282,12 +289,7 @@ def test_wise_ft_alphas_between_its_ends_are_one_group(fashion_config, tmp_path,
 def test_mock_imagenet_soups_decode_each_streamed_split_once(tmp_path, monkeypatch):
   """The soups stage keeps the streamed splits decoded (they fit): two soups evaluated, each
   streamed split decoded once, and the soups' logits those of decoding again for each."""
-  mock = imagenet_mock.write_datasets(tmp_path / "mock", train_per_class=1, eval_examples=21)
-  config = clip_vit_b32_imagenet.get_config("smoke")
-  config.data.update(data_dir=mock["data_dir"], objectnet_dir=mock["objectnet_dir"],
-                     heldout_file=mock["heldout_file"], num_workers=0,
-                     cache_dir=str(tmp_path / "labels"))
-  config.eval.batch_size = 8  # Splits of 21 (and ObjectNet's 6): partial last batches.
+  config = mock_imagenet_config(tmp_path)
   config.soups.recipes = ("uniform_soup", "wise_ft")
   config.soups.wise_ft.update(alphas=(0.0, 0.5, 1.0), endpoint="best_individual")
 
