@@ -77,7 +77,7 @@ def keep_freed_blocks() -> bool:
   most 32 MiB by default) with fresh pages, trims freed heap above 128 KiB, and gives
   threads their own arenas, so each step paid the kernel's page faults and zeroing:
   11 million minor faults and 24 CPU-seconds of kernel time for two members of the
-  default's sweep, against 0.27 million and 4 s with this (docs/benchmarks.md). Call it
+  default's sweep, against 0.25 million and under 4 s with this (docs/benchmarks.md). Call it
   before the first threads start: blocks up to MMAP_THRESHOLD come from one shared heap
   (ARENA_MAX), and up to TRIM_THRESHOLD of its free top is kept; `release_free_memory`
   still returns everything after big restores. Only the allocator's bookkeeping moves:
