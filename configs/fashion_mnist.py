@@ -43,8 +43,8 @@ initialization 42.4, best individual 48.3 ± 1.9, greedy soup the same, uniform 
 Another CPU kind differs in the sweep's last bits. About 6.5 minutes on an idle 2-core Xeon
 (390 s for seed 0 of the earlier code; 416 s from a fresh clone with set-up). On the EPYC kind,
 with soup.main's host allocator (soup/memory.py), 346-350 s with the compilation cache warm
-(probe 18-24 s, sweep 193-199 s, evaluation 34-35 s, soups 62-64 s, report 29-31 s) and 473 s
-from a fresh clone (cold cache; 511 s with set-up): docs/benchmarks.md, "The host allocator".
+(probe 18-24 s, sweep 193-199 s, evaluation 34-35 s, soups 62-64 s, report 29-31 s) and
+425-473 s from a fresh clone (cold cache; 457-511 s with set-up): docs/benchmarks.md.
 Overrides: --config.sweep.num_members=24 --config.soups.greedy_comparison='>='
   --config.report.analysis=False.
 """
