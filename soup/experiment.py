@@ -295,6 +295,12 @@ def model_logits(config, wd: Workdir, res: Resources, store: IngredientStore,
   return logits
 
 
+def eval_groups(res: Resources, items: Sequence) -> list[Sequence]:
+  """`items` cut into groups of Resources.eval_group_size: each split is read once a group."""
+  size = res.eval_group_size(len(items))
+  return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def evaluate(config, wd: Workdir, res: Resources, store: IngredientStore,
              names: list[str]) -> None:
   """Logits of every usable model not cached yet, a group of models at a time
@@ -307,9 +313,9 @@ def evaluate(config, wd: Workdir, res: Resources, store: IngredientStore,
   missing = [name for name in usable if not wd.has_logits(name, keys[name])]
   if not missing:
     return
-  size = res.eval_group_size(len(missing))
-  groups = [missing[i:i + size] for i in range(0, len(missing), size)]
-  for group in tqdm(groups, desc=f"evaluate ({size} models a pass)", unit="group", leave=False):
+  groups = eval_groups(res, missing)
+  for group in tqdm(groups, desc=f"evaluate ({len(groups[0])} models a pass)", unit="group",
+                    leave=False):
     for name, logits in zip(group, res.evaluate_many([store.load(n) for n in group])):
       wd.write_logits(name, keys[name], logits)
 
@@ -320,14 +326,9 @@ def evaluate(config, wd: Workdir, res: Resources, store: IngredientStore,
 def evaluate_in_groups(res: Resources, makers: Sequence[Callable[[], PyTree]]
                        ) -> list[dict[str, np.ndarray]]:
   """Logits of the params each of `makers` builds, on every split: the evaluate stage's
-  groups (Resources.eval_group_size), each group's params built only when it runs."""
-  if not makers:
-    return []
-  size = res.eval_group_size(len(makers))
-  out = []
-  for i in range(0, len(makers), size):
-    out.extend(res.evaluate_many([make() for make in makers[i:i + size]]))
-  return out
+  groups, each group's params built only when it runs."""
+  return [logits for group in eval_groups(res, makers)
+          for logits in res.evaluate_many([make() for make in group])]
 
 
 def model_rows(config, wd: Workdir, res: Resources, store: IngredientStore, names: list[str],
